@@ -1,0 +1,45 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+SHELL := /bin/bash
+CLUSTER := e2e/cluster
+
+.PHONY: all build tools cluster cluster-down lint crds test test-unit test-e2e demo clean
+
+all: build
+
+tools:
+	@hack/ensure-tools
+
+build: tools
+	cargo build --bins
+
+## The local control plane (etcd, kube-apiserver, kube-controller-manager).
+cluster: tools
+	$(CLUSTER) up
+
+cluster-down:
+	$(CLUSTER) down
+
+## fmt, clippy and the CRD drift check (the drift check is also a unit test).
+lint: tools
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+## Regenerate crds/ from the Rust types.
+crds:
+	cargo run --quiet -- crd > crds/agenttoken.dev.yaml
+
+## The whole suite: lint, unit tests and end-to-end tests on the local control plane.
+test: lint cluster
+	cargo test --no-fail-fast -- --test-threads=$${TEST_THREADS:-8}
+
+test-unit: tools
+	cargo test --lib
+
+test-e2e: cluster
+	cargo test --test e2e -- --test-threads=$${TEST_THREADS:-8}
+
+demo: build cluster
+	hack/demo
+
+clean: cluster-down
+	cargo clean
