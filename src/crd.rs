@@ -1,0 +1,848 @@
+//! The user-facing kinds: `AgentToken`, `TokenIssuer`, `ClusterTokenIssuer`
+//! (group `agenttoken.dev`, version `v1alpha1`, category `agenttoken`).
+//!
+//! Doc comments become the CRD descriptions (`kubectl explain`); CEL rules
+//! reject at admission what can be checked without a cluster lookup.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::core::Duration;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every kind.
+pub const GROUP: &str = "agenttoken.dev";
+
+/// Go-style durations only (`90s`, `15m`, `1h30m`): what `duration()` in CEL
+/// and the operator both parse.
+const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+
+fn duration_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "pattern": DURATION_PATTERN,
+    })
+}
+
+fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<Vec<Condition>>();
+    schema.insert("x-kubernetes-list-type".into(), "map".into());
+    schema.insert(
+        "x-kubernetes-list-map-keys".into(),
+        serde_json::json!(["type"]),
+    );
+    schema
+}
+
+// ---------------------------------------------------------------------------
+// AgentToken
+// ---------------------------------------------------------------------------
+
+/// A token an agent needs, minted by an issuer and kept fresh in a Secret.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "agenttoken.dev",
+    version = "v1alpha1",
+    kind = "AgentToken",
+    namespaced,
+    status = "AgentTokenStatus",
+    derive = "PartialEq",
+    shortname = "at",
+    category = "agenttoken",
+    doc = "A token an agent needs, minted by an issuer and kept fresh in a Secret the operator owns.",
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Issuer", "type": "string", "jsonPath": ".spec.issuerRef.name"}"#,
+    printcolumn = r#"{"name": "Secret", "type": "string", "jsonPath": ".status.secretName"}"#,
+    printcolumn = r#"{"name": "Expires", "type": "date", "jsonPath": ".status.expiresAt"}"#,
+    printcolumn = r#"{"name": "Next Rotation", "type": "date", "jsonPath": ".status.nextRotationAt"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    validation = Rule::new(
+        "!has(self.lifetime) || !has(self.rotation) || !has(self.rotation.renewBefore) || duration(self.rotation.renewBefore) < duration(self.lifetime)"
+    ).message("spec.rotation.renewBefore must be shorter than spec.lifetime, or the token would be due for renewal as soon as it is minted"),
+    validation = Rule::new(
+        "!has(self.previousTokenGracePeriod) || !has(self.lifetime) || duration(self.previousTokenGracePeriod) <= duration(self.lifetime)"
+    ).message("spec.previousTokenGracePeriod cannot be longer than spec.lifetime: the previous token expires before its grace period ends"),
+    validation = Rule::new(
+        "!has(self.serviceAccountName) || !has(self.lifetime) || duration(self.lifetime) >= duration('10m')"
+    ).message("spec.lifetime must be at least 10m for a ServiceAccount token (the Kubernetes TokenRequest minimum)"),
+    validation = Rule::new(
+        "!has(self.consumers) || !has(self.consumers.restart) || self.consumers.restart != 'Selected' || has(self.consumers.selector)"
+    ).message("spec.consumers.restart Selected needs spec.consumers.selector")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentTokenSpec {
+    /// The issuer that mints this token: a TokenIssuer in this namespace or a ClusterTokenIssuer.
+    pub issuer_ref: IssuerRef,
+    /// Scopes to ask for: OAuth scopes, Vault policies, the JWT `scope` claim.
+    /// The issuer policy's `allowedScopes` must cover each of them.
+    /// A serviceAccount issuer has no scopes (use RBAC on the ServiceAccount).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub scopes: Vec<String>,
+    /// Audiences: TokenRequest audiences, the JWT `aud` claim, the OAuth2 audience.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub audiences: Vec<String>,
+    /// ServiceAccount in this AgentToken's own namespace (serviceAccount issuer only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub service_account_name: Option<String>,
+    /// GitHub App installation permissions, for example `{contents: read}` (githubApp issuer).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub permissions: BTreeMap<String, String>,
+    /// Repositories the GitHub App installation token is limited to (githubApp issuer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repositories: Vec<String>,
+    /// Issuer-specific extras (see the issuer's documentation).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parameters: BTreeMap<String, String>,
+    /// Requested lifetime (Go duration, e.g. `1h`). The issuer may grant less and
+    /// the token's real expiry drives rotation. Default: the policy's maxLifetime, else 1h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration_schema")]
+    pub lifetime: Option<Duration>,
+    /// When to rotate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationSpec>,
+    /// The Secret the token is delivered in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretSpec>,
+    /// How long the previous token stays valid (and in key `<key>.previous`)
+    /// after a rotation before it is revoked. Default 10m; `0s` revokes at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration_schema")]
+    pub previous_token_grace_period: Option<Duration>,
+    /// Workloads that use the Secret and how they pick up a new token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumers: Option<ConsumersSpec>,
+    /// Stop rotating. The current token stays until it expires; the
+    /// `agenttoken.dev/rotate` and `agenttoken.dev/revoke` annotations still work.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+}
+
+/// Which issuer mints the token.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    /// `TokenIssuer` (this namespace, the default) or `ClusterTokenIssuer`.
+    #[serde(default)]
+    pub kind: IssuerKind,
+    /// Name of the issuer.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// The kind of issuer an AgentToken refers to.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum IssuerKind {
+    /// A namespaced issuer in the AgentToken's namespace.
+    #[default]
+    TokenIssuer,
+    /// A cluster-scoped issuer whose policy allows the AgentToken's namespace.
+    ClusterTokenIssuer,
+}
+
+/// When to rotate. Rotation is computed from the token's REAL expiry.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(
+    validation = Rule::new("!(has(self.renewBefore) && has(self.renewBeforePercentage))")
+        .message("set either rotation.renewBefore or rotation.renewBeforePercentage, not both")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationSpec {
+    /// Rotate when this percentage of the token's real lifetime is left (1-99, default 33).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 99))]
+    pub renew_before_percentage: Option<i32>,
+    /// Rotate this long before the token's real expiry (instead of the percentage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration_schema")]
+    pub renew_before: Option<Duration>,
+    /// Also rotate at these times: a 5-field cron expression in UTC, e.g. `0 3 * * *`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub schedule: Option<String>,
+}
+
+/// The Secret the operator writes. It never takes over a Secret it did not create.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(
+    validation = Rule::new("!has(self.key) || (!self.key.endsWith('.previous') && self.key != 'expiresAt')")
+        .message("secret.key cannot end in .previous or be expiresAt: the operator writes those keys itself"),
+    validation = Rule::new("!has(self.extraKeys) || !has(self.key) || !(self.key in self.extraKeys)")
+        .message("secret.extraKeys cannot redefine secret.key")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretSpec {
+    /// Name of the Secret (default: the AgentToken's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: Option<String>,
+    /// Key holding the current token (default `token`). The previous token is in `<key>.previous`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: Option<String>,
+    /// Derived keys: each value is a template where `{{ token }}` is the token,
+    /// e.g. `authorization: "Bearer {{ token }}"`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra_keys: BTreeMap<String, String>,
+    /// Extra labels on the Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations on the Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Workloads that consume the Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumersSpec {
+    /// `Auto`: Deployments, StatefulSets and DaemonSets in this namespace that
+    /// reference the Secret; `Selected`: only those matching `selector`; `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartPolicy>,
+    /// Workloads to restart when `restart` is `Selected`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    /// `RolloutRestart` (pod-template annotation) or `Signal` (exec `signal.command`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<ConsumerStrategy>,
+    /// The command run in consuming containers by the `Signal` strategy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<SignalSpec>,
+}
+
+/// Which workloads restart when the token changes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RestartPolicy {
+    /// Workloads referencing the Secret, minus those annotated `agenttoken.dev/restart: "false"`.
+    #[default]
+    Auto,
+    /// Only workloads matching `consumers.selector`.
+    Selected,
+    /// No workload is restarted.
+    None,
+}
+
+/// How consumers pick up a new token.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ConsumerStrategy {
+    /// Change a pod-template annotation so the workload rolls.
+    #[default]
+    RolloutRestart,
+    /// Run `signal.command` in the consuming containers.
+    Signal,
+}
+
+/// The command the `Signal` strategy runs.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SignalSpec {
+    /// Command and arguments (default `["kill", "-HUP", "1"]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Container to run it in (default: every container that mounts the Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+/// What the operator observed and did. Never contains a token.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentTokenStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`: a valid token is in the Secret. `Issuing`: a mint is in progress or failing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+    /// The Secret holding the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// +1 per minted token.
+    #[serde(default)]
+    pub revision: i64,
+    /// `sha256:` and the first 16 hex characters of the token's SHA-256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_fingerprint: Option<String>,
+    /// When the current token was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<Time>,
+    /// The current token's real expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// When the operator will rotate next (with jitter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_at: Option<Time>,
+    /// Why the current token was minted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation_reason: Option<RotationReason>,
+    /// Failed mints since the last success.
+    #[serde(default)]
+    pub failed_attempts: i32,
+    /// When the last mint failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<Time>,
+    /// Why the last mint failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_message: Option<String>,
+    /// The last 10 minted tokens and their revocation: the revocation ledger.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEntry>,
+    /// Workloads restarted for the current revision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<ConsumerStatus>,
+}
+
+/// Why a token was minted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RotationReason {
+    /// The first token.
+    Initial,
+    /// The renewal window before expiry was reached.
+    Scheduled,
+    /// The token had expired.
+    Expiring,
+    /// A spec field the token depends on changed.
+    SpecChanged,
+    /// The `agenttoken.dev/rotate` annotation.
+    Manual,
+    /// The `agenttoken.dev/revoke` annotation: the old token was revoked at once.
+    Revoked,
+    /// The Secret was deleted or its token edited.
+    SecretDrift,
+    /// `rotation.schedule` fired.
+    Cron,
+}
+
+/// One minted token in the revocation ledger.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    /// The token's revision.
+    pub revision: i64,
+    /// The token's fingerprint.
+    pub fingerprint: String,
+    /// When it was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<Time>,
+    /// Its real expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// When it was revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<Time>,
+    /// `Pending` while in use, then `Revoked`, `NotSupported` or `Failed`.
+    pub revocation: RevocationState,
+}
+
+/// Revocation result of a token.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RevocationState {
+    /// The issuer confirmed the token is dead.
+    Revoked,
+    /// The issuer cannot revoke; the token dies at its expiry.
+    NotSupported,
+    /// Revocation failed; see Events.
+    Failed,
+    /// Still in use (current, or previous within its grace period).
+    Pending,
+}
+
+/// A workload restarted for a token revision.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerStatus {
+    /// Deployment, StatefulSet or DaemonSet.
+    pub kind: String,
+    /// The workload's name.
+    pub name: String,
+    /// The token revision it was restarted for.
+    pub revision: i64,
+    /// When it was restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_at: Option<Time>,
+}
+
+impl AgentToken {
+    /// The Secret's name: `spec.secret.name` or the AgentToken's name.
+    pub fn secret_name(&self) -> String {
+        self.spec
+            .secret
+            .as_ref()
+            .and_then(|s| s.name.clone())
+            .unwrap_or_else(|| self.metadata.name.clone().unwrap_or_default())
+    }
+
+    /// The key holding the current token: `spec.secret.key` or `token`.
+    pub fn secret_key(&self) -> String {
+        self.spec
+            .secret
+            .as_ref()
+            .and_then(|s| s.key.clone())
+            .unwrap_or_else(|| "token".into())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// TokenIssuer / ClusterTokenIssuer
+// ---------------------------------------------------------------------------
+
+/// Where tokens come from (exactly one issuer kind) and the policy every
+/// AgentToken using it must follow.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "agenttoken.dev",
+    version = "v1alpha1",
+    kind = "TokenIssuer",
+    namespaced,
+    status = "TokenIssuerStatus",
+    derive = "PartialEq",
+    shortname = "ti",
+    category = "agenttoken",
+    doc = "Where tokens come from for AgentTokens in this namespace, and the policy they must follow.",
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
+    validation = Rule::new("!has(self.spec.policy) || (!has(self.spec.policy.allowedNamespaces) && !has(self.spec.policy.namespaceSelector))")
+        .message("policy.allowedNamespaces and policy.namespaceSelector are for ClusterTokenIssuer: a TokenIssuer serves its own namespace only")
+)]
+#[x_kube(
+    validation = Rule::new(
+        "[has(self.serviceAccount), has(self.oauth2), has(self.vault), has(self.githubApp), has(self.webhook), has(self.jwt)].filter(x, x).size() == 1"
+    ).message("set exactly one issuer kind: serviceAccount, oauth2, vault, githubApp, webhook or jwt")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenIssuerSpec {
+    /// Kubernetes TokenRequest for ServiceAccounts in the AgentToken's own namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<ServiceAccountIssuerSpec>,
+    /// OAuth2 client credentials (RFC 6749 §4.4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2IssuerSpec>,
+    /// HashiCorp Vault or OpenBao.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault: Option<VaultIssuerSpec>,
+    /// GitHub App installation tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_app: Option<GithubAppIssuerSpec>,
+    /// Any HTTP service that mints tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookIssuerSpec>,
+    /// JWTs signed by the operator itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtIssuerSpec>,
+    /// Guardrails enforced on every AgentToken that uses this issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<IssuerPolicy>,
+}
+
+impl TokenIssuerSpec {
+    /// The name of the issuer kind that is set (the first one, if several are).
+    pub fn kind_name(&self) -> Option<&'static str> {
+        [
+            (self.service_account.is_some(), "serviceAccount"),
+            (self.oauth2.is_some(), "oauth2"),
+            (self.vault.is_some(), "vault"),
+            (self.github_app.is_some(), "githubApp"),
+            (self.webhook.is_some(), "webhook"),
+            (self.jwt.is_some(), "jwt"),
+        ]
+        .into_iter()
+        .find_map(|(set, name)| set.then_some(name))
+    }
+}
+
+/// A cluster-scoped issuer: serves the namespaces its policy allows.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "agenttoken.dev",
+    version = "v1alpha1",
+    kind = "ClusterTokenIssuer",
+    status = "TokenIssuerStatus",
+    derive = "PartialEq",
+    shortname = "cti",
+    category = "agenttoken",
+    doc = "Where tokens come from for AgentTokens in the namespaces its policy allows.",
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(transparent)]
+pub struct ClusterTokenIssuerSpec(pub TokenIssuerSpec);
+
+impl std::ops::Deref for ClusterTokenIssuerSpec {
+    type Target = TokenIssuerSpec;
+    fn deref(&self) -> &TokenIssuerSpec {
+        &self.0
+    }
+}
+
+/// Kubernetes TokenRequest. No settings: the AgentToken names the ServiceAccount.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct ServiceAccountIssuerSpec {}
+
+/// A key of a Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct SecretKeyRef {
+    /// Secret name (in the issuer's namespace; for a ClusterTokenIssuer, the operator's namespace).
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// How the OAuth2 client authenticates to the token endpoint.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum OAuth2AuthMethod {
+    /// HTTP Basic authentication (RFC 6749 §2.3.1).
+    #[default]
+    ClientSecretBasic,
+    /// Client id and secret in the form body.
+    ClientSecretPost,
+}
+
+/// OAuth2 client credentials.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2IssuerSpec {
+    /// Token endpoint.
+    #[serde(rename = "tokenURL")]
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub token_url: String,
+    /// Client id.
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// The client secret.
+    pub client_secret_ref: SecretKeyRef,
+    /// `ClientSecretBasic` (default) or `ClientSecretPost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_method: Option<OAuth2AuthMethod>,
+    /// RFC 7009 revocation endpoint (optional).
+    #[serde(
+        rename = "revocationURL",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub revocation_url: Option<String>,
+    /// PEM CA bundle to trust for the endpoints (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+}
+
+/// Vault or OpenBao.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultIssuerSpec {
+    /// Server address, e.g. `https://vault.example:8200`.
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub address: String,
+    /// How the operator authenticates.
+    pub auth: VaultAuth,
+    /// Vault namespace (Enterprise / OpenBao namespaces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// PEM CA bundle to trust (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+}
+
+/// Vault authentication.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultAuth {
+    /// A Vault token in a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
+}
+
+/// A GitHub App.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GithubAppIssuerSpec {
+    /// API base URL (default `https://api.github.com`; GitHub Enterprise works the same way).
+    #[serde(rename = "apiURL", default, skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
+    /// The App's id.
+    #[serde(rename = "appID")]
+    pub app_id: i64,
+    /// The App's private key (PEM).
+    pub private_key_secret_ref: SecretKeyRef,
+    /// Installation id (default: looked up from the repositories' owner).
+    #[serde(
+        rename = "installationID",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub installation_id: Option<i64>,
+}
+
+/// Any HTTP minting service.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookIssuerSpec {
+    /// Mint endpoint.
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub url: String,
+    /// HTTP method (default POST).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Where the token and its expiry are in the response.
+    pub result: WebhookResult,
+    /// Revocation endpoint (optional).
+    #[serde(rename = "revokeURL", default, skip_serializing_if = "Option::is_none")]
+    pub revoke_url: Option<String>,
+    /// PEM CA bundle to trust (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+}
+
+/// JSONPath expressions into the webhook's response.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookResult {
+    /// Path of the token, e.g. `$.access_token`.
+    pub token_path: String,
+    /// Path of the lifetime in seconds, e.g. `$.expires_in`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_path: Option<String>,
+    /// Path of the RFC 3339 expiry (instead of `expiresInPath`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_path: Option<String>,
+}
+
+/// JWTs signed by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtIssuerSpec {
+    /// The signing key (PEM): ES256, RS256 or EdDSA.
+    pub signing_key_secret_ref: SecretKeyRef,
+    /// The `iss` claim.
+    pub issuer: String,
+}
+
+/// Guardrails enforced on every mint.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerPolicy {
+    /// Longest lifetime a token may have; a longer request is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration_schema")]
+    pub max_lifetime: Option<Duration>,
+    /// Scopes an AgentToken may ask for (globs, `*` matches any run of characters).
+    /// Empty: any scope.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_scopes: Vec<String>,
+    /// Namespaces served (globs). ClusterTokenIssuer only; empty with no
+    /// namespaceSelector: no namespace is served.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_namespaces: Vec<String>,
+    /// Namespaces served, by label (ClusterTokenIssuer only). With
+    /// allowedNamespaces, a namespace must match both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Requests per second to the issuer, never exceeded whatever the load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    #[schemars(range(min = 1, max = 10000))]
+    pub per_second: u32,
+    /// Requests allowed in a burst (default: perSecond).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 100000))]
+    pub burst: u32,
+}
+
+/// Issuer status.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenIssuerStatus {
+    /// `Ready`: configuration and reachability are good.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The three CRDs as one multi-document YAML (what `crds/` holds).
+pub fn crds_yaml() -> String {
+    let crds = [
+        AgentToken::crd(),
+        TokenIssuer::crd(),
+        ClusterTokenIssuer::crd(),
+    ];
+    let mut out = String::new();
+    for crd in crds {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(&crd).expect("a CRD serializes to YAML"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::cel::Validator;
+    use serde_json::{Value, json};
+
+    fn schema_of(
+        crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    ) -> Value {
+        serde_json::to_value(
+            crd.spec.versions[0]
+                .schema
+                .as_ref()
+                .unwrap()
+                .open_api_v3_schema
+                .as_ref()
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn check(
+        crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+        obj: Value,
+    ) -> Result<(), String> {
+        Validator::new()
+            .validate(&schema_of(crd), &obj, None)
+            .map_err(|e| e.to_string())
+    }
+
+    fn at(spec: Value) -> Value {
+        json!({"apiVersion": "agenttoken.dev/v1alpha1", "kind": "AgentToken", "metadata": {"name": "a"}, "spec": spec})
+    }
+
+    #[test]
+    fn crds_on_disk_match_the_binary() {
+        let on_disk = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/crds/agenttoken.dev.yaml"
+        ))
+        .expect("crds/agenttoken.dev.yaml exists (make crds)");
+        assert!(
+            on_disk == crds_yaml(),
+            "crds/agenttoken.dev.yaml differs from `agent-token-operator crd`: run `make crds` and commit"
+        );
+    }
+
+    #[test]
+    fn valid_agent_token_passes_cel() {
+        let obj = at(json!({
+            "issuerRef": {"kind": "TokenIssuer", "name": "k8s"},
+            "serviceAccountName": "builder",
+            "lifetime": "1h",
+            "rotation": {"renewBefore": "15m"},
+            "previousTokenGracePeriod": "10m",
+        }));
+        check(AgentToken::crd(), obj).unwrap();
+    }
+
+    #[test]
+    fn renew_before_and_percentage_together_are_rejected() {
+        let obj = at(json!({
+            "issuerRef": {"name": "k8s"},
+            "rotation": {"renewBefore": "15m", "renewBeforePercentage": 20},
+        }));
+        let err = check(AgentToken::crd(), obj).unwrap_err();
+        assert!(err.contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn renewal_window_longer_than_lifetime_is_rejected() {
+        let obj = at(json!({
+            "issuerRef": {"name": "k8s"},
+            "lifetime": "10m",
+            "rotation": {"renewBefore": "1h"},
+        }));
+        let err = check(AgentToken::crd(), obj).unwrap_err();
+        assert!(err.contains("shorter than spec.lifetime"), "{err}");
+    }
+
+    #[test]
+    fn issuer_needs_exactly_one_kind() {
+        let ti = |spec: Value| json!({"apiVersion": "agenttoken.dev/v1alpha1", "kind": "TokenIssuer", "metadata": {"name": "i"}, "spec": spec});
+        check(TokenIssuer::crd(), ti(json!({"serviceAccount": {}}))).unwrap();
+        let none = check(TokenIssuer::crd(), ti(json!({}))).unwrap_err();
+        assert!(none.contains("exactly one issuer kind"), "{none}");
+        let two = check(
+            TokenIssuer::crd(),
+            ti(json!({"serviceAccount": {}, "jwt": {"signingKeySecretRef": {"name": "k", "key": "k"}, "issuer": "x"}})),
+        )
+        .unwrap_err();
+        assert!(two.contains("exactly one issuer kind"), "{two}");
+        let ns = check(
+            TokenIssuer::crd(),
+            ti(json!({"serviceAccount": {}, "policy": {"allowedNamespaces": ["a"]}})),
+        )
+        .unwrap_err();
+        assert!(ns.contains("ClusterTokenIssuer"), "{ns}");
+    }
+
+    #[test]
+    fn cluster_issuer_accepts_allowed_namespaces_and_needs_one_kind() {
+        let cti = |spec: Value| json!({"apiVersion": "agenttoken.dev/v1alpha1", "kind": "ClusterTokenIssuer", "metadata": {"name": "i"}, "spec": spec});
+        check(
+            ClusterTokenIssuer::crd(),
+            cti(json!({"serviceAccount": {}, "policy": {"allowedNamespaces": ["team-*"]}})),
+        )
+        .unwrap();
+        assert!(check(ClusterTokenIssuer::crd(), cti(json!({}))).is_err());
+    }
+
+    #[test]
+    fn secret_name_and_key_default() {
+        let mut at = AgentToken::new(
+            "bot",
+            AgentTokenSpec {
+                issuer_ref: IssuerRef {
+                    kind: IssuerKind::TokenIssuer,
+                    name: "k8s".into(),
+                },
+                scopes: vec![],
+                audiences: vec![],
+                service_account_name: None,
+                permissions: BTreeMap::new(),
+                repositories: vec![],
+                parameters: BTreeMap::new(),
+                lifetime: None,
+                rotation: None,
+                secret: None,
+                previous_token_grace_period: None,
+                consumers: None,
+                paused: false,
+            },
+        );
+        assert_eq!(at.secret_name(), "bot");
+        assert_eq!(at.secret_key(), "token");
+        at.spec.secret = Some(SecretSpec {
+            name: Some("s".into()),
+            key: Some("k".into()),
+            ..Default::default()
+        });
+        assert_eq!(at.secret_name(), "s");
+        assert_eq!(at.secret_key(), "k");
+    }
+}
