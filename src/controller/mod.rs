@@ -1,0 +1,313 @@
+//! The controller: wiring of watches, the shared context, errors, and the
+//! issuer status loop. The AgentToken reconcile phases live in
+//! [`reconcile`]; pure decisions in [`decide`], [`secret`] and [`status`].
+
+pub mod decide;
+pub mod finalize;
+pub mod issuers;
+pub mod reconcile;
+pub mod secret;
+pub mod selector;
+pub mod status;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Future, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, PartialObjectMeta};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::crd::{AgentToken, ClusterTokenIssuer, IssuerKind, TokenIssuer, TokenIssuerSpec};
+use crate::http::Readiness;
+use crate::issuer::service_account::ServiceAccountIssuer;
+use crate::issuer::{Issuer, IssuerError};
+use crate::labels;
+use crate::ratelimit::RateLimiters;
+use crate::rotation::{self, Clock, SystemClock};
+use crate::telemetry::Metrics;
+
+/// Field manager for the token Secret.
+pub const FIELD_MANAGER: &str = "agent-token-operator";
+/// Field manager for status writes.
+pub const STATUS_MANAGER: &str = "agent-token-operator-status";
+
+/// Why a reconcile failed. Never carries a token.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("issuer error: {0}")]
+    Issuer(#[from] IssuerError),
+    #[error("object has no namespace")]
+    MissingNamespace,
+    #[error("object has no uid")]
+    MissingUid,
+    #[error("Secret {0:?} appeared while the operator was creating it; it is not taken over")]
+    SecretAppeared(String),
+    #[error("{0} token(s) could not be revoked")]
+    RevocationIncomplete(usize),
+}
+
+impl Error {
+    /// A short label value for the reconcile error metric.
+    pub fn metric_reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Issuer(_) => "issuer",
+            Error::MissingNamespace | Error::MissingUid => "invalid_object",
+            Error::SecretAppeared(_) => "secret_conflict",
+            Error::RevocationIncomplete(_) => "revocation",
+        }
+    }
+}
+
+/// What the operator runs with.
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    /// Watch only this namespace (`None`: the whole cluster).
+    pub namespace: Option<String>,
+    /// Reconciles running at once.
+    pub concurrency: u16,
+    /// Name used in Events and leases.
+    pub instance: String,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub limiters: RateLimiters,
+    pub clock: Arc<dyn Clock>,
+    /// Metadata of the Secrets the operator manages (label-selected), never their data.
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// The implementation of the issuer's kind.
+    pub fn issuer_backend(&self, spec: &TokenIssuerSpec) -> Result<Box<dyn Issuer>, String> {
+        if spec.service_account.is_some() {
+            return Ok(Box::new(ServiceAccountIssuer::new(self.client.clone())));
+        }
+        match spec.kind_name() {
+            Some(kind) => Err(format!(
+                "issuer kind {kind:?} is not supported by this operator version"
+            )),
+            None => Err("the issuer sets no issuer kind".into()),
+        }
+    }
+
+    /// Waits for the issuer's rate budget (a no-op without `policy.rateLimit`).
+    pub async fn acquire_budget(&self, key: &str, spec: &TokenIssuerSpec) {
+        if let Some(limit) = spec.policy.as_ref().and_then(|p| p.rate_limit.as_ref()) {
+            self.limiters
+                .acquire(key, limit.per_second as f64, limit.burst)
+                .await;
+        }
+    }
+
+    /// Binding Secrets (name, revision) of one AgentToken, from the cache.
+    pub fn bindings_of(&self, ns: &str, name: &str) -> Vec<(String, i64)> {
+        self.secrets
+            .state()
+            .iter()
+            .filter(|s| s.metadata.namespace.as_deref() == Some(ns))
+            .filter(|s| {
+                let l = s.labels();
+                l.get(labels::NAME).map(String::as_str) == Some(name)
+                    && l.get(labels::ROLE).map(String::as_str) == Some(labels::ROLE_BINDING)
+                    && s.metadata.deletion_timestamp.is_none()
+            })
+            .filter_map(|s| {
+                let revision = s.labels().get(labels::REVISION)?.parse().ok()?;
+                Some((s.name_any(), revision))
+            })
+            .collect()
+    }
+
+    /// Forgets an object's reconcile failures after a success.
+    pub fn reset_failures(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    /// Publishes an Event on the AgentToken. Notes never contain a token.
+    pub async fn publish(&self, at: &AgentToken, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &at.object_ref(&())).await {
+            warn!(error = %e, reason, "could not publish event");
+        }
+    }
+}
+
+/// The issuer backend for an AgentToken being deleted (issuer looked up live).
+pub(crate) async fn reconcile_issuer_backend(
+    at: &AgentToken,
+    ctx: &Context,
+) -> Result<Box<dyn Issuer>, Error> {
+    let ns = at.namespace().unwrap_or_default();
+    let name = &at.spec.issuer_ref.name;
+    let spec = match at.spec.issuer_ref.kind {
+        IssuerKind::TokenIssuer => Api::<TokenIssuer>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(name)
+            .await?
+            .map(|i| i.spec),
+        IssuerKind::ClusterTokenIssuer => Api::<ClusterTokenIssuer>::all(ctx.client.clone())
+            .get_opt(name)
+            .await?
+            .map(|i| i.spec.0),
+    };
+    match spec {
+        Some(spec) => ctx
+            .issuer_backend(&spec)
+            .map_err(|m| Error::Issuer(IssuerError::Invalid(m))),
+        // A deleted issuer: service-account bindings can still be removed.
+        None => Ok(Box::new(ServiceAccountIssuer::new(ctx.client.clone()))),
+    }
+}
+
+fn error_policy(at: Arc<AgentToken>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = format!("{}/{}", at.namespace().unwrap_or_default(), at.name_any());
+    let attempts = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = failures.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let wait = rotation::backoff(attempts, &key);
+    warn!(agenttoken = %key, error = %error, attempts, retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
+}
+
+/// Runs the controllers until `shutdown` resolves. Readiness is set once
+/// every watch has synced.
+pub async fn run(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (ats, secrets_api, issuers_api): (
+        Api<AgentToken>,
+        Api<PartialObjectMeta<Secret>>,
+        Api<TokenIssuer>,
+    ) = match &config.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let cluster_issuers: Api<ClusterTokenIssuer> = Api::all(client.clone());
+
+    // Only our Secrets, metadata only: memory follows our objects.
+    let (secret_store, secret_writer) = reflector::store::<PartialObjectMeta<Secret>>();
+    let secret_events = watcher(
+        secrets_api,
+        watcher::Config::default().labels(labels::MANAGED_SELECTOR),
+    )
+    .default_backoff()
+    .reflect(secret_writer)
+    .touched_objects();
+
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.into(),
+        instance: Some(config.instance.clone()),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics: metrics.clone(),
+        limiters: RateLimiters::default(),
+        clock: Arc::new(SystemClock),
+        secrets: secret_store.clone(),
+        failures: Mutex::new(HashMap::new()),
+    });
+
+    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    let controller = Controller::new(ats, watcher::Config::default()).with_config(
+        kube::runtime::controller::Config::default().concurrency(config.concurrency.max(1)),
+    );
+    let at_store = controller.store();
+    let by_issuer = |store: Store<AgentToken>, kind: IssuerKind| {
+        move |obj_ns: Option<String>, name: String| {
+            store
+                .state()
+                .into_iter()
+                .filter(|at| at.spec.issuer_ref.kind == kind && at.spec.issuer_ref.name == name)
+                .filter(|at| kind == IssuerKind::ClusterTokenIssuer || at.namespace() == obj_ns)
+                .map(|at| ObjectRef::from_obj(&*at))
+                .collect::<Vec<_>>()
+        }
+    };
+    let ns_issuer_map = by_issuer(at_store.clone(), IssuerKind::TokenIssuer);
+    let cluster_issuer_map = by_issuer(at_store.clone(), IssuerKind::ClusterTokenIssuer);
+
+    let readiness_task = {
+        let at_store = at_store.clone();
+        let secret_store = secret_store.clone();
+        let readiness = readiness.clone();
+        async move {
+            match tokio::try_join!(at_store.wait_until_ready(), secret_store.wait_until_ready()) {
+                Ok(_) => {
+                    info!("caches synced; ready");
+                    readiness.set(true);
+                }
+                Err(e) => warn!(error = %e, "a cache stopped before it synced; never ready"),
+            }
+        }
+    };
+    tokio::spawn(readiness_task);
+
+    let token_loop = controller
+        .watches_stream(secret_events, |secret: PartialObjectMeta<Secret>| {
+            let ns = secret.metadata.namespace.clone()?;
+            let name = secret.labels().get(labels::NAME)?.clone();
+            Some(ObjectRef::<AgentToken>::new(&name).within(&ns))
+        })
+        .watches(
+            issuers_api.clone(),
+            watcher::Config::default(),
+            move |i: TokenIssuer| ns_issuer_map(i.namespace(), i.name_any()),
+        )
+        .watches(
+            cluster_issuers.clone(),
+            watcher::Config::default(),
+            move |i: ClusterTokenIssuer| cluster_issuer_map(None, i.name_any()),
+        )
+        .graceful_shutdown_on(shutdown.clone())
+        .run(reconcile::reconcile, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+
+    let issuer_loops = issuers::run(issuers_api, cluster_issuers, ctx.clone(), shutdown.clone());
+    tokio::join!(token_loop, issuer_loops);
+    info!("controllers stopped");
+}
+
+/// Default reconcile concurrency.
+pub const DEFAULT_CONCURRENCY: u16 = 16;
+
+/// How long the operator waits on the API when shutting down.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

@@ -1,0 +1,983 @@
+//! Reconcile of one AgentToken, in phases: fetch issuer → validate (pure) →
+//! decide (pure) → mint → write Secret → revoke what is due → write status.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use super::decide::{self, Decision, Inputs};
+use super::secret::{self, Desired, Ownership, SlotState, TokenState};
+use super::status::{self, ISSUING, READY, Want};
+use super::{Context, Error, FIELD_MANAGER, STATUS_MANAGER};
+use crate::crd::{
+    AgentToken, AgentTokenStatus, ClusterTokenIssuer, HistoryEntry, IssuerKind, RevocationState,
+    RotationReason, TokenIssuer, TokenIssuerSpec,
+};
+use crate::issuer::{Issuer, IssuerError, MintRequest, Revocation, RevocationHandle};
+use crate::rotation::{self, CronSchedule, RenewWindow};
+use crate::{labels, policy};
+
+/// Entries kept in `status.history`.
+pub const HISTORY_LIMIT: usize = 10;
+/// Lifetime asked for when neither the AgentToken nor the policy names one.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// Longest time between two looks at an AgentToken with nothing due.
+const MAX_WAKE: Duration = Duration::from_secs(3600);
+
+/// The issuer an AgentToken refers to, resolved.
+struct ResolvedIssuer {
+    /// `TokenIssuer/ns/name` or `ClusterTokenIssuer/name`: rate limits and metrics.
+    key: String,
+    spec: TokenIssuerSpec,
+    cluster_scoped: bool,
+}
+
+/// Why the AgentToken is not served, with the condition reason and Event.
+struct Refusal {
+    reason: &'static str,
+    message: String,
+    /// Event to emit (Warning) when the condition first appears.
+    event: Option<&'static str>,
+    requeue: Option<Duration>,
+}
+
+pub async fn reconcile(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(&at, &ctx).await;
+    if result.is_ok() {
+        ctx.reset_failures(&format!(
+            "{}/{}",
+            at.namespace().unwrap_or_default(),
+            at.name_any()
+        ));
+    }
+    ctx.metrics.observe_reconcile(
+        started.elapsed(),
+        result.as_ref().err().map(Error::metric_reason),
+    );
+    result
+}
+
+async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error> {
+    let ns = at.namespace().ok_or(Error::MissingNamespace)?;
+    if at.meta().deletion_timestamp.is_some() {
+        return super::finalize::cleanup(at, ctx).await;
+    }
+    super::finalize::ensure_finalizer(at, ctx).await?;
+
+    // Phase: fetch the issuer.
+    let issuer = match fetch_issuer(at, &ns, ctx).await? {
+        Ok(issuer) => issuer,
+        Err(refusal) => return refuse(at, ctx, refusal).await,
+    };
+    // Phase: validate (pure, plus the namespace's labels for a selector).
+    let ns_labels = match issuer
+        .spec
+        .policy
+        .as_ref()
+        .and_then(|p| p.namespace_selector.as_ref())
+    {
+        Some(_) if issuer.cluster_scoped => {
+            let nsobj = Api::<Namespace>::all(ctx.client.clone()).get(&ns).await?;
+            nsobj.metadata.labels.unwrap_or_default()
+        }
+        _ => BTreeMap::new(),
+    };
+    let effective = match validate(at, &ns, &issuer, &ns_labels) {
+        Ok(e) => e,
+        Err(refusal) => {
+            if refusal.reason == "PolicyViolation" {
+                ctx.metrics.policy_violation();
+            }
+            return refuse(at, ctx, refusal).await;
+        }
+    };
+    let backend = match ctx.issuer_backend(&issuer.spec) {
+        Ok(b) => b,
+        Err(message) => {
+            return refuse(
+                at,
+                ctx,
+                Refusal {
+                    reason: "IssuerNotReady",
+                    message,
+                    event: Some("IssuerUnavailable"),
+                    requeue: None,
+                },
+            )
+            .await;
+        }
+    };
+
+    // Phase: read the Secret (only ever ours).
+    let secret_name = at.secret_name();
+    let key = at.secret_key();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let live = secrets.get_opt(&secret_name).await?;
+    let uid = at.uid().ok_or(Error::MissingUid)?;
+    if let Ownership::NotOwned = secret::ownership(live.as_ref(), &uid) {
+        return refuse(
+            at,
+            ctx,
+            Refusal {
+                reason: "SecretNotOwned",
+                message: format!(
+                    "Secret {secret_name:?} exists and was not created by this AgentToken; it is never \
+                     overwritten or adopted: delete it or choose another spec.secret.name"
+                ),
+                event: Some("SecretNotOwned"),
+                requeue: Some(Duration::from_secs(60)),
+            },
+        )
+        .await;
+    }
+    let view = secret::view(live.as_ref(), &key);
+    let mut state = live.as_ref().map(secret::read_state).unwrap_or_default();
+
+    // Phase: decide (pure).
+    let now = ctx.clock.now();
+    let old_status = at.status.clone().unwrap_or_default();
+    let spec_hash = spec_hash(at, &effective);
+    let window = renew_window(at);
+    let cron = match at
+        .spec
+        .rotation
+        .as_ref()
+        .and_then(|r| r.schedule.as_deref())
+    {
+        Some(s) => match CronSchedule::parse(s) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                return refuse(
+                    at,
+                    ctx,
+                    Refusal {
+                        reason: "InvalidSpec",
+                        message: format!("spec.rotation.schedule: {e}"),
+                        event: None,
+                        requeue: None,
+                    },
+                )
+                .await;
+            }
+        },
+        None => None,
+    };
+    let jitter_key = format!("{uid}/{}", view.current.as_ref().map_or(0, |c| c.revision));
+    let annotations = at.annotations();
+    let inputs = Inputs {
+        now,
+        spec_hash: &spec_hash,
+        paused: at.spec.paused,
+        window,
+        cron: cron.as_ref(),
+        jitter_key: &jitter_key,
+        rotate_trigger: annotations.get(labels::ROTATE).map(String::as_str),
+        revoke_trigger: annotations.get(labels::REVOKE).map(String::as_str),
+        secret: &view,
+        last_revision: old_status.revision,
+        failed_attempts: old_status.failed_attempts.max(0) as u32,
+        last_failure: old_status.last_failure_time.as_ref().map(|t| t.0),
+    };
+    let decision = decide::decide(&inputs);
+
+    let mut status = old_status.clone();
+    status.secret_name = Some(secret_name.clone());
+    let mut events: Vec<(EventType, &'static str, String)> = Vec::new();
+    let tokens = Tokens {
+        current: secret::token_in(live.as_ref(), &key),
+        previous: secret::token_in(live.as_ref(), &format!("{key}{}", secret::PREVIOUS_SUFFIX)),
+    };
+    let writer = SecretWriter {
+        at,
+        ctx,
+        ns: &ns,
+        name: &secret_name,
+        key: &key,
+        live: live.as_ref(),
+        uid: &uid,
+    };
+
+    let mut mint_failed = None;
+    if let Some(m) = decision.mint {
+        let revision = next_revision(ctx, &ns, at, &status, &state);
+        let request = MintRequest {
+            namespace: ns.clone(),
+            name: at.name_any(),
+            uid: uid.clone(),
+            revision,
+            scopes: effective.scopes.clone(),
+            audiences: at.spec.audiences.clone(),
+            service_account_name: at.spec.service_account_name.clone(),
+            permissions: at.spec.permissions.clone(),
+            repositories: at.spec.repositories.clone(),
+            parameters: at.spec.parameters.clone(),
+            lifetime: effective.lifetime.unwrap_or(DEFAULT_LIFETIME),
+        };
+        ctx.acquire_budget(&issuer.key, &issuer.spec).await;
+        let started = std::time::Instant::now();
+        let minted = backend.mint(&request).await;
+        ctx.metrics.observe_issuer_request(
+            backend.kind(),
+            "mint",
+            minted.is_ok(),
+            started.elapsed(),
+        );
+        match minted {
+            Ok(minted) => {
+                let fp = rotation::fingerprint(minted.token.expose_secret().as_bytes());
+                let new_slot = SlotState {
+                    revision,
+                    fingerprint: fp.clone(),
+                    issued_at: minted.issued_at,
+                    expires_at: minted.expires_at,
+                    handle: minted.handle.0.clone(),
+                    spec_hash: spec_hash.clone(),
+                    grace_until: None,
+                };
+                push_history(&mut status, &new_slot);
+                let grace = grace_period(at);
+                let (keep, retire) = plan_slots(&state, &view, m, grace, now);
+                let mut next_state = TokenState {
+                    current: Some(new_slot.clone()),
+                    previous: keep.clone(),
+                    rotate_handled: annotations
+                        .get(labels::ROTATE)
+                        .cloned()
+                        .or(state.rotate_handled.clone()),
+                    revoke_handled: annotations
+                        .get(labels::REVOKE)
+                        .cloned()
+                        .or(state.revoke_handled.clone()),
+                };
+                if keep.is_none() {
+                    next_state.previous = None;
+                }
+                let previous_token = keep.as_ref().and_then(|_| tokens.current.clone());
+                if let Err(e) = writer
+                    .write(&next_state, Some(&minted.token), previous_token.as_ref())
+                    .await
+                {
+                    // The new token never reached anyone: revoke it now.
+                    let outcome = revoke(ctx, backend.as_ref(), &ns, &minted.handle.0).await;
+                    mark_revoked(&mut status, revision, outcome, now);
+                    status_write(at, ctx, status, &[]).await.ok();
+                    return Err(e);
+                }
+                state = next_state;
+                for slot in retire {
+                    let outcome = revoke(ctx, backend.as_ref(), &ns, &slot.handle).await;
+                    if outcome == RevocationState::Failed {
+                        events.push((
+                            EventType::Warning,
+                            "RevocationFailed",
+                            format!(
+                                "revision {} ({}) could not be revoked at the issuer",
+                                slot.revision, slot.fingerprint
+                            ),
+                        ));
+                    } else {
+                        events.push((
+                            EventType::Normal,
+                            "TokenRevoked",
+                            format!(
+                                "revision {} ({}) revoked: {outcome:?}",
+                                slot.revision, slot.fingerprint
+                            ),
+                        ));
+                    }
+                    mark_revoked(&mut status, slot.revision, outcome, now);
+                }
+                status.revision = revision;
+                status.token_fingerprint = Some(fp.clone());
+                status.issued_at = Some(Time(minted.issued_at));
+                status.expires_at = Some(Time(minted.expires_at));
+                status.last_rotation_reason = Some(m.reason);
+                status.failed_attempts = 0;
+                status.last_failure_message = None;
+                status.last_failure_time = None;
+                let (reason, verb) = if m.reason == RotationReason::Initial {
+                    ("TokenIssued", "issued")
+                } else {
+                    ("TokenRotated", "rotated")
+                };
+                events.push((
+                    EventType::Normal,
+                    reason,
+                    format!(
+                        "token revision {revision} ({fp}) {verb} ({:?}), expires at {}",
+                        m.reason, minted.expires_at
+                    ),
+                ));
+                ctx.metrics.rotation(&format!("{:?}", m.reason), true);
+                info!(namespace = %ns, agenttoken = %at.name_any(), revision, fingerprint = %fp, reason = ?m.reason, "token minted");
+            }
+            Err(e) => {
+                ctx.metrics.rotation(&format!("{:?}", m.reason), false);
+                warn!(namespace = %ns, agenttoken = %at.name_any(), error = %e, "mint failed");
+                status.failed_attempts = status.failed_attempts.saturating_add(1);
+                status.last_failure_time = Some(Time(now));
+                status.last_failure_message = Some(e.to_string());
+                let reason = if e.is_transient() {
+                    "IssuerUnavailable"
+                } else {
+                    "RotationFailed"
+                };
+                events.push((
+                    EventType::Warning,
+                    reason,
+                    format!("could not mint ({:?}): {e}", m.reason),
+                ));
+                // Fail safe: the last good token stays until it expires; an
+                // expired one is removed rather than left stale.
+                if view
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| c.data_intact && now >= c.expires_at)
+                {
+                    writer.write(&state, None, tokens.previous.as_ref()).await?;
+                }
+                mint_failed = Some(e);
+            }
+        }
+    } else {
+        let mut changed = false;
+        let mut current_token = tokens
+            .current
+            .clone()
+            .filter(|_| view.current.as_ref().is_some_and(|c| c.data_intact));
+        if decision.retire_previous
+            && let Some(prev) = state.previous.take()
+        {
+            let outcome = revoke(ctx, backend.as_ref(), &ns, &prev.handle).await;
+            mark_revoked(&mut status, prev.revision, outcome, now);
+            events.push((
+                EventType::Normal,
+                "TokenRevoked",
+                format!(
+                    "previous token revision {} ({}) revoked after its grace period: {outcome:?}",
+                    prev.revision, prev.fingerprint
+                ),
+            ));
+            changed = true;
+        }
+        if decision.clear_expired {
+            current_token = None;
+            changed = true;
+            events.push((
+                EventType::Warning,
+                "TokenExpired",
+                "the token expired before a new one could be minted; removed from the Secret"
+                    .into(),
+            ));
+        }
+        let previous_token = state.previous.as_ref().and(tokens.previous.clone());
+        if live.is_some()
+            && (changed
+                || !writer.up_to_date(&state, current_token.as_ref(), previous_token.as_ref()))
+        {
+            writer
+                .write(&state, current_token.as_ref(), previous_token.as_ref())
+                .await?;
+        }
+    }
+
+    // Sweep: every binding not held by the Secret is a token nobody has;
+    // revoke it and record it (the operator may have died after a mint).
+    sweep_orphans(ctx, backend.as_ref(), &ns, at, &state, &mut status, now).await;
+
+    // Phase: status.
+    let token_valid = state.current.as_ref().is_some_and(|c| now < c.expires_at)
+        && (decision.mint.is_some() && mint_failed.is_none()
+            || view.current.as_ref().is_some_and(|c| c.data_intact));
+    status.next_rotation_at = match (&mint_failed, decision.mint) {
+        (None, Some(_)) => state.current.as_ref().map(|c| {
+            Time(
+                rotation::next_rotation(
+                    c.issued_at,
+                    c.expires_at,
+                    window,
+                    &format!("{uid}/{}", c.revision),
+                    cron.as_ref(),
+                )
+                .due_at,
+            )
+        }),
+        _ => decision.next_rotation_at.map(Time),
+    };
+    if at.spec.paused {
+        status.next_rotation_at = None;
+    }
+    if let Some(c) = &state.current {
+        ctx.metrics
+            .token_expiry(&ns, &at.name_any(), &issuer.key, c.expires_at);
+    }
+    let conditions = conditions(
+        &status,
+        token_valid,
+        mint_failed.as_ref(),
+        &decision,
+        at.spec.paused,
+    );
+    status_write(at, ctx, status, &conditions).await?;
+    for (kind, reason, note) in events {
+        ctx.publish(at, kind, reason, note).await;
+    }
+
+    // Requeue at the next due time.
+    let wake = match (&mint_failed, decision.mint) {
+        (Some(_), _) => {
+            let attempts = old_status.failed_attempts.saturating_add(1).max(1) as u32;
+            Some(rotation::backoff(attempts, &jitter_key))
+        }
+        (None, Some(_)) => Some(Duration::from_secs(1)),
+        _ => decision.wake_at.map(|w| until(now, w)),
+    };
+    Ok(Action::requeue(
+        wake.unwrap_or(MAX_WAKE)
+            .clamp(Duration::from_millis(200), MAX_WAKE),
+    ))
+}
+
+/// The tokens the live Secret holds (read once, never logged).
+struct Tokens {
+    current: Option<SecretString>,
+    previous: Option<SecretString>,
+}
+
+/// Writes the AgentToken's Secret: created with POST (so a Secret that
+/// appeared meanwhile is never taken over), then kept with server-side apply
+/// under one field manager, with the live object's UID as a precondition.
+struct SecretWriter<'a> {
+    at: &'a AgentToken,
+    ctx: &'a Context,
+    ns: &'a str,
+    name: &'a str,
+    key: &'a str,
+    live: Option<&'a Secret>,
+    uid: &'a str,
+}
+
+impl SecretWriter<'_> {
+    fn render(
+        &self,
+        state: &TokenState,
+        current: Option<&SecretString>,
+        previous: Option<&SecretString>,
+    ) -> Secret {
+        let spec = self.at.spec.secret.clone().unwrap_or_default();
+        secret::render(&Desired {
+            name: self.name,
+            namespace: self.ns,
+            owner: owner_reference(self.at, self.uid),
+            agent_token: &self.at.name_any(),
+            key: self.key,
+            extra_keys: &spec.extra_keys,
+            labels: &spec.labels,
+            annotations: &spec.annotations,
+            state,
+            current,
+            previous,
+        })
+    }
+
+    fn up_to_date(
+        &self,
+        state: &TokenState,
+        current: Option<&SecretString>,
+        previous: Option<&SecretString>,
+    ) -> bool {
+        self.live
+            .is_some_and(|live| secret::up_to_date(live, &self.render(state, current, previous)))
+    }
+
+    async fn write(
+        &self,
+        state: &TokenState,
+        current: Option<&SecretString>,
+        previous: Option<&SecretString>,
+    ) -> Result<(), Error> {
+        let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), self.ns);
+        let mut desired = self.render(state, current, previous);
+        match self.live {
+            None => {
+                let pp = PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                };
+                match api.create(&pp, &desired).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(s)) if s.code == 409 => {
+                        Err(Error::SecretAppeared(self.name.to_string()))
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Some(live) => {
+                desired.metadata.uid = live.metadata.uid.clone();
+                let pp = PatchParams::apply(FIELD_MANAGER).force();
+                api.patch(self.name, &pp, &Patch::Apply(&desired)).await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn owner_reference(at: &AgentToken, uid: &str) -> OwnerReference {
+    OwnerReference {
+        api_version: AgentToken::api_version(&()).into_owned(),
+        kind: AgentToken::kind(&()).into_owned(),
+        name: at.name_any(),
+        uid: uid.to_string(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// Finds the referenced issuer, or says why the AgentToken cannot be served.
+async fn fetch_issuer(
+    at: &AgentToken,
+    ns: &str,
+    ctx: &Context,
+) -> Result<Result<ResolvedIssuer, Refusal>, Error> {
+    let name = &at.spec.issuer_ref.name;
+    let not_found = |what: String| Refusal {
+        reason: "IssuerNotFound",
+        message: format!("{what} does not exist"),
+        event: Some("IssuerUnavailable"),
+        requeue: None,
+    };
+    Ok(match at.spec.issuer_ref.kind {
+        IssuerKind::TokenIssuer => match Api::<TokenIssuer>::namespaced(ctx.client.clone(), ns)
+            .get_opt(name)
+            .await?
+        {
+            Some(i) => Ok(ResolvedIssuer {
+                key: format!("TokenIssuer/{ns}/{name}"),
+                spec: i.spec,
+                cluster_scoped: false,
+            }),
+            None => Err(not_found(format!(
+                "TokenIssuer {name:?} in namespace {ns:?}"
+            ))),
+        },
+        IssuerKind::ClusterTokenIssuer => match Api::<ClusterTokenIssuer>::all(ctx.client.clone())
+            .get_opt(name)
+            .await?
+        {
+            Some(i) => Ok(ResolvedIssuer {
+                key: format!("ClusterTokenIssuer/{name}"),
+                spec: i.spec.0,
+                cluster_scoped: true,
+            }),
+            None => Err(not_found(format!("ClusterTokenIssuer {name:?}"))),
+        },
+    })
+}
+
+/// Pure validation against the issuer's kind and policy.
+fn validate(
+    at: &AgentToken,
+    ns: &str,
+    issuer: &ResolvedIssuer,
+    ns_labels: &BTreeMap<String, String>,
+) -> Result<policy::Effective, Refusal> {
+    let violation = |message: String| Refusal {
+        reason: "PolicyViolation",
+        message,
+        event: Some("PolicyViolation"),
+        requeue: None,
+    };
+    let invalid = |message: String| Refusal {
+        reason: "InvalidSpec",
+        message,
+        event: None,
+        requeue: None,
+    };
+    let pol = issuer.spec.policy.clone().unwrap_or_default();
+    if issuer.cluster_scoped
+        && let Some(sel) = &pol.namespace_selector
+        && !super::selector::matches(sel, ns_labels)
+    {
+        return Err(violation(format!(
+            "namespace {ns:?} does not match the issuer policy namespaceSelector of ClusterTokenIssuer {:?}",
+            at.spec.issuer_ref.name
+        )));
+    }
+    let p = policy::Policy {
+        max_lifetime: pol.max_lifetime.map(Duration::from),
+        allowed_scopes: pol.allowed_scopes.clone(),
+        // A selector alone admits the namespaces it matches.
+        allowed_namespaces: if issuer.cluster_scoped
+            && pol.allowed_namespaces.is_empty()
+            && pol.namespace_selector.is_some()
+        {
+            vec!["*".into()]
+        } else {
+            pol.allowed_namespaces.clone()
+        },
+    };
+    let effective = policy::check(
+        &p,
+        &policy::Request {
+            namespace: ns,
+            scopes: &at.spec.scopes,
+            lifetime: at.spec.lifetime.map(Duration::from),
+            cluster_scoped_issuer: issuer.cluster_scoped,
+        },
+    )
+    .map_err(|v| violation(v.to_string()))?;
+    if issuer.spec.service_account.is_some() {
+        if at
+            .spec
+            .service_account_name
+            .as_deref()
+            .unwrap_or("")
+            .is_empty()
+        {
+            return Err(invalid(
+                "spec.serviceAccountName is required: the issuer is a serviceAccount issuer".into(),
+            ));
+        }
+        if !at.spec.scopes.is_empty() {
+            return Err(invalid(
+                "spec.scopes has no meaning for a serviceAccount issuer (use audiences and RBAC on the ServiceAccount)".into(),
+            ));
+        }
+        let lifetime = effective.lifetime.unwrap_or(DEFAULT_LIFETIME);
+        if lifetime < crate::issuer::service_account::MIN_LIFETIME {
+            return Err(invalid(format!(
+                "lifetime {} is below the Kubernetes TokenRequest minimum of 10m",
+                rotation::format_duration(lifetime)
+            )));
+        }
+    }
+    Ok(effective)
+}
+
+/// Records a refusal in status (and an Event when it is new), then waits.
+async fn refuse(at: &AgentToken, ctx: &Context, r: Refusal) -> Result<Action, Error> {
+    let old = at.status.clone().unwrap_or_default();
+    let was = status::find(&old.conditions, READY).map(|c| c.reason.clone());
+    let conditions = vec![
+        Want::new(READY, false, r.reason, r.message.clone()),
+        Want::new(ISSUING, false, r.reason, "not issuing until this is fixed"),
+    ];
+    let mut st = old.clone();
+    st.next_rotation_at = None;
+    status_write(at, ctx, st, &conditions).await?;
+    if was.as_deref() != Some(r.reason)
+        && let Some(reason) = r.event
+    {
+        ctx.publish(at, EventType::Warning, reason, r.message.clone())
+            .await;
+    }
+    Ok(match r.requeue {
+        Some(d) => Action::requeue(d),
+        // Issuer and spec changes trigger a reconcile; look again hourly anyway.
+        None => Action::requeue(MAX_WAKE),
+    })
+}
+
+fn conditions(
+    status: &AgentTokenStatus,
+    token_valid: bool,
+    mint_failed: Option<&IssuerError>,
+    decision: &Decision,
+    paused: bool,
+) -> Vec<Want> {
+    let ready = if token_valid {
+        Want::new(
+            READY,
+            true,
+            "TokenValid",
+            format!("revision {} is in the Secret", status.revision),
+        )
+    } else if let Some(e) = mint_failed {
+        Want::new(READY, false, "RotationFailed", e.to_string())
+    } else if paused {
+        Want::new(
+            READY,
+            false,
+            "Paused",
+            "spec.paused is true and no valid token is delivered",
+        )
+    } else {
+        Want::new(
+            READY,
+            false,
+            "TokenExpired",
+            "no valid token is in the Secret",
+        )
+    };
+    let issuing = match (mint_failed, decision.backoff_until) {
+        (Some(e), _) => Want::new(
+            ISSUING,
+            true,
+            if e.is_transient() {
+                "IssuerUnavailable"
+            } else {
+                "MintFailed"
+            },
+            format!("attempt {} failed: {e}", status.failed_attempts),
+        ),
+        (None, Some(until)) => Want::new(
+            ISSUING,
+            true,
+            "BackingOff",
+            format!(
+                "attempt {} failed ({}); next attempt at {until}",
+                status.failed_attempts,
+                status
+                    .last_failure_message
+                    .as_deref()
+                    .unwrap_or("unknown error")
+            ),
+        ),
+        (None, None) if paused => Want::new(ISSUING, false, "Paused", "rotation is paused"),
+        (None, None) => Want::new(ISSUING, false, "Idle", "no mint in progress"),
+    };
+    vec![ready, issuing]
+}
+
+/// Writes status through `/status` with server-side apply, only when it changed.
+pub(super) async fn status_write(
+    at: &AgentToken,
+    ctx: &Context,
+    mut status: AgentTokenStatus,
+    want: &[Want],
+) -> Result<(), Error> {
+    let old = at.status.clone().unwrap_or_default();
+    status.observed_generation = at.meta().generation;
+    status.conditions = status::merge(&old.conditions, want, at.meta().generation, ctx.clock.now());
+    if want.is_empty() {
+        status.conditions = old.conditions.clone();
+    }
+    if status == old {
+        return Ok(());
+    }
+    let api: Api<AgentToken> =
+        Api::namespaced(ctx.client.clone(), &at.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": AgentToken::api_version(&()),
+        "kind": AgentToken::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &at.name_any(),
+        &PatchParams::apply(STATUS_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Decides what happens to the old slots when a new token is delivered:
+/// `keep` becomes the previous token for its grace period, `retire` is revoked now.
+fn plan_slots(
+    state: &TokenState,
+    view: &decide::SecretView,
+    m: decide::Mint,
+    grace: Duration,
+    now: Timestamp,
+) -> (Option<SlotState>, Vec<SlotState>) {
+    let mut retire = Vec::new();
+    // Only one previous slot: an older previous token goes now.
+    if let Some(p) = &state.previous {
+        retire.push(p.clone());
+    }
+    let Some(cur) = state.current.clone() else {
+        return (None, retire);
+    };
+    let intact = view.current.as_ref().is_some_and(|c| c.data_intact);
+    let alive = now < cur.expires_at;
+    if m.revoke_current_now || !intact || !alive || grace.is_zero() {
+        if alive || !intact {
+            retire.push(cur);
+        }
+        return (None, retire);
+    }
+    let grace_until = now
+        .checked_add(jiff::SignedDuration::try_from(grace).unwrap_or_default())
+        .unwrap_or(cur.expires_at)
+        .min(cur.expires_at);
+    (
+        Some(SlotState {
+            grace_until: Some(grace_until),
+            spec_hash: String::new(),
+            ..cur
+        }),
+        retire,
+    )
+}
+
+async fn revoke(ctx: &Context, backend: &dyn Issuer, ns: &str, handle: &str) -> RevocationState {
+    let started = std::time::Instant::now();
+    let result = backend
+        .revoke(ns, &RevocationHandle(handle.to_string()))
+        .await;
+    ctx.metrics
+        .observe_issuer_request(backend.kind(), "revoke", result.is_ok(), started.elapsed());
+    let state = match result {
+        Ok(Revocation::Revoked) => RevocationState::Revoked,
+        Ok(Revocation::NotSupported) => RevocationState::NotSupported,
+        Err(e) => {
+            warn!(namespace = %ns, handle, error = %e, "revocation failed");
+            RevocationState::Failed
+        }
+    };
+    ctx.metrics
+        .revocation(backend.kind(), &format!("{state:?}"));
+    state
+}
+
+fn push_history(status: &mut AgentTokenStatus, slot: &SlotState) {
+    status.history.retain(|h| h.revision != slot.revision);
+    status.history.push(HistoryEntry {
+        revision: slot.revision,
+        fingerprint: slot.fingerprint.clone(),
+        issued_at: Some(Time(slot.issued_at)),
+        expires_at: Some(Time(slot.expires_at)),
+        revoked_at: None,
+        revocation: RevocationState::Pending,
+    });
+    status.history.sort_by_key(|h| h.revision);
+    let excess = status.history.len().saturating_sub(HISTORY_LIMIT);
+    status.history.drain(..excess);
+}
+
+fn mark_revoked(
+    status: &mut AgentTokenStatus,
+    revision: i64,
+    outcome: RevocationState,
+    now: Timestamp,
+) {
+    match status.history.iter_mut().find(|h| h.revision == revision) {
+        Some(h) => {
+            h.revocation = outcome;
+            if outcome != RevocationState::Failed {
+                h.revoked_at = Some(Time(now));
+            }
+        }
+        None => {
+            // A token minted but never delivered (the operator stopped in between).
+            status.history.push(HistoryEntry {
+                revision,
+                fingerprint: "unknown (never delivered)".into(),
+                issued_at: None,
+                expires_at: None,
+                revoked_at: (outcome != RevocationState::Failed).then_some(Time(now)),
+                revocation: outcome,
+            });
+            status.history.sort_by_key(|h| h.revision);
+            let excess = status.history.len().saturating_sub(HISTORY_LIMIT);
+            status.history.drain(..excess);
+        }
+    }
+}
+
+/// Revokes binding objects of this AgentToken that no delivered token uses.
+async fn sweep_orphans(
+    ctx: &Context,
+    backend: &dyn Issuer,
+    ns: &str,
+    at: &AgentToken,
+    state: &TokenState,
+    status: &mut AgentTokenStatus,
+    now: Timestamp,
+) {
+    let held: Vec<&str> = [state.current.as_ref(), state.previous.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|s| s.handle.as_str())
+        .collect();
+    for (name, revision) in ctx.bindings_of(ns, &at.name_any()) {
+        if held.contains(&name.as_str()) {
+            continue;
+        }
+        let outcome = revoke(ctx, backend, ns, &name).await;
+        info!(namespace = %ns, agenttoken = %at.name_any(), revision, "revoked a token that no Secret holds");
+        mark_revoked(status, revision, outcome, now);
+    }
+}
+
+/// The next revision: above every revision ever seen (status, Secret, bindings).
+fn next_revision(
+    ctx: &Context,
+    ns: &str,
+    at: &AgentToken,
+    status: &AgentTokenStatus,
+    state: &TokenState,
+) -> i64 {
+    let from_state = [state.current.as_ref(), state.previous.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|s| s.revision)
+        .max()
+        .unwrap_or(0);
+    let from_bindings = ctx
+        .bindings_of(ns, &at.name_any())
+        .into_iter()
+        .map(|(_, r)| r)
+        .max()
+        .unwrap_or(0);
+    let from_history = status.history.iter().map(|h| h.revision).max().unwrap_or(0);
+    status
+        .revision
+        .max(from_state)
+        .max(from_bindings)
+        .max(from_history)
+        + 1
+}
+
+fn renew_window(at: &AgentToken) -> RenewWindow {
+    let r = at.spec.rotation.as_ref();
+    match (
+        r.and_then(|r| r.renew_before),
+        r.and_then(|r| r.renew_before_percentage),
+    ) {
+        (Some(d), _) => RenewWindow::Before(Duration::from(d)),
+        (None, Some(p)) => RenewWindow::Percentage(p.clamp(1, 99) as u8),
+        (None, None) => RenewWindow::Percentage(33),
+    }
+}
+
+fn grace_period(at: &AgentToken) -> Duration {
+    at.spec
+        .previous_token_grace_period
+        .map(Duration::from)
+        .unwrap_or(Duration::from_secs(600))
+}
+
+/// Hash of everything a minted token depends on: a change means SpecChanged.
+fn spec_hash(at: &AgentToken, effective: &policy::Effective) -> String {
+    let s = &at.spec;
+    let material = serde_json::json!({
+        "issuerRef": s.issuer_ref,
+        "scopes": effective.scopes,
+        "audiences": s.audiences,
+        "serviceAccountName": s.service_account_name,
+        "permissions": s.permissions,
+        "repositories": s.repositories,
+        "parameters": s.parameters,
+        "lifetime": effective.lifetime.map(|d| d.as_secs()),
+    });
+    let digest = Sha256::digest(material.to_string().as_bytes());
+    hex::encode(&digest[..8])
+}
+
+fn until(now: Timestamp, at: Timestamp) -> Duration {
+    let d = at.duration_since(now);
+    Duration::try_from(d).unwrap_or(Duration::ZERO)
+}

@@ -1,0 +1,115 @@
+//! Status conditions, built purely from what reconcile found. Conditions are
+//! `metav1.Condition`; `lastTransitionTime` changes only when the status flips.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+/// Condition type: a valid token is in the Secret.
+pub const READY: &str = "Ready";
+/// Condition type: a mint is in progress or failing.
+pub const ISSUING: &str = "Issuing";
+
+/// One condition as reconcile wants it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Want {
+    pub type_: &'static str,
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+impl Want {
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        Want {
+            type_,
+            status,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Merges `want` into `existing`, keeping `lastTransitionTime` when the
+/// status did not flip. Other condition types are kept as they are.
+pub fn merge(
+    existing: &[Condition],
+    want: &[Want],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let mut out: Vec<Condition> = existing
+        .iter()
+        .filter(|c| !want.iter().any(|w| w.type_ == c.type_))
+        .cloned()
+        .collect();
+    for w in want {
+        let status = if w.status { "True" } else { "False" }.to_string();
+        let previous = existing.iter().find(|c| c.type_ == w.type_);
+        let last_transition_time = match previous {
+            Some(p) if p.status == status => p.last_transition_time.clone(),
+            _ => Time(now),
+        };
+        out.push(Condition {
+            type_: w.type_.to_string(),
+            status,
+            reason: w.reason.clone(),
+            message: w.message.clone(),
+            observed_generation: generation,
+            last_transition_time,
+        });
+    }
+    out.sort_by(|a, b| a.type_.cmp(&b.type_));
+    out
+}
+
+/// Finds a condition by type.
+pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_time_changes_only_on_flip() {
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let t1: Timestamp = "2026-01-01T00:05:00Z".parse().unwrap();
+        let first = merge(
+            &[],
+            &[Want::new(READY, false, "Pending", "minting")],
+            Some(1),
+            t0,
+        );
+        let same = merge(
+            &first,
+            &[Want::new(READY, false, "IssuerNotFound", "x")],
+            Some(2),
+            t1,
+        );
+        assert_eq!(same[0].last_transition_time, Time(t0));
+        assert_eq!(same[0].reason, "IssuerNotFound");
+        assert_eq!(same[0].observed_generation, Some(2));
+        let flipped = merge(
+            &same,
+            &[Want::new(READY, true, "TokenValid", "ok")],
+            Some(2),
+            t1,
+        );
+        assert_eq!(flipped[0].last_transition_time, Time(t1));
+    }
+
+    #[test]
+    fn other_conditions_are_kept_and_sorted() {
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let a = merge(&[], &[Want::new(READY, true, "TokenValid", "")], None, t0);
+        let b = merge(&a, &[Want::new(ISSUING, false, "Idle", "")], None, t0);
+        let types: Vec<_> = b.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, vec![ISSUING, READY]);
+    }
+}

@@ -1,0 +1,198 @@
+//! The Kubernetes ServiceAccount issuer: TokenRequest for a ServiceAccount in
+//! the AgentToken's own namespace.
+//!
+//! Every token is bound (`boundObjectRef`) to a small "binding" Secret that
+//! the operator creates for that one token and that the AgentToken owns.
+//! Deleting the binding Secret is revocation: the API server rejects a bound
+//! token once its object is gone (after at most its 10 s authentication
+//! cache for a token used in the last 10 s). Binding Secrets are also the
+//! durable record of every minted token, so a token minted just before the
+//! operator died is found and revoked when it is back.
+
+use std::collections::BTreeMap;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use jiff::Timestamp;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Client;
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams, Preconditions};
+use secrecy::SecretString;
+
+use super::{Issuer, IssuerError, MintRequest, MintedToken, Revocation, RevocationHandle};
+use crate::labels;
+
+/// The Secret type of binding Secrets; they carry no data.
+pub const BINDING_SECRET_TYPE: &str = "agenttoken.dev/token-binding";
+
+/// Kubernetes refuses TokenRequests shorter than ten minutes.
+pub const MIN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Mints with the TokenRequest API.
+pub struct ServiceAccountIssuer {
+    client: Client,
+}
+
+impl ServiceAccountIssuer {
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    async fn mint_inner(&self, req: &MintRequest) -> Result<MintedToken, IssuerError> {
+        let sa_name = req.service_account_name.as_deref().ok_or_else(|| {
+            IssuerError::Invalid(
+                "spec.serviceAccountName is required for a serviceAccount issuer".into(),
+            )
+        })?;
+        if req.lifetime < MIN_LIFETIME {
+            return Err(IssuerError::Invalid(format!(
+                "lifetime {}s is below the TokenRequest minimum of 600s (10m)",
+                req.lifetime.as_secs()
+            )));
+        }
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &req.namespace);
+        // The namespace is always the AgentToken's own: a ServiceAccount
+        // elsewhere cannot even be named.
+        match sas.get_opt(sa_name).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(IssuerError::Invalid(format!(
+                    "ServiceAccount {sa_name:?} does not exist in namespace {:?}",
+                    req.namespace
+                )));
+            }
+            Err(e) => return Err(unavailable("read the ServiceAccount", e)),
+        }
+
+        let binding = self.create_binding(req).await?;
+        let binding_name = binding.metadata.name.clone().unwrap_or_default();
+        let tr = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: req.audiences.clone(),
+                expiration_seconds: Some(req.lifetime.as_secs() as i64),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Secret".into()),
+                    name: Some(binding_name.clone()),
+                    uid: binding.metadata.uid.clone(),
+                }),
+            },
+            ..Default::default()
+        };
+        let issued_at = Timestamp::now();
+        let result = sas
+            .create_token_request(sa_name, &PostParams::default(), &tr)
+            .await;
+        let status = match result {
+            Ok(tr) => tr.status,
+            Err(e) => {
+                // Nothing was minted: drop the binding again.
+                let _ = self.delete_binding(&req.namespace, &binding_name).await;
+                return Err(match &e {
+                    kube::Error::Api(s) if s.code == 400 || s.code == 422 => {
+                        IssuerError::Invalid(format!(
+                            "TokenRequest for ServiceAccount {sa_name:?} was refused: {}",
+                            s.message
+                        ))
+                    }
+                    _ => unavailable("request a token", e),
+                });
+            }
+        };
+        let status = status
+            .ok_or_else(|| IssuerError::Unavailable("TokenRequest returned no status".into()))?;
+        Ok(MintedToken {
+            token: SecretString::from(status.token),
+            issued_at,
+            expires_at: status.expiration_timestamp.0,
+            handle: RevocationHandle(binding_name),
+        })
+    }
+
+    async fn create_binding(&self, req: &MintRequest) -> Result<Secret, IssuerError> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &req.namespace);
+        let name = binding_name(&req.name, req.revision);
+        let binding = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(BTreeMap::from([
+                    (labels::MANAGED_BY.into(), labels::MANAGER.into()),
+                    (labels::NAME.into(), req.name.clone()),
+                    (labels::ROLE.into(), labels::ROLE_BINDING.into()),
+                    (labels::REVISION.into(), req.revision.to_string()),
+                ])),
+                owner_references: Some(vec![OwnerReference {
+                    api_version: "agenttoken.dev/v1alpha1".into(),
+                    kind: "AgentToken".into(),
+                    name: req.name.clone(),
+                    uid: req.uid.clone(),
+                    controller: Some(false),
+                    block_owner_deletion: Some(false),
+                }]),
+                ..Default::default()
+            },
+            type_: Some(BINDING_SECRET_TYPE.into()),
+            ..Default::default()
+        };
+        match secrets.create(&PostParams::default(), &binding).await {
+            Ok(s) => Ok(s),
+            // Left over from an attempt that died before the token was
+            // delivered: that token (if any) dies with the old binding.
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                self.delete_binding(&req.namespace, &name).await?;
+                secrets
+                    .create(&PostParams::default(), &binding)
+                    .await
+                    .map_err(|e| unavailable("create the token binding Secret", e))
+            }
+            Err(e) => Err(unavailable("create the token binding Secret", e)),
+        }
+    }
+
+    async fn delete_binding(&self, namespace: &str, name: &str) -> Result<(), IssuerError> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let dp = DeleteParams {
+            preconditions: None::<Preconditions>,
+            ..DeleteParams::background()
+        };
+        match secrets.delete(name, &dp).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(unavailable("delete the token binding Secret", e)),
+        }
+    }
+}
+
+impl Issuer for ServiceAccountIssuer {
+    fn kind(&self) -> &'static str {
+        "serviceAccount"
+    }
+
+    fn mint<'a>(&'a self, req: &'a MintRequest) -> BoxFuture<'a, Result<MintedToken, IssuerError>> {
+        self.mint_inner(req).boxed()
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        namespace: &'a str,
+        handle: &'a RevocationHandle,
+    ) -> BoxFuture<'a, Result<Revocation, IssuerError>> {
+        async move {
+            self.delete_binding(namespace, &handle.0).await?;
+            Ok(Revocation::Revoked)
+        }
+        .boxed()
+    }
+}
+
+/// The binding Secret's name for one revision of an AgentToken.
+pub fn binding_name(agent_token: &str, revision: i64) -> String {
+    format!("{agent_token}-binding-r{revision}")
+}
+
+fn unavailable(what: &str, e: kube::Error) -> IssuerError {
+    // kube errors carry API messages and URLs, never request bodies.
+    IssuerError::Unavailable(format!("could not {what}: {e}"))
+}

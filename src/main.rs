@@ -1,0 +1,206 @@
+//! `agent-token-operator run | crd`: a thin shell around the library.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use kube::Client;
+use kube_lease_manager::LeaseManagerBuilder;
+use tracing::{error, info, warn};
+
+use agent_token_operator::controller::{self, Config, DEFAULT_CONCURRENCY};
+use agent_token_operator::crd;
+use agent_token_operator::http::{self, Readiness};
+use agent_token_operator::telemetry::{self, LogFormat, Metrics};
+
+#[derive(Parser)]
+#[command(
+    name = "agent-token-operator",
+    version,
+    about = "Mints, rotates, revokes and delivers API tokens for agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller.
+    Run(RunArgs),
+    /// Print the CustomResourceDefinitions (what `crds/` holds).
+    Crd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Parser)]
+struct RunArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Elect a leader through a Lease so only one replica mints.
+    #[arg(long, env = "LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "agent-token-operator")]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "LEASE_NAME", default_value = "agent-token-operator")]
+    lease_name: String,
+    /// This replica's identity (default: the host name and a random suffix).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
+    metrics_address: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: Format,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// AgentTokens reconciled at once.
+    #[arg(long, env = "CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY)]
+    concurrency: u16,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Crd => {
+            print!("{}", crd::crds_yaml());
+            Ok(())
+        }
+        Command::Run(args) => run(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let format = match args.log_format {
+        Format::Text => LogFormat::Text,
+        Format::Json => LogFormat::Json,
+    };
+    telemetry::init_logging(format, &args.log_level);
+    let client = Client::try_default()
+        .await
+        .context("connect to the Kubernetes API")?;
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Readiness::default();
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    tokio::spawn({
+        let stop_tx = stop_tx.clone();
+        async move {
+            wait_for_signal().await;
+            info!("shutdown requested");
+            let _ = stop_tx.send(true);
+        }
+    });
+    let server = tokio::spawn(http::serve(
+        args.metrics_address,
+        http::State {
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+        },
+        shutdown(),
+    ));
+
+    let mut lease_task = None;
+    if args.leader_election {
+        let manager = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+            .with_namespace(&args.lease_namespace)
+            .with_identity(&identity)
+            .with_duration(15)
+            .with_grace(5)
+            .build()
+            .await
+            .context("set up leader election")?;
+        let (mut leader, task) = manager.watch().await;
+        info!(identity, lease = %args.lease_name, "waiting to become leader");
+        let became = tokio::select! {
+            r = leader.wait_for(|l| *l) => Some(r.map(|_| ())),
+            _ = shutdown() => None,
+        };
+        match became {
+            Some(r) => r.context("leader election stopped")?,
+            None => {
+                drop(leader);
+                let _ = task.await;
+                return Ok(());
+            }
+        }
+        info!(identity, "became leader");
+        // Losing the lease stops the controllers: a replica that is not the
+        // leader must never mint.
+        let stop_tx = stop_tx.clone();
+        let mut watch_leader = leader.clone();
+        let watcher = tokio::spawn(async move {
+            if watch_leader.wait_for(|l| !*l).await.is_ok() {
+                error!("lost leadership; stopping");
+                let _ = stop_tx.send(true);
+            }
+        });
+        lease_task = Some((leader, watcher, task));
+    }
+
+    let config = Config {
+        namespace: args.namespace.clone(),
+        concurrency: args.concurrency,
+        instance: identity,
+    };
+    controller::run(client, config, metrics, readiness, shutdown()).await;
+    if let Some((leader, watcher, task)) = lease_task {
+        // Closing the channel ends the lease task, which releases the lease
+        // so the next replica takes over without waiting for it to expire.
+        watcher.abort();
+        drop(leader);
+        let _ = tokio::time::timeout(controller::SHUTDOWN_GRACE, task).await;
+    }
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "metrics server stopped with an error"),
+        Err(e) => warn!(error = %e, "metrics server task failed"),
+    }
+    info!("stopped");
+    Ok(())
+}
+
+fn default_identity() -> String {
+    let host =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "operator".into());
+    format!("{}-{:08x}", host.trim(), rand::random::<u32>())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

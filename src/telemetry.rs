@@ -1,0 +1,304 @@
+//! Logs (text or JSON) and Prometheus metrics under `agenttoken_`.
+//! Nothing here ever sees a token: labels are names, kinds and results.
+
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Installs the global logger. `filter` uses tracing's EnvFilter syntax.
+pub fn init_logging(format: LogFormat, filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    namespace: String,
+    name: String,
+    issuer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RotationLabels {
+    reason: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RevocationLabels {
+    issuer_kind: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IssuerRequestLabels {
+    issuer_kind: String,
+    operation: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RestartLabels {
+    kind: String,
+    result: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// The operator's metrics and their registry.
+pub struct Metrics {
+    registry: Registry,
+    token_expiry: Family<TokenLabels, Gauge<f64, AtomicU64>>,
+    /// Label set of each token's expiry gauge, so it can be dropped on deletion.
+    token_labels: Mutex<std::collections::HashMap<(String, String), TokenLabels>>,
+    rotations: Family<RotationLabels, Counter>,
+    revocations: Family<RevocationLabels, Counter>,
+    issuer_requests: Family<IssuerRequestLabels, Histogram, fn() -> Histogram>,
+    reconcile: Histogram,
+    reconcile_errors: Family<ErrorLabels, Counter>,
+    policy_violations: Counter,
+    consumer_restarts: Family<RestartLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("agenttoken");
+        let token_expiry = Family::<TokenLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "token_expiry_timestamp_seconds",
+            "Real expiry of the token currently in each AgentToken's Secret (Unix time)",
+            token_expiry.clone(),
+        );
+        let rotations = Family::<RotationLabels, Counter>::default();
+        registry.register(
+            "rotations",
+            "Token mints by rotation reason and result",
+            rotations.clone(),
+        );
+        let revocations = Family::<RevocationLabels, Counter>::default();
+        registry.register(
+            "revocations",
+            "Token revocations at the issuer by result",
+            revocations.clone(),
+        );
+        let issuer_requests =
+            Family::<IssuerRequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "issuer_request_duration_seconds",
+            "Duration of requests to issuers by kind, operation and result",
+            issuer_requests.clone(),
+        );
+        let reconcile = latency_histogram();
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of AgentToken reconciles",
+            reconcile.clone(),
+        );
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Failed AgentToken reconciles by reason",
+            reconcile_errors.clone(),
+        );
+        let policy_violations = Counter::default();
+        registry.register(
+            "policy_violations",
+            "AgentTokens refused by an issuer policy",
+            policy_violations.clone(),
+        );
+        let consumer_restarts = Family::<RestartLabels, Counter>::default();
+        registry.register(
+            "consumer_restarts",
+            "Workloads restarted or signalled after a rotation, by kind and result",
+            consumer_restarts.clone(),
+        );
+        Metrics {
+            registry,
+            token_expiry,
+            token_labels: Mutex::default(),
+            rotations,
+            revocations,
+            issuer_requests,
+            reconcile,
+            reconcile_errors,
+            policy_violations,
+            consumer_restarts,
+        }
+    }
+
+    pub fn observe_reconcile(&self, took: Duration, error: Option<&str>) {
+        self.reconcile.observe(took.as_secs_f64());
+        if let Some(reason) = error {
+            self.reconcile_errors
+                .get_or_create(&ErrorLabels {
+                    reason: reason.into(),
+                })
+                .inc();
+        }
+    }
+
+    pub fn policy_violation(&self) {
+        self.policy_violations.inc();
+    }
+
+    pub fn observe_issuer_request(&self, kind: &str, operation: &str, ok: bool, took: Duration) {
+        self.issuer_requests
+            .get_or_create(&IssuerRequestLabels {
+                issuer_kind: kind.into(),
+                operation: operation.into(),
+                result: result(ok).into(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn rotation(&self, reason: &str, ok: bool) {
+        self.rotations
+            .get_or_create(&RotationLabels {
+                reason: reason.into(),
+                result: result(ok).into(),
+            })
+            .inc();
+    }
+
+    pub fn revocation(&self, kind: &str, outcome: &str) {
+        self.revocations
+            .get_or_create(&RevocationLabels {
+                issuer_kind: kind.into(),
+                result: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn revocations_on_delete(&self, kind: &str, ok: usize, failed: usize) {
+        let revoked = self.revocations.get_or_create(&RevocationLabels {
+            issuer_kind: kind.into(),
+            result: "Revoked".into(),
+        });
+        revoked.inc_by(ok as u64);
+        if failed > 0 {
+            self.revocations
+                .get_or_create(&RevocationLabels {
+                    issuer_kind: kind.into(),
+                    result: "Failed".into(),
+                })
+                .inc_by(failed as u64);
+        }
+    }
+
+    pub fn consumer_restart(&self, kind: &str, ok: bool) {
+        self.consumer_restarts
+            .get_or_create(&RestartLabels {
+                kind: kind.into(),
+                result: result(ok).into(),
+            })
+            .inc();
+    }
+
+    /// Records the real expiry of the token an AgentToken currently delivers.
+    pub fn token_expiry(&self, namespace: &str, name: &str, issuer: &str, expires_at: Timestamp) {
+        let labels = TokenLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+            issuer: issuer.into(),
+        };
+        let mut known = self.token_labels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = known.insert((namespace.into(), name.into()), labels.clone())
+            && old != labels
+        {
+            self.token_expiry.remove(&old);
+        }
+        self.token_expiry
+            .get_or_create(&labels)
+            .set(expires_at.as_millisecond() as f64 / 1000.0);
+    }
+
+    /// Drops a deleted AgentToken's expiry series.
+    pub fn forget_token(&self, namespace: &str, name: &str) {
+        let mut known = self.token_labels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(labels) = known.remove(&(namespace.to_string(), name.to_string())) {
+            self.token_expiry.remove(&labels);
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+fn result(ok: bool) -> &'static str {
+    if ok { "success" } else { "failure" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_contract() {
+        let m = Metrics::new();
+        m.token_expiry(
+            "ns",
+            "bot",
+            "TokenIssuer/ns/k8s",
+            "2026-01-01T00:00:00Z".parse().unwrap(),
+        );
+        m.rotation("Initial", true);
+        m.revocation("serviceAccount", "Revoked");
+        m.observe_issuer_request("serviceAccount", "mint", true, Duration::from_millis(3));
+        m.observe_reconcile(Duration::from_millis(5), Some("kube"));
+        let text = m.encode();
+        for name in [
+            "agenttoken_token_expiry_timestamp_seconds{namespace=\"ns\",name=\"bot\",issuer=\"TokenIssuer/ns/k8s\"} 1767225600",
+            "agenttoken_rotations_total{reason=\"Initial\",result=\"success\"} 1",
+            "agenttoken_revocations_total{issuer_kind=\"serviceAccount\",result=\"Revoked\"} 1",
+            "agenttoken_issuer_request_duration_seconds_count{issuer_kind=\"serviceAccount\",operation=\"mint\",result=\"success\"} 1",
+            "agenttoken_reconcile_errors_total{reason=\"kube\"} 1",
+            "agenttoken_reconcile_duration_seconds_count 1",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+        m.forget_token("ns", "bot");
+        assert!(!m.encode().contains("name=\"bot\""));
+    }
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests against the real local control plane (`e2e/cluster`).
+//! One test binary, so the cluster is started once and tests share the link.
+
+mod agenttoken;
+mod cluster;
+mod support;
