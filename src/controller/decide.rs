@@ -212,3 +212,160 @@ fn push_wake(d: &mut Decision, at: Timestamp) {
         _ => at,
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn view(issued: &str, expires: &str) -> SecretView {
+        SecretView {
+            exists: true,
+            current: Some(CurrentToken {
+                revision: 1,
+                fingerprint: "sha256:0000000000000000".into(),
+                issued_at: ts(issued),
+                expires_at: ts(expires),
+                spec_hash: "h".into(),
+                data_intact: true,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn inputs<'a>(now: &str, secret: &'a SecretView) -> Inputs<'a> {
+        Inputs {
+            now: ts(now),
+            spec_hash: "h",
+            paused: false,
+            window: RenewWindow::Percentage(33),
+            cron: None,
+            jitter_key: "uid/1",
+            rotate_trigger: None,
+            revoke_trigger: None,
+            secret,
+            last_revision: 1,
+            failed_attempts: 0,
+            last_failure: None,
+        }
+    }
+
+    #[test]
+    fn first_token_is_initial_and_a_lost_one_is_drift() {
+        let empty = SecretView::default();
+        let mut i = inputs("2026-01-01T00:00:00Z", &empty);
+        i.last_revision = 0;
+        assert_eq!(decide(&i).mint.unwrap().reason, RotationReason::Initial);
+        i.last_revision = 3;
+        assert_eq!(decide(&i).mint.unwrap().reason, RotationReason::SecretDrift);
+    }
+
+    #[test]
+    fn nothing_to_do_before_the_window_and_wake_at_the_due_time() {
+        let v = view("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z");
+        let d = decide(&inputs("2026-01-01T00:10:00Z", &v));
+        assert_eq!(d.mint, None);
+        assert_eq!(d.wake_at, d.next_rotation_at);
+        let due = d.next_rotation_at.unwrap();
+        assert!(
+            due > ts("2026-01-01T00:30:00Z") && due <= ts("2026-01-01T00:40:12Z"),
+            "{due}"
+        );
+        // At the due time it rotates as Scheduled.
+        let d = decide(&inputs(&due.to_string(), &v));
+        assert_eq!(
+            d.mint,
+            Some(Mint {
+                reason: RotationReason::Scheduled,
+                revoke_current_now: false
+            })
+        );
+    }
+
+    #[test]
+    fn spec_change_edit_and_triggers() {
+        let v = view("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z");
+        let mut i = inputs("2026-01-01T00:01:00Z", &v);
+        i.spec_hash = "other";
+        assert_eq!(decide(&i).mint.unwrap().reason, RotationReason::SpecChanged);
+
+        let mut edited = v.clone();
+        edited.current.as_mut().unwrap().data_intact = false;
+        assert_eq!(
+            decide(&inputs("2026-01-01T00:01:00Z", &edited))
+                .mint
+                .unwrap()
+                .reason,
+            RotationReason::SecretDrift
+        );
+
+        let mut i = inputs("2026-01-01T00:01:00Z", &v);
+        i.rotate_trigger = Some("1");
+        assert_eq!(decide(&i).mint.unwrap().reason, RotationReason::Manual);
+        i.revoke_trigger = Some("2");
+        assert_eq!(
+            decide(&i).mint,
+            Some(Mint {
+                reason: RotationReason::Revoked,
+                revoke_current_now: true
+            })
+        );
+
+        // A trigger already handled does nothing.
+        let mut handled = v.clone();
+        handled.rotate_handled = Some("1".into());
+        let mut i = inputs("2026-01-01T00:01:00Z", &handled);
+        i.rotate_trigger = Some("1");
+        assert_eq!(decide(&i).mint, None);
+    }
+
+    #[test]
+    fn paused_stops_rotation_but_not_person_made_triggers() {
+        let v = view("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z");
+        let mut i = inputs("2026-01-01T00:50:00Z", &v);
+        i.paused = true;
+        assert_eq!(decide(&i).mint, None);
+        i.revoke_trigger = Some("x");
+        assert_eq!(decide(&i).mint.unwrap().reason, RotationReason::Revoked);
+    }
+
+    #[test]
+    fn failures_back_off_and_an_expired_token_is_cleared() {
+        let v = view("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z");
+        let mut i = inputs("2026-01-01T00:50:00Z", &v);
+        i.failed_attempts = 3;
+        i.last_failure = Some(ts("2026-01-01T00:49:59Z"));
+        let d = decide(&i);
+        assert_eq!(d.mint, None);
+        assert!(d.backoff_until.unwrap() > i.now);
+        assert!(!d.clear_expired, "a valid token stays while minting fails");
+
+        let mut i = inputs("2026-01-01T01:00:01Z", &v);
+        i.failed_attempts = 3;
+        i.last_failure = Some(ts("2026-01-01T01:00:00Z"));
+        let d = decide(&i);
+        assert_eq!(d.mint, None);
+        assert!(
+            d.clear_expired,
+            "an expired token is removed, not left stale"
+        );
+    }
+
+    #[test]
+    fn the_previous_token_is_retired_after_its_grace() {
+        let mut v = view("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z");
+        v.previous = Some(PreviousToken {
+            revision: 0,
+            fingerprint: "sha256:1111111111111111".into(),
+            expires_at: ts("2026-01-01T00:20:00Z"),
+            grace_until: ts("2026-01-01T00:10:00Z"),
+        });
+        let d = decide(&inputs("2026-01-01T00:05:00Z", &v));
+        assert!(!d.retire_previous);
+        assert_eq!(d.wake_at, Some(ts("2026-01-01T00:10:00Z")));
+        assert!(decide(&inputs("2026-01-01T00:10:00Z", &v)).retire_previous);
+    }
+}
