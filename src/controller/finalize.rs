@@ -87,6 +87,7 @@ pub async fn cleanup(at: &AgentToken, ctx: &Context) -> Result<Action, Error> {
     // Without a reachable issuer kind (issuer deleted first) the tokens die at
     // their expiry; service-account bindings go with the AgentToken anyway.
     info!(namespace = %ns, agenttoken = %name, tokens = handles.len(), "revoked on deletion");
+    ctx.metrics.forget_token(&ns, &name);
     let finalizers: Vec<String> = at
         .finalizers()
         .iter()
