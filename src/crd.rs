@@ -372,9 +372,44 @@ pub struct ConsumerStatus {
     pub name: String,
     /// The token revision it was restarted for.
     pub revision: i64,
-    /// When it was restarted.
+    /// When it was restarted (or signalled) for `revision`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarted_at: Option<Time>,
+    /// Where the workload is in picking up `revision`.
+    #[serde(default)]
+    pub phase: ConsumerPhase,
+    /// A human-readable detail (why a rollout is not done, what a signal did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Where a consuming workload is in picking up the current token.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ConsumerPhase {
+    /// A restart is queued (coalescing with other AgentTokens, or waiting
+    /// for the cluster-wide restart cap).
+    #[default]
+    Pending,
+    /// The pod-template annotation carries the revision; the rollout runs.
+    RollingOut,
+    /// The rollout for this revision completed.
+    RolledOut,
+    /// The rollout did not complete within the operator's rollout timeout;
+    /// the previous token is revoked at the end of its grace period anyway.
+    TimedOut,
+    /// `Signal` strategy: the command ran in the consuming containers.
+    Signaled,
+    /// `Signal` strategy: the command could not run or failed.
+    Failed,
+    /// The workload was created after this token was written: it already has it.
+    UpToDate,
+}
+
+impl ConsumerPhase {
+    /// Whether nothing more will happen for this revision (the previous token may go).
+    pub fn settled(self) -> bool {
+        !matches!(self, ConsumerPhase::Pending | ConsumerPhase::RollingOut)
+    }
 }
 
 impl AgentToken {

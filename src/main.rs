@@ -68,6 +68,21 @@ struct RunArgs {
     /// AgentTokens reconciled at once.
     #[arg(long, env = "CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY)]
     concurrency: u16,
+    /// Restart requests for one workload within this window become one rollout.
+    #[arg(long, env = "RESTART_COALESCE_WINDOW", default_value = "5s", value_parser = parse_duration)]
+    restart_coalesce_window: std::time::Duration,
+    /// Workloads rolling out at once because of token rotations, cluster-wide.
+    #[arg(long, env = "MAX_CONCURRENT_RESTARTS", default_value_t = 10)]
+    max_concurrent_restarts: usize,
+    /// How long a consumer's rollout may take before it is reported as timed out.
+    #[arg(long, env = "ROLLOUT_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    rollout_timeout: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<kube::core::Duration>()
+        .map(std::time::Duration::from)
+        .map_err(|e| format!("{s:?} is not a duration like 30s, 5m or 1h: {e}"))
 }
 
 #[tokio::main]
@@ -160,6 +175,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespace: args.namespace.clone(),
         concurrency: args.concurrency,
         instance: identity,
+        restarts: controller::restarts::RestartConfig {
+            coalesce: args.restart_coalesce_window,
+            max_in_flight: args.max_concurrent_restarts.max(1),
+            rollout_timeout: args.rollout_timeout,
+        },
     };
     controller::run(client, config, metrics, readiness, shutdown()).await;
     if let Some((leader, watcher, task)) = lease_task {

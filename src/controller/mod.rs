@@ -2,10 +2,12 @@
 //! issuer status loop. The AgentToken reconcile phases live in
 //! [`reconcile`]; pure decisions in [`decide`], [`secret`] and [`status`].
 
+pub mod consumers;
 pub mod decide;
 pub mod finalize;
 pub mod issuers;
 pub mod reconcile;
+pub mod restarts;
 pub mod secret;
 pub mod selector;
 pub mod status;
@@ -77,6 +79,8 @@ pub struct Config {
     pub concurrency: u16,
     /// Name used in Events and leases.
     pub instance: String,
+    /// How consumer rollouts are coalesced, capped and timed out.
+    pub restarts: restarts::RestartConfig,
 }
 
 /// Shared by every reconcile.
@@ -88,6 +92,8 @@ pub struct Context {
     pub clock: Arc<dyn Clock>,
     /// Metadata of the Secrets the operator manages (label-selected), never their data.
     pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Applies consumer rollout restarts.
+    pub restarter: Arc<restarts::Restarter>,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -236,9 +242,17 @@ pub async fn run(
         controller: FIELD_MANAGER.into(),
         instance: Some(config.instance.clone()),
     };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let restarter = Arc::new(restarts::Restarter::new(
+        client.clone(),
+        recorder.clone(),
+        metrics.clone(),
+        config.restarts,
+    ));
     let ctx = Arc::new(Context {
         client: client.clone(),
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder,
+        restarter: restarter.clone(),
         metrics: metrics.clone(),
         limiters: RateLimiters::default(),
         clock: Arc::new(SystemClock),
@@ -302,7 +316,8 @@ pub async fn run(
         .for_each(|_| futures::future::ready(()));
 
     let issuer_loops = issuers::run(issuers_api, cluster_issuers, ctx.clone(), shutdown.clone());
-    tokio::join!(token_loop, issuer_loops);
+    let restart_loop = restarter.run(shutdown.clone());
+    tokio::join!(token_loop, issuer_loops, restart_loop);
     info!("controllers stopped");
 }
 

@@ -16,13 +16,15 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use super::consumers::{self, Need};
 use super::decide::{self, Decision, Inputs};
 use super::secret::{self, Desired, Ownership, SlotState, TokenState};
 use super::status::{self, ISSUING, READY, Want};
 use super::{Context, Error, FIELD_MANAGER, STATUS_MANAGER};
 use crate::crd::{
-    AgentToken, AgentTokenStatus, ClusterTokenIssuer, HistoryEntry, IssuerKind, RevocationState,
-    RotationReason, TokenIssuer, TokenIssuerSpec,
+    AgentToken, AgentTokenStatus, ClusterTokenIssuer, ConsumerPhase, ConsumerStatus,
+    ConsumerStrategy, HistoryEntry, IssuerKind, RestartPolicy, RevocationState, RotationReason,
+    TokenIssuer, TokenIssuerSpec,
 };
 use crate::issuer::{Issuer, IssuerError, MintRequest, Revocation, RevocationHandle};
 use crate::rotation::{self, CronSchedule, RenewWindow};
@@ -209,6 +211,15 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
         uid: &uid,
     };
 
+    let mut report: Option<ConsumerReport> = None;
+    if decision.mint.is_none()
+        && let Some(cur) = state.current.clone()
+        && view.current.as_ref().is_some_and(|c| c.data_intact)
+        && consumers_to_check(at, &state, &old_status, cur.revision)
+    {
+        report = Some(consumers_step(at, ctx, &ns, &secret_name, &cur, &old_status, now).await);
+    }
+
     let mut mint_failed = None;
     if let Some(m) = decision.mint {
         let revision = next_revision(ctx, &ns, at, &status, &state);
@@ -248,7 +259,8 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
                 };
                 push_history(&mut status, &new_slot);
                 let grace = grace_period(at);
-                let (keep, retire) = plan_slots(&state, &view, m, grace, now);
+                let (keep, retire) =
+                    plan_slots(&state, &view, m, grace, restarts_consumers(at), now);
                 let mut next_state = TokenState {
                     current: Some(new_slot.clone()),
                     previous: keep.clone(),
@@ -276,6 +288,8 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
                     return Err(e);
                 }
                 state = next_state;
+                report =
+                    Some(consumers_step(at, ctx, &ns, &secret_name, &new_slot, &status, now).await);
                 for slot in retire {
                     let outcome = revoke(ctx, backend.as_ref(), &ns, &slot.handle).await;
                     if outcome == RevocationState::Failed {
@@ -357,7 +371,11 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
             .current
             .clone()
             .filter(|_| view.current.as_ref().is_some_and(|c| c.data_intact));
+        // The previous token goes once its grace has passed AND every
+        // consumer has rolled (or its rollout timed out).
+        let consumers_settled = report.as_ref().is_none_or(|r| r.settled);
         if decision.retire_previous
+            && consumers_settled
             && let Some(prev) = state.previous.take()
         {
             let outcome = revoke(ctx, backend.as_ref(), &ns, &prev.handle).await;
@@ -396,6 +414,11 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
     // Sweep: every binding not held by the Secret is a token nobody has;
     // revoke it and record it (the operator may have died after a mint).
     sweep_orphans(ctx, backend.as_ref(), &ns, at, &state, &mut status, now).await;
+
+    if let Some(r) = &report {
+        status.consumers = r.entries.clone();
+        events.extend(r.events.iter().cloned());
+    }
 
     // Phase: status.
     let token_valid = state.current.as_ref().is_some_and(|c| now < c.expires_at)
@@ -443,6 +466,12 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
         }
         (None, Some(_)) => Some(Duration::from_secs(1)),
         _ => decision.wake_at.map(|w| until(now, w)),
+    };
+    // Consumers still rolling: look again soon (rollouts are polled, not watched,
+    // so the operator does not cache every workload of the cluster).
+    let wake = match report.as_ref().and_then(|r| r.poll) {
+        Some(poll) => Some(wake.map_or(poll, |w| w.min(poll))),
+        None => wake,
     };
     Ok(Action::requeue(
         wake.unwrap_or(MAX_WAKE)
@@ -790,6 +819,7 @@ fn plan_slots(
     view: &decide::SecretView,
     m: decide::Mint,
     grace: Duration,
+    hold_for_consumers: bool,
     now: Timestamp,
 ) -> (Option<SlotState>, Vec<SlotState>) {
     let mut retire = Vec::new();
@@ -802,7 +832,9 @@ fn plan_slots(
     };
     let intact = view.current.as_ref().is_some_and(|c| c.data_intact);
     let alive = now < cur.expires_at;
-    if m.revoke_current_now || !intact || !alive || grace.is_zero() {
+    // With no grace period the previous token is still held while consumers
+    // roll: it goes as soon as they have.
+    if m.revoke_current_now || !intact || !alive || (grace.is_zero() && !hold_for_consumers) {
         if alive || !intact {
             retire.push(cur);
         }
@@ -980,4 +1012,164 @@ fn spec_hash(at: &AgentToken, effective: &policy::Effective) -> String {
 fn until(now: Timestamp, at: Timestamp) -> Duration {
     let d = at.duration_since(now);
     Duration::try_from(d).unwrap_or(Duration::ZERO)
+}
+
+/// What looking at the consumers found.
+struct ConsumerReport {
+    entries: Vec<ConsumerStatus>,
+    /// Every consumer has the current revision (or will not get it): the
+    /// previous token may be revoked.
+    settled: bool,
+    events: Vec<(EventType, &'static str, String)>,
+    /// When to look again while something is in progress.
+    poll: Option<Duration>,
+}
+
+/// Whether the AgentToken restarts or signals workloads at all.
+fn restarts_consumers(at: &AgentToken) -> bool {
+    at.spec
+        .consumers
+        .as_ref()
+        .and_then(|c| c.restart)
+        .unwrap_or_default()
+        != RestartPolicy::None
+}
+
+/// Whether consumers need a look: only while a revision change is being
+/// delivered (a previous token is held, or status says a rollout is unsettled).
+fn consumers_to_check(
+    at: &AgentToken,
+    state: &secret::TokenState,
+    status: &AgentTokenStatus,
+    revision: i64,
+) -> bool {
+    restarts_consumers(at)
+        && (state.previous.is_some()
+            || status
+                .consumers
+                .iter()
+                .any(|c| c.revision != revision || !c.phase.settled()))
+}
+
+/// Finds the consumers of the Secret and moves each towards `current`'s revision.
+async fn consumers_step(
+    at: &AgentToken,
+    ctx: &Context,
+    ns: &str,
+    secret_name: &str,
+    current: &SlotState,
+    old: &AgentTokenStatus,
+    now: Timestamp,
+) -> ConsumerReport {
+    let mut report = ConsumerReport {
+        entries: Vec::new(),
+        settled: true,
+        events: Vec::new(),
+        poll: None,
+    };
+    let spec = at.spec.consumers.clone().unwrap_or_default();
+    if !restarts_consumers(at) {
+        return report;
+    }
+    let workloads = match consumers::list(&ctx.client, ns).await {
+        Ok(w) => w,
+        Err(e) => {
+            // Unknown consumers must not keep a previous token alive forever:
+            // it is revoked at the end of its grace period, as without consumers.
+            warn!(namespace = %ns, agenttoken = %at.name_any(), error = %e, "could not list consumers");
+            report.entries = old.consumers.clone();
+            report.events.push((
+                EventType::Warning,
+                "ConsumersUnknown",
+                format!("could not list the workloads that use the Secret: {e}"),
+            ));
+            return report;
+        }
+    };
+    let strategy = spec.strategy.unwrap_or_default();
+    let annotation = consumers::annotation_key(&at.name_any());
+    let revision = current.revision;
+    let timeout = ctx.restarter.config.rollout_timeout;
+    for w in consumers::select(&workloads, secret_name, &spec) {
+        let before = old
+            .consumers
+            .iter()
+            .find(|c| c.kind == w.key.kind.as_str() && c.name == w.key.name);
+        let restarted_before = before
+            .filter(|c| c.revision == revision)
+            .and_then(|c| c.restarted_at.as_ref())
+            .map(|t| t.0);
+        let entry = match consumers::need(
+            w,
+            strategy,
+            &annotation,
+            revision,
+            current.issued_at,
+            before,
+        ) {
+            Need::UpToDate => {
+                consumers::status_entry(w, revision, None, ConsumerPhase::UpToDate, None)
+            }
+            Need::Restart if strategy == ConsumerStrategy::RolloutRestart => {
+                ctx.restarter.request(
+                    w.key.clone(),
+                    annotation.clone(),
+                    revision.to_string(),
+                    at.object_ref(&()),
+                );
+                consumers::status_entry(
+                    w,
+                    revision,
+                    Some(restarted_before.unwrap_or(now)),
+                    ConsumerPhase::Pending,
+                    Some("restart queued".into()),
+                )
+            }
+            Need::Restart => {
+                let (phase, message) = consumers::signal(&ctx.client, w, secret_name, &spec).await;
+                let (kind, reason) = if phase == ConsumerPhase::Failed {
+                    (EventType::Warning, "WorkloadSignalFailed")
+                } else {
+                    (EventType::Normal, "WorkloadRestarted")
+                };
+                report.events.push((
+                    kind,
+                    reason,
+                    format!("{} signalled for revision {revision}: {message}", w.key),
+                ));
+                consumers::status_entry(w, revision, Some(now), phase, Some(message))
+            }
+            Need::Observe if strategy == ConsumerStrategy::Signal => match before {
+                Some(b) => b.clone(),
+                None => consumers::status_entry(w, revision, None, ConsumerPhase::Signaled, None),
+            },
+            Need::Observe => {
+                let since = restarted_before.unwrap_or(now);
+                let (phase, message) = consumers::observe(w, revision, since, now, timeout);
+                if phase == ConsumerPhase::TimedOut
+                    && before.is_none_or(|b| {
+                        b.phase != ConsumerPhase::TimedOut || b.revision != revision
+                    })
+                {
+                    report.events.push((
+                        EventType::Warning,
+                        "RolloutTimedOut",
+                        format!("{}: {}", w.key, message.clone().unwrap_or_default()),
+                    ));
+                }
+                consumers::status_entry(w, revision, Some(since), phase, message)
+            }
+        };
+        let poll = match entry.phase {
+            ConsumerPhase::Pending => Some(Duration::from_secs(2)),
+            ConsumerPhase::RollingOut => Some(Duration::from_secs(5)),
+            _ => None,
+        };
+        if let Some(p) = poll {
+            report.settled = false;
+            report.poll = Some(report.poll.map_or(p, |q: Duration| q.min(p)));
+        }
+        report.entries.push(entry);
+    }
+    report
 }

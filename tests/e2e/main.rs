@@ -3,4 +3,5 @@
 
 mod agenttoken;
 mod cluster;
+mod consumers;
 mod support;
