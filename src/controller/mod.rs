@@ -284,7 +284,7 @@ pub async fn run(
         let secret_store = secret_store.clone();
         let readiness = readiness.clone();
         async move {
-            match tokio::try_join!(at_store.wait_until_ready(), secret_store.wait_until_ready()) {
+            match tokio::try_join!(synced(&at_store), synced(&secret_store)) {
                 Ok(_) => {
                     info!("caches synced; ready");
                     readiness.set(true);
@@ -319,6 +319,23 @@ pub async fn run(
     let restart_loop = restarter.run(shutdown.clone());
     tokio::join!(token_loop, issuer_loops, restart_loop);
     info!("controllers stopped");
+}
+
+/// Waits until a store has its first full list. A store's readiness wakes
+/// only its most recent waiter (the controller waits on it too), so a lone
+/// wait can sleep forever: poll it instead.
+async fn synced<K>(store: &Store<K>) -> Result<(), reflector::store::WriterDropped>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Ok(done) =
+            tokio::time::timeout(Duration::from_millis(200), store.wait_until_ready()).await
+        {
+            return done;
+        }
+    }
 }
 
 /// Default reconcile concurrency.

@@ -56,6 +56,23 @@ struct Refusal {
 
 pub async fn reconcile(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
+    // The cache may lag behind our own last status write (a Secret event can
+    // arrive before the AgentToken's), and status is rebuilt from what we
+    // read: act on the live object so history and revision never go back.
+    let ns = at.namespace().unwrap_or_default();
+    let live = match Api::<AgentToken>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&at.name_any())
+        .await
+    {
+        Ok(Some(live)) => Arc::new(live),
+        Ok(None) => return Ok(Action::await_change()),
+        Err(e) => {
+            ctx.metrics
+                .observe_reconcile(started.elapsed(), Some("kube"));
+            return Err(e.into());
+        }
+    };
+    let at = live;
     let result = reconcile_inner(&at, &ctx).await;
     if result.is_ok() {
         ctx.reset_failures(&format!(
