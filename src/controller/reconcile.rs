@@ -1134,10 +1134,11 @@ async fn consumers_step(
                     revision.to_string(),
                     at.object_ref(&()),
                 );
+                // While queued, the clock of the rollout timeout has not started.
                 consumers::status_entry(
                     w,
                     revision,
-                    Some(restarted_before.unwrap_or(now)),
+                    Some(now),
                     ConsumerPhase::Pending,
                     Some("restart queued".into()),
                 )

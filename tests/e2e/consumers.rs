@@ -435,3 +435,96 @@ async fn two_tokens_rotating_together_cause_one_rollout() {
         Some("2")
     );
 }
+
+/// When our field manager last wrote the workload's template.
+async fn restarted_at(ns: &TestNamespace, name: &str) -> Option<Timestamp> {
+    let api: Api<Deployment> = ns.api();
+    let d = api.get(name).await.ok()?;
+    d.metadata
+        .managed_fields?
+        .into_iter()
+        .find(|m| m.manager.as_deref() == Some("agent-token-operator-restarts"))
+        .and_then(|m| m.time.map(|t| t.0))
+}
+
+#[tokio::test]
+async fn the_restart_cap_lets_one_workload_roll_at_a_time() {
+    let ns = TestNamespace::new("cons-cap").await;
+    let timeout = 6;
+    let _op = Operator::start_with(
+        &ns.name,
+        "solo",
+        &[
+            "--leader-election=false",
+            "--restart-coalesce-window=1s",
+            "--max-concurrent-restarts=1",
+            &format!("--rollout-timeout={timeout}s"),
+        ],
+    );
+    applied(&ns, ISSUER);
+    // Rollouts that never complete hold their slot until the timeout.
+    applied(&ns, &deployment("first", 1, &["bot"], ""));
+    applied(&ns, &deployment("second", 1, &["bot"], ""));
+    applied(&ns, &agent_token("bot", "0s"));
+
+    // While one rolls, the other waits its turn.
+    wait_at(&ns, "bot", "one rolling, one queued", 30, |at| {
+        let phases: Vec<ConsumerPhase> = ["first", "second"]
+            .iter()
+            .filter_map(|n| consumer_phase(at, n).map(|(_, p)| p))
+            .collect();
+        phases.contains(&ConsumerPhase::RollingOut) && phases.contains(&ConsumerPhase::Pending)
+    })
+    .await;
+    wait_at(&ns, "bot", "both restarted", 60, |at| {
+        ["first", "second"]
+            .iter()
+            .all(|n| consumer_phase(at, n).is_some_and(|(_, p)| p == ConsumerPhase::TimedOut))
+    })
+    .await;
+    let a = restarted_at(&ns, "first").await.expect("first restarted");
+    let b = restarted_at(&ns, "second").await.expect("second restarted");
+    let gap = (b.duration_since(a)).abs().as_secs_f64();
+    assert!(
+        gap >= (timeout - 1) as f64,
+        "the second restart came {gap}s after the first, inside the first's {timeout}s slot"
+    );
+}
+
+#[tokio::test]
+async fn signal_strategy_reports_what_it_did() {
+    let ns = TestNamespace::new("cons-signal").await;
+    let _op = Operator::start_with(
+        &ns.name,
+        "solo",
+        &["--leader-election=false", "--restart-coalesce-window=1s"],
+    );
+    applied(&ns, ISSUER);
+    applied(&ns, &deployment("agent", 1, &["bot"], ""));
+    applied(
+        &ns,
+        &format!(
+            "{}  consumers:\n    strategy: Signal\n",
+            agent_token("bot", "0s")
+        ),
+    );
+    // Without a kubelet the Pod never runs: nothing to signal, said so, and
+    // the workload's template is never touched by the Signal strategy.
+    let at = wait_at(&ns, "bot", "agent signalled for revision 1", 60, |at| {
+        consumer_phase(at, "agent") == Some((1, ConsumerPhase::Signaled))
+    })
+    .await;
+    let message = at.status.as_ref().unwrap().consumers[0]
+        .message
+        .clone()
+        .unwrap_or_default();
+    assert!(message.contains("no running Pod"), "{message}");
+    assert_eq!(generation(&ns, "agent").await, 1);
+    assert!(restarted_at(&ns, "agent").await.is_none());
+    // Settled consumers let the previous token go right after a rotation.
+    rotate(&ns, "bot", "1").await;
+    wait_at(&ns, "bot", "revision 1 revoked", 30, |at| {
+        revoked_at(at, 1).is_some()
+    })
+    .await;
+}
