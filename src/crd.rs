@@ -55,8 +55,8 @@ fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Sch
     printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name": "Issuer", "type": "string", "jsonPath": ".spec.issuerRef.name"}"#,
     printcolumn = r#"{"name": "Secret", "type": "string", "jsonPath": ".status.secretName"}"#,
-    printcolumn = r#"{"name": "Expires", "type": "date", "jsonPath": ".status.expiresAt"}"#,
-    printcolumn = r#"{"name": "Next Rotation", "type": "date", "jsonPath": ".status.nextRotationAt"}"#,
+    printcolumn = r#"{"name": "Expires", "type": "string", "jsonPath": ".status.expiresAt"}"#,
+    printcolumn = r#"{"name": "Next Rotation", "type": "string", "jsonPath": ".status.nextRotationAt"}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[x_kube(

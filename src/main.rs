@@ -41,9 +41,10 @@ enum Format {
 
 #[derive(Parser)]
 struct RunArgs {
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch only these namespaces, comma-separated (default: all namespaces).
+    /// The operator then needs no cluster-wide access to namespaced objects.
+    #[arg(long, env = "WATCH_NAMESPACE", value_delimiter = ',')]
+    namespace: Vec<String>,
     /// Elect a leader through a Lease so only one replica mints.
     #[arg(long, env = "LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
@@ -172,7 +173,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let config = Config {
-        namespace: args.namespace.clone(),
+        namespaces: {
+            let mut n: Vec<String> = args
+                .namespace
+                .iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect();
+            n.sort();
+            n.dedup();
+            n
+        },
         concurrency: args.concurrency,
         instance: identity,
         restarts: controller::restarts::RestartConfig {

@@ -102,28 +102,32 @@ fn error_policy<K: IssuerObject>(_: Arc<K>, _: &Error, _: Arc<Context>) -> Actio
     Action::requeue(Duration::from_secs(10))
 }
 
-/// Runs the two issuer status loops until `shutdown`.
-pub async fn run(
+/// Runs the TokenIssuer status loop until `shutdown`.
+pub async fn run_namespaced(
     issuers: Api<TokenIssuer>,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Clone + Send + Sync + 'static,
+) {
+    Controller::new(issuers, watcher::Config::default())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::<TokenIssuer>, error_policy::<TokenIssuer>, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await
+}
+
+/// Runs the ClusterTokenIssuer status loop until `shutdown`.
+pub async fn run_cluster(
     cluster_issuers: Api<ClusterTokenIssuer>,
     ctx: Arc<Context>,
     shutdown: impl Future<Output = ()> + Clone + Send + Sync + 'static,
 ) {
-    let namespaced = Controller::new(issuers, watcher::Config::default())
-        .graceful_shutdown_on(shutdown.clone())
-        .run(
-            reconcile::<TokenIssuer>,
-            error_policy::<TokenIssuer>,
-            ctx.clone(),
-        )
-        .for_each(|_| futures::future::ready(()));
-    let cluster = Controller::new(cluster_issuers, watcher::Config::default())
+    Controller::new(cluster_issuers, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
         .run(
             reconcile::<ClusterTokenIssuer>,
             error_policy::<ClusterTokenIssuer>,
             ctx,
         )
-        .for_each(|_| futures::future::ready(()));
-    tokio::join!(namespaced, cluster);
+        .for_each(|_| futures::future::ready(()))
+        .await
 }

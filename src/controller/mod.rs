@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{Future, StreamExt};
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
@@ -73,8 +73,8 @@ impl Error {
 /// What the operator runs with.
 #[derive(Clone, Debug, Default)]
 pub struct Config {
-    /// Watch only this namespace (`None`: the whole cluster).
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (empty: the whole cluster).
+    pub namespaces: Vec<String>,
     /// Reconciles running at once.
     pub concurrency: u16,
     /// Name used in Events and leases.
@@ -91,7 +91,7 @@ pub struct Context {
     pub limiters: RateLimiters,
     pub clock: Arc<dyn Clock>,
     /// Metadata of the Secrets the operator manages (label-selected), never their data.
-    pub secrets: Store<PartialObjectMeta<Secret>>,
+    pub secrets: Vec<Store<PartialObjectMeta<Secret>>>,
     /// Applies consumer rollout restarts.
     pub restarter: Arc<restarts::Restarter>,
     failures: Mutex<HashMap<String, u32>>,
@@ -123,8 +123,8 @@ impl Context {
     /// Binding Secrets (name, revision) of one AgentToken, from the cache.
     pub fn bindings_of(&self, ns: &str, name: &str) -> Vec<(String, i64)> {
         self.secrets
-            .state()
             .iter()
+            .flat_map(|s| s.state())
             .filter(|s| s.metadata.namespace.as_deref() == Some(ns))
             .filter(|s| {
                 let l = s.labels();
@@ -202,7 +202,9 @@ fn error_policy(at: Arc<AgentToken>, error: &Error, ctx: Arc<Context>) -> Action
 }
 
 /// Runs the controllers until `shutdown` resolves. Readiness is set once
-/// every watch has synced.
+/// every watch has synced. With namespaces listed, one controller per
+/// namespace shares the context (rate limits, restarts, caches), so the
+/// operator needs no cluster-wide access to namespaced objects.
 pub async fn run(
     client: Client,
     config: Config,
@@ -210,33 +212,46 @@ pub async fn run(
     readiness: Readiness,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (ats, secrets_api, issuers_api): (
+    let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().cloned().map(Some).collect()
+    };
+    let api = |ns: &Option<String>| -> (
         Api<AgentToken>,
         Api<PartialObjectMeta<Secret>>,
         Api<TokenIssuer>,
-    ) = match &config.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
+    ) {
+        match ns {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+        }
     };
     let cluster_issuers: Api<ClusterTokenIssuer> = Api::all(client.clone());
 
     // Only our Secrets, metadata only: memory follows our objects.
-    let (secret_store, secret_writer) = reflector::store::<PartialObjectMeta<Secret>>();
-    let secret_events = watcher(
-        secrets_api,
-        watcher::Config::default().labels(labels::MANAGED_SELECTOR),
-    )
-    .default_backoff()
-    .reflect(secret_writer)
-    .touched_objects();
+    let mut secret_stores = Vec::new();
+    let mut secret_streams = Vec::new();
+    for scope in &scopes {
+        let (store, writer) = reflector::store::<PartialObjectMeta<Secret>>();
+        let events = watcher(
+            api(scope).1,
+            watcher::Config::default().labels(labels::MANAGED_SELECTOR),
+        )
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
+        secret_stores.push(store);
+        secret_streams.push(events);
+    }
 
     let reporter = Reporter {
         controller: FIELD_MANAGER.into(),
@@ -256,35 +271,53 @@ pub async fn run(
         metrics: metrics.clone(),
         limiters: RateLimiters::default(),
         clock: Arc::new(SystemClock),
-        secrets: secret_store.clone(),
+        secrets: secret_stores.clone(),
         failures: Mutex::new(HashMap::new()),
     });
 
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
-    let controller = Controller::new(ats, watcher::Config::default()).with_config(
-        kube::runtime::controller::Config::default().concurrency(config.concurrency.max(1)),
-    );
-    let at_store = controller.store();
-    let by_issuer = |store: Store<AgentToken>, kind: IssuerKind| {
-        move |obj_ns: Option<String>, name: String| {
-            store
-                .state()
-                .into_iter()
-                .filter(|at| at.spec.issuer_ref.kind == kind && at.spec.issuer_ref.name == name)
-                .filter(|at| kind == IssuerKind::ClusterTokenIssuer || at.namespace() == obj_ns)
-                .map(|at| ObjectRef::from_obj(&*at))
-                .collect::<Vec<_>>()
-        }
-    };
-    let ns_issuer_map = by_issuer(at_store.clone(), IssuerKind::TokenIssuer);
-    let cluster_issuer_map = by_issuer(at_store.clone(), IssuerKind::ClusterTokenIssuer);
+    let mut loops = Vec::new();
+    let mut at_stores = Vec::new();
+    for (scope, secret_events) in scopes.iter().zip(secret_streams) {
+        let (ats, _, issuers_api) = api(scope);
+        let controller = Controller::new(ats, watcher::Config::default()).with_config(
+            kube::runtime::controller::Config::default().concurrency(config.concurrency.max(1)),
+        );
+        let at_store = controller.store();
+        at_stores.push(at_store.clone());
+        let ns_issuer_map = by_issuer(at_store.clone(), IssuerKind::TokenIssuer);
+        let cluster_issuer_map = by_issuer(at_store.clone(), IssuerKind::ClusterTokenIssuer);
+        let token_loop = controller
+            .watches_stream(secret_events, |secret: PartialObjectMeta<Secret>| {
+                let ns = secret.metadata.namespace.clone()?;
+                let name = secret.labels().get(labels::NAME)?.clone();
+                Some(ObjectRef::<AgentToken>::new(&name).within(&ns))
+            })
+            .watches(
+                issuers_api.clone(),
+                watcher::Config::default(),
+                move |i: TokenIssuer| ns_issuer_map(i.namespace(), i.name_any()),
+            )
+            .watches(
+                cluster_issuers.clone(),
+                watcher::Config::default(),
+                move |i: ClusterTokenIssuer| cluster_issuer_map(None, i.name_any()),
+            )
+            .graceful_shutdown_on(shutdown.clone())
+            .run(reconcile::reconcile, error_policy, ctx.clone())
+            .for_each(|_| futures::future::ready(()));
+        loops.push(token_loop.boxed());
+        loops.push(issuers::run_namespaced(issuers_api, ctx.clone(), shutdown.clone()).boxed());
+    }
+    loops.push(issuers::run_cluster(cluster_issuers, ctx.clone(), shutdown.clone()).boxed());
+    loops.push(restarter.run(shutdown.clone()).boxed());
 
     let readiness_task = {
-        let at_store = at_store.clone();
-        let secret_store = secret_store.clone();
         let readiness = readiness.clone();
         async move {
-            match tokio::try_join!(synced(&at_store), synced(&secret_store)) {
+            let ats = futures::future::try_join_all(at_stores.iter().map(synced));
+            let secrets = futures::future::try_join_all(secret_stores.iter().map(synced));
+            match futures::future::try_join(ats, secrets).await {
                 Ok(_) => {
                     info!("caches synced; ready");
                     readiness.set(true);
@@ -295,30 +328,24 @@ pub async fn run(
     };
     tokio::spawn(readiness_task);
 
-    let token_loop = controller
-        .watches_stream(secret_events, |secret: PartialObjectMeta<Secret>| {
-            let ns = secret.metadata.namespace.clone()?;
-            let name = secret.labels().get(labels::NAME)?.clone();
-            Some(ObjectRef::<AgentToken>::new(&name).within(&ns))
-        })
-        .watches(
-            issuers_api.clone(),
-            watcher::Config::default(),
-            move |i: TokenIssuer| ns_issuer_map(i.namespace(), i.name_any()),
-        )
-        .watches(
-            cluster_issuers.clone(),
-            watcher::Config::default(),
-            move |i: ClusterTokenIssuer| cluster_issuer_map(None, i.name_any()),
-        )
-        .graceful_shutdown_on(shutdown.clone())
-        .run(reconcile::reconcile, error_policy, ctx.clone())
-        .for_each(|_| futures::future::ready(()));
-
-    let issuer_loops = issuers::run(issuers_api, cluster_issuers, ctx.clone(), shutdown.clone());
-    let restart_loop = restarter.run(shutdown.clone());
-    tokio::join!(token_loop, issuer_loops, restart_loop);
+    futures::future::join_all(loops).await;
     info!("controllers stopped");
+}
+
+/// Maps an issuer to the AgentTokens (in `store`) that use it.
+fn by_issuer(
+    store: Store<AgentToken>,
+    kind: IssuerKind,
+) -> impl Fn(Option<String>, String) -> Vec<ObjectRef<AgentToken>> + Send + Sync + 'static {
+    move |obj_ns: Option<String>, name: String| {
+        store
+            .state()
+            .into_iter()
+            .filter(|at| at.spec.issuer_ref.kind == kind && at.spec.issuer_ref.name == name)
+            .filter(|at| kind == IssuerKind::ClusterTokenIssuer || at.namespace() == obj_ns)
+            .map(|at| ObjectRef::from_obj(&*at))
+            .collect::<Vec<_>>()
+    }
 }
 
 /// Waits until a store has its first full list. A store's readiness wakes

@@ -38,17 +38,17 @@ pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 const MAX_WAKE: Duration = Duration::from_secs(3600);
 
 /// The issuer an AgentToken refers to, resolved.
-struct ResolvedIssuer {
+pub struct ResolvedIssuer {
     /// `TokenIssuer/ns/name` or `ClusterTokenIssuer/name`: rate limits and metrics.
-    key: String,
-    spec: TokenIssuerSpec,
-    cluster_scoped: bool,
+    pub key: String,
+    pub spec: TokenIssuerSpec,
+    pub cluster_scoped: bool,
 }
 
 /// Why the AgentToken is not served, with the condition reason and Event.
-struct Refusal {
-    reason: &'static str,
-    message: String,
+pub struct Refusal {
+    pub reason: &'static str,
+    pub message: String,
     /// Event to emit (Warning) when the condition first appears.
     event: Option<&'static str>,
     requeue: Option<Duration>,
@@ -632,8 +632,9 @@ async fn fetch_issuer(
     })
 }
 
-/// Pure validation against the issuer's kind and policy.
-fn validate(
+/// Pure validation against the issuer's kind and policy (also what
+/// `kubectl agenttoken plan` shows).
+pub fn validate(
     at: &AgentToken,
     ns: &str,
     issuer: &ResolvedIssuer,
@@ -990,7 +991,7 @@ fn next_revision(
         + 1
 }
 
-fn renew_window(at: &AgentToken) -> RenewWindow {
+pub fn renew_window(at: &AgentToken) -> RenewWindow {
     let r = at.spec.rotation.as_ref();
     match (
         r.and_then(|r| r.renew_before),

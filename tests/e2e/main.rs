@@ -4,4 +4,5 @@
 mod agenttoken;
 mod cluster;
 mod consumers;
+mod plugin;
 mod support;
