@@ -24,9 +24,10 @@ lint: tools
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 
-## Regenerate crds/ from the Rust types.
+## Regenerate crds/ (and the chart's copy) from the Rust types.
 crds:
 	cargo run --quiet -- crd > crds/agenttoken.dev.yaml
+	cp crds/agenttoken.dev.yaml charts/agent-token-operator/crds/agenttoken.dev.yaml
 
 ## The whole suite: lint, unit tests and end-to-end tests on the local control plane.
 test: lint cluster

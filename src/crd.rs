@@ -772,15 +772,18 @@ mod tests {
 
     #[test]
     fn crds_on_disk_match_the_binary() {
-        let on_disk = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/crds/agenttoken.dev.yaml"
-        ))
-        .expect("crds/agenttoken.dev.yaml exists (make crds)");
-        assert!(
-            on_disk == crds_yaml(),
-            "crds/agenttoken.dev.yaml differs from `agent-token-operator crd`: run `make crds` and commit"
-        );
+        for file in [
+            "crds/agenttoken.dev.yaml",
+            "charts/agent-token-operator/crds/agenttoken.dev.yaml",
+        ] {
+            let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+            let on_disk = std::fs::read_to_string(&path)
+                .unwrap_or_else(|_| panic!("{file} exists (make crds)"));
+            assert!(
+                on_disk == crds_yaml(),
+                "{file} differs from `agent-token-operator crd`: run `make crds` and commit"
+            );
+        }
     }
 
     #[test]

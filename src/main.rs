@@ -146,12 +146,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .context("set up leader election")?;
         let (mut leader, task) = manager.watch().await;
         info!(identity, lease = %args.lease_name, "waiting to become leader");
+        // A standby is healthy and ready to take over: report ready, or a
+        // Deployment rollout (maxUnavailable 0) would wait forever on it.
+        readiness.set(true);
         let became = tokio::select! {
             r = leader.wait_for(|l| *l) => Some(r.map(|_| ())),
             _ = shutdown() => None,
         };
         match became {
-            Some(r) => r.context("leader election stopped")?,
+            Some(r) => {
+                r.context("leader election stopped")?;
+                // Not ready again until this replica's caches have synced.
+                readiness.set(false);
+            }
             None => {
                 drop(leader);
                 let _ = task.await;

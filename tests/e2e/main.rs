@@ -4,5 +4,6 @@
 mod agenttoken;
 mod cluster;
 mod consumers;
+mod helm;
 mod plugin;
 mod support;

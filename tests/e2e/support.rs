@@ -235,6 +235,11 @@ impl Operator {
 
     /// Starts an operator with extra arguments; `name` tells its log apart.
     pub fn start_with(namespace: &str, name: &str, extra: &[&str]) -> Self {
+        Self::start_as(namespace, name, extra, &cluster().admin_kubeconfig)
+    }
+
+    /// Starts an operator that authenticates with `kubeconfig`.
+    pub fn start_as(namespace: &str, name: &str, extra: &[&str], kubeconfig: &Path) -> Self {
         install_crds();
         let port = free_port();
         let logs = repo_root().join("target/e2e-logs");
@@ -249,14 +254,14 @@ impl Operator {
                 "--metrics-address",
                 &format!("127.0.0.1:{port}"),
             ])
-            .args([
-                "--lease-namespace",
-                namespace,
-                "--log-level",
-                "info,agent_token_operator=debug",
-            ])
+            .args(if extra.contains(&"--lease-namespace") {
+                vec![]
+            } else {
+                vec!["--lease-namespace", namespace]
+            })
+            .args(["--log-level", "info,agent_token_operator=debug"])
             .args(extra)
-            .env("KUBECONFIG", &cluster().admin_kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
             .spawn()

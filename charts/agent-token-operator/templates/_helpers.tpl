@@ -1,0 +1,65 @@
+{{- define "ato.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ato.serviceAccountName" -}}
+{{- default (include "ato.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "ato.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "ato.labels" -}}
+{{ include "ato.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* Rules on namespaced objects: a ClusterRole's in cluster-wide mode, one Role's per watched namespace otherwise. */}}
+{{- define "ato.namespacedRules" -}}
+- apiGroups: [agenttoken.dev]
+  resources: [agenttokens]
+  verbs: [get, list, watch, patch]
+- apiGroups: [agenttoken.dev]
+  resources: [agenttokens/status]
+  verbs: [patch]
+- apiGroups: [agenttoken.dev]
+  resources: [tokenissuers]
+  verbs: [get, list, watch]
+- apiGroups: [agenttoken.dev]
+  resources: [tokenissuers/status]
+  verbs: [patch]
+# The token Secrets and token-binding Secrets (watched by label, metadata only).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get]
+- apiGroups: [""]
+  resources: [serviceaccounts/token]
+  verbs: [create]
+# Consumers: found by listing, restarted by a pod-template annotation.
+- apiGroups: [apps]
+  resources: [deployments, statefulsets, daemonsets]
+  verbs: [get, list, patch]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- if .Values.consumers.signal }}
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
+- apiGroups: [""]
+  resources: [pods/exec]
+  # create: exec over SPDY and (with newer API servers) over WebSocket; get: WebSocket on older ones.
+  verbs: [create, get]
+{{- end }}
+{{- end -}}
