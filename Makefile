@@ -28,6 +28,7 @@ lint: tools
 crds:
 	cargo run --quiet -- crd > crds/agenttoken.dev.yaml
 	cp crds/agenttoken.dev.yaml charts/agent-token-operator/crds/agenttoken.dev.yaml
+	cargo run --quiet -- reference > docs/reference.md
 
 ## The whole suite: lint, unit tests and end-to-end tests on the local control plane.
 test: lint cluster

@@ -12,6 +12,7 @@
 //! - [`controller`]: watches, reconcile phases, status, Events.
 //! - [`issuer`]: token sources, one file per kind behind one trait.
 //! - [`labels`]: label, annotation and finalizer names.
+//! - [`reference`]: the field reference generated from the CRDs.
 
 pub mod controller;
 pub mod crd;
@@ -20,5 +21,6 @@ pub mod issuer;
 pub mod labels;
 pub mod policy;
 pub mod ratelimit;
+pub mod reference;
 pub mod rotation;
 pub mod telemetry;

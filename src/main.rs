@@ -31,6 +31,8 @@ enum Command {
     Run(RunArgs),
     /// Print the CustomResourceDefinitions (what `crds/` holds).
     Crd,
+    /// Print the field reference (Markdown) that docs/reference.md holds.
+    Reference,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -89,6 +91,10 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Reference => {
+            print!("{}", agent_token_operator::reference::markdown());
+            Ok(())
+        }
         Command::Crd => {
             print!("{}", crd::crds_yaml());
             Ok(())
