@@ -199,6 +199,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         concurrency: args.concurrency,
         instance: identity,
+        operator_namespace: args.lease_namespace.clone(),
         restarts: controller::restarts::RestartConfig {
             coalesce: args.restart_coalesce_window,
             max_in_flight: args.max_concurrent_restarts.max(1),

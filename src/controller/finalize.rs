@@ -5,6 +5,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
+use secrecy::SecretString;
 use tracing::info;
 
 use super::secret::{self, Ownership};
@@ -32,27 +33,32 @@ pub async fn cleanup(at: &AgentToken, ctx: &Context) -> Result<Action, Error> {
     let ns = at.namespace().unwrap_or_default();
     let name = at.name_any();
     let uid = at.uid().unwrap_or_default();
-    let mut handles: Vec<String> = Vec::new();
+    // Each handle with the token the Secret still holds for it, if any.
+    let mut handles: Vec<(String, Option<SecretString>)> = Vec::new();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let live = secrets.get_opt(&at.secret_name()).await?;
     if let Ownership::Owned = secret::ownership(live.as_ref(), &uid) {
         let state = live.as_ref().map(secret::read_state).unwrap_or_default();
-        handles.extend(
-            [state.current, state.previous]
-                .into_iter()
-                .flatten()
-                .map(|s| s.handle),
-        );
+        let key = at.secret_key();
+        if let Some(c) = state.current {
+            handles.push((c.handle, secret::token_in(live.as_ref(), &key)));
+        }
+        if let Some(p) = state.previous {
+            let previous_key = format!("{key}{}", secret::PREVIOUS_SUFFIX);
+            handles.push((p.handle, secret::token_in(live.as_ref(), &previous_key)));
+        }
     }
-    handles.extend(ctx.bindings_of(&ns, &name).into_iter().map(|(n, _)| n));
-    handles.sort();
-    handles.dedup();
+    for (binding, _) in ctx.bindings_of(&ns, &name) {
+        if !handles.iter().any(|(h, _)| *h == binding) {
+            handles.push((binding, None));
+        }
+    }
 
     if let Ok(backend) = super::reconcile_issuer_backend(at, ctx).await {
         let mut failed = 0;
-        for handle in &handles {
+        for (handle, token) in &handles {
             if backend
-                .revoke(&ns, &RevocationHandle(handle.clone()))
+                .revoke(&ns, &RevocationHandle(handle.clone()), token.as_ref())
                 .await
                 .is_err()
             {

@@ -18,9 +18,21 @@ use crate::crd::{ClusterTokenIssuer, TokenIssuer, TokenIssuerSpec, TokenIssuerSt
 
 /// How often an issuer's health is looked at again with nothing changing.
 const RECHECK: Duration = Duration::from_secs(300);
+/// How often an issuer that is not ready is looked at again.
+const RECHECK_UNREADY: Duration = Duration::from_secs(30);
+
+/// Why an issuer cannot serve, as a condition reason and message.
+pub enum Unready {
+    /// The kind is not implemented.
+    NotSupported(String),
+    /// The configuration is wrong (a Secret or key missing, a bad CA bundle).
+    InvalidConfig(String),
+    /// The issuer cannot be reached or answers with errors.
+    Unreachable(String),
+}
 
 /// What `Ready` should say for an issuer spec (pure).
-pub fn readiness(spec: &TokenIssuerSpec, backend: Result<(), String>) -> Want {
+pub fn readiness(spec: &TokenIssuerSpec, backend: Result<(), Unready>) -> Want {
     match (spec.kind_name(), backend) {
         (None, _) => Want::new(
             READY,
@@ -28,10 +40,15 @@ pub fn readiness(spec: &TokenIssuerSpec, backend: Result<(), String>) -> Want {
             "InvalidSpec",
             "exactly one issuer kind must be set",
         ),
-        (Some(_), Err(message)) => Want::new(READY, false, "NotSupported", message),
-        (Some(kind), Ok(())) => {
-            Want::new(READY, true, "Valid", format!("{kind} issuer is configured"))
-        }
+        (Some(_), Err(Unready::NotSupported(m))) => Want::new(READY, false, "NotSupported", m),
+        (Some(_), Err(Unready::InvalidConfig(m))) => Want::new(READY, false, "InvalidConfig", m),
+        (Some(_), Err(Unready::Unreachable(m))) => Want::new(READY, false, "Unreachable", m),
+        (Some(kind), Ok(())) => Want::new(
+            READY,
+            true,
+            "Valid",
+            format!("{kind} issuer is configured and reachable"),
+        ),
     }
 }
 
@@ -68,7 +85,16 @@ impl IssuerObject for ClusterTokenIssuer {
 }
 
 async fn reconcile<K: IssuerObject>(issuer: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let backend = ctx.issuer_backend(issuer.spec()).map(|_| ());
+    let backend = match ctx.issuer_backend(issuer.spec(), issuer.namespace().as_deref()) {
+        Err(m) => Err(Unready::NotSupported(m)),
+        Ok(b) => match b.check().await {
+            Ok(()) => Ok(()),
+            Err(e @ crate::issuer::IssuerError::Invalid(_)) => {
+                Err(Unready::InvalidConfig(e.to_string()))
+            }
+            Err(e) => Err(Unready::Unreachable(e.to_string())),
+        },
+    };
     let want = readiness(issuer.spec(), backend);
     let conditions = status::merge(
         &issuer.conditions(),
@@ -76,6 +102,9 @@ async fn reconcile<K: IssuerObject>(issuer: Arc<K>, ctx: Arc<Context>) -> Result
         issuer.meta().generation,
         ctx.clock.now(),
     );
+    let ready = conditions
+        .iter()
+        .any(|c| c.type_ == READY && c.status == "True");
     if conditions != issuer.conditions() {
         let st = TokenIssuerStatus {
             conditions,
@@ -95,7 +124,11 @@ async fn reconcile<K: IssuerObject>(issuer: Arc<K>, ctx: Arc<Context>) -> Result
             )
             .await?;
     }
-    Ok(Action::requeue(RECHECK))
+    Ok(Action::requeue(if ready {
+        RECHECK
+    } else {
+        RECHECK_UNREADY
+    }))
 }
 
 fn error_policy<K: IssuerObject>(_: Arc<K>, _: &Error, _: Arc<Context>) -> Action {

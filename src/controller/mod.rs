@@ -28,6 +28,7 @@ use tracing::{info, warn};
 
 use crate::crd::{AgentToken, ClusterTokenIssuer, IssuerKind, TokenIssuer, TokenIssuerSpec};
 use crate::http::Readiness;
+use crate::issuer::oauth2::OAuth2Issuer;
 use crate::issuer::service_account::ServiceAccountIssuer;
 use crate::issuer::{Issuer, IssuerError};
 use crate::labels;
@@ -81,6 +82,8 @@ pub struct Config {
     pub instance: String,
     /// How consumer rollouts are coalesced, capped and timed out.
     pub restarts: restarts::RestartConfig,
+    /// The operator's own namespace: where a ClusterTokenIssuer's Secrets live.
+    pub operator_namespace: String,
 }
 
 /// Shared by every reconcile.
@@ -94,14 +97,30 @@ pub struct Context {
     pub secrets: Vec<Store<PartialObjectMeta<Secret>>>,
     /// Applies consumer rollout restarts.
     pub restarter: Arc<restarts::Restarter>,
+    /// Where a ClusterTokenIssuer's Secrets live.
+    pub operator_namespace: String,
     failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
-    /// The implementation of the issuer's kind.
-    pub fn issuer_backend(&self, spec: &TokenIssuerSpec) -> Result<Box<dyn Issuer>, String> {
+    /// The implementation of the issuer's kind. `namespace` is a
+    /// TokenIssuer's namespace (`None` for a ClusterTokenIssuer, whose
+    /// Secrets live in the operator's namespace).
+    pub fn issuer_backend(
+        &self,
+        spec: &TokenIssuerSpec,
+        namespace: Option<&str>,
+    ) -> Result<Box<dyn Issuer>, String> {
+        let secret_namespace = namespace.unwrap_or(&self.operator_namespace).to_string();
         if spec.service_account.is_some() {
             return Ok(Box::new(ServiceAccountIssuer::new(self.client.clone())));
+        }
+        if let Some(o) = &spec.oauth2 {
+            return Ok(Box::new(OAuth2Issuer::new(
+                self.client.clone(),
+                o.clone(),
+                secret_namespace,
+            )));
         }
         match spec.kind_name() {
             Some(kind) => Err(format!(
@@ -169,19 +188,25 @@ pub(crate) async fn reconcile_issuer_backend(
 ) -> Result<Box<dyn Issuer>, Error> {
     let ns = at.namespace().unwrap_or_default();
     let name = &at.spec.issuer_ref.name;
-    let spec = match at.spec.issuer_ref.kind {
-        IssuerKind::TokenIssuer => Api::<TokenIssuer>::namespaced(ctx.client.clone(), &ns)
-            .get_opt(name)
-            .await?
-            .map(|i| i.spec),
-        IssuerKind::ClusterTokenIssuer => Api::<ClusterTokenIssuer>::all(ctx.client.clone())
-            .get_opt(name)
-            .await?
-            .map(|i| i.spec.0),
+    let (spec, issuer_ns) = match at.spec.issuer_ref.kind {
+        IssuerKind::TokenIssuer => (
+            Api::<TokenIssuer>::namespaced(ctx.client.clone(), &ns)
+                .get_opt(name)
+                .await?
+                .map(|i| i.spec),
+            Some(ns.as_str()),
+        ),
+        IssuerKind::ClusterTokenIssuer => (
+            Api::<ClusterTokenIssuer>::all(ctx.client.clone())
+                .get_opt(name)
+                .await?
+                .map(|i| i.spec.0),
+            None,
+        ),
     };
     match spec {
         Some(spec) => ctx
-            .issuer_backend(&spec)
+            .issuer_backend(&spec, issuer_ns)
             .map_err(|m| Error::Issuer(IssuerError::Invalid(m))),
         // A deleted issuer: service-account bindings can still be removed.
         None => Ok(Box::new(ServiceAccountIssuer::new(ctx.client.clone()))),
@@ -268,6 +293,7 @@ pub async fn run(
         client: client.clone(),
         recorder,
         restarter: restarter.clone(),
+        operator_namespace: config.operator_namespace.clone(),
         metrics: metrics.clone(),
         limiters: RateLimiters::default(),
         clock: Arc::new(SystemClock),

@@ -45,6 +45,14 @@ pub struct ResolvedIssuer {
     pub cluster_scoped: bool,
 }
 
+impl ResolvedIssuer {
+    /// A TokenIssuer's namespace (its Secrets live there); `None` for a
+    /// ClusterTokenIssuer.
+    fn namespace<'a>(&self, at_namespace: &'a str) -> Option<&'a str> {
+        (!self.cluster_scoped).then_some(at_namespace)
+    }
+}
+
 /// Why the AgentToken is not served, with the condition reason and Event.
 pub struct Refusal {
     pub reason: &'static str,
@@ -122,7 +130,7 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
             return refuse(at, ctx, refusal).await;
         }
     };
-    let backend = match ctx.issuer_backend(&issuer.spec) {
+    let backend = match ctx.issuer_backend(&issuer.spec, issuer.namespace(&ns)) {
         Ok(b) => b,
         Err(message) => {
             return refuse(
@@ -299,7 +307,14 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
                     .await
                 {
                     // The new token never reached anyone: revoke it now.
-                    let outcome = revoke(ctx, backend.as_ref(), &ns, &minted.handle.0).await;
+                    let outcome = revoke(
+                        ctx,
+                        backend.as_ref(),
+                        &ns,
+                        &minted.handle.0,
+                        Some(&minted.token),
+                    )
+                    .await;
                     mark_revoked(&mut status, revision, outcome, now);
                     status_write(at, ctx, status, &[]).await.ok();
                     return Err(e);
@@ -308,7 +323,8 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
                 report =
                     Some(consumers_step(at, ctx, &ns, &secret_name, &new_slot, &status, now).await);
                 for slot in retire {
-                    let outcome = revoke(ctx, backend.as_ref(), &ns, &slot.handle).await;
+                    let held = tokens.for_revision(&view, slot.revision);
+                    let outcome = revoke(ctx, backend.as_ref(), &ns, &slot.handle, held).await;
                     if outcome == RevocationState::Failed {
                         events.push((
                             EventType::Warning,
@@ -395,7 +411,14 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
             && consumers_settled
             && let Some(prev) = state.previous.take()
         {
-            let outcome = revoke(ctx, backend.as_ref(), &ns, &prev.handle).await;
+            let outcome = revoke(
+                ctx,
+                backend.as_ref(),
+                &ns,
+                &prev.handle,
+                tokens.previous.as_ref(),
+            )
+            .await;
             mark_revoked(&mut status, prev.revision, outcome, now);
             events.push((
                 EventType::Normal,
@@ -500,6 +523,27 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
 struct Tokens {
     current: Option<SecretString>,
     previous: Option<SecretString>,
+}
+
+impl Tokens {
+    /// The held token of `revision`, if the Secret holds it.
+    fn for_revision(&self, view: &decide::SecretView, revision: i64) -> Option<&SecretString> {
+        if view
+            .current
+            .as_ref()
+            .is_some_and(|c| c.revision == revision)
+        {
+            self.current.as_ref()
+        } else if view
+            .previous
+            .as_ref()
+            .is_some_and(|p| p.revision == revision)
+        {
+            self.previous.as_ref()
+        } else {
+            None
+        }
+    }
 }
 
 /// Writes the AgentToken's Secret: created with POST (so a Secret that
@@ -753,6 +797,11 @@ fn conditions(
         )
     } else if let Some(e) = mint_failed {
         Want::new(READY, false, "RotationFailed", e.to_string())
+    } else if status.failed_attempts > 0
+        && let Some(m) = &status.last_failure_message
+    {
+        // Backing off between attempts: keep saying why there is no token.
+        Want::new(READY, false, "RotationFailed", m.clone())
     } else if paused {
         Want::new(
             READY,
@@ -872,10 +921,16 @@ fn plan_slots(
     )
 }
 
-async fn revoke(ctx: &Context, backend: &dyn Issuer, ns: &str, handle: &str) -> RevocationState {
+async fn revoke(
+    ctx: &Context,
+    backend: &dyn Issuer,
+    ns: &str,
+    handle: &str,
+    token: Option<&SecretString>,
+) -> RevocationState {
     let started = std::time::Instant::now();
     let result = backend
-        .revoke(ns, &RevocationHandle(handle.to_string()))
+        .revoke(ns, &RevocationHandle(handle.to_string()), token)
         .await;
     ctx.metrics
         .observe_issuer_request(backend.kind(), "revoke", result.is_ok(), started.elapsed());
@@ -953,10 +1008,18 @@ async fn sweep_orphans(
         .map(|s| s.handle.as_str())
         .collect();
     for (name, revision) in ctx.bindings_of(ns, &at.name_any()) {
-        if held.contains(&name.as_str()) {
+        // Held, or already revoked (the cache has not seen the deletion yet).
+        let revoked = status.history.iter().any(|h| {
+            h.revision == revision
+                && matches!(
+                    h.revocation,
+                    RevocationState::Revoked | RevocationState::NotSupported
+                )
+        });
+        if held.contains(&name.as_str()) || revoked {
             continue;
         }
-        let outcome = revoke(ctx, backend, ns, &name).await;
+        let outcome = revoke(ctx, backend, ns, &name, None).await;
         info!(namespace = %ns, agenttoken = %at.name_any(), revision, "revoked a token that no Secret holds");
         mark_revoked(status, revision, outcome, now);
     }

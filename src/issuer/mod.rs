@@ -5,7 +5,9 @@
 //! [`RevocationHandle`] that holds no secret (the token itself is never kept
 //! anywhere but in the AgentToken's Secret).
 
+pub mod oauth2;
 pub mod service_account;
+pub mod web;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -93,10 +95,18 @@ pub trait Issuer: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Mints a token for `req`.
     fn mint<'a>(&'a self, req: &'a MintRequest) -> BoxFuture<'a, Result<MintedToken, IssuerError>>;
-    /// Revokes the token behind `handle`. Revoking twice is not an error.
+    /// Revokes the token behind `handle`. `token` is the token itself when
+    /// it is still held (some protocols, RFC 7009, revoke by the token).
+    /// Revoking twice is not an error.
     fn revoke<'a>(
         &'a self,
         namespace: &'a str,
         handle: &'a RevocationHandle,
+        token: Option<&'a SecretString>,
     ) -> BoxFuture<'a, Result<Revocation, IssuerError>>;
+    /// Checks configuration and reachability without minting, for the
+    /// issuer's `Ready` condition.
+    fn check(&self) -> BoxFuture<'_, Result<(), IssuerError>> {
+        Box::pin(async { Ok(()) })
+    }
 }

@@ -178,6 +178,7 @@ impl Issuer for ServiceAccountIssuer {
         &'a self,
         namespace: &'a str,
         handle: &'a RevocationHandle,
+        _token: Option<&'a SecretString>,
     ) -> BoxFuture<'a, Result<Revocation, IssuerError>> {
         async move {
             self.delete_binding(namespace, &handle.0).await?;

@@ -331,7 +331,7 @@ spec:
     })
     .await;
     let logs = op.logs();
-    for word in ["Forbidden", "forbidden", "403"] {
+    for word in ["Forbidden", "forbidden", "code: 403"] {
         assert!(
             !logs.contains(word),
             "the operator hit a permission error:\n{logs}"

@@ -5,5 +5,6 @@ mod agenttoken;
 mod cluster;
 mod consumers;
 mod helm;
+mod oauth2;
 mod plugin;
 mod support;
