@@ -635,10 +635,23 @@ pub struct WebhookIssuerSpec {
     pub url: String,
     /// HTTP method (default POST).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(POST|PUT|GET)$"))]
     pub method: Option<String>,
+    /// JSON request body template. `{{ namespace }}`, `{{ name }}`,
+    /// `{{ revision }}`, `{{ lifetimeSeconds }}` and `{{ parameters.KEY }}`
+    /// are replaced by JSON strings or numbers; `{{ scopes }}` and
+    /// `{{ audiences }}` by JSON arrays. Default: an object with all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Secret key whose value is sent as the `Authorization` header (e.g.
+    /// `Bearer ...`), on mint and revoke. In the issuer's namespace (the
+    /// operator's for a ClusterTokenIssuer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization_secret_ref: Option<SecretKeyRef>,
     /// Where the token and its expiry are in the response.
     pub result: WebhookResult,
-    /// Revocation endpoint (optional).
+    /// Revocation endpoint (optional): POSTed `{"id": ..., "token": ...}`
+    /// (`id` from `result.idPath` when set).
     #[serde(rename = "revokeURL", default, skip_serializing_if = "Option::is_none")]
     pub revoke_url: Option<String>,
     /// PEM CA bundle to trust (optional).
@@ -658,6 +671,9 @@ pub struct WebhookResult {
     /// Path of the RFC 3339 expiry (instead of `expiresInPath`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_path: Option<String>,
+    /// Path of a token id the service revokes by (optional, not secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_path: Option<String>,
 }
 
 /// JWTs signed by the operator.

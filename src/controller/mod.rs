@@ -30,6 +30,7 @@ use crate::crd::{AgentToken, ClusterTokenIssuer, IssuerKind, TokenIssuer, TokenI
 use crate::http::Readiness;
 use crate::issuer::oauth2::OAuth2Issuer;
 use crate::issuer::service_account::ServiceAccountIssuer;
+use crate::issuer::webhook::WebhookIssuer;
 use crate::issuer::{Issuer, IssuerError};
 use crate::labels;
 use crate::ratelimit::RateLimiters;
@@ -119,6 +120,13 @@ impl Context {
             return Ok(Box::new(OAuth2Issuer::new(
                 self.client.clone(),
                 o.clone(),
+                secret_namespace,
+            )));
+        }
+        if let Some(w) = &spec.webhook {
+            return Ok(Box::new(WebhookIssuer::new(
+                self.client.clone(),
+                w.clone(),
                 secret_namespace,
             )));
         }

@@ -8,6 +8,7 @@
 pub mod oauth2;
 pub mod service_account;
 pub mod web;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

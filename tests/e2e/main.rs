@@ -8,3 +8,4 @@ mod helm;
 mod oauth2;
 mod plugin;
 mod support;
+mod webhook;

@@ -221,3 +221,32 @@ async fn the_operator_serves_exactly_the_namespaces_it_is_given() {
         "a namespace not listed is not served"
     );
 }
+
+#[tokio::test]
+async fn every_example_is_accepted_by_the_api_server() {
+    let ns = TestNamespace::new("examples").await;
+    let dir = crate::support::repo_root().join("examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Examples name their own namespaces; check them in this test's.
+        let text = text
+            .replace("namespace: team-a", &format!("namespace: {}", ns.name))
+            .replace("namespace: demo", &format!("namespace: {}", ns.name));
+        let docs: Vec<String> = text
+            .split("\n---")
+            .filter(|d| !d.contains("kind: Namespace"))
+            .map(String::from)
+            .collect();
+        let out = apply(&ns, &docs.join("\n---\n").replace("apply -f -", ""));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        seen += 1;
+    }
+    assert!(seen >= 3, "examples found: {seen}");
+}

@@ -1,0 +1,408 @@
+//! The webhook issuer: any HTTP service that mints tokens. The request body
+//! comes from a small template; the token, its expiry and an optional id
+//! are read from the JSON response by path (`$.a.b[0].c`); revocation is an
+//! optional POST.
+
+use std::collections::BTreeMap;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use jiff::Timestamp;
+use kube::Client;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+use super::{Issuer, IssuerError, MintRequest, MintedToken, Revocation, RevocationHandle, web};
+use crate::crd::WebhookIssuerSpec;
+use crate::rotation;
+
+/// Mints by calling an HTTP service.
+pub struct WebhookIssuer {
+    kube: Client,
+    spec: WebhookIssuerSpec,
+    secret_namespace: String,
+}
+
+impl WebhookIssuer {
+    pub fn new(kube: Client, spec: WebhookIssuerSpec, secret_namespace: String) -> Self {
+        WebhookIssuer {
+            kube,
+            spec,
+            secret_namespace,
+        }
+    }
+
+    async fn authorization(&self) -> Result<Option<SecretString>, IssuerError> {
+        match &self.spec.authorization_secret_ref {
+            Some(r) => Ok(Some(
+                web::read_secret(
+                    &self.kube,
+                    &self.secret_namespace,
+                    r,
+                    "webhook.authorizationSecretRef",
+                )
+                .await?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn validate(&self) -> Result<(), IssuerError> {
+        let r = &self.spec.result;
+        for (field, path) in [
+            ("result.tokenPath", Some(&r.token_path)),
+            ("result.expiresInPath", r.expires_in_path.as_ref()),
+            ("result.expiresAtPath", r.expires_at_path.as_ref()),
+            ("result.idPath", r.id_path.as_ref()),
+        ] {
+            if let Some(p) = path {
+                parse_path(p).map_err(|e| IssuerError::Invalid(format!("webhook.{field}: {e}")))?;
+            }
+        }
+        if r.expires_in_path.is_none() && r.expires_at_path.is_none() {
+            return Err(IssuerError::Invalid(
+                "webhook.result needs expiresInPath or expiresAtPath: a token's expiry must be known"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn mint_inner(&self, req: &MintRequest) -> Result<MintedToken, IssuerError> {
+        self.validate()?;
+        let body = render_body(self.spec.body.as_deref(), req)?;
+        let http = web::client(self.spec.ca_bundle.as_deref())?;
+        let auth = self.authorization().await?;
+        let method = self.spec.method.as_deref().unwrap_or("POST");
+        let issued_at = Timestamp::now();
+        let reply = web::send("mint request", || {
+            let rb = match method {
+                "PUT" => http.put(&self.spec.url),
+                "GET" => http.get(&self.spec.url),
+                _ => http.post(&self.spec.url),
+            };
+            let rb = rb.json(&body);
+            match &auth {
+                Some(a) => rb.header("Authorization", a.expose_secret()),
+                None => rb,
+            }
+        })
+        .await?;
+        if reply.status >= 400 {
+            let msg = format!("mint refused: {}", reply.describe());
+            return Err(if (400..500).contains(&reply.status) {
+                IssuerError::Invalid(msg)
+            } else {
+                IssuerError::Unavailable(msg)
+            });
+        }
+        let json: Value = serde_json::from_slice(&reply.body).map_err(|_| {
+            IssuerError::Unavailable(format!("mint response (HTTP {}) is not JSON", reply.status))
+        })?;
+        let r = &self.spec.result;
+        let token = lookup(&json, &r.token_path)
+            .and_then(|v| v.as_str())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                IssuerError::Unavailable(format!("mint response has no string at {}", r.token_path))
+            })?
+            .to_string();
+        let expires_at = if let Some(p) = &r.expires_in_path {
+            let secs = lookup(&json, p)
+                .and_then(|v| {
+                    v.as_i64()
+                        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                })
+                .filter(|s| *s > 0)
+                .ok_or_else(|| {
+                    IssuerError::Unavailable(format!(
+                        "mint response has no positive number of seconds at {p}: refusing a token whose expiry is unknown"
+                    ))
+                })?;
+            issued_at
+                .checked_add(jiff::SignedDuration::from_secs(secs))
+                .map_err(|_| IssuerError::Unavailable(format!("{p} is out of range")))?
+        } else {
+            let p = r.expires_at_path.as_deref().unwrap_or_default();
+            lookup(&json, p)
+                .and_then(|v| v.as_str())
+                .and_then(|s| s.parse::<Timestamp>().ok())
+                .ok_or_else(|| {
+                    IssuerError::Unavailable(format!(
+                        "mint response has no RFC 3339 time at {p}: refusing a token whose expiry is unknown"
+                    ))
+                })?
+        };
+        if expires_at <= issued_at {
+            return Err(IssuerError::Unavailable(
+                "the service returned an already expired token".into(),
+            ));
+        }
+        let id = r
+            .id_path
+            .as_ref()
+            .and_then(|p| lookup(&json, p))
+            .map(|v| match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            });
+        let handle = match id {
+            Some(id) => format!("webhook-id:{id}"),
+            None => format!("webhook:{}", rotation::fingerprint(token.as_bytes())),
+        };
+        Ok(MintedToken {
+            token: SecretString::from(token),
+            issued_at,
+            expires_at,
+            handle: RevocationHandle(handle),
+        })
+    }
+
+    async fn revoke_inner(
+        &self,
+        handle: &RevocationHandle,
+        token: Option<&SecretString>,
+    ) -> Result<Revocation, IssuerError> {
+        let Some(url) = self.spec.revoke_url.as_deref() else {
+            return Ok(Revocation::NotSupported);
+        };
+        let id = handle.0.strip_prefix("webhook-id:");
+        if id.is_none() && token.is_none() {
+            return Err(IssuerError::Unavailable(
+                "neither an id nor the token is held; it dies at its expiry".into(),
+            ));
+        }
+        let http = web::client(self.spec.ca_bundle.as_deref())?;
+        let auth = self.authorization().await?;
+        let reply = web::send("revoke request", || {
+            let mut body = serde_json::Map::new();
+            if let Some(id) = id {
+                body.insert("id".into(), Value::String(id.to_string()));
+            }
+            if let Some(t) = token {
+                body.insert("token".into(), Value::String(t.expose_secret().to_string()));
+            }
+            let rb = http.post(url).json(&body);
+            match &auth {
+                Some(a) => rb.header("Authorization", a.expose_secret()),
+                None => rb,
+            }
+        })
+        .await?;
+        match reply.status {
+            200..=299 | 404 | 410 => Ok(Revocation::Revoked),
+            _ => Err(IssuerError::Unavailable(format!(
+                "revocation refused: {}",
+                reply.describe()
+            ))),
+        }
+    }
+
+    async fn check_inner(&self) -> Result<(), IssuerError> {
+        self.validate()?;
+        render_body(self.spec.body.as_deref(), &MintRequest::default())?;
+        let http = web::client(self.spec.ca_bundle.as_deref())?;
+        self.authorization().await?;
+        match http.head(&self.spec.url).send().await {
+            Ok(r) if r.status().as_u16() < 500 => Ok(()),
+            Ok(r) => Err(IssuerError::Unavailable(format!(
+                "mint endpoint answers HTTP {}",
+                r.status().as_u16()
+            ))),
+            Err(e) => Err(IssuerError::Unavailable(format!(
+                "mint endpoint unreachable: {}",
+                if e.is_timeout() {
+                    "timed out"
+                } else {
+                    "cannot connect"
+                }
+            ))),
+        }
+    }
+}
+
+impl Issuer for WebhookIssuer {
+    fn kind(&self) -> &'static str {
+        "webhook"
+    }
+
+    fn mint<'a>(&'a self, req: &'a MintRequest) -> BoxFuture<'a, Result<MintedToken, IssuerError>> {
+        self.mint_inner(req).boxed()
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        _namespace: &'a str,
+        handle: &'a RevocationHandle,
+        token: Option<&'a SecretString>,
+    ) -> BoxFuture<'a, Result<Revocation, IssuerError>> {
+        self.revoke_inner(handle, token).boxed()
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), IssuerError>> {
+        self.check_inner().boxed()
+    }
+}
+
+/// Renders the body template into JSON.
+pub fn render_body(template: Option<&str>, req: &MintRequest) -> Result<Value, IssuerError> {
+    let mut vars: BTreeMap<String, Value> = BTreeMap::from([
+        ("namespace".into(), Value::from(req.namespace.clone())),
+        ("name".into(), Value::from(req.name.clone())),
+        ("revision".into(), Value::from(req.revision)),
+        (
+            "lifetimeSeconds".into(),
+            Value::from(req.lifetime.as_secs()),
+        ),
+        ("scopes".into(), Value::from(req.scopes.clone())),
+        ("audiences".into(), Value::from(req.audiences.clone())),
+    ]);
+    for (k, v) in &req.parameters {
+        vars.insert(format!("parameters.{k}"), Value::from(v.clone()));
+    }
+    let Some(template) = template else {
+        let mut obj: serde_json::Map<String, Value> = vars
+            .iter()
+            .filter(|(k, _)| !k.starts_with("parameters."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        obj.insert(
+            "parameters".into(),
+            serde_json::to_value(&req.parameters).unwrap_or_default(),
+        );
+        return Ok(Value::Object(obj));
+    };
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find("}}")
+            .ok_or_else(|| IssuerError::Invalid("webhook.body: an unclosed {{".into()))?;
+        let name = after[..end].trim();
+        let value = vars
+            .get(name)
+            .or_else(|| name.starts_with("parameters.").then_some(&Value::Null))
+            .ok_or_else(|| {
+                IssuerError::Invalid(format!("webhook.body: unknown variable {{{{ {name} }}}}"))
+            })?;
+        out.push_str(&value.to_string());
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    serde_json::from_str(&out)
+        .map_err(|e| IssuerError::Invalid(format!("webhook.body is not JSON once rendered: {e}")))
+}
+
+#[derive(Debug, PartialEq)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// Parses `$.a.b[0]["c d"]` (a small JSONPath subset).
+fn parse_path(path: &str) -> Result<Vec<Step>, String> {
+    let rest = path
+        .strip_prefix('$')
+        .ok_or_else(|| format!("{path:?} must start with $"))?;
+    let mut steps = Vec::new();
+    let mut chars = rest.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '.' => {
+                let mut key = String::new();
+                while let Some(&n) = chars.peek() {
+                    if n == '.' || n == '[' {
+                        break;
+                    }
+                    key.push(n);
+                    chars.next();
+                }
+                if key.is_empty() {
+                    return Err(format!("{path:?} has an empty key"));
+                }
+                steps.push(Step::Key(key));
+            }
+            '[' => {
+                let mut inner = String::new();
+                for n in chars.by_ref() {
+                    if n == ']' {
+                        break;
+                    }
+                    inner.push(n);
+                }
+                let inner = inner.trim();
+                if let Ok(i) = inner.parse::<usize>() {
+                    steps.push(Step::Index(i));
+                } else if inner.len() >= 2
+                    && (inner.starts_with('"') && inner.ends_with('"')
+                        || inner.starts_with('\'') && inner.ends_with('\''))
+                {
+                    steps.push(Step::Key(inner[1..inner.len() - 1].to_string()));
+                } else {
+                    return Err(format!(
+                        "{path:?}: [{inner}] is not an index or a quoted key"
+                    ));
+                }
+            }
+            other => return Err(format!("{path:?}: unexpected {other:?}")),
+        }
+    }
+    Ok(steps)
+}
+
+/// The value at `path`, if any.
+pub fn lookup<'a>(json: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut v = json;
+    for step in parse_path(path).ok()? {
+        v = match step {
+            Step::Key(k) => v.get(&k)?,
+            Step::Index(i) => v.get(i)?,
+        };
+    }
+    Some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn paths_reach_nested_values() {
+        let j = json!({"data": {"tokens": [{"value": "t1", "ttl": 60}], "a b": 1}});
+        assert_eq!(lookup(&j, "$.data.tokens[0].value"), Some(&json!("t1")));
+        assert_eq!(lookup(&j, "$.data[\"a b\"]"), Some(&json!(1)));
+        assert_eq!(lookup(&j, "$.data.tokens[1]"), None);
+        assert_eq!(lookup(&j, "$"), Some(&j));
+        assert!(parse_path("data.x").is_err());
+        assert!(parse_path("$..x").is_err());
+    }
+
+    #[test]
+    fn body_templates_render_json_values() {
+        let req = MintRequest {
+            namespace: "team-a".into(),
+            name: "bot".into(),
+            scopes: vec!["read".into(), "deploy".into()],
+            lifetime: std::time::Duration::from_secs(600),
+            parameters: [("team".to_string(), "x\"y".to_string())].into(),
+            ..Default::default()
+        };
+        let body = render_body(
+            Some(r#"{"sub": {{ namespace }}, "scopes": {{ scopes }}, "ttl": {{ lifetimeSeconds }}, "team": {{ parameters.team }}}"#),
+            &req,
+        )
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({"sub": "team-a", "scopes": ["read", "deploy"], "ttl": 600, "team": "x\"y"})
+        );
+        assert!(render_body(Some("{{ nope }}"), &req).is_err());
+        assert!(render_body(Some("{\"a\": {{ name }"), &req).is_err());
+        let default = render_body(None, &req).unwrap();
+        assert_eq!(default["name"], "bot");
+        assert_eq!(default["parameters"]["team"], "x\"y");
+    }
+}

@@ -1,0 +1,268 @@
+//! The webhook issuer against a local STAND-IN minting service (no real
+//! product defines this API: it is whatever the user's service speaks),
+//! written here with axum: it checks the Authorization header, records the
+//! request bodies, mints random tokens with ids, revokes by id, and can be
+//! told to misbehave (garbage JSON, 503 with Retry-After, no expiry).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+
+use agent_token_operator::crd::{AgentToken, RevocationState};
+
+use crate::support::{Operator, TestNamespace, apply, eventually, random_suffix};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Normal,
+    Garbage,
+    Unavailable,
+    NoExpiry,
+}
+
+struct Service {
+    auth: String,
+    mode: Mode,
+    /// id -> (token, active)
+    tokens: HashMap<String, (String, bool)>,
+    bodies: Vec<serde_json::Value>,
+    requests: usize,
+}
+
+type Shared = Arc<Mutex<Service>>;
+
+async fn mint(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
+    let mut s = s.lock().unwrap();
+    s.requests += 1;
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(s.auth.as_str()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(serde_json::json!({"error": "unauthorized"})),
+        )
+            .into_response();
+    }
+    s.bodies.push(body);
+    let id = format!("tok-{}", s.tokens.len() + 1);
+    let token = format!("wh-{}-{}", random_suffix(), random_suffix());
+    match s.mode {
+        Mode::Garbage => return (StatusCode::OK, "<html>token=leaked?</html>").into_response(),
+        Mode::Unavailable => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [("retry-after", "1")],
+                "busy",
+            )
+                .into_response();
+        }
+        Mode::NoExpiry => {
+            return Json(serde_json::json!({"data": {"token": token, "id": id}})).into_response();
+        }
+        Mode::Normal => {}
+    }
+    s.tokens.insert(id.clone(), (token.clone(), true));
+    Json(serde_json::json!({"data": {"token": token, "ttl": 900, "id": id}})).into_response()
+}
+
+async fn revoke(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<serde_json::Value>,
+) -> StatusCode {
+    let mut s = s.lock().unwrap();
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(s.auth.as_str()) {
+        return StatusCode::UNAUTHORIZED;
+    }
+    let id = body["id"].as_str().unwrap_or_default().to_string();
+    match s.tokens.get_mut(&id) {
+        Some(t) => {
+            t.1 = false;
+            StatusCode::OK
+        }
+        None => StatusCode::NOT_FOUND,
+    }
+}
+
+async fn start() -> (Shared, u16) {
+    let shared: Shared = Arc::new(Mutex::new(Service {
+        auth: format!("Bearer {}", random_suffix() + &random_suffix()),
+        mode: Mode::Normal,
+        tokens: HashMap::new(),
+        bodies: Vec::new(),
+        requests: 0,
+    }));
+    let app = Router::new()
+        .route(
+            "/mint",
+            post(mint).head(|| async { StatusCode::METHOD_NOT_ALLOWED }),
+        )
+        .route("/revoke", post(revoke))
+        .with_state(shared.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (shared, port)
+}
+
+async fn setup(ns: &TestNamespace, svc: &Shared, port: u16) {
+    let auth = svc.lock().unwrap().auth.clone();
+    let api: Api<Secret> = ns.api();
+    let s: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "mint-auth"},
+        "stringData": {"authorization": auth},
+    }))
+    .unwrap();
+    api.create(&Default::default(), &s).await.unwrap();
+    let yaml = format!(
+        r#"
+apiVersion: agenttoken.dev/v1alpha1
+kind: TokenIssuer
+metadata: {{name: minter}}
+spec:
+  webhook:
+    url: http://127.0.0.1:{port}/mint
+    body: '{{"subject": {{{{ namespace }}}}, "agent": {{{{ name }}}}, "scopes": {{{{ scopes }}}}, "ttl": {{{{ lifetimeSeconds }}}}}}'
+    authorizationSecretRef: {{name: mint-auth, key: authorization}}
+    result: {{tokenPath: $.data.token, expiresInPath: $.data.ttl, idPath: $.data.id}}
+    revokeURL: http://127.0.0.1:{port}/revoke
+  policy: {{allowedScopes: ["read", "deploy"]}}
+---
+apiVersion: agenttoken.dev/v1alpha1
+kind: AgentToken
+metadata: {{name: bot}}
+spec:
+  issuerRef: {{name: minter}}
+  scopes: ["read"]
+  lifetime: 10m
+  previousTokenGracePeriod: 0s
+"#
+    );
+    let out = apply(ns, &yaml);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn token_in_secret(ns: &TestNamespace) -> Option<String> {
+    let s: Secret = ns.api().get_opt("bot").await.ok()??;
+    Some(String::from_utf8(s.data?.get("token")?.0.clone()).unwrap())
+}
+
+#[tokio::test]
+async fn webhook_stand_in_mints_from_a_template_and_revokes_by_id() {
+    let (svc, port) = start().await;
+    let ns = TestNamespace::new("webhook").await;
+    let op = Operator::start(&ns.name);
+    setup(&ns, &svc, port).await;
+    let api: Api<AgentToken> = ns.api();
+    eventually(Duration::from_secs(30), "revision 1", || async {
+        (api.get("bot").await.ok()?.status?.revision == 1).then_some(())
+    })
+    .await;
+    let first = token_in_secret(&ns).await.unwrap();
+    {
+        let s = svc.lock().unwrap();
+        assert_eq!(s.tokens["tok-1"], (first.clone(), true));
+        assert_eq!(
+            s.bodies[0],
+            serde_json::json!({"subject": ns.name, "agent": "bot", "scopes": ["read"], "ttl": 600})
+        );
+    }
+    let patch = serde_json::json!({"metadata": {"annotations": {"agenttoken.dev/rotate": "1"}}});
+    api.patch("bot", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let at = eventually(Duration::from_secs(30), "revision 1 revoked", || async {
+        let at = api.get("bot").await.ok()?;
+        at.status
+            .as_ref()?
+            .history
+            .iter()
+            .any(|h| h.revision == 1 && h.revocation == RevocationState::Revoked)
+            .then_some(at)
+    })
+    .await;
+    assert!(
+        !svc.lock().unwrap().tokens["tok-1"].1,
+        "revoked at the service"
+    );
+    assert!(svc.lock().unwrap().tokens["tok-2"].1);
+    // The service's expiry (900 s) is the truth, not the 10m asked for.
+    let st = at.status.unwrap();
+    let secs = st
+        .expires_at
+        .unwrap()
+        .0
+        .duration_since(st.issued_at.unwrap().0)
+        .as_secs();
+    assert!((895..=905).contains(&secs), "{secs}");
+    let auth = svc.lock().unwrap().auth.clone();
+    let logs = op.logs();
+    assert!(!logs.contains(&first) && !logs.contains(&auth));
+}
+
+#[tokio::test]
+async fn webhook_stand_in_misbehaving_service_never_writes_a_secret() {
+    let (svc, port) = start().await;
+    svc.lock().unwrap().mode = Mode::Garbage;
+    let ns = TestNamespace::new("webhook-bad").await;
+    let op = Operator::start(&ns.name);
+    setup(&ns, &svc, port).await;
+    let api: Api<AgentToken> = ns.api();
+    let failure = |needle: &'static str| {
+        let api = api.clone();
+        async move {
+            eventually(Duration::from_secs(60), needle, || async {
+                let st = api.get("bot").await.ok()?.status?;
+                st.last_failure_message
+                    .filter(|m| m.contains(needle))
+                    .map(|_| ())
+            })
+            .await
+        }
+    };
+    failure("not JSON").await;
+    assert!(
+        token_in_secret(&ns).await.is_none(),
+        "no Secret from garbage"
+    );
+    svc.lock().unwrap().mode = Mode::NoExpiry;
+    failure("expiry is unknown").await;
+    assert!(
+        token_in_secret(&ns).await.is_none(),
+        "no Secret without expiry"
+    );
+    let before = svc.lock().unwrap().requests;
+    svc.lock().unwrap().mode = Mode::Unavailable;
+    failure("HTTP 503").await;
+    let tries = svc.lock().unwrap().requests - before;
+    assert!(
+        tries >= 3,
+        "retried (honouring Retry-After): {tries} requests"
+    );
+    assert!(token_in_secret(&ns).await.is_none());
+    // Once the service behaves, the backoff retry succeeds.
+    svc.lock().unwrap().mode = Mode::Normal;
+    eventually(Duration::from_secs(90), "recovered", || async {
+        (api.get("bot").await.ok()?.status?.revision >= 1).then_some(())
+    })
+    .await;
+    assert!(token_in_secret(&ns).await.is_some());
+    assert!(
+        !op.logs().contains("leaked"),
+        "a response body reached the log"
+    );
+}
