@@ -30,6 +30,7 @@ use crate::crd::{AgentToken, ClusterTokenIssuer, IssuerKind, TokenIssuer, TokenI
 use crate::http::Readiness;
 use crate::issuer::oauth2::OAuth2Issuer;
 use crate::issuer::service_account::ServiceAccountIssuer;
+use crate::issuer::vault::VaultIssuer;
 use crate::issuer::webhook::WebhookIssuer;
 use crate::issuer::{Issuer, IssuerError};
 use crate::labels;
@@ -120,6 +121,13 @@ impl Context {
             return Ok(Box::new(OAuth2Issuer::new(
                 self.client.clone(),
                 o.clone(),
+                secret_namespace,
+            )));
+        }
+        if let Some(v) = &spec.vault {
+            return Ok(Box::new(VaultIssuer::new(
+                self.client.clone(),
+                v.clone(),
                 secret_namespace,
             )));
         }

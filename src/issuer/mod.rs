@@ -7,6 +7,7 @@
 
 pub mod oauth2;
 pub mod service_account;
+pub mod vault;
 pub mod web;
 pub mod webhook;
 

