@@ -28,6 +28,7 @@ use tracing::{info, warn};
 
 use crate::crd::{AgentToken, ClusterTokenIssuer, IssuerKind, TokenIssuer, TokenIssuerSpec};
 use crate::http::Readiness;
+use crate::issuer::github_app::GithubAppIssuer;
 use crate::issuer::oauth2::OAuth2Issuer;
 use crate::issuer::service_account::ServiceAccountIssuer;
 use crate::issuer::vault::VaultIssuer;
@@ -121,6 +122,13 @@ impl Context {
             return Ok(Box::new(OAuth2Issuer::new(
                 self.client.clone(),
                 o.clone(),
+                secret_namespace,
+            )));
+        }
+        if let Some(g) = &spec.github_app {
+            return Ok(Box::new(GithubAppIssuer::new(
+                self.client.clone(),
+                g.clone(),
                 secret_namespace,
             )));
         }

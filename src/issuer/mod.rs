@@ -5,6 +5,7 @@
 //! [`RevocationHandle`] that holds no secret (the token itself is never kept
 //! anywhere but in the AgentToken's Secret).
 
+pub mod github_app;
 pub mod oauth2;
 pub mod service_account;
 pub mod vault;

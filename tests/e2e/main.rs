@@ -4,6 +4,7 @@
 mod agenttoken;
 mod cluster;
 mod consumers;
+mod github_app;
 mod helm;
 mod oauth2;
 mod plugin;

@@ -1,0 +1,257 @@
+//! The GitHub App issuer: an App JWT (RS256, signed with the App's private
+//! key) is exchanged for an installation access token scoped to the
+//! AgentToken's `permissions` and `repositories`
+//! (`POST /app/installations/{id}/access_tokens`). The expiry is the
+//! response's `expires_at`; revocation is `DELETE /installation/token`,
+//! authenticated with the token itself.
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use jiff::Timestamp;
+use kube::Client;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+
+use super::{Issuer, IssuerError, MintRequest, MintedToken, Revocation, RevocationHandle, web};
+use crate::crd::GithubAppIssuerSpec;
+use crate::rotation;
+
+/// GitHub's API when `apiURL` is not set.
+pub const DEFAULT_API: &str = "https://api.github.com";
+/// GitHub accepts App JWTs valid for at most 10 minutes.
+const JWT_LIFETIME_SECS: i64 = 540;
+
+/// Mints GitHub installation tokens.
+pub struct GithubAppIssuer {
+    kube: Client,
+    spec: GithubAppIssuerSpec,
+    secret_namespace: String,
+}
+
+impl GithubAppIssuer {
+    pub fn new(kube: Client, spec: GithubAppIssuerSpec, secret_namespace: String) -> Self {
+        GithubAppIssuer {
+            kube,
+            spec,
+            secret_namespace,
+        }
+    }
+
+    fn api(&self, path: &str) -> String {
+        format!(
+            "{}{path}",
+            self.spec
+                .api_url
+                .as_deref()
+                .unwrap_or(DEFAULT_API)
+                .trim_end_matches('/')
+        )
+    }
+
+    /// The App JWT: `iss` = App id, backdated 60 s for clock drift.
+    async fn app_jwt(&self) -> Result<SecretString, IssuerError> {
+        let pem = web::read_secret(
+            &self.kube,
+            &self.secret_namespace,
+            &self.spec.private_key_secret_ref,
+            "githubApp.privateKeySecretRef",
+        )
+        .await?;
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.expose_secret().as_bytes()).map_err(
+            |_| {
+                IssuerError::Invalid(
+                    "githubApp.privateKeySecretRef does not hold an RSA private key in PEM".into(),
+                )
+            },
+        )?;
+        let now = Timestamp::now().as_second();
+        let claims = json!({
+            "iss": self.spec.app_id.to_string(),
+            "iat": now - 60,
+            "exp": now + JWT_LIFETIME_SECS,
+        });
+        let jwt = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+            &claims,
+            &key,
+        )
+        .map_err(|e| IssuerError::Invalid(format!("cannot sign the App JWT: {e}")))?;
+        Ok(SecretString::from(jwt))
+    }
+
+    async fn request(
+        &self,
+        what: &str,
+        method: reqwest::Method,
+        path: &str,
+        auth: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), IssuerError> {
+        let http = web::client(None)?;
+        let url = self.api(path);
+        let reply = web::send(what, || {
+            let rb = http
+                .request(method.clone(), &url)
+                .header("Accept", "application/vnd.github+json")
+                .header("X-GitHub-Api-Version", "2022-11-28")
+                .header("Authorization", auth);
+            match body {
+                Some(b) => rb.json(b),
+                None => rb,
+            }
+        })
+        .await?;
+        let json = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
+        if reply.status >= 400 {
+            let message = json["message"]
+                .as_str()
+                .map(|m| m.chars().take(200).collect::<String>())
+                .unwrap_or_default();
+            let msg = format!("{what} refused: HTTP {}: {message}", reply.status);
+            return Err(if reply.status < 500 {
+                IssuerError::Invalid(msg)
+            } else {
+                IssuerError::Unavailable(msg)
+            });
+        }
+        Ok((reply.status, json))
+    }
+
+    async fn installation(
+        &self,
+        jwt: &SecretString,
+        req: &MintRequest,
+    ) -> Result<i64, IssuerError> {
+        if let Some(id) = self.spec.installation_id {
+            return Ok(id);
+        }
+        if let Some(id) = req.parameters.get("installationID") {
+            return id.parse().map_err(|_| {
+                IssuerError::Invalid(format!("parameters.installationID {id:?} is not a number"))
+            });
+        }
+        let auth = format!("Bearer {}", jwt.expose_secret());
+        let (_, list) = self
+            .request(
+                "installation list",
+                reqwest::Method::GET,
+                "/app/installations",
+                &auth,
+                None,
+            )
+            .await?;
+        let ids: Vec<i64> = list
+            .as_array()
+            .map(|a| a.iter().filter_map(|i| i["id"].as_i64()).collect())
+            .unwrap_or_default();
+        match ids.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(IssuerError::Invalid("the App has no installation".into())),
+            _ => Err(IssuerError::Invalid(format!(
+                "the App has {} installations: set githubApp.installationID or parameters.installationID",
+                ids.len()
+            ))),
+        }
+    }
+
+    async fn mint_inner(&self, req: &MintRequest) -> Result<MintedToken, IssuerError> {
+        let jwt = self.app_jwt().await?;
+        let installation = self.installation(&jwt, req).await?;
+        let mut body = serde_json::Map::new();
+        if !req.repositories.is_empty() {
+            body.insert("repositories".into(), json!(req.repositories));
+        }
+        if !req.permissions.is_empty() {
+            body.insert("permissions".into(), json!(req.permissions));
+        }
+        let issued_at = Timestamp::now();
+        let auth = format!("Bearer {}", jwt.expose_secret());
+        let (_, reply) = self
+            .request(
+                "installation token request",
+                reqwest::Method::POST,
+                &format!("/app/installations/{installation}/access_tokens"),
+                &auth,
+                Some(&Value::Object(body)),
+            )
+            .await?;
+        let token = reply["token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| IssuerError::Unavailable("the response has no token".into()))?
+            .to_string();
+        let expires_at = reply["expires_at"]
+            .as_str()
+            .and_then(|s| s.parse::<Timestamp>().ok())
+            .filter(|t| *t > issued_at)
+            .ok_or_else(|| {
+                IssuerError::Unavailable(
+                    "the response has no future expires_at: refusing a token whose expiry is unknown"
+                        .into(),
+                )
+            })?;
+        let fp = rotation::fingerprint(token.as_bytes());
+        Ok(MintedToken {
+            token: SecretString::from(token),
+            issued_at,
+            expires_at,
+            handle: RevocationHandle(format!("github-installation:{installation}:{fp}")),
+        })
+    }
+
+    async fn revoke_inner(&self, token: Option<&SecretString>) -> Result<Revocation, IssuerError> {
+        let Some(token) = token else {
+            return Err(IssuerError::Unavailable(
+                "the token is no longer held, so it cannot be revoked; it dies at its expiry"
+                    .into(),
+            ));
+        };
+        let auth = format!("Bearer {}", token.expose_secret());
+        match self
+            .request(
+                "token revocation",
+                reqwest::Method::DELETE,
+                "/installation/token",
+                &auth,
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(Revocation::Revoked),
+            // 401: the token is already invalid.
+            Err(IssuerError::Invalid(m)) if m.contains("HTTP 401") => Ok(Revocation::Revoked),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn check_inner(&self) -> Result<(), IssuerError> {
+        let jwt = self.app_jwt().await?;
+        let auth = format!("Bearer {}", jwt.expose_secret());
+        self.request("App lookup", reqwest::Method::GET, "/app", &auth, None)
+            .await
+            .map(|_| ())
+    }
+}
+
+impl Issuer for GithubAppIssuer {
+    fn kind(&self) -> &'static str {
+        "githubApp"
+    }
+
+    fn mint<'a>(&'a self, req: &'a MintRequest) -> BoxFuture<'a, Result<MintedToken, IssuerError>> {
+        self.mint_inner(req).boxed()
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        _namespace: &'a str,
+        _handle: &'a RevocationHandle,
+        token: Option<&'a SecretString>,
+    ) -> BoxFuture<'a, Result<Revocation, IssuerError>> {
+        self.revoke_inner(token).boxed()
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), IssuerError>> {
+        self.check_inner().boxed()
+    }
+}

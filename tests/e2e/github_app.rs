@@ -1,0 +1,298 @@
+//! The githubApp issuer against a local STAND-IN of GitHub's documented App
+//! endpoints (no real GitHub is reachable here). Like GitHub, the stand-in
+//! checks the App JWT's RS256 signature against the App's public key, its
+//! `iss`, and that it is current and lives at most 10 minutes; installation
+//! tokens are scoped to the requested repositories and permissions, expire
+//! in an hour, and die on `DELETE /installation/token`. The App's key pair is
+//! generated per test with openssl.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::{Value, json};
+
+use agent_token_operator::crd::{AgentToken, RevocationState};
+
+use crate::support::{Operator, TestNamespace, apply, eventually, random_suffix};
+
+const APP_ID: i64 = 31337;
+const INSTALLATION: i64 = 4242;
+
+struct GitHub {
+    public_pem: String,
+    /// token -> (repositories, permissions, active)
+    tokens: HashMap<String, (Value, Value, bool)>,
+    jwt_rejections: Vec<String>,
+}
+
+type Shared = Arc<Mutex<GitHub>>;
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get("authorization")?.to_str().ok()?;
+    v.strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("token "))
+        .map(String::from)
+}
+
+/// GitHub's App JWT rules.
+fn app_jwt_ok(gh: &mut GitHub, headers: &HeaderMap) -> bool {
+    let Some(jwt) = bearer(headers) else {
+        gh.jwt_rejections.push("no bearer".into());
+        return false;
+    };
+    let key = jsonwebtoken::DecodingKey::from_rsa_pem(gh.public_pem.as_bytes()).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    v.set_required_spec_claims(&["exp", "iat", "iss"]);
+    v.validate_aud = false;
+    v.leeway = 0;
+    match jsonwebtoken::decode::<Value>(&jwt, &key, &v) {
+        Ok(data) => {
+            let c = data.claims;
+            let iss_ok =
+                c["iss"].as_str() == Some(&APP_ID.to_string()) || c["iss"].as_i64() == Some(APP_ID);
+            let now = jiff::Timestamp::now().as_second();
+            let (iat, exp) = (
+                c["iat"].as_i64().unwrap_or(0),
+                c["exp"].as_i64().unwrap_or(0),
+            );
+            let ok = iss_ok && iat <= now + 60 && exp - iat <= 660 && exp > now;
+            if !ok {
+                gh.jwt_rejections.push(format!("claims {c}"));
+            }
+            ok
+        }
+        Err(e) => {
+            gh.jwt_rejections.push(e.to_string());
+            false
+        }
+    }
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({"message": "A JSON web token could not be decoded"})),
+    )
+        .into_response()
+}
+
+async fn app(State(s): State<Shared>, headers: HeaderMap) -> Response {
+    let mut gh = s.lock().unwrap();
+    if !app_jwt_ok(&mut gh, &headers) {
+        return unauthorized();
+    }
+    Json(json!({"id": APP_ID, "slug": "agent-fleet"})).into_response()
+}
+
+async fn installations(State(s): State<Shared>, headers: HeaderMap) -> Response {
+    let mut gh = s.lock().unwrap();
+    if !app_jwt_ok(&mut gh, &headers) {
+        return unauthorized();
+    }
+    Json(json!([{"id": INSTALLATION, "account": {"login": "example"}}])).into_response()
+}
+
+async fn access_tokens(
+    State(s): State<Shared>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let mut gh = s.lock().unwrap();
+    if !app_jwt_ok(&mut gh, &headers) {
+        return unauthorized();
+    }
+    if id != INSTALLATION {
+        return (StatusCode::NOT_FOUND, Json(json!({"message": "Not Found"}))).into_response();
+    }
+    // The App was granted contents:write and metadata:read.
+    let granted = json!({"contents": ["read", "write"], "metadata": ["read"]});
+    if let Some(p) = body["permissions"].as_object() {
+        for (k, v) in p {
+            let ok = granted[k]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|g| g == v));
+            if !ok {
+                return (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    Json(json!({"message": format!("The permissions requested are not granted to this installation: {k}")})),
+                )
+                    .into_response();
+            }
+        }
+    }
+    let token = format!("ghs_{}{}", random_suffix(), random_suffix());
+    let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
+    gh.tokens.insert(
+        token.clone(),
+        (
+            body["repositories"].clone(),
+            body["permissions"].clone(),
+            true,
+        ),
+    );
+    (
+        StatusCode::CREATED,
+        Json(json!({
+            "token": token,
+            "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            "permissions": body["permissions"],
+            "repository_selection": "selected",
+        })),
+    )
+        .into_response()
+}
+
+async fn revoke(State(s): State<Shared>, headers: HeaderMap) -> StatusCode {
+    let mut gh = s.lock().unwrap();
+    match bearer(&headers).and_then(|t| gh.tokens.get_mut(&t)) {
+        Some(t) if t.2 => {
+            t.2 = false;
+            StatusCode::NO_CONTENT
+        }
+        _ => StatusCode::UNAUTHORIZED,
+    }
+}
+
+async fn start() -> (Shared, u16, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("app.pem");
+    let ok = Command::new("openssl")
+        .args(["genrsa", "-out"])
+        .arg(&key)
+        .arg("2048")
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "openssl genrsa");
+    let public = Command::new("openssl")
+        .args(["rsa", "-pubout", "-in"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(public.status.success(), "openssl rsa -pubout");
+    let private_pem = std::fs::read_to_string(&key).unwrap();
+    let shared: Shared = Arc::new(Mutex::new(GitHub {
+        public_pem: String::from_utf8(public.stdout).unwrap(),
+        tokens: HashMap::new(),
+        jwt_rejections: Vec::new(),
+    }));
+    let app_router = Router::new()
+        .route("/app", get(app))
+        .route("/app/installations", get(installations))
+        .route("/app/installations/{id}/access_tokens", post(access_tokens))
+        .route("/installation/token", delete(revoke))
+        .with_state(shared.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app_router).await });
+    (shared, port, private_pem)
+}
+
+#[tokio::test]
+async fn github_app_stand_in_installation_token_scoped_and_revoked() {
+    let (gh, port, private_pem) = start().await;
+    let ns = TestNamespace::new("github").await;
+    let op = Operator::start(&ns.name);
+    let api: Api<Secret> = ns.api();
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "app-key"},
+        "stringData": {"private-key.pem": private_pem},
+    }))
+    .unwrap();
+    api.create(&Default::default(), &s).await.unwrap();
+    let yaml = format!(
+        r#"
+apiVersion: agenttoken.dev/v1alpha1
+kind: TokenIssuer
+metadata: {{name: github}}
+spec:
+  githubApp:
+    apiURL: http://127.0.0.1:{port}
+    appID: {APP_ID}
+    privateKeySecretRef: {{name: app-key, key: private-key.pem}}
+---
+apiVersion: agenttoken.dev/v1alpha1
+kind: AgentToken
+metadata: {{name: bot}}
+spec:
+  issuerRef: {{name: github}}
+  permissions: {{contents: read}}
+  repositories: ["infra"]
+  lifetime: 1h
+  previousTokenGracePeriod: 0s
+"#
+    );
+    let out = apply(&ns, &yaml);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ats: Api<AgentToken> = ns.api();
+    let at = eventually(Duration::from_secs(45), "revision 1", || async {
+        let at = ats.get("bot").await.ok()?;
+        (at.status.as_ref()?.revision == 1).then_some(at)
+    })
+    .await;
+    let secret: Secret = ns.api().get("bot").await.unwrap();
+    let first = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
+    {
+        let g = gh.lock().unwrap();
+        assert!(g.jwt_rejections.is_empty(), "{:?}", g.jwt_rejections);
+        let (repos, perms, active) = &g.tokens[&first];
+        assert_eq!(repos, &json!(["infra"]));
+        assert_eq!(perms, &json!({"contents": "read"}));
+        assert!(active);
+    }
+    // GitHub's expires_at (1h) is the expiry.
+    let st = at.status.unwrap();
+    let secs = st
+        .expires_at
+        .unwrap()
+        .0
+        .duration_since(st.issued_at.unwrap().0)
+        .as_secs();
+    assert!((3590..=3601).contains(&secs), "{secs}");
+
+    let patch = json!({"metadata": {"annotations": {"agenttoken.dev/rotate": "1"}}});
+    ats.patch("bot", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(45), "revision 1 revoked", || async {
+        let at = ats.get("bot").await.ok()?;
+        at.status?
+            .history
+            .iter()
+            .any(|h| h.revision == 1 && h.revocation == RevocationState::Revoked)
+            .then_some(())
+    })
+    .await;
+    assert!(!gh.lock().unwrap().tokens[&first].2, "revoked at GitHub");
+
+    // A permission the App was not granted: refused with GitHub's message.
+    let greedy = yaml
+        .split("---")
+        .nth(1)
+        .unwrap()
+        .replace("name: bot", "name: greedy")
+        .replace("contents: read", "administration: write");
+    assert!(apply(&ns, &greedy).status.success());
+    eventually(Duration::from_secs(45), "greedy refused", || async {
+        let st = ats.get("greedy").await.ok()?.status?;
+        st.last_failure_message
+            .filter(|m| m.contains("not granted"))
+            .map(|_| ())
+    })
+    .await;
+    let logs = op.logs();
+    assert!(!logs.contains(&first) && !logs.contains("PRIVATE KEY"));
+}
