@@ -680,10 +680,23 @@ pub struct WebhookResult {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JwtIssuerSpec {
-    /// The signing key (PEM): ES256, RS256 or EdDSA.
+    /// The signing key (PEM, PKCS#8 or PKCS#1): an EC P-256 key signs ES256,
+    /// an RSA key RS256, an Ed25519 key EdDSA. Changing the key (or the
+    /// Secret's content) rotates the signing key; the previous public keys
+    /// stay in the JWKS.
     pub signing_key_secret_ref: SecretKeyRef,
     /// The `iss` claim.
+    #[schemars(length(min = 1))]
     pub issuer: String,
+    /// ConfigMap (in the issuer's namespace; the operator's for a
+    /// ClusterTokenIssuer) where the public keys are published as a JWKS
+    /// under key `jwks.json`. Default: `<issuer name>-jwks`.
+    #[serde(
+        rename = "jwksConfigMap",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub jwks_config_map: Option<String>,
 }
 
 /// Guardrails enforced on every mint.

@@ -85,7 +85,11 @@ impl IssuerObject for ClusterTokenIssuer {
 }
 
 async fn reconcile<K: IssuerObject>(issuer: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let backend = match ctx.issuer_backend(issuer.spec(), issuer.namespace().as_deref()) {
+    let backend = match ctx.issuer_backend(
+        issuer.spec(),
+        issuer.namespace().as_deref(),
+        &issuer.name_any(),
+    ) {
         Err(m) => Err(Unready::NotSupported(m)),
         Ok(b) => match b.check().await {
             Ok(()) => Ok(()),

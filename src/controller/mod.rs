@@ -29,6 +29,7 @@ use tracing::{info, warn};
 use crate::crd::{AgentToken, ClusterTokenIssuer, IssuerKind, TokenIssuer, TokenIssuerSpec};
 use crate::http::Readiness;
 use crate::issuer::github_app::GithubAppIssuer;
+use crate::issuer::jwt::JwtIssuer;
 use crate::issuer::oauth2::OAuth2Issuer;
 use crate::issuer::service_account::ServiceAccountIssuer;
 use crate::issuer::vault::VaultIssuer;
@@ -113,6 +114,7 @@ impl Context {
         &self,
         spec: &TokenIssuerSpec,
         namespace: Option<&str>,
+        name: &str,
     ) -> Result<Box<dyn Issuer>, String> {
         let secret_namespace = namespace.unwrap_or(&self.operator_namespace).to_string();
         if spec.service_account.is_some() {
@@ -123,6 +125,14 @@ impl Context {
                 self.client.clone(),
                 o.clone(),
                 secret_namespace,
+            )));
+        }
+        if let Some(j) = &spec.jwt {
+            return Ok(Box::new(JwtIssuer::new(
+                self.client.clone(),
+                j.clone(),
+                secret_namespace,
+                name,
             )));
         }
         if let Some(g) = &spec.github_app {
@@ -230,7 +240,7 @@ pub(crate) async fn reconcile_issuer_backend(
     };
     match spec {
         Some(spec) => ctx
-            .issuer_backend(&spec, issuer_ns)
+            .issuer_backend(&spec, issuer_ns, name)
             .map_err(|m| Error::Issuer(IssuerError::Invalid(m))),
         // A deleted issuer: service-account bindings can still be removed.
         None => Ok(Box::new(ServiceAccountIssuer::new(ctx.client.clone()))),

@@ -130,7 +130,11 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
             return refuse(at, ctx, refusal).await;
         }
     };
-    let backend = match ctx.issuer_backend(&issuer.spec, issuer.namespace(&ns)) {
+    let backend = match ctx.issuer_backend(
+        &issuer.spec,
+        issuer.namespace(&ns),
+        &at.spec.issuer_ref.name,
+    ) {
         Ok(b) => b,
         Err(message) => {
             return refuse(

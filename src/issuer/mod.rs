@@ -6,6 +6,7 @@
 //! anywhere but in the AgentToken's Secret).
 
 pub mod github_app;
+pub mod jwt;
 pub mod oauth2;
 pub mod service_account;
 pub mod vault;

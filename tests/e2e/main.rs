@@ -6,6 +6,7 @@ mod cluster;
 mod consumers;
 mod github_app;
 mod helm;
+mod jwt;
 mod oauth2;
 mod plugin;
 mod support;

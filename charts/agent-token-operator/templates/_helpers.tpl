@@ -47,6 +47,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   resources: [serviceaccounts/token]
   verbs: [create]
 # Consumers: found by listing, restarted by a pod-template annotation.
+# jwt issuer: the JWKS ConfigMap it publishes.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, create, patch]
 - apiGroups: [apps]
   resources: [deployments, statefulsets, daemonsets]
   verbs: [get, list, patch]
