@@ -624,6 +624,9 @@ pub struct GithubAppIssuerSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub installation_id: Option<i64>,
+    /// PEM CA bundle to trust (optional; GitHub Enterprise with a private CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
 }
 
 /// Any HTTP minting service.
