@@ -26,6 +26,18 @@ fn duration_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
+/// A per-request HTTP timeout: a Go duration between 1s and 60s.
+fn timeout_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "pattern": DURATION_PATTERN,
+        "x-kubernetes-validations": [{
+            "rule": "duration(self) >= duration('1s') && duration(self) <= duration('60s')",
+            "message": "timeout must be between 1s and 60s",
+        }],
+    })
+}
+
 fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let mut schema = generator.subschema_for::<Vec<Condition>>();
     schema.insert("x-kubernetes-list-type".into(), "map".into());
@@ -574,6 +586,11 @@ pub struct OAuth2IssuerSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub revocation_url: Option<String>,
+    /// Time allowed for one HTTP request, connecting included (default 10s,
+    /// 1s-60s). A request that times out is retried (3 attempts in all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "timeout_schema")]
+    pub timeout: Option<Duration>,
     /// PEM CA bundle to trust for the endpoints (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<String>,
@@ -591,6 +608,11 @@ pub struct VaultIssuerSpec {
     /// Vault namespace (Enterprise / OpenBao namespaces).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// Time allowed for one HTTP request, connecting included (default 10s,
+    /// 1s-60s). A request that times out is retried (3 attempts in all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "timeout_schema")]
+    pub timeout: Option<Duration>,
     /// PEM CA bundle to trust (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<String>,
@@ -624,6 +646,11 @@ pub struct GithubAppIssuerSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub installation_id: Option<i64>,
+    /// Time allowed for one HTTP request, connecting included (default 10s,
+    /// 1s-60s). A request that times out is retried (3 attempts in all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "timeout_schema")]
+    pub timeout: Option<Duration>,
     /// PEM CA bundle to trust (optional; GitHub Enterprise with a private CA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<String>,
@@ -657,13 +684,22 @@ pub struct WebhookIssuerSpec {
     /// (`id` from `result.idPath` when set).
     #[serde(rename = "revokeURL", default, skip_serializing_if = "Option::is_none")]
     pub revoke_url: Option<String>,
+    /// Time allowed for one HTTP request, connecting included (default 10s,
+    /// 1s-60s). A request that times out is retried (3 attempts in all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "timeout_schema")]
+    pub timeout: Option<Duration>,
     /// PEM CA bundle to trust (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<String>,
 }
 
 /// JSONPath expressions into the webhook's response.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(
+    validation = Rule::new("has(self.expiresInPath) != has(self.expiresAtPath)")
+        .message("set exactly one of result.expiresInPath and result.expiresAtPath: the operator needs the token's real expiry")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookResult {
     /// Path of the token, e.g. `$.access_token`.
@@ -849,6 +885,41 @@ mod tests {
         }));
         let err = check(AgentToken::crd(), obj).unwrap_err();
         assert!(err.contains("shorter than spec.lifetime"), "{err}");
+    }
+
+    #[test]
+    fn issuer_timeouts_and_webhook_expiry_are_checked_at_admission() {
+        let ti = |spec: Value| json!({"apiVersion": "agenttoken.dev/v1alpha1", "kind": "TokenIssuer", "metadata": {"name": "i"}, "spec": spec});
+        let wh = |result: Value, timeout: &str| {
+            ti(
+                json!({"webhook": {"url": "https://m.example/t", "result": result, "timeout": timeout}}),
+            )
+        };
+        check(
+            TokenIssuer::crd(),
+            wh(json!({"tokenPath": "$.t", "expiresInPath": "$.e"}), "2s"),
+        )
+        .unwrap();
+        check(
+            TokenIssuer::crd(),
+            wh(json!({"tokenPath": "$.t", "expiresAtPath": "$.e"}), "60s"),
+        )
+        .unwrap();
+        for t in ["0s", "500ms", "61s", "5m"] {
+            let err = check(
+                TokenIssuer::crd(),
+                wh(json!({"tokenPath": "$.t", "expiresInPath": "$.e"}), t),
+            )
+            .unwrap_err();
+            assert!(err.contains("between 1s and 60s"), "{t}: {err}");
+        }
+        for result in [
+            json!({"tokenPath": "$.t"}),
+            json!({"tokenPath": "$.t", "expiresInPath": "$.e", "expiresAtPath": "$.a"}),
+        ] {
+            let err = check(TokenIssuer::crd(), wh(result, "10s")).unwrap_err();
+            assert!(err.contains("exactly one of result.expiresInPath"), "{err}");
+        }
     }
 
     #[test]

@@ -87,7 +87,7 @@ impl GithubAppIssuer {
         auth: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value), IssuerError> {
-        let http = web::client(self.spec.ca_bundle.as_deref())?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
         let url = self.api(path);
         let reply = web::send(what, || {
             let rb = http

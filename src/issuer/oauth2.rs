@@ -66,7 +66,7 @@ impl OAuth2Issuer {
     }
 
     async fn mint_inner(&self, req: &MintRequest) -> Result<MintedToken, IssuerError> {
-        let http = web::client(self.spec.ca_bundle.as_deref())?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
         let secret = self.secret().await?;
         let mut base = vec![("grant_type".to_string(), "client_credentials".to_string())];
         if !req.scopes.is_empty() {
@@ -142,7 +142,7 @@ impl OAuth2Issuer {
                     .into(),
             ));
         };
-        let http = web::client(self.spec.ca_bundle.as_deref())?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
         let secret = self.secret().await?;
         let reply = web::send("revocation request", || {
             let mut form = vec![
@@ -173,9 +173,9 @@ impl OAuth2Issuer {
     }
 
     async fn check_inner(&self) -> Result<(), IssuerError> {
-        web::client(self.spec.ca_bundle.as_deref())?;
+        web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
         self.secret().await?;
-        let http = web::client(self.spec.ca_bundle.as_deref())?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
         // Any HTTP answer proves the endpoint is there; minting to check
         // would create tokens nobody uses.
         match http.get(&self.spec.token_url).send().await {
@@ -186,11 +186,7 @@ impl OAuth2Issuer {
             ))),
             Err(e) => Err(IssuerError::Unavailable(format!(
                 "token endpoint unreachable: {}",
-                if e.is_timeout() {
-                    "timed out"
-                } else {
-                    "cannot connect"
-                }
+                web::describe_error(&e)
             ))),
         }
     }

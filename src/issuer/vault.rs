@@ -71,7 +71,7 @@ impl VaultIssuer {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value), IssuerError> {
-        let http = web::client(self.spec.ca_bundle.as_deref())?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
         let token = self.operator_token().await?;
         let url = self.url(path);
         let reply = web::send(what, || {

@@ -12,7 +12,8 @@ use secrecy::SecretString;
 use super::IssuerError;
 use crate::crd::SecretKeyRef;
 
-/// Time for one HTTP request, connect included.
+/// Time for one HTTP request, connect included, unless the issuer sets
+/// `timeout`.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts per operation (the first one included).
 pub const ATTEMPTS: u32 = 3;
@@ -20,11 +21,19 @@ pub const ATTEMPTS: u32 = 3;
 /// left to the reconcile's own backoff.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
-/// Builds a client that trusts the system roots plus `ca_bundle` (PEM).
-pub fn client(ca_bundle: Option<&str>) -> Result<reqwest::Client, IssuerError> {
+/// Builds a client that trusts the system roots plus `ca_bundle` (PEM) and
+/// gives each request `timeout` (default [`REQUEST_TIMEOUT`]).
+pub fn client(
+    ca_bundle: Option<&str>,
+    timeout: Option<kube::core::Duration>,
+) -> Result<reqwest::Client, IssuerError> {
+    let timeout = timeout.map(Duration::from).unwrap_or(REQUEST_TIMEOUT);
+    if timeout.is_zero() {
+        return Err(IssuerError::Invalid("timeout must be more than 0s".into()));
+    }
     let mut b = reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .connect_timeout(REQUEST_TIMEOUT)
+        .timeout(timeout)
+        .connect_timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("agent-token-operator/", env!("CARGO_PKG_VERSION")));
     if let Some(pem) = ca_bundle.filter(|p| !p.trim().is_empty()) {
@@ -100,6 +109,10 @@ where
             }
             Err(e) => {
                 last = format!("{what}: {}", describe_error(&e));
+                if tls_problem(&e).is_some() {
+                    // Retrying cannot change the server's certificate.
+                    return Err(IssuerError::Unavailable(last));
+                }
                 backoff(attempt)
             }
         };
@@ -131,27 +144,48 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     Some(Duration::try_from(d).unwrap_or(Duration::ZERO))
 }
 
-/// A transport error without its URL's query (which could hold a secret).
-fn describe_error(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "cannot connect"
-    } else {
-        "request failed"
-    };
-    let host = e
+/// A transport error without its URL's query (which could hold a secret),
+/// naming what a person can fix: a timeout, a refused connection, or a
+/// server certificate the client does not trust.
+pub fn describe_error(e: &reqwest::Error) -> String {
+    let target = e
         .url()
         .map(|u| {
+            let port = u.port().map(|p| format!(":{p}")).unwrap_or_default();
             format!(
-                " to {}://{}{}",
+                " {}://{}{port}{}",
                 u.scheme(),
                 u.host_str().unwrap_or(""),
                 u.path()
             )
         })
         .unwrap_or_default();
-    format!("{kind}{host}")
+    if e.is_timeout() {
+        format!("timed out calling{target}")
+    } else if let Some(tls) = tls_problem(e) {
+        format!(
+            "TLS handshake with{target} failed ({tls}): set caBundle to the CA that signed the server's certificate"
+        )
+    } else if e.is_connect() {
+        format!("cannot connect to{target}")
+    } else {
+        format!("request to{target} failed")
+    }
+}
+
+/// The certificate problem in an error's causes, if any. TLS library
+/// messages name the problem ("invalid peer certificate: UnknownIssuer")
+/// and never carry request data.
+fn tls_problem(e: &reqwest::Error) -> Option<String> {
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if text.contains("certificate") {
+            return Some(text.chars().take(160).collect());
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// Reads one key of a Secret the issuer refers to.
@@ -233,9 +267,14 @@ mod tests {
     #[test]
     fn a_bad_ca_bundle_is_a_configuration_error() {
         assert!(matches!(
-            client(Some("not pem")),
+            client(Some("not pem"), None),
             Err(IssuerError::Invalid(_))
         ));
-        assert!(client(None).is_ok());
+        assert!(matches!(
+            client(None, Some(Duration::ZERO.into())),
+            Err(IssuerError::Invalid(_))
+        ));
+        assert!(client(None, None).is_ok());
+        assert!(client(None, Some(Duration::from_secs(2).into())).is_ok());
     }
 }

@@ -71,7 +71,7 @@ impl WebhookIssuer {
     async fn mint_inner(&self, req: &MintRequest) -> Result<MintedToken, IssuerError> {
         self.validate()?;
         let body = render_body(self.spec.body.as_deref(), req)?;
-        let http = web::client(self.spec.ca_bundle.as_deref())?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
         let auth = self.authorization().await?;
         let method = self.spec.method.as_deref().unwrap_or("POST");
         let issued_at = Timestamp::now();
@@ -172,7 +172,7 @@ impl WebhookIssuer {
                 "neither an id nor the token is held; it dies at its expiry".into(),
             ));
         }
-        let http = web::client(self.spec.ca_bundle.as_deref())?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
         let auth = self.authorization().await?;
         let reply = web::send("revoke request", || {
             let mut body = serde_json::Map::new();
@@ -201,7 +201,7 @@ impl WebhookIssuer {
     async fn check_inner(&self) -> Result<(), IssuerError> {
         self.validate()?;
         render_body(self.spec.body.as_deref(), &MintRequest::default())?;
-        let http = web::client(self.spec.ca_bundle.as_deref())?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
         self.authorization().await?;
         match http.head(&self.spec.url).send().await {
             Ok(r) if r.status().as_u16() < 500 => Ok(()),
@@ -211,11 +211,7 @@ impl WebhookIssuer {
             ))),
             Err(e) => Err(IssuerError::Unavailable(format!(
                 "mint endpoint unreachable: {}",
-                if e.is_timeout() {
-                    "timed out"
-                } else {
-                    "cannot connect"
-                }
+                web::describe_error(&e)
             ))),
         }
     }

@@ -513,6 +513,14 @@ async fn invalid_specs_are_rejected_by_kubectl_apply() {
             "apiVersion: agenttoken.dev/v1alpha1\nkind: TokenIssuer\nmetadata: {name: two}\nspec:\n  serviceAccount: {}\n  jwt: {issuer: x, signingKeySecretRef: {name: k, key: k}}\n".to_string(),
             "exactly one",
         ),
+        (
+            "apiVersion: agenttoken.dev/v1alpha1\nkind: TokenIssuer\nmetadata: {name: slow}\nspec:\n  oauth2: {tokenURL: 'https://idp.example/token', clientID: c, clientSecretRef: {name: s, key: k}, timeout: 5m}\n".to_string(),
+            "between 1s and 60s",
+        ),
+        (
+            "apiVersion: agenttoken.dev/v1alpha1\nkind: TokenIssuer\nmetadata: {name: noexp}\nspec:\n  webhook: {url: 'https://mint.example/t', result: {tokenPath: $.t}}\n".to_string(),
+            "expiresInPath",
+        ),
     ];
     for (yaml, expect) in cases {
         let out = apply(&ns, &yaml);

@@ -10,5 +10,6 @@ mod jwt;
 mod oauth2;
 mod plugin;
 mod support;
+mod transport;
 mod vault;
 mod webhook;
