@@ -1,5 +1,6 @@
 //! The HTTP transport every external issuer shares (`src/issuer/web.rs`):
-//! a private CA trusted through `caBundle`, and a per-issuer `timeout`.
+//! a private CA trusted through `caBundle`, a per-issuer `timeout`, and the
+//! issuer policy's `rateLimit`.
 //! The minting service is a local STAND-IN (the webhook issuer's API is the
 //! user's own); what is real is the TLS (a CA and a server certificate made
 //! here at test time with rcgen, served with rustls) and the network.
@@ -305,4 +306,84 @@ async fn webhook_stand_in_that_never_answers_times_out_at_the_issuers_timeout() 
         .find(|c| c.type_ == "Ready")
         .unwrap();
     assert_eq!(ready.status, "False");
+}
+
+/// A plain-HTTP minting stand-in that records when each mint arrived.
+async fn recording_minter() -> (u16, Arc<std::sync::Mutex<Vec<std::time::Instant>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let app = Router::new().route(
+        "/mint",
+        post(move || {
+            let log = log.clone();
+            async move {
+                log.lock().unwrap().push(std::time::Instant::now());
+                Json(serde_json::json!({
+                    "token": format!("rl-{}{}", random_suffix(), random_suffix()),
+                    "ttl": 900,
+                }))
+            }
+        })
+        .head(|| async { axum::http::StatusCode::METHOD_NOT_ALLOWED }),
+    );
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(tcp, app).await });
+    (port, seen)
+}
+
+#[tokio::test]
+async fn webhook_stand_in_issuer_rate_limit_holds_under_a_burst_of_agent_tokens() {
+    const TOKENS: usize = 10;
+    const PER_SECOND: f64 = 2.0;
+    const BURST: usize = 2;
+    let (port, seen) = recording_minter().await;
+    let ns = TestNamespace::new("ratelimit").await;
+    let _op = Operator::start(&ns.name);
+    let mut yaml = issuer_yaml("limited", &format!("http://127.0.0.1:{port}/mint"), "")
+        .split("---")
+        .next()
+        .unwrap()
+        .to_string();
+    yaml.push_str("  policy: {rateLimit: {perSecond: 2, burst: 2}}\n");
+    for i in 0..TOKENS {
+        yaml.push_str(&format!(
+            "---\napiVersion: agenttoken.dev/v1alpha1\nkind: AgentToken\nmetadata: {{name: bot-{i}}}\nspec:\n  issuerRef: {{name: limited}}\n  lifetime: 10m\n"
+        ));
+    }
+    let out = apply(&ns, &yaml);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let api: Api<AgentToken> = ns.api();
+    eventually(Duration::from_secs(60), "every token minted", || async {
+        let list = api.list(&Default::default()).await.ok()?;
+        (list
+            .items
+            .iter()
+            .filter(|a| a.status.as_ref().is_some_and(|s| s.revision == 1))
+            .count()
+            == TOKENS)
+            .then_some(())
+    })
+    .await;
+    let times = seen.lock().unwrap().clone();
+    assert_eq!(times.len(), TOKENS, "one mint per AgentToken");
+    // Token bucket: any j - i + 1 consecutive mints need at least
+    // (j - i + 1 - burst) / rate seconds. The server sees each mint a little
+    // after the operator spent its budget, so allow 0.25 s of latency skew.
+    for i in 0..TOKENS {
+        for j in i + BURST..TOKENS {
+            let need = (j - i + 1 - BURST) as f64 / PER_SECOND;
+            let took = times[j].duration_since(times[i]).as_secs_f64();
+            assert!(
+                took >= need - 0.25,
+                "mints {i}..={j} came in {took:.2}s; the budget needs {need:.2}s"
+            );
+        }
+    }
+    let span = times[TOKENS - 1].duration_since(times[0]).as_secs_f64();
+    eprintln!("{TOKENS} mints at perSecond 2, burst 2 took {span:.2}s");
 }
