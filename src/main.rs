@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{error, info, warn};
 
@@ -109,10 +108,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Format::Json => LogFormat::Json,
     };
     telemetry::init_logging(format, &args.log_level);
-    let client = Client::try_default()
-        .await
-        .context("connect to the Kubernetes API")?;
     let metrics = Arc::new(Metrics::new());
+    let client = {
+        let config = kube::Config::infer()
+            .await
+            .context("find the Kubernetes API (in-cluster or KUBECONFIG)")?;
+        let counted = metrics.clone();
+        kube::client::ClientBuilder::try_from(config)
+            .context("connect to the Kubernetes API")?
+            .with_layer(&tower::util::MapRequestLayer::new(
+                move |req: ::http::Request<kube::client::Body>| {
+                    counted.kube_api_request(req.method(), req.uri());
+                    req
+                },
+            ))
+            .build()
+    };
     let readiness = Readiness::default();
     let identity = args.identity.clone().unwrap_or_else(default_identity);
 

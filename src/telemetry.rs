@@ -70,6 +70,50 @@ struct RestartLabels {
     result: String,
 }
 
+/// The Kubernetes verb and resource (`secrets`, `serviceaccounts/token`,
+/// `agenttokens/status`) of an API server request path.
+pub fn classify_api_request(
+    method: &http::Method,
+    path: &str,
+    query: Option<&str>,
+) -> (String, String) {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let rest: &[&str] = match parts.first() {
+        Some(&"api") if parts.len() >= 2 => &parts[2..],
+        Some(&"apis") if parts.len() >= 3 => &parts[3..],
+        _ => return (method.as_str().to_lowercase(), "other".into()),
+    };
+    let rest = match rest {
+        ["namespaces", _, tail @ ..] if !tail.is_empty() => tail,
+        _ => rest,
+    };
+    let resource = match rest {
+        [] => "discovery".to_string(),
+        [r] | [r, _] => r.to_string(),
+        [r, _, sub, ..] => format!("{r}/{sub}"),
+    };
+    let named = rest.len() >= 2;
+    let watch = query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    let verb = match *method {
+        http::Method::GET if watch => "watch",
+        http::Method::GET if named => "get",
+        http::Method::GET => "list",
+        http::Method::POST => "create",
+        http::Method::PUT => "update",
+        http::Method::PATCH => "patch",
+        http::Method::DELETE if named => "delete",
+        http::Method::DELETE => "deletecollection",
+        _ => "other",
+    };
+    (verb.into(), resource)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiRequestLabels {
+    verb: String,
+    resource: String,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
@@ -87,6 +131,7 @@ pub struct Metrics {
     reconcile_errors: Family<ErrorLabels, Counter>,
     policy_violations: Counter,
     consumer_restarts: Family<RestartLabels, Counter>,
+    api_requests: Family<ApiRequestLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -149,6 +194,12 @@ impl Metrics {
             "Workloads restarted or signalled after a rotation, by kind and result",
             consumer_restarts.clone(),
         );
+        let api_requests = Family::<ApiRequestLabels, Counter>::default();
+        registry.register(
+            "kube_api_requests",
+            "Requests sent to the Kubernetes API server, by verb and resource",
+            api_requests.clone(),
+        );
         Metrics {
             registry,
             token_expiry,
@@ -160,7 +211,16 @@ impl Metrics {
             reconcile_errors,
             policy_violations,
             consumer_restarts,
+            api_requests,
         }
+    }
+
+    /// Counts one request to the Kubernetes API server.
+    pub fn kube_api_request(&self, method: &http::Method, uri: &http::Uri) {
+        let (verb, resource) = classify_api_request(method, uri.path(), uri.query());
+        self.api_requests
+            .get_or_create(&ApiRequestLabels { verb, resource })
+            .inc();
     }
 
     pub fn observe_reconcile(&self, took: Duration, error: Option<&str>) {
@@ -273,6 +333,72 @@ fn result(ok: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_requests_are_classified_by_verb_and_resource() {
+        use http::Method;
+        let c = |m: Method, p: &str, q: Option<&str>| {
+            let (v, r) = classify_api_request(&m, p, q);
+            format!("{v} {r}")
+        };
+        assert_eq!(
+            c(Method::GET, "/api/v1/namespaces/a/secrets/s", None),
+            "get secrets"
+        );
+        assert_eq!(
+            c(
+                Method::GET,
+                "/api/v1/namespaces/a/secrets",
+                Some("labelSelector=x")
+            ),
+            "list secrets"
+        );
+        assert_eq!(
+            c(
+                Method::GET,
+                "/api/v1/namespaces/a/secrets",
+                Some("watch=true&resourceVersion=1")
+            ),
+            "watch secrets"
+        );
+        assert_eq!(
+            c(
+                Method::POST,
+                "/api/v1/namespaces/a/serviceaccounts/b/token",
+                None
+            ),
+            "create serviceaccounts/token"
+        );
+        assert_eq!(
+            c(
+                Method::PATCH,
+                "/apis/agenttoken.dev/v1alpha1/namespaces/a/agenttokens/t/status",
+                None
+            ),
+            "patch agenttokens/status"
+        );
+        assert_eq!(
+            c(
+                Method::GET,
+                "/apis/agenttoken.dev/v1alpha1/clustertokenissuers",
+                None
+            ),
+            "list clustertokenissuers"
+        );
+        assert_eq!(
+            c(Method::GET, "/api/v1/namespaces/a", None),
+            "get namespaces"
+        );
+        assert_eq!(
+            c(
+                Method::POST,
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                None
+            ),
+            "create tokenreviews"
+        );
+        assert_eq!(c(Method::GET, "/version", None), "get other");
+    }
 
     #[test]
     fn names_follow_the_contract() {
