@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CLUSTER := e2e/cluster
 
-.PHONY: all build tools cluster cluster-down lint crds test test-unit test-e2e demo clean
+.PHONY: all build tools cluster cluster-down lint crds test test-unit test-e2e demo bench clean
 
 all: build
 
@@ -39,6 +39,11 @@ test-unit: tools
 
 test-e2e: cluster
 	cargo test --test e2e -- --test-threads=$${TEST_THREADS:-8}
+
+## Scale benchmark on its own local control plane; writes target/bench/report.md.
+## BENCH_ARGS="--quick" for a 1,000-token run, "--only floor,revocation" to pick.
+bench: tools
+	cargo bench --bench scale -- $(BENCH_ARGS)
 
 demo: build cluster
 	hack/demo

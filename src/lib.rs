@@ -16,6 +16,7 @@
 
 pub mod controller;
 pub mod crd;
+pub mod events;
 pub mod http;
 pub mod issuer;
 pub mod labels;

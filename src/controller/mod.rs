@@ -16,11 +16,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::events::Recorder;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -306,6 +307,7 @@ pub async fn run(
             watcher::Config::default().labels(labels::MANAGED_SELECTOR),
         )
         .default_backoff()
+        .modify(|s: &mut PartialObjectMeta<Secret>| s.managed_fields_mut().clear())
         .reflect(writer)
         .touched_objects();
         secret_stores.push(store);
@@ -340,10 +342,21 @@ pub async fn run(
     let mut at_stores = Vec::new();
     for (scope, secret_events) in scopes.iter().zip(secret_streams) {
         let (ats, _, issuers_api) = api(scope);
-        let controller = Controller::new(ats, watcher::Config::default()).with_config(
+        // The cache keeps what mapping and scheduling need; reconcile reads
+        // the live object. managedFields and kubectl's last-applied copy
+        // are most of an object's bytes and nothing here reads them.
+        let (at_store, at_writer) = reflector::store::<AgentToken>();
+        let at_events = watcher(ats, watcher::Config::default())
+            .default_backoff()
+            .modify(|at: &mut AgentToken| {
+                at.managed_fields_mut().clear();
+                at.annotations_mut().remove(LAST_APPLIED);
+            })
+            .reflect(at_writer)
+            .touched_objects();
+        let controller = Controller::for_stream(at_events, at_store.clone()).with_config(
             kube::runtime::controller::Config::default().concurrency(config.concurrency.max(1)),
         );
-        let at_store = controller.store();
         at_stores.push(at_store.clone());
         let ns_issuer_map = by_issuer(at_store.clone(), IssuerKind::TokenIssuer);
         let cluster_issuer_map = by_issuer(at_store.clone(), IssuerKind::ClusterTokenIssuer);
@@ -427,6 +440,9 @@ where
 
 /// Default reconcile concurrency.
 pub const DEFAULT_CONCURRENCY: u16 = 16;
+
+/// kubectl's client-side apply copy of an object.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// How long the operator waits on the API when shutting down.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

@@ -1,0 +1,1002 @@
+//! Scale benchmark on the real local control plane: time to first token,
+//! sustained mint rate, memory, revocation latency, rotation spread and the
+//! API round trips each token costs. Run it with `make bench` (or
+//! `cargo bench --bench scale -- [--quick] [--only NAME,...]`); it prints a
+//! Markdown report and writes it to `target/bench/report.md`.
+//!
+//! It starts its OWN cluster (state in `.cache/bench-cluster`, API server on
+//! port 16540) so it never disturbs the test cluster, and tears it down at
+//! the end. Each scenario runs the release operator binary as a separate
+//! process, so its memory is the operator's alone (`VmHWM` from /proc).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::authentication::v1::TokenReview;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::watcher;
+use kube::{Client, Config};
+use serde_json::{Value, json};
+
+use agent_token_operator::crd::AgentToken;
+
+const PORT_BASE: &str = "16540";
+const CREATE_CONCURRENCY: usize = 32;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn cluster_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(root().join("e2e/cluster"));
+    c.args(args)
+        .env(
+            "AGENTTOKEN_CLUSTER_DIR",
+            root().join(".cache/bench-cluster"),
+        )
+        .env("AGENTTOKEN_PORT_BASE", PORT_BASE);
+    c
+}
+
+struct Opts {
+    quick: bool,
+    only: Option<Vec<String>>,
+    keep: bool,
+}
+
+impl Opts {
+    fn parse() -> Self {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let mut o = Opts {
+            quick: false,
+            only: None,
+            keep: false,
+        };
+        let mut i = 0;
+        while i < args.len() {
+            match args[i].as_str() {
+                "--quick" => o.quick = true,
+                "--keep-cluster" => o.keep = true,
+                "--only" => {
+                    i += 1;
+                    o.only = args
+                        .get(i)
+                        .map(|s| s.split(',').map(str::to_string).collect());
+                }
+                // cargo bench passes --bench; ignore what is not ours.
+                _ => {}
+            }
+            i += 1;
+        }
+        o
+    }
+
+    fn wants(&self, name: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|x| x == name))
+    }
+}
+
+/// The report, printed as it grows and written at the end.
+#[derive(Default)]
+struct Report(String);
+
+impl Report {
+    fn line(&mut self, s: impl AsRef<str>) {
+        println!("{}", s.as_ref());
+        self.0.push_str(s.as_ref());
+        self.0.push('\n');
+    }
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The operator under measurement.
+struct Operator {
+    child: Child,
+    port: u16,
+}
+
+impl Operator {
+    async fn start(kubeconfig: &Path, namespace: &str) -> Self {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let log = root().join(format!("target/bench/operator-{namespace}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_agent-token-operator"))
+            .args(["run", "--namespace", namespace, "--leader-election=false"])
+            .args(["--metrics-address", &format!("127.0.0.1:{port}")])
+            .args(["--log-level", "warn"])
+            .env("KUBECONFIG", kubeconfig)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start the operator");
+        let op = Operator { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while op.get("/readyz").await.map(|(c, _)| c) != Some(200) {
+            assert!(Instant::now() < deadline, "operator not ready in 60 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        op
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let r = reqwest::get(format!("http://127.0.0.1:{}{path}", self.port))
+            .await
+            .ok()?;
+        Some((r.status().as_u16(), r.text().await.ok()?))
+    }
+
+    /// `VmHWM` (peak resident set) and `VmRSS`, in KiB.
+    fn memory(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmHWM:"), field("VmRSS:"))
+    }
+
+    /// `agenttoken_kube_api_requests_total` by "verb resource".
+    async fn api_requests(&self) -> BTreeMap<String, f64> {
+        let (_, body) = self.get("/metrics").await.unwrap_or_default();
+        let mut out = BTreeMap::new();
+        for line in body.lines() {
+            let Some(rest) = line.strip_prefix("agenttoken_kube_api_requests_total{") else {
+                continue;
+            };
+            let Some((labels, value)) = rest.split_once("} ") else {
+                continue;
+            };
+            let get = |k: &str| {
+                labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(&format!("{k}=\"")))
+                    .map(|v| v.trim_end_matches('"').to_string())
+                    .unwrap_or_default()
+            };
+            let key = format!("{} {}", get("verb"), get("resource"));
+            *out.entry(key).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
+        }
+        out
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Bench {
+    client: Client,
+    kubeconfig: PathBuf,
+    report: Report,
+    opts: Opts,
+    /// API requests per token, by scenario.
+    per_token: Vec<(String, Vec<String>)>,
+}
+
+async fn client_for(kubeconfig: &Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).unwrap();
+    let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    config.read_timeout = Some(Duration::from_secs(300));
+    Client::try_from(config).unwrap()
+}
+
+fn random() -> String {
+    use rand::Rng;
+    let mut r = rand::rng();
+    (0..6)
+        .map(|_| (b'a' + r.random_range(0..26)) as char)
+        .collect()
+}
+
+async fn create_namespace(client: &Client, prefix: &str) -> String {
+    let name = format!("{prefix}-{}", random());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    name
+}
+
+async fn apply_json(client: &Client, ns: &str, obj: Value) {
+    let kind = obj["kind"].as_str().unwrap().to_string();
+    let name = obj["metadata"]["name"].as_str().unwrap().to_string();
+    let pp = PatchParams::apply("bench").force();
+    match kind.as_str() {
+        "Secret" => {
+            Api::<Secret>::namespaced(client.clone(), ns)
+                .patch(&name, &pp, &Patch::Apply(&obj))
+                .await
+                .unwrap();
+        }
+        "ServiceAccount" => {
+            Api::<ServiceAccount>::namespaced(client.clone(), ns)
+                .patch(&name, &pp, &Patch::Apply(&obj))
+                .await
+                .unwrap();
+        }
+        "TokenIssuer" => {
+            Api::<agent_token_operator::crd::TokenIssuer>::namespaced(client.clone(), ns)
+                .patch(&name, &pp, &Patch::Apply(&obj))
+                .await
+                .unwrap();
+        }
+        other => panic!("apply_json: {other}"),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    ServiceAccount,
+    Jwt,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::ServiceAccount => "serviceAccount",
+            Kind::Jwt => "jwt",
+        }
+    }
+}
+
+fn openssl(args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn setup_issuer(client: &Client, ns: &str, kind: Kind, extra_policy: Option<Value>) {
+    let mut spec = match kind {
+        Kind::ServiceAccount => {
+            apply_json(
+                client,
+                ns,
+                json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "agent"}}),
+            )
+            .await;
+            json!({"serviceAccount": {}})
+        }
+        Kind::Jwt => {
+            let pem = openssl(&[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ]);
+            apply_json(
+                client,
+                ns,
+                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "signing-key"}, "stringData": {"key.pem": pem}}),
+            )
+            .await;
+            json!({"jwt": {"signingKeySecretRef": {"name": "signing-key", "key": "key.pem"}, "issuer": "https://bench.example"}})
+        }
+    };
+    if let Some(p) = extra_policy {
+        spec["policy"] = p;
+    }
+    apply_json(
+        client,
+        ns,
+        json!({"apiVersion": "agenttoken.dev/v1alpha1", "kind": "TokenIssuer", "metadata": {"name": "issuer"}, "spec": spec}),
+    )
+    .await;
+}
+
+fn agent_token(name: &str, kind: Kind, lifetime: &str) -> AgentToken {
+    let mut spec = json!({"issuerRef": {"name": "issuer"}, "lifetime": lifetime});
+    match kind {
+        Kind::ServiceAccount => spec["serviceAccountName"] = json!("agent"),
+        Kind::Jwt => spec["audiences"] = json!(["https://api.bench"]),
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "agenttoken.dev/v1alpha1",
+        "kind": "AgentToken",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+fn is_ready(at: &AgentToken) -> bool {
+    at.status.as_ref().is_some_and(|s| {
+        s.revision >= 1
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+/// Watches the namespace's AgentTokens and records when each first
+/// becomes Ready with a token.
+fn watch_ready(client: &Client, ns: &str) -> Arc<Mutex<HashMap<String, Instant>>> {
+    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let api: Api<AgentToken> = Api::namespaced(client.clone(), ns);
+    let out = seen.clone();
+    tokio::spawn(async move {
+        let stream = watcher(api, watcher::Config::default().any_semantic());
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            let now = Instant::now();
+            let objs: Vec<AgentToken> = match ev {
+                Ok(watcher::Event::Apply(o)) | Ok(watcher::Event::InitApply(o)) => vec![o],
+                _ => continue,
+            };
+            let mut m = out.lock().unwrap();
+            for o in objs {
+                if is_ready(&o) {
+                    m.entry(o.metadata.name.clone().unwrap()).or_insert(now);
+                }
+            }
+        }
+    });
+    seen
+}
+
+/// Creates `names` with CREATE_CONCURRENCY requests in flight; returns the
+/// time each create was sent. `pace` spreads the creates over that long.
+async fn create_all(
+    client: &Client,
+    ns: &str,
+    names: &[String],
+    make: impl Fn(&str) -> AgentToken,
+    pace: Option<Duration>,
+) -> HashMap<String, Instant> {
+    let api: Api<AgentToken> = Api::namespaced(client.clone(), ns);
+    let start = Instant::now();
+    let n = names.len().max(1) as f64;
+    let sent: Vec<(String, Instant)> = futures::stream::iter(names.iter().enumerate())
+        .map(|(i, name)| {
+            let api = api.clone();
+            let obj = make(name);
+            async move {
+                if let Some(p) = pace {
+                    let at = start + p.mul_f64(i as f64 / n);
+                    tokio::time::sleep_until(at.into()).await;
+                }
+                let t0 = Instant::now();
+                api.create(&PostParams::default(), &obj).await.unwrap();
+                (name.clone(), t0)
+            }
+        })
+        .buffer_unordered(CREATE_CONCURRENCY)
+        .collect()
+        .await;
+    sent.into_iter().collect()
+}
+
+async fn wait_for(seen: &Arc<Mutex<HashMap<String, Instant>>>, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let have = seen.lock().unwrap().len();
+        if have >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {have} of {n} AgentTokens ready after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn secret_token(s: &Secret) -> Option<String> {
+    String::from_utf8(s.data.as_ref()?.get("token")?.0.clone()).ok()
+}
+
+/// Checks that every Secret holds a token its issuer accepts: every JWT
+/// against the published JWKS, a sample of ServiceAccount tokens by
+/// TokenReview. Returns how many were checked.
+async fn verify_tokens(client: &Client, ns: &str, kind: Kind, n: usize) -> usize {
+    let secrets: Vec<Secret> = Api::<Secret>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=agent-token-operator"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|s| secret_token(s).is_some())
+        .collect();
+    assert_eq!(secrets.len(), n, "one Secret with a token per AgentToken");
+    match kind {
+        Kind::Jwt => {
+            let cm: ConfigMap = Api::namespaced(client.clone(), ns)
+                .get("issuer-jwks")
+                .await
+                .unwrap();
+            let set: jsonwebtoken::jwk::JwkSet =
+                serde_json::from_str(&cm.data.unwrap()["jwks.json"]).unwrap();
+            for s in &secrets {
+                let token = secret_token(s).unwrap();
+                let header = jsonwebtoken::decode_header(&token).unwrap();
+                let jwk = set.find(header.kid.as_deref().unwrap()).unwrap();
+                let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+                let mut v = jsonwebtoken::Validation::new(header.alg);
+                v.set_issuer(&["https://bench.example"]);
+                v.set_audience(&["https://api.bench"]);
+                jsonwebtoken::decode::<Value>(&token, &key, &v).expect("token verifies");
+            }
+            secrets.len()
+        }
+        Kind::ServiceAccount => {
+            let sample: Vec<&Secret> = secrets.iter().step_by((n / 50).max(1)).collect();
+            for s in &sample {
+                assert!(
+                    review(client, &secret_token(s).unwrap()).await,
+                    "ServiceAccount token authenticates"
+                );
+            }
+            sample.len()
+        }
+    }
+}
+
+/// Whether the API server authenticates `token` (TokenReview).
+async fn review(client: &Client, token: &str) -> bool {
+    let tr: TokenReview = serde_json::from_value(json!({"spec": {"token": token}})).unwrap();
+    let out = Api::<TokenReview>::all(client.clone())
+        .create(&PostParams::default(), &tr)
+        .await
+        .unwrap();
+    out.status.and_then(|s| s.authenticated).unwrap_or(false)
+}
+
+struct FirstToken {
+    ns: String,
+    /// Kept running (for the revocation scenario); dropping it stops it.
+    _operator: Operator,
+}
+
+impl Bench {
+    /// Time to first token for `n` AgentTokens created at once.
+    async fn first_token(&mut self, kind: Kind, n: usize, noise: usize) -> FirstToken {
+        let ns = create_namespace(&self.client, &format!("bench-{}", n)).await;
+        let noise_took = if noise > 0 {
+            Some(self.noise_secrets(&ns, noise).await)
+        } else {
+            None
+        };
+        setup_issuer(&self.client, &ns, kind, None).await;
+        let operator = Operator::start(&self.kubeconfig, &ns).await;
+        let (hwm_idle, _) = operator.memory();
+        let before = operator.api_requests().await;
+        let seen = watch_ready(&self.client, &ns);
+        let names: Vec<String> = (0..n).map(|i| format!("agent-{i:05}")).collect();
+        let t_start = Instant::now();
+        let sent = create_all(
+            &self.client,
+            &ns,
+            &names,
+            |m| agent_token(m, kind, "1h"),
+            None,
+        )
+        .await;
+        let created_in = t_start.elapsed();
+        wait_for(&seen, n, Duration::from_secs(3600)).await;
+        let seen = seen.lock().unwrap().clone();
+        let wall = seen.values().max().unwrap().duration_since(t_start);
+        let lat = sorted(
+            names
+                .iter()
+                .map(|m| seen[m].duration_since(sent[m]).as_secs_f64())
+                .collect(),
+        );
+        // Sustained rate: tokens made ready per second between the 10th and
+        // 90th percentile of completion (the steady middle of the run).
+        let mut done = sorted(
+            seen.values()
+                .map(|t| t.duration_since(t_start).as_secs_f64())
+                .collect(),
+        );
+        done.dedup();
+        let rate = if n >= 100 {
+            let (a, b) = (pct(&done, 10.0), pct(&done, 90.0));
+            (0.8 * n as f64) / (b - a).max(1e-3)
+        } else {
+            n as f64 / wall.as_secs_f64()
+        };
+        // Let the last status writes land before counting requests.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = operator.api_requests().await;
+        let (hwm, rss) = operator.memory();
+        let checked = verify_tokens(&self.client, &ns, kind, n).await;
+        let mut per_token = Vec::new();
+        let mut total = 0.0;
+        for (k, v) in &after {
+            let d = v - before.get(k).copied().unwrap_or(0.0);
+            if d > 0.0 && !k.starts_with("watch") {
+                total += d;
+                per_token.push(format!("{k} {:.2}", d / n as f64));
+            }
+        }
+        self.report.line(format!(
+            "| {} | {n} | {} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {} |",
+            kind.label(),
+            if noise > 0 { format!("{noise}") } else { "0".into() },
+            pct(&lat, 50.0),
+            pct(&lat, 99.0),
+            lat.last().unwrap(),
+            created_in.as_secs_f64(),
+            wall.as_secs_f64(),
+            rate,
+            mib(hwm),
+            total / n as f64,
+            checked,
+        ));
+        eprintln!(
+            "  {} x{n}: idle peak {:.1} MiB, now {:.1} MiB; API requests per token: {}{}",
+            kind.label(),
+            mib(hwm_idle),
+            mib(rss),
+            per_token.join(", "),
+            noise_took
+                .map(|d| format!("; {noise} noise Secrets made in {:.0}s", d.as_secs_f64()))
+                .unwrap_or_default()
+        );
+        self.per_token
+            .push((format!("{} x{n}", kind.label()), per_token));
+        FirstToken {
+            ns,
+            _operator: operator,
+        }
+    }
+
+    /// `count` Secrets that are nothing to the operator, in `ns`.
+    async fn noise_secrets(&self, ns: &str, count: usize) -> Duration {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let t = Instant::now();
+        futures::stream::iter(0..count)
+            .map(|i| {
+                let api = api.clone();
+                async move {
+                    let s: Secret = serde_json::from_value(json!({
+                        "metadata": {"name": format!("unrelated-{i:06}"), "labels": {"app": "something-else"}},
+                        "stringData": {"password": format!("not-a-token-{i:06}-{}", "x".repeat(64))},
+                    }))
+                    .unwrap();
+                    api.create(&PostParams::default(), &s).await.unwrap();
+                }
+            })
+            .buffer_unordered(64)
+            .collect::<Vec<()>>()
+            .await;
+        t.elapsed()
+    }
+
+    /// Revocation: annotate, then wait until the old token is refused and
+    /// the Secret holds a new one. Sequential, one token at a time.
+    async fn revocation(&mut self, ft: &FirstToken, samples: usize, warm: bool) {
+        let ns = &ft.ns;
+        let ats: Api<AgentToken> = Api::namespaced(self.client.clone(), ns);
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let mut operator_done = Vec::new();
+        let mut rejected = Vec::new();
+        for i in 0..samples {
+            let name = format!("agent-{:05}", i * 7 % 1000);
+            let old = secret_token(&secrets.get(&name).await.unwrap()).unwrap();
+            if warm {
+                // A consumer used it a moment ago.
+                assert!(review(&self.client, &old).await);
+            }
+            let patch = json!({"metadata": {"annotations": {"agenttoken.dev/revoke": format!("bench-{i}-{warm}")}}});
+            let t0 = Instant::now();
+            ats.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+            let (mut swapped, mut refused) = (None, None);
+            let deadline = t0 + Duration::from_secs(60);
+            while swapped.is_none() || refused.is_none() {
+                assert!(
+                    Instant::now() < deadline,
+                    "revocation of {name} took > 60 s"
+                );
+                if swapped.is_none() {
+                    let s = secrets.get(&name).await.unwrap();
+                    let revoked = ats.get(&name).await.unwrap().status.is_some_and(|s| {
+                        s.history
+                            .iter()
+                            .any(|h| h.revoked_at.is_some() && h.revision >= 1)
+                    });
+                    if secret_token(&s).is_some_and(|t| t != old) && revoked {
+                        swapped = Some(t0.elapsed());
+                    }
+                }
+                if refused.is_none() && !review(&self.client, &old).await {
+                    refused = Some(t0.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            operator_done.push(swapped.unwrap().as_secs_f64());
+            rejected.push(swapped.unwrap().max(refused.unwrap()).as_secs_f64());
+        }
+        let (a, b) = (sorted(operator_done), sorted(rejected));
+        self.report.line(format!(
+            "| serviceAccount | {} | {samples} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            if warm {
+                "warm (reviewed just before)"
+            } else {
+                "cold"
+            },
+            pct(&a, 50.0),
+            pct(&a, 99.0),
+            pct(&b, 50.0),
+            pct(&b, 99.0),
+            b.last().unwrap(),
+        ));
+    }
+
+    /// API server latency on this machine: the floor under every token.
+    async fn floor(&mut self) -> (f64, f64, f64) {
+        let ns = create_namespace(&self.client, "bench-floor").await;
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+        let mk = |i: usize| -> ConfigMap {
+            serde_json::from_value(
+                json!({"metadata": {"name": format!("cm-{i:05}")}, "data": {"k": "v"}}),
+            )
+            .unwrap()
+        };
+        let mut writes = Vec::new();
+        let mut reads = Vec::new();
+        for i in 0..300 {
+            let t = Instant::now();
+            cms.create(&PostParams::default(), &mk(i)).await.unwrap();
+            writes.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            cms.get(&format!("cm-{i:05}")).await.unwrap();
+            reads.push(t.elapsed().as_secs_f64());
+        }
+        let t = Instant::now();
+        let n = 3000;
+        futures::stream::iter(300..300 + n)
+            .map(|i| {
+                let cms = cms.clone();
+                let obj = mk(i);
+                async move { cms.create(&PostParams::default(), &obj).await.unwrap() }
+            })
+            .buffer_unordered(CREATE_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        let throughput = n as f64 / t.elapsed().as_secs_f64();
+        let (w, r) = (sorted(writes), sorted(reads));
+        self.report.line(format!(
+            "| sequential write (create ConfigMap) | {:.2} ms | {:.2} ms |",
+            pct(&w, 50.0) * 1e3,
+            pct(&w, 99.0) * 1e3
+        ));
+        self.report.line(format!(
+            "| sequential read (get ConfigMap) | {:.2} ms | {:.2} ms |",
+            pct(&r, 50.0) * 1e3,
+            pct(&r, 99.0) * 1e3
+        ));
+        self.report.line(format!(
+            "| parallel writes, {CREATE_CONCURRENCY} in flight | {throughput:.0} /s | |"
+        ));
+        (pct(&w, 50.0), pct(&r, 50.0), throughput)
+    }
+
+    /// 10,000 (or fewer) tokens created over one minute with one lifetime:
+    /// when do they rotate, and how fast does the issuer get asked?
+    async fn spread(&mut self, n: usize, limit: u32) {
+        let ns = create_namespace(&self.client, "bench-spread").await;
+        let stand_in = MintStandIn::start().await;
+        let spec = json!({
+            "webhook": {
+                "url": format!("http://127.0.0.1:{}/mint", stand_in.port),
+                "body": "{\"ttl\": {{ lifetimeSeconds }}}",
+                "result": {"tokenPath": "$.token", "expiresInPath": "$.ttl"},
+            },
+            "policy": {"rateLimit": {"perSecond": limit, "burst": limit}},
+        });
+        apply_json(
+            &self.client,
+            &ns,
+            json!({"apiVersion": "agenttoken.dev/v1alpha1", "kind": "TokenIssuer", "metadata": {"name": "issuer"}, "spec": spec}),
+        )
+        .await;
+        let operator = Operator::start(&self.kubeconfig, &ns).await;
+        let seen = watch_ready(&self.client, &ns);
+        let names: Vec<String> = (0..n).map(|i| format!("agent-{i:05}")).collect();
+        let lifetime = "4m";
+        let make = |name: &str| -> AgentToken {
+            serde_json::from_value(json!({
+                "apiVersion": "agenttoken.dev/v1alpha1", "kind": "AgentToken",
+                "metadata": {"name": name},
+                "spec": {"issuerRef": {"name": "issuer"}, "lifetime": lifetime},
+            }))
+            .unwrap()
+        };
+        let t0 = Instant::now();
+        create_all(
+            &self.client,
+            &ns,
+            &names,
+            make,
+            Some(Duration::from_secs(60)),
+        )
+        .await;
+        let created = t0.elapsed();
+        wait_for(&seen, n, Duration::from_secs(900)).await;
+        // Planned rotation times, per second.
+        let ats: Api<AgentToken> = Api::namespaced(self.client.clone(), &ns);
+        let list = ats.list(&ListParams::default()).await.unwrap().items;
+        let mut per_second: BTreeMap<i64, usize> = BTreeMap::new();
+        for at in &list {
+            let st = at.status.as_ref().unwrap();
+            let next = st.next_rotation_at.as_ref().expect("nextRotationAt").0;
+            *per_second.entry(next.as_second()).or_default() += 1;
+        }
+        let max_same_second = per_second.values().copied().max().unwrap_or(0);
+        let first = *per_second.keys().next().unwrap();
+        let last = *per_second.keys().last().unwrap();
+        // Wait for the rotation wave to pass at the issuer.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let list = ats.list(&ListParams::default()).await.unwrap().items;
+            let rotated = list
+                .iter()
+                .filter(|a| a.status.as_ref().is_some_and(|s| s.revision >= 2))
+                .count();
+            if rotated == n {
+                break;
+            }
+            assert!(Instant::now() < deadline, "only {rotated}/{n} rotated");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let (hwm, _) = operator.memory();
+        drop(operator);
+        let hits = stand_in.per_second();
+        let peak = hits.values().copied().max().unwrap_or(0);
+        self.report.line(format!(
+            "{n} AgentTokens created over {:.0} s, lifetime {lifetime}, issuer rateLimit {limit}/s (burst {limit}). \
+             Planned rotations spread over {} s ({} distinct seconds); at most {max_same_second} in one second. \
+             Issuer requests: {} in all, peak {peak}/s against the limit of {limit}/s. Operator peak RSS {:.1} MiB.",
+            created.as_secs_f64(),
+            last - first + 1,
+            per_second.len(),
+            hits.values().sum::<usize>(),
+            mib(hwm),
+        ));
+        self.report.line("");
+        self.report
+            .line("Planned rotation times (5-second buckets, one `#` per 10 tokens):");
+        self.report.line("");
+        self.report.line("```");
+        let mut buckets: BTreeMap<i64, usize> = BTreeMap::new();
+        for (s, c) in &per_second {
+            *buckets.entry((s - first) / 5 * 5).or_default() += c;
+        }
+        for (b, c) in &buckets {
+            self.report
+                .line(format!("+{b:>4}s {c:>5} {}", "#".repeat(c.div_ceil(10))));
+        }
+        self.report.line("```");
+        self.report.line("");
+        self.report.line("Requests the issuer received per second (whole run, 5-second buckets: peak second in the bucket):");
+        self.report.line("");
+        self.report.line("```");
+        let start = *hits.keys().next().unwrap_or(&0);
+        let mut hb: BTreeMap<u64, usize> = BTreeMap::new();
+        for (s, c) in &hits {
+            let e = hb.entry((s - start) / 5 * 5).or_default();
+            *e = (*e).max(*c);
+        }
+        for (b, c) in &hb {
+            self.report
+                .line(format!("+{b:>4}s {c:>4}/s {}", "#".repeat(c.div_ceil(5))));
+        }
+        self.report.line("```");
+    }
+}
+
+/// A minting stand-in for the spread scenario: counts requests per second.
+struct MintStandIn {
+    port: u16,
+    hits: Arc<Mutex<BTreeMap<u64, usize>>>,
+}
+
+impl MintStandIn {
+    async fn start() -> Self {
+        use axum::routing::post;
+        let hits: Arc<Mutex<BTreeMap<u64, usize>>> = Arc::default();
+        let h = hits.clone();
+        let app = axum::Router::new().route(
+            "/mint",
+            post(move |axum::Json(body): axum::Json<Value>| {
+                let h = h.clone();
+                async move {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs();
+                    *h.lock().unwrap().entry(now).or_default() += 1;
+                    axum::Json(json!({"token": format!("bench-{}", random()), "ttl": body["ttl"]}))
+                }
+            })
+            .head(|| async { axum::http::StatusCode::METHOD_NOT_ALLOWED }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(l, app).await });
+        MintStandIn { port, hits }
+    }
+
+    fn per_second(&self) -> BTreeMap<u64, usize> {
+        self.hits.lock().unwrap().clone()
+    }
+}
+
+impl Bench {
+    fn new(client: Client, kubeconfig: PathBuf, opts: Opts) -> Self {
+        Bench {
+            client,
+            kubeconfig,
+            report: Report::default(),
+            opts,
+            per_token: Vec::new(),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let opts = Opts::parse();
+    std::fs::create_dir_all(root().join("target/bench")).unwrap();
+    let status = cluster_cmd(&["up"]).status().expect("e2e/cluster up");
+    assert!(status.success(), "e2e/cluster up");
+    let kubeconfig = PathBuf::from(
+        String::from_utf8(
+            cluster_cmd(&["kubeconfig", "admin"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap()
+        .trim(),
+    );
+    let out = cluster_cmd(&["kubectl", "apply", "--server-side", "-f"])
+        .arg(root().join("crds/agenttoken.dev.yaml"))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(out.success(), "install CRDs");
+    cluster_cmd(&[
+        "kubectl",
+        "wait",
+        "--for=condition=Established",
+        "crd",
+        "--all",
+        "--timeout=60s",
+    ])
+    .stdout(Stdio::null())
+    .status()
+    .unwrap();
+    let client = client_for(&kubeconfig).await;
+    let mut b = Bench::new(client, kubeconfig, opts);
+    let big = if b.opts.quick { 1000 } else { 10_000 };
+    let noise = if b.opts.quick { 5_000 } else { 50_000 };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        .unwrap_or_default();
+    b.report.line(format!(
+        "Machine: {} CPUs ({cpu}), etcd without fsync, one local API server; operator built with the bench profile.",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    ));
+    b.report.line("");
+
+    if b.opts.wants("floor") {
+        b.report.line("### API server floor");
+        b.report.line("");
+        b.report.line("| operation | p50 | p99 |");
+        b.report.line("|---|---|---|");
+        b.floor().await;
+        b.report.line("");
+    }
+
+    let mut sa_1000 = None;
+    if b.opts.wants("first-token") || b.opts.wants("revocation") || b.opts.wants("memory") {
+        b.report.line("### Time to first token");
+        b.report.line("");
+        b.report.line("Latency: from the AgentToken's create request to Ready=True with the token in its Secret (seen by a watch). Rate: tokens made ready per second in the steady middle (10th to 90th percentile of completions).");
+        b.report.line("");
+        b.report.line("| issuer | AgentTokens | unrelated Secrets | p50 s | p99 s | max s | created in s | all ready in s | tokens/s | operator peak RSS MiB | API requests per token | tokens verified |");
+        b.report
+            .line("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let sizes: Vec<usize> = if b.opts.wants("first-token") {
+            vec![1, 1000, big]
+        } else {
+            vec![1000]
+        };
+        for kind in [Kind::ServiceAccount, Kind::Jwt] {
+            for &n in &sizes {
+                let ft = b.first_token(kind, n, 0).await;
+                if kind == Kind::ServiceAccount && n == 1000 {
+                    sa_1000 = Some(ft);
+                }
+            }
+        }
+        if b.opts.wants("memory") || b.opts.wants("first-token") {
+            b.first_token(Kind::Jwt, big, noise).await;
+        }
+        b.report.line("");
+        b.report
+            .line("API requests per token (non-watch, by verb and resource):");
+        b.report.line("");
+        for (what, parts) in std::mem::take(&mut b.per_token) {
+            b.report.line(format!("- {what}: {}", parts.join(", ")));
+        }
+        b.report.line("");
+    }
+
+    if b.opts.wants("revocation")
+        && let Some(ft) = sa_1000.as_ref()
+    {
+        b.report.line("### Revocation");
+        b.report.line("");
+        b.report.line("From the `agenttoken.dev/revoke` annotation to (a) the new token in the Secret and the old one marked revoked in status, (b) that AND the API server refusing the old token in a TokenReview. 1,000 AgentTokens exist; one revocation at a time.");
+        b.report.line("");
+        b.report.line("| issuer | old token | samples | (a) p50 s | (a) p99 s | (b) p50 s | (b) p99 s | (b) max s |");
+        b.report.line("|---|---|---|---|---|---|---|---|");
+        let samples = if b.opts.quick { 50 } else { 200 };
+        b.revocation(ft, samples, false).await;
+        b.revocation(ft, samples / 10, true).await;
+        b.report.line("");
+    }
+    drop(sa_1000);
+
+    if b.opts.wants("spread") {
+        b.report.line("### Rotation spread");
+        b.report.line("");
+        b.spread(big, 100).await;
+        b.report.line("");
+    }
+
+    std::fs::write(root().join("target/bench/report.md"), &b.report.0).unwrap();
+    eprintln!("report written to target/bench/report.md");
+    if !b.opts.keep {
+        let _ = cluster_cmd(&["down"]).status();
+    }
+}
