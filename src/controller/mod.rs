@@ -297,7 +297,8 @@ pub async fn run(
     };
     let cluster_issuers: Api<ClusterTokenIssuer> = Api::all(client.clone());
 
-    // Only our Secrets, metadata only: memory follows our objects.
+    // Only our Secrets, metadata only, labels only: memory follows our
+    // objects, never the cluster's other Secrets.
     let mut secret_stores = Vec::new();
     let mut secret_streams = Vec::new();
     for scope in &scopes {
@@ -307,7 +308,13 @@ pub async fn run(
             watcher::Config::default().labels(labels::MANAGED_SELECTOR),
         )
         .default_backoff()
-        .modify(|s: &mut PartialObjectMeta<Secret>| s.managed_fields_mut().clear())
+        .modify(|s: &mut PartialObjectMeta<Secret>| {
+            // Only the labels are read from this cache (reconcile reads the
+            // live Secret): drop the rest of the metadata's bulk.
+            s.managed_fields_mut().clear();
+            s.annotations_mut().clear();
+            s.owner_references_mut().clear();
+        })
         .reflect(writer)
         .touched_objects();
         secret_stores.push(store);
@@ -342,13 +349,15 @@ pub async fn run(
     let mut at_stores = Vec::new();
     for (scope, secret_events) in scopes.iter().zip(secret_streams) {
         let (ats, _, issuers_api) = api(scope);
-        // The cache keeps what mapping and scheduling need; reconcile reads
-        // the live object. managedFields and kubectl's last-applied copy
-        // are most of an object's bytes and nothing here reads them.
+        // The cache keeps what mapping and scheduling need (metadata and
+        // spec); reconcile reads the live object. Status, managedFields and
+        // kubectl's last-applied copy are most of an object's bytes and
+        // nothing reads them from the cache.
         let (at_store, at_writer) = reflector::store::<AgentToken>();
         let at_events = watcher(ats, watcher::Config::default())
             .default_backoff()
             .modify(|at: &mut AgentToken| {
+                at.status = None;
                 at.managed_fields_mut().clear();
                 at.annotations_mut().remove(LAST_APPLIED);
             })
