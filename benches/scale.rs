@@ -722,7 +722,9 @@ impl Bench {
     }
 
     /// 10,000 (or fewer) tokens created over one minute with one lifetime:
-    /// when do they rotate, and how fast does the issuer get asked?
+    /// when are they due to rotate, and how fast does the issuer get asked?
+    /// (The issuer's limit is set below the operator's mint rate so that it
+    /// binds.)
     async fn spread(&mut self, n: usize, limit: u32) {
         let ns = create_namespace(&self.client, "bench-spread").await;
         let stand_in = MintStandIn::start().await;
@@ -743,7 +745,7 @@ impl Bench {
         let operator = Operator::start(&self.kubeconfig, &ns).await;
         let seen = watch_ready(&self.client, &ns);
         let names: Vec<String> = (0..n).map(|i| format!("agent-{i:05}")).collect();
-        let lifetime = "4m";
+        let lifetime = "1h";
         let make = |name: &str| -> AgentToken {
             serde_json::from_value(json!({
                 "apiVersion": "agenttoken.dev/v1alpha1", "kind": "AgentToken",
@@ -775,20 +777,6 @@ impl Bench {
         let max_same_second = per_second.values().copied().max().unwrap_or(0);
         let first = *per_second.keys().next().unwrap();
         let last = *per_second.keys().last().unwrap();
-        // Wait for the rotation wave to pass at the issuer.
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let list = ats.list(&ListParams::default()).await.unwrap().items;
-            let rotated = list
-                .iter()
-                .filter(|a| a.status.as_ref().is_some_and(|s| s.revision >= 2))
-                .count();
-            if rotated == n {
-                break;
-            }
-            assert!(Instant::now() < deadline, "only {rotated}/{n} rotated");
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
         let (hwm, _) = operator.memory();
         drop(operator);
         let hits = stand_in.per_second();
@@ -818,7 +806,7 @@ impl Bench {
         }
         self.report.line("```");
         self.report.line("");
-        self.report.line("Requests the issuer received per second (whole run, 5-second buckets: peak second in the bucket):");
+        self.report.line("Requests the issuer received per second (5-second buckets: the busiest second in each):");
         self.report.line("");
         self.report.line("```");
         let start = *hits.keys().next().unwrap_or(&0);
@@ -996,7 +984,7 @@ async fn main() {
     if b.opts.wants("spread") {
         b.report.line("### Rotation spread");
         b.report.line("");
-        b.spread(big, 100).await;
+        b.spread(big, 25).await;
         b.report.line("");
     }
 
