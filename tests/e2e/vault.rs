@@ -66,7 +66,32 @@ impl Drop for OpenBao {
 }
 
 impl OpenBao {
+    /// Starts a dev server on a free port. A server that does not answer
+    /// its health check within 30 s is replaced by one on another port (a
+    /// port picked as free can be taken by another test before the server
+    /// binds it); the last health-check error is printed.
     async fn start() -> Self {
+        for attempt in 1..=3 {
+            let b = Self::spawn();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let mut last = String::new();
+            while std::time::Instant::now() < deadline {
+                match reqwest::get(format!("{}/v1/sys/health", b.addr)).await {
+                    Ok(r) if r.status() == 200 => return b,
+                    Ok(r) => last = format!("HTTP {}", r.status()),
+                    Err(e) => last = e.to_string(),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            eprintln!(
+                "OpenBao at {} not healthy after 30 s (attempt {attempt}): {last}",
+                b.addr
+            );
+        }
+        panic!("OpenBao dev server did not become healthy in 3 attempts");
+    }
+
+    fn spawn() -> Self {
         let port = free_port();
         let root = format!("root-{}{}", random_suffix(), random_suffix());
         let logs = repo_root().join("target/e2e-logs");
@@ -82,19 +107,11 @@ impl OpenBao {
             .stderr(log)
             .spawn()
             .expect("start bao server -dev");
-        let b = OpenBao {
+        OpenBao {
             child,
             addr: format!("http://127.0.0.1:{port}"),
             root,
-        };
-        eventually(Duration::from_secs(90), "OpenBao unsealed", || async {
-            let r = reqwest::get(format!("{}/v1/sys/health", b.addr))
-                .await
-                .ok()?;
-            (r.status() == 200).then_some(())
-        })
-        .await;
-        b
+        }
     }
 
     /// Calls the API as root; returns status and JSON.
