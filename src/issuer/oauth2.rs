@@ -173,22 +173,9 @@ impl OAuth2Issuer {
     }
 
     async fn check_inner(&self) -> Result<(), IssuerError> {
-        web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
-        self.secret().await?;
         let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
-        // Any HTTP answer proves the endpoint is there; minting to check
-        // would create tokens nobody uses.
-        match http.get(&self.spec.token_url).send().await {
-            Ok(r) if r.status().as_u16() < 500 => Ok(()),
-            Ok(r) => Err(IssuerError::Unavailable(format!(
-                "token endpoint answers HTTP {}",
-                r.status().as_u16()
-            ))),
-            Err(e) => Err(IssuerError::Unavailable(format!(
-                "token endpoint unreachable: {}",
-                web::describe_error(&e)
-            ))),
-        }
+        self.secret().await?;
+        web::probe(http.get(&self.spec.token_url), "token endpoint").await
     }
 }
 

@@ -129,6 +129,22 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(500 * 2u64.pow(attempt.saturating_sub(1)))
 }
 
+/// A reachability check: any answer below 500 proves `what` (e.g. "token
+/// endpoint") is there; asking it to mint would make tokens nobody uses.
+pub async fn probe(request: reqwest::RequestBuilder, what: &str) -> Result<(), IssuerError> {
+    match request.send().await {
+        Ok(r) if r.status().as_u16() < 500 => Ok(()),
+        Ok(r) => Err(IssuerError::Unavailable(format!(
+            "{what} answers HTTP {}",
+            r.status().as_u16()
+        ))),
+        Err(e) => Err(IssuerError::Unavailable(format!(
+            "{what} unreachable: {}",
+            describe_error(&e)
+        ))),
+    }
+}
+
 /// `Retry-After` as seconds or an HTTP date.
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let v = headers

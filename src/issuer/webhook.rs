@@ -203,17 +203,7 @@ impl WebhookIssuer {
         render_body(self.spec.body.as_deref(), &MintRequest::default())?;
         let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
         self.authorization().await?;
-        match http.head(&self.spec.url).send().await {
-            Ok(r) if r.status().as_u16() < 500 => Ok(()),
-            Ok(r) => Err(IssuerError::Unavailable(format!(
-                "mint endpoint answers HTTP {}",
-                r.status().as_u16()
-            ))),
-            Err(e) => Err(IssuerError::Unavailable(format!(
-                "mint endpoint unreachable: {}",
-                web::describe_error(&e)
-            ))),
-        }
+        web::probe(http.head(&self.spec.url), "mint endpoint").await
     }
 }
 
