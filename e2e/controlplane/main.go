@@ -1,11 +1,12 @@
 // Command controlplane is one binary that runs, by its first argument, as the
 // parts of a local Kubernetes control plane: etcd, kube-apiserver,
-// kube-controller-manager and kubectl. The project builds it from the
-// Kubernetes Go modules because this machine has no Docker engine and cannot
-// download release binaries.
+// kube-controller-manager, kubectl and, for the opt-in node, kube-scheduler and
+// the kubelet. The project builds it from the Kubernetes Go modules because
+// this machine has no Docker engine and cannot download release binaries.
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -16,9 +17,11 @@ import (
 	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
-const usage = "usage: controlplane etcd|kube-apiserver|kube-controller-manager|kubectl [args...]"
+const usage = "usage: controlplane etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubelet|kubectl [args...]"
 
 func main() {
 	role, args := roleAndArgs(os.Args)
@@ -32,6 +35,10 @@ func main() {
 		os.Exit(cli.Run(apiserver.NewAPIServerCommand()))
 	case "kube-controller-manager":
 		os.Exit(cli.Run(controllermanager.NewControllerManagerCommand()))
+	case "kube-scheduler":
+		os.Exit(cli.Run(scheduler.NewSchedulerCommand()))
+	case "kubelet":
+		os.Exit(cli.Run(kubelet.NewKubeletCommand(context.Background())))
 	case "kubectl":
 		if err := cli.RunNoErrOutput(kubectlcmd.NewDefaultKubectlCommand()); err != nil {
 			kubectlutil.CheckErr(err)
@@ -48,7 +55,7 @@ func main() {
 func roleAndArgs(argv []string) (string, []string) {
 	name := filepath.Base(argv[0])
 	switch name {
-	case "etcd", "kube-apiserver", "kube-controller-manager", "kubectl":
+	case "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl":
 		return name, argv[1:]
 	}
 	if len(argv) < 2 {
