@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CLUSTER := e2e/cluster
 
-.PHONY: all build tools cluster cluster-down lint crds test test-unit test-e2e demo bench clean
+.PHONY: all build tools cluster node cluster-down lint crds test test-unit test-e2e demo bench clean
 
 all: build
 
@@ -15,6 +15,11 @@ build: tools
 ## The local control plane (etcd, kube-apiserver, kube-controller-manager).
 cluster: tools
 	$(CLUSTER) up
+
+## The control plane plus one real node (kube-scheduler, containerd, runc,
+## kubelet), so Pods run; the tests in tests/e2e/node.rs need it.
+node: tools
+	$(CLUSTER) up --node
 
 cluster-down:
 	$(CLUSTER) down
@@ -30,14 +35,15 @@ crds:
 	cp crds/agenttoken.dev.yaml charts/agent-token-operator/crds/agenttoken.dev.yaml
 	cargo run --quiet -- reference > docs/reference.md
 
-## The whole suite: lint, unit tests and end-to-end tests on the local control plane.
-test: lint cluster
+## The whole suite: lint, unit tests and end-to-end tests on the local control
+## plane and its node.
+test: lint node
 	cargo test --no-fail-fast -- --test-threads=$${TEST_THREADS:-8}
 
 test-unit: tools
 	cargo test --lib
 
-test-e2e: cluster
+test-e2e: node
 	cargo test --test e2e -- --test-threads=$${TEST_THREADS:-8}
 
 ## Scale benchmark on its own local control plane; writes target/bench/report.md.

@@ -12,7 +12,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
-use kube::api::{Api, AttachParams, ListParams};
+use kube::api::{Api, AttachParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
@@ -405,13 +405,26 @@ pub async fn get(client: &Client, key: &WorkloadKey) -> Result<Option<Workload>,
 /// How long one exec of the signal command may take.
 const SIGNAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the kubelet gets, after a Pod's annotation changed, to write the
+/// new Secret into the Pod's volume before the signal is sent. Measured on the
+/// local node (tests/e2e/node.rs): well under a second.
+const PROJECTION_SETTLE: Duration = Duration::from_secs(2);
+
 /// `Signal` strategy: runs the command in the consuming containers of the
 /// workload's running Pods. Returns the phase and a message for status.
+///
+/// The kubelet copies a changed Secret into the Pods' volumes only when it
+/// next syncs each Pod (its sync period, a minute by default), so a signal
+/// sent right after the write would make the agent reload the old token.
+/// Setting the AgentToken's revision annotation on each running Pod makes the
+/// kubelet sync it now; the signal follows after [`PROJECTION_SETTLE`].
 pub async fn signal(
     client: &Client,
     w: &Workload,
     secret: &str,
     spec: &ConsumersSpec,
+    annotation: &str,
+    revision: i64,
 ) -> (ConsumerPhase, String) {
     let sig = spec.signal.clone().unwrap_or_default();
     let command: Vec<String> = if sig.command.is_empty() {
@@ -464,6 +477,29 @@ pub async fn signal(
             "no running Pod to signal (new Pods read the new token when they start)".into(),
         );
     }
+    let mut touched = 0usize;
+    let mut not_touched = Vec::new();
+    for pod in &running {
+        if pod.annotations().get(annotation).map(String::as_str) == Some(&revision.to_string()) {
+            continue;
+        }
+        let patch =
+            serde_json::json!({"metadata": {"annotations": {annotation: revision.to_string()}}});
+        match pods
+            .patch(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => touched += 1,
+            Err(e) => not_touched.push(format!("{}: {e}", pod.name_any())),
+        }
+    }
+    if touched > 0 {
+        tokio::time::sleep(PROJECTION_SETTLE).await;
+    }
     let mut ok = 0usize;
     let mut failures = Vec::new();
     for pod in &running {
@@ -499,16 +535,29 @@ pub async fn signal(
             }
         }
     }
+    // A Pod that could not be annotated still gets the signal; its volume
+    // may hold the old token until the kubelet's next sync.
+    let lag = if not_touched.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; could not annotate {} (the kubelet updates their volume within its sync period)",
+            not_touched.join(", ")
+        )
+    };
     if failures.is_empty() {
         (
             ConsumerPhase::Signaled,
-            format!("signalled {ok} container(s) in {} Pod(s)", running.len()),
+            format!(
+                "signalled {ok} container(s) in {} Pod(s){lag}",
+                running.len()
+            ),
         )
     } else {
         (
             ConsumerPhase::Failed,
             format!(
-                "{} of {} signal(s) failed: {}",
+                "{} of {} signal(s) failed: {}{lag}",
                 failures.len(),
                 failures.len() + ok,
                 failures.join("; ")

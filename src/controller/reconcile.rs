@@ -1212,7 +1212,9 @@ async fn consumers_step(
                 )
             }
             Need::Restart => {
-                let (phase, message) = consumers::signal(&ctx.client, w, secret_name, &spec).await;
+                let (phase, message) =
+                    consumers::signal(&ctx.client, w, secret_name, &spec, &annotation, revision)
+                        .await;
                 let (kind, reason) = if phase == ConsumerPhase::Failed {
                     (EventType::Warning, "WorkloadSignalFailed")
                 } else {

@@ -1,8 +1,10 @@
 //! Consumers end to end: the workloads that use a token's Secret roll
 //! before the previous token is revoked, on the real local control plane
-//! (its Deployment and ReplicaSet controllers; Pods stay Pending without a
-//! kubelet, so a Deployment with 0 replicas is one whose rollout completes
-//! and one with 1 replica is one whose rollout never does).
+//! (its Deployment and ReplicaSet controllers). The image `agent:local` is
+//! on no node (a Pod of it never starts: Pending, or ErrImagePull on the
+//! opt-in node), so a Deployment with 0 replicas is one whose rollout
+//! completes and one with 1 replica is one whose rollout never does. Running
+//! Pods are in node.rs.
 
 use std::time::Duration;
 

@@ -7,6 +7,7 @@ mod consumers;
 mod github_app;
 mod helm;
 mod jwt;
+mod node;
 mod oauth2;
 mod plugin;
 mod support;

@@ -60,7 +60,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if .Values.consumers.signal }}
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list]
+  # patch: the revision annotation that makes the kubelet refresh the volume.
+  verbs: [list, patch]
 - apiGroups: [""]
   resources: [pods/exec]
   # create: exec over SPDY and (with newer API servers) over WebSocket; get: WebSocket on older ones.

@@ -1,0 +1,444 @@
+//! With the opt-in node (`e2e/cluster up --node`: kube-scheduler, containerd,
+//! Debian's runc, the kubelet): Pods really run, so a rollout restart is seen
+//! as new running Pods that hold the new token, `Signal` as a SIGHUP that
+//! makes the same process read the new token, and `helm install` as the
+//! operator running as a Pod. The workload is the project's test agent
+//! (e2e/node/agent), which logs a SHA-256 fingerprint of the token it read.
+
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams, LogParams, Patch, PatchParams};
+use sha2::{Digest, Sha256};
+
+use agent_token_operator::crd::{AgentToken, ConsumerPhase};
+
+use crate::support::{Operator, TestNamespace, apply, cluster, eventually, free_port, repo_root};
+
+/// Starts (or reuses) the node; every test here needs it.
+fn node() {
+    static NODE: OnceLock<()> = OnceLock::new();
+    NODE.get_or_init(|| {
+        cluster();
+        let status = Command::new(repo_root().join("e2e/cluster"))
+            .args(["up", "--node"])
+            .status()
+            .expect("run e2e/cluster up --node");
+        assert!(status.success(), "e2e/cluster up --node failed: {status}");
+    });
+}
+
+const ISSUER: &str = r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: builder}
+---
+apiVersion: agenttoken.dev/v1alpha1
+kind: TokenIssuer
+metadata: {name: sa}
+spec:
+  serviceAccount: {}
+"#;
+
+fn agent_token(name: &str, strategy: &str) -> String {
+    format!(
+        r#"
+apiVersion: agenttoken.dev/v1alpha1
+kind: AgentToken
+metadata: {{name: {name}}}
+spec:
+  issuerRef: {{name: sa}}
+  serviceAccountName: builder
+  lifetime: 10m
+  previousTokenGracePeriod: 0s
+  consumers: {{strategy: {strategy}}}
+"#
+    )
+}
+
+/// The test agent, reading the Secret through a volume.
+fn agent_deployment(name: &str, secret: &str) -> String {
+    format!(
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: agent
+        image: agenttoken.local/agent:e2e
+        imagePullPolicy: Never
+        volumeMounts: [{{name: token, mountPath: /var/run/secrets/agenttoken, readOnly: true}}]
+      volumes: [{{name: token, secret: {{secretName: {secret}}}}}]
+"#
+    )
+}
+
+fn applied(ns: &TestNamespace, yaml: &str) {
+    let out = apply(ns, yaml);
+    assert!(
+        out.status.success(),
+        "kubectl apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The fingerprint the test agent logs for a token (never the token).
+fn fingerprint(token: &[u8]) -> String {
+    let hex: String = Sha256::digest(String::from_utf8_lossy(token).trim().as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    hex[..16].to_string()
+}
+
+async fn token_fingerprint(ns: &TestNamespace, secret: &str) -> Option<String> {
+    let api: Api<Secret> = ns.api();
+    let s = api.get(secret).await.ok()?;
+    let token = s.data?.remove("token")?;
+    Some(fingerprint(&token.0))
+}
+
+/// The running, not terminating Pods of a Deployment's selector.
+async fn running_pods(ns: &TestNamespace, app: &str) -> Vec<Pod> {
+    let api: Api<Pod> = ns.api();
+    api.list(&ListParams::default().labels(&format!("app={app}")))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .collect()
+}
+
+async fn pod_log(ns: &TestNamespace, pod: &str) -> String {
+    let api: Api<Pod> = ns.api();
+    api.logs(pod, &LogParams::default())
+        .await
+        .unwrap_or_default()
+}
+
+/// Waits for exactly one running Pod of `app` that logged `line`; returns it.
+async fn pod_that_logged(ns: &TestNamespace, app: &str, line: &str, secs: u64) -> Pod {
+    eventually(
+        Duration::from_secs(secs),
+        &format!("one running Pod of {app} that logged {line:?}"),
+        || async {
+            let pods = running_pods(ns, app).await;
+            if pods.len() != 1 {
+                return None;
+            }
+            let pod = pods.into_iter().next()?;
+            pod_log(ns, &pod.name_any())
+                .await
+                .contains(line)
+                .then_some(pod)
+        },
+    )
+    .await
+}
+
+async fn rotate(ns: &TestNamespace, name: &str) {
+    let api: Api<AgentToken> = ns.api();
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {"agenttoken.dev/rotate": "node-test"}}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("annotate");
+}
+
+async fn consumer(
+    ns: &TestNamespace,
+    at: &str,
+    workload: &str,
+    revision: i64,
+    phase: ConsumerPhase,
+) -> String {
+    let api: Api<AgentToken> = ns.api();
+    eventually(
+        Duration::from_secs(90),
+        &format!("consumer {workload} {phase:?} at revision {revision}"),
+        || async {
+            let at = api.get(at).await.ok()?;
+            let c = at
+                .status?
+                .consumers
+                .into_iter()
+                .find(|c| c.name == workload && c.revision == revision && c.phase == phase)?;
+            Some(c.message.unwrap_or_default())
+        },
+    )
+    .await
+}
+
+fn restart_count(pod: &Pod) -> i32 {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map(|c| c.iter().map(|c| c.restart_count).sum())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn node_rollout_restart_replaces_running_pods_that_then_hold_the_new_token() {
+    node();
+    let ns = TestNamespace::new("node-roll").await;
+    let _op = Operator::start_with(
+        &ns.name,
+        "solo",
+        &[
+            "--leader-election=false",
+            "--restart-coalesce-window=1s",
+            "--rollout-timeout=2m",
+        ],
+    );
+    applied(&ns, ISSUER);
+    applied(&ns, &agent_token("bot", "RolloutRestart"));
+    let first = eventually(Duration::from_secs(30), "first token", || {
+        token_fingerprint(&ns, "bot")
+    })
+    .await;
+    applied(&ns, &agent_deployment("agent", "bot"));
+    let old_pod = pod_that_logged(
+        &ns,
+        "agent",
+        &format!("start: loaded token sha256:{first}"),
+        90,
+    )
+    .await;
+
+    rotate(&ns, "bot").await;
+    // RolledOut is decided from the Deployment's status, which a kubelet now
+    // drives: the new Pod must have started and become ready.
+    consumer(&ns, "bot", "agent", 2, ConsumerPhase::RolledOut).await;
+    let second = token_fingerprint(&ns, "bot").await.expect("second token");
+    assert_ne!(first, second, "rotation changed the token");
+    let new_pod = pod_that_logged(
+        &ns,
+        "agent",
+        &format!("start: loaded token sha256:{second}"),
+        60,
+    )
+    .await;
+    assert_ne!(
+        new_pod.uid(),
+        old_pod.uid(),
+        "a new Pod replaced the old one"
+    );
+    let api: Api<Pod> = ns.api();
+    eventually(Duration::from_secs(60), "old Pod gone", || async {
+        api.get_opt(&old_pod.name_any())
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn node_signal_sends_sighup_and_the_same_process_reads_the_new_token() {
+    node();
+    let ns = TestNamespace::new("node-signal").await;
+    let _op = Operator::start_with(&ns.name, "solo", &["--leader-election=false"]);
+    applied(&ns, ISSUER);
+    applied(&ns, &agent_token("bot", "Signal"));
+    let first = eventually(Duration::from_secs(30), "first token", || {
+        token_fingerprint(&ns, "bot")
+    })
+    .await;
+    applied(&ns, &agent_deployment("agent", "bot"));
+    let pod = pod_that_logged(
+        &ns,
+        "agent",
+        &format!("start: loaded token sha256:{first}"),
+        90,
+    )
+    .await;
+
+    let started = Instant::now();
+    rotate(&ns, "bot").await;
+    let message = consumer(&ns, "bot", "agent", 2, ConsumerPhase::Signaled).await;
+    assert!(
+        message.contains("signalled 1 container(s) in 1 Pod(s)"),
+        "{message}"
+    );
+    let second = token_fingerprint(&ns, "bot").await.expect("second token");
+    assert_ne!(first, second);
+    // The signal came after the kubelet had written the new token into the
+    // volume (the operator annotates the Pod so the kubelet syncs it at once,
+    // not after its 10 s sync period): the reload read the new token.
+    let log = pod_log(&ns, &pod.name_any()).await;
+    assert!(
+        log.contains(&format!("SIGHUP: loaded token sha256:{second}")),
+        "the agent reloaded on SIGHUP and read the new token; its log:\n{log}"
+    );
+    assert!(
+        !log.contains(&format!("SIGHUP: loaded token sha256:{first}")),
+        "{log}"
+    );
+    eprintln!(
+        "rotation to Signaled with the new token read: {:?}",
+        started.elapsed()
+    );
+    // Same process: no new Pod, no container restart.
+    let pods = running_pods(&ns, "agent").await;
+    assert_eq!(pods.len(), 1);
+    assert_eq!(pods[0].uid(), pod.uid(), "the Pod was not replaced");
+    assert_eq!(
+        restart_count(&pods[0]),
+        0,
+        "the container was not restarted"
+    );
+}
+
+#[tokio::test]
+async fn node_helm_install_runs_the_operator_as_a_pod_that_mints() {
+    node();
+    let ops = TestNamespace::new("node-helm-ops").await;
+    let team = TestNamespace::new("node-helm-team").await;
+    crate::support::install_crds();
+    let image = "agenttoken.local/agent-token-operator:e2e";
+    let status = Command::new(repo_root().join("e2e/cluster"))
+        .args([
+            "node-image",
+            image,
+            env!("CARGO_BIN_EXE_agent-token-operator"),
+        ])
+        .status()
+        .expect("run e2e/cluster node-image");
+    assert!(status.success(), "importing the operator image failed");
+
+    // The Pod uses the host's network (Pods have loopback-range addresses
+    // that reach nothing) and the API server's loopback address.
+    let admin = std::fs::read_to_string(&cluster().admin_kubeconfig).unwrap();
+    let server = admin
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .unwrap()
+        .to_string();
+    let api_port = server.rsplit(':').next().unwrap().to_string();
+    let release = format!("ato-{}", &ops.name[ops.name.len() - 6..]);
+    let metrics_port = free_port().to_string();
+    let out = Command::new(crate::support::bin_dir().join("helm"))
+        .args([
+            "install",
+            &release,
+            repo_root()
+                .join("charts/agent-token-operator")
+                .to_str()
+                .unwrap(),
+        ])
+        .args(["-n", &ops.name, "--skip-crds"])
+        .args(["--set", &format!("watchNamespaces={{{}}}", team.name)])
+        .args([
+            "--set",
+            "image.repository=agenttoken.local/agent-token-operator",
+        ])
+        .args(["--set", "image.tag=e2e", "--set", "image.pullPolicy=Never"])
+        .args(["--set", "replicaCount=1", "--set", "hostNetwork=true"])
+        .args(["--set", &format!("metrics.port={metrics_port}")])
+        .args([
+            "--set",
+            "extraEnv[0].name=KUBERNETES_SERVICE_HOST",
+            "--set",
+            "extraEnv[0].value=127.0.0.1",
+        ])
+        .args([
+            "--set",
+            "extraEnv[1].name=KUBERNETES_SERVICE_PORT",
+            "--set-string",
+            &format!("extraEnv[1].value={api_port}"),
+        ])
+        .env("KUBECONFIG", &cluster().admin_kubeconfig)
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fullname = format!("{release}-agent-token-operator");
+
+    // The chart's Deployment becomes available: its Pod passed /readyz.
+    let deployments: Api<Deployment> = ops.api();
+    eventually(
+        Duration::from_secs(120),
+        "the operator Deployment available",
+        || async {
+            let d = deployments.get(&fullname).await.ok()?;
+            (d.status?.available_replicas? == 1).then_some(())
+        },
+    )
+    .await;
+    let pods: Api<Pod> = ops.api();
+    let pod = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=agent-token-operator"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .next()
+        .expect("the operator Pod");
+
+    // It does its job: the team's AgentToken gets a token.
+    applied(&team, ISSUER);
+    applied(&team, &agent_token("bot", "RolloutRestart"));
+    eventually(Duration::from_secs(60), "token minted by the Pod", || {
+        token_fingerprint(&team, "bot")
+    })
+    .await;
+    let ats: Api<AgentToken> = team.api();
+    eventually(Duration::from_secs(30), "AgentToken Ready", || async {
+        let at = ats.get("bot").await.ok()?;
+        at.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    // ... and it was the Pod: it holds the leader Lease.
+    let leases: Api<Lease> = ops.api();
+    let holder = leases
+        .get(&fullname)
+        .await
+        .expect("leader Lease")
+        .spec
+        .and_then(|s| s.holder_identity)
+        .unwrap_or_default();
+    assert_eq!(holder, pod.name_any(), "the operator Pod holds the Lease");
+    let log = pod_log(&ops, &pod.name_any()).await;
+    assert!(!log.is_empty(), "the operator Pod logs");
+
+    let out = Command::new(crate::support::bin_dir().join("helm"))
+        .args([
+            "uninstall",
+            &release,
+            "-n",
+            &ops.name,
+            "--wait",
+            "--timeout",
+            "60s",
+        ])
+        .env("KUBECONFIG", &cluster().admin_kubeconfig)
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
