@@ -2,6 +2,7 @@
 //! issuer status loop. The AgentToken reconcile phases live in
 //! [`reconcile`]; pure decisions in [`decide`], [`secret`] and [`status`].
 
+pub mod bindings;
 pub mod consumers;
 pub mod decide;
 pub mod finalize;
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::events::Recorder;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
@@ -27,7 +28,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::crd::{AgentToken, ClusterTokenIssuer, IssuerKind, TokenIssuer, TokenIssuerSpec};
+use crate::crd::{
+    AgentToken, AgentTokenSpec, ClusterTokenIssuer, IssuerKind, TokenIssuer, TokenIssuerSpec,
+};
 use crate::http::Readiness;
 use crate::issuer::github_app::GithubAppIssuer;
 use crate::issuer::jwt::JwtIssuer;
@@ -98,8 +101,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub limiters: RateLimiters,
     pub clock: Arc<dyn Clock>,
-    /// Metadata of the Secrets the operator manages (label-selected), never their data.
-    pub secrets: Vec<Store<PartialObjectMeta<Secret>>>,
+    /// Binding Secrets by AgentToken, one index per watched scope.
+    pub bindings: Vec<Arc<bindings::BindingIndex>>,
     /// Applies consumer rollout restarts.
     pub restarter: Arc<restarts::Restarter>,
     /// Where a ClusterTokenIssuer's Secrets live.
@@ -174,23 +177,9 @@ impl Context {
         }
     }
 
-    /// Binding Secrets (name, revision) of one AgentToken, from the cache.
+    /// Binding Secrets (name, revision) of one AgentToken, from the index.
     pub fn bindings_of(&self, ns: &str, name: &str) -> Vec<(String, i64)> {
-        self.secrets
-            .iter()
-            .flat_map(|s| s.state())
-            .filter(|s| s.metadata.namespace.as_deref() == Some(ns))
-            .filter(|s| {
-                let l = s.labels();
-                l.get(labels::NAME).map(String::as_str) == Some(name)
-                    && l.get(labels::ROLE).map(String::as_str) == Some(labels::ROLE_BINDING)
-                    && s.metadata.deletion_timestamp.is_none()
-            })
-            .filter_map(|s| {
-                let revision = s.labels().get(labels::REVISION)?.parse().ok()?;
-                Some((s.name_any(), revision))
-            })
-            .collect()
+        self.bindings.iter().flat_map(|i| i.of(ns, name)).collect()
     }
 
     /// Forgets an object's reconcile failures after a success.
@@ -299,25 +288,21 @@ pub async fn run(
 
     // Only our Secrets, metadata only, labels only: memory follows our
     // objects, never the cluster's other Secrets.
-    let mut secret_stores = Vec::new();
+    let mut binding_indexes = Vec::new();
     let mut secret_streams = Vec::new();
     for scope in &scopes {
-        let (store, writer) = reflector::store::<PartialObjectMeta<Secret>>();
+        let index = Arc::new(bindings::BindingIndex::default());
         let events = watcher(
             api(scope).1,
             watcher::Config::default().labels(labels::MANAGED_SELECTOR),
         )
         .default_backoff()
-        .modify(|s: &mut PartialObjectMeta<Secret>| {
-            // Only the labels are read from this cache (reconcile reads the
-            // live Secret): drop the rest of the metadata's bulk.
-            s.managed_fields_mut().clear();
-            s.annotations_mut().clear();
-            s.owner_references_mut().clear();
+        .inspect_ok({
+            let index = index.clone();
+            move |event| index.apply(event)
         })
-        .reflect(writer)
         .touched_objects();
-        secret_stores.push(store);
+        binding_indexes.push(index);
         secret_streams.push(events);
     }
 
@@ -340,7 +325,7 @@ pub async fn run(
         metrics: metrics.clone(),
         limiters: RateLimiters::default(),
         clock: Arc::new(SystemClock),
-        secrets: secret_stores.clone(),
+        bindings: binding_indexes.clone(),
         failures: Mutex::new(HashMap::new()),
     });
 
@@ -349,18 +334,10 @@ pub async fn run(
     let mut at_stores = Vec::new();
     for (scope, secret_events) in scopes.iter().zip(secret_streams) {
         let (ats, _, issuers_api) = api(scope);
-        // The cache keeps what mapping and scheduling need (metadata and
-        // spec); reconcile reads the live object. Status, managedFields and
-        // kubectl's last-applied copy are most of an object's bytes and
-        // nothing reads them from the cache.
         let (at_store, at_writer) = reflector::store::<AgentToken>();
         let at_events = watcher(ats, watcher::Config::default())
             .default_backoff()
-            .modify(|at: &mut AgentToken| {
-                at.status = None;
-                at.managed_fields_mut().clear();
-                at.annotations_mut().remove(LAST_APPLIED);
-            })
+            .modify(slim_cached_agent_token)
             .reflect(at_writer)
             .touched_objects();
         let controller = Controller::for_stream(at_events, at_store.clone()).with_config(
@@ -398,7 +375,12 @@ pub async fn run(
         let readiness = readiness.clone();
         async move {
             let ats = futures::future::try_join_all(at_stores.iter().map(synced));
-            let secrets = futures::future::try_join_all(secret_stores.iter().map(synced));
+            let secrets = async {
+                while !binding_indexes.iter().all(|i| i.synced()) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(())
+            };
             match futures::future::try_join(ats, secrets).await {
                 Ok(_) => {
                     info!("caches synced; ready");
@@ -451,7 +433,37 @@ where
 pub const DEFAULT_CONCURRENCY: u16 = 16;
 
 /// kubectl's client-side apply copy of an object.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// What the AgentToken cache keeps: identity and `spec.issuerRef` (to map an
+/// issuer's change to its AgentTokens). Reconcile reads the live object, so
+/// nothing else is read from the cache, and at 10,000 AgentTokens every
+/// field kept costs its bytes 10,000 times.
+fn slim_cached_agent_token(at: &mut AgentToken) {
+    at.status = None;
+    let meta = &mut at.metadata;
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.labels = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.generate_name = None;
+    meta.creation_timestamp = None;
+    let issuer_ref = at.spec.issuer_ref.clone();
+    at.spec = AgentTokenSpec {
+        issuer_ref,
+        scopes: Vec::new(),
+        audiences: Vec::new(),
+        service_account_name: None,
+        permissions: Default::default(),
+        repositories: Vec::new(),
+        parameters: Default::default(),
+        lifetime: None,
+        rotation: None,
+        secret: None,
+        previous_token_grace_period: None,
+        consumers: None,
+        paused: false,
+    };
+}
 
 /// How long the operator waits on the API when shutting down.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
