@@ -402,6 +402,9 @@ pub async fn get(client: &Client, key: &WorkloadKey) -> Result<Option<Workload>,
     })
 }
 
+/// Field manager of the revision annotation the `Signal` strategy sets on Pods.
+const SIGNAL_FIELD_MANAGER: &str = "agent-token-operator-signal";
+
 /// How long one exec of the signal command may take.
 const SIGNAL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -483,13 +486,16 @@ pub async fn signal(
         if pod.annotations().get(annotation).map(String::as_str) == Some(&revision.to_string()) {
             continue;
         }
-        let patch =
-            serde_json::json!({"metadata": {"annotations": {annotation: revision.to_string()}}});
+        let patch = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod.name_any(), "annotations": {annotation: revision.to_string()}},
+        });
         match pods
             .patch(
                 &pod.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
+                &PatchParams::apply(SIGNAL_FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
             )
             .await
         {
