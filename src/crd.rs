@@ -424,6 +424,27 @@ impl ConsumerPhase {
     }
 }
 
+impl AgentTokenSpec {
+    /// A spec naming only its issuer; every other field unset.
+    pub fn for_issuer(issuer_ref: IssuerRef) -> Self {
+        AgentTokenSpec {
+            issuer_ref,
+            scopes: Vec::new(),
+            audiences: Vec::new(),
+            service_account_name: None,
+            permissions: BTreeMap::new(),
+            repositories: Vec::new(),
+            parameters: BTreeMap::new(),
+            lifetime: None,
+            rotation: None,
+            secret: None,
+            previous_token_grace_period: None,
+            consumers: None,
+            paused: false,
+        }
+    }
+}
+
 impl AgentToken {
     /// The Secret's name: `spec.secret.name` or the AgentToken's name.
     pub fn secret_name(&self) -> String {
@@ -957,24 +978,10 @@ mod tests {
     fn secret_name_and_key_default() {
         let mut at = AgentToken::new(
             "bot",
-            AgentTokenSpec {
-                issuer_ref: IssuerRef {
-                    kind: IssuerKind::TokenIssuer,
-                    name: "k8s".into(),
-                },
-                scopes: vec![],
-                audiences: vec![],
-                service_account_name: None,
-                permissions: BTreeMap::new(),
-                repositories: vec![],
-                parameters: BTreeMap::new(),
-                lifetime: None,
-                rotation: None,
-                secret: None,
-                previous_token_grace_period: None,
-                consumers: None,
-                paused: false,
-            },
+            AgentTokenSpec::for_issuer(IssuerRef {
+                kind: IssuerKind::TokenIssuer,
+                name: "k8s".into(),
+            }),
         );
         assert_eq!(at.secret_name(), "bot");
         assert_eq!(at.secret_key(), "token");

@@ -447,22 +447,7 @@ fn slim_cached_agent_token(at: &mut AgentToken) {
     meta.finalizers = None;
     meta.generate_name = None;
     meta.creation_timestamp = None;
-    let issuer_ref = at.spec.issuer_ref.clone();
-    at.spec = AgentTokenSpec {
-        issuer_ref,
-        scopes: Vec::new(),
-        audiences: Vec::new(),
-        service_account_name: None,
-        permissions: Default::default(),
-        repositories: Vec::new(),
-        parameters: Default::default(),
-        lifetime: None,
-        rotation: None,
-        secret: None,
-        previous_token_grace_period: None,
-        consumers: None,
-        paused: false,
-    };
+    at.spec = AgentTokenSpec::for_issuer(at.spec.issuer_ref.clone());
 }
 
 /// How long the operator waits on the API when shutting down.

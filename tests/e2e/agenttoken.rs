@@ -12,7 +12,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 
 use agent_token_operator::crd::{AgentToken, RevocationState, RotationReason};
 
-use crate::support::{Operator, TestNamespace, apply, eventually};
+use crate::support::{Operator, TestNamespace, applied, apply, eventually};
 
 /// What TokenReview says of a token: the username when authenticated.
 async fn review(ns: &TestNamespace, token: &str) -> Option<String> {
@@ -68,15 +68,6 @@ spec:
 {extra}
 "#
     )
-}
-
-fn applied(ns: &TestNamespace, yaml: &str) {
-    let out = apply(ns, yaml);
-    assert!(
-        out.status.success(),
-        "kubectl apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn secret_value(secret: &Secret, key: &str) -> Option<String> {

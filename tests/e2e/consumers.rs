@@ -15,19 +15,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 
 use agent_token_operator::crd::{AgentToken, ConsumerPhase, RevocationState};
 
-use crate::support::{Operator, TestNamespace, apply, eventually};
-
-const ISSUER: &str = r#"
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: builder}
----
-apiVersion: agenttoken.dev/v1alpha1
-kind: TokenIssuer
-metadata: {name: sa}
-spec:
-  serviceAccount: {}
-"#;
+use crate::support::{Operator, SA_ISSUER, TestNamespace, applied, eventually};
 
 fn agent_token(name: &str, grace: &str) -> String {
     format!(
@@ -78,15 +66,6 @@ spec:
         image: agent:local
 {env}"#
     )
-}
-
-fn applied(ns: &TestNamespace, yaml: &str) {
-    let out = apply(ns, yaml);
-    assert!(
-        out.status.success(),
-        "kubectl apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 async fn wait_at<F>(ns: &TestNamespace, name: &str, what: &str, secs: u64, check: F) -> AgentToken
@@ -189,7 +168,7 @@ async fn a_consuming_deployment_rolls_before_the_old_token_is_revoked() {
             "--rollout-timeout=2m",
         ],
     );
-    applied(&ns, ISSUER);
+    applied(&ns, SA_ISSUER);
     applied(&ns, &deployment("app", 0, &["bot"], ""));
     applied(
         &ns,
@@ -287,7 +266,7 @@ async fn a_rollout_that_never_completes_is_reported_and_the_old_token_still_goes
             &format!("--rollout-timeout={timeout}s"),
         ],
     );
-    applied(&ns, ISSUER);
+    applied(&ns, SA_ISSUER);
     // One replica that can never become available (no kubelet).
     applied(&ns, &deployment("stuck", 1, &["bot"], ""));
     applied(&ns, &agent_token("bot", "0s"));
@@ -336,7 +315,7 @@ async fn restarting_the_operator_restarts_nothing() {
         "--rollout-timeout=2m",
     ];
     let mut op = Operator::start_with(&ns.name, "first", &args);
-    applied(&ns, ISSUER);
+    applied(&ns, SA_ISSUER);
     applied(&ns, &deployment("app", 0, &["bot"], ""));
     // A long grace period keeps the previous token, so every reconcile
     // looks at the consumers again.
@@ -392,7 +371,7 @@ async fn two_tokens_rotating_together_cause_one_rollout() {
             "--rollout-timeout=2m",
         ],
     );
-    applied(&ns, ISSUER);
+    applied(&ns, SA_ISSUER);
     applied(&ns, &deployment("app", 0, &["alpha", "beta"], ""));
     applied(&ns, &agent_token("alpha", "0s"));
     applied(&ns, &agent_token("beta", "0s"));
@@ -463,7 +442,7 @@ async fn the_restart_cap_lets_one_workload_roll_at_a_time() {
             &format!("--rollout-timeout={timeout}s"),
         ],
     );
-    applied(&ns, ISSUER);
+    applied(&ns, SA_ISSUER);
     // Rollouts that never complete hold their slot until the timeout.
     applied(&ns, &deployment("first", 1, &["bot"], ""));
     applied(&ns, &deployment("second", 1, &["bot"], ""));
@@ -501,7 +480,7 @@ async fn signal_strategy_reports_what_it_did() {
         "solo",
         &["--leader-election=false", "--restart-coalesce-window=1s"],
     );
-    applied(&ns, ISSUER);
+    applied(&ns, SA_ISSUER);
     applied(&ns, &deployment("agent", 1, &["bot"], ""));
     applied(
         &ns,

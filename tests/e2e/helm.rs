@@ -15,14 +15,14 @@ use kube::api::{Api, DeleteParams};
 use agent_token_operator::crd::{AgentToken, ConsumerPhase, RevocationState, RotationReason};
 
 use crate::support::{
-    Operator, TestNamespace, apply, bin_dir, cluster, eventually, kubectl_as, repo_root,
+    Operator, TestNamespace, api_server, apply, bin_dir, cluster, eventually, kubectl_as, repo_root,
 };
 
-fn chart() -> PathBuf {
+pub(crate) fn chart() -> PathBuf {
     repo_root().join("charts/agent-token-operator")
 }
 
-fn helm(args: &[&str]) -> Output {
+pub(crate) fn helm(args: &[&str]) -> Output {
     Command::new(bin_dir().join("helm"))
         .args(args)
         .env("KUBECONFIG", &cluster().admin_kubeconfig)
@@ -33,7 +33,7 @@ fn helm(args: &[&str]) -> Output {
         .expect("run helm")
 }
 
-fn ok(out: Output, what: &str) -> String {
+pub(crate) fn ok(out: Output, what: &str) -> String {
     assert!(
         out.status.success(),
         "{what} failed: {}{}",
@@ -132,12 +132,7 @@ fn rendered_deployment_is_hardened_and_highly_available() {
 
 /// A kubeconfig that authenticates with `token` (written under target/).
 fn token_kubeconfig(token: &str, name: &str) -> PathBuf {
-    let admin = std::fs::read_to_string(&cluster().admin_kubeconfig).unwrap();
-    let server = admin
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("server: "))
-        .unwrap()
-        .to_string();
+    let server = api_server();
     let dir = repo_root().join("target/e2e-kubeconfigs");
     std::fs::create_dir_all(&dir).unwrap();
     let token_file = dir.join(format!("{name}.token"));

@@ -18,7 +18,11 @@ use sha2::{Digest, Sha256};
 
 use agent_token_operator::crd::{AgentToken, ConsumerPhase};
 
-use crate::support::{Operator, TestNamespace, apply, cluster, eventually, free_port, repo_root};
+use crate::helm::{chart, helm, ok};
+use crate::support::{
+    Operator, SA_ISSUER, TestNamespace, api_server, applied, cluster, eventually, free_port,
+    repo_root,
+};
 
 /// Starts (or reuses) the node; every test here needs it.
 fn node() {
@@ -32,18 +36,6 @@ fn node() {
         assert!(status.success(), "e2e/cluster up --node failed: {status}");
     });
 }
-
-const ISSUER: &str = r#"
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: builder}
----
-apiVersion: agenttoken.dev/v1alpha1
-kind: TokenIssuer
-metadata: {name: sa}
-spec:
-  serviceAccount: {}
-"#;
 
 fn agent_token(name: &str, strategy: &str) -> String {
     format!(
@@ -83,15 +75,6 @@ spec:
       volumes: [{{name: token, secret: {{secretName: {secret}}}}}]
 "#
     )
-}
-
-fn applied(ns: &TestNamespace, yaml: &str) {
-    let out = apply(ns, yaml);
-    assert!(
-        out.status.success(),
-        "kubectl apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The fingerprint the test agent logs for a token (never the token).
@@ -183,6 +166,30 @@ async fn consumer(
     .await
 }
 
+/// An operator, AgentToken `bot` (consumer strategy `strategy`) and the test
+/// agent Deployment `agent` reading it, once the agent's Pod runs and logged
+/// the first token. Returns the operator, that token's fingerprint and the Pod.
+async fn agent_running(
+    ns: &TestNamespace,
+    strategy: &str,
+    operator_args: &[&str],
+) -> (Operator, String, Pod) {
+    node();
+    let mut args = vec!["--leader-election=false"];
+    args.extend_from_slice(operator_args);
+    let op = Operator::start_with(&ns.name, "solo", &args);
+    applied(ns, SA_ISSUER);
+    applied(ns, &agent_token("bot", strategy));
+    let first = eventually(Duration::from_secs(30), "first token", || {
+        token_fingerprint(ns, "bot")
+    })
+    .await;
+    applied(ns, &agent_deployment("agent", "bot"));
+    let line = format!("start: loaded token sha256:{first}");
+    let pod = pod_that_logged(ns, "agent", &line, 90).await;
+    (op, first, pod)
+}
+
 fn restart_count(pod: &Pod) -> i32 {
     pod.status
         .as_ref()
@@ -193,29 +200,11 @@ fn restart_count(pod: &Pod) -> i32 {
 
 #[tokio::test]
 async fn node_rollout_restart_replaces_running_pods_that_then_hold_the_new_token() {
-    node();
     let ns = TestNamespace::new("node-roll").await;
-    let _op = Operator::start_with(
-        &ns.name,
-        "solo",
-        &[
-            "--leader-election=false",
-            "--restart-coalesce-window=1s",
-            "--rollout-timeout=2m",
-        ],
-    );
-    applied(&ns, ISSUER);
-    applied(&ns, &agent_token("bot", "RolloutRestart"));
-    let first = eventually(Duration::from_secs(30), "first token", || {
-        token_fingerprint(&ns, "bot")
-    })
-    .await;
-    applied(&ns, &agent_deployment("agent", "bot"));
-    let old_pod = pod_that_logged(
+    let (_op, first, old_pod) = agent_running(
         &ns,
-        "agent",
-        &format!("start: loaded token sha256:{first}"),
-        90,
+        "RolloutRestart",
+        &["--restart-coalesce-window=1s", "--rollout-timeout=2m"],
     )
     .await;
 
@@ -250,23 +239,8 @@ async fn node_rollout_restart_replaces_running_pods_that_then_hold_the_new_token
 
 #[tokio::test]
 async fn node_signal_sends_sighup_and_the_same_process_reads_the_new_token() {
-    node();
     let ns = TestNamespace::new("node-signal").await;
-    let _op = Operator::start_with(&ns.name, "solo", &["--leader-election=false"]);
-    applied(&ns, ISSUER);
-    applied(&ns, &agent_token("bot", "Signal"));
-    let first = eventually(Duration::from_secs(30), "first token", || {
-        token_fingerprint(&ns, "bot")
-    })
-    .await;
-    applied(&ns, &agent_deployment("agent", "bot"));
-    let pod = pod_that_logged(
-        &ns,
-        "agent",
-        &format!("start: loaded token sha256:{first}"),
-        90,
-    )
-    .await;
+    let (_op, first, pod) = agent_running(&ns, "Signal", &[]).await;
 
     let started = Instant::now();
     rotate(&ns, "bot").await;
@@ -323,52 +297,45 @@ async fn node_helm_install_runs_the_operator_as_a_pod_that_mints() {
 
     // The Pod uses the host's network (Pods have loopback-range addresses
     // that reach nothing) and the API server's loopback address.
-    let admin = std::fs::read_to_string(&cluster().admin_kubeconfig).unwrap();
-    let server = admin
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("server: "))
-        .unwrap()
-        .to_string();
+    let server = api_server();
     let api_port = server.rsplit(':').next().unwrap().to_string();
     let release = format!("ato-{}", &ops.name[ops.name.len() - 6..]);
     let metrics_port = free_port().to_string();
-    let out = Command::new(crate::support::bin_dir().join("helm"))
-        .args([
+    let watch = format!("watchNamespaces={{{}}}", team.name);
+    let metrics = format!("metrics.port={metrics_port}");
+    let port_env = format!("extraEnv[1].value={api_port}");
+    ok(
+        helm(&[
             "install",
             &release,
-            repo_root()
-                .join("charts/agent-token-operator")
-                .to_str()
-                .unwrap(),
-        ])
-        .args(["-n", &ops.name, "--skip-crds"])
-        .args(["--set", &format!("watchNamespaces={{{}}}", team.name)])
-        .args([
+            chart().to_str().unwrap(),
+            "-n",
+            &ops.name,
+            "--skip-crds",
+            "--set",
+            &watch,
             "--set",
             "image.repository=agenttoken.local/agent-token-operator",
-        ])
-        .args(["--set", "image.tag=e2e", "--set", "image.pullPolicy=Never"])
-        .args(["--set", "replicaCount=1", "--set", "hostNetwork=true"])
-        .args(["--set", &format!("metrics.port={metrics_port}")])
-        .args([
+            "--set",
+            "image.tag=e2e",
+            "--set",
+            "image.pullPolicy=Never",
+            "--set",
+            "replicaCount=1",
+            "--set",
+            "hostNetwork=true",
+            "--set",
+            &metrics,
             "--set",
             "extraEnv[0].name=KUBERNETES_SERVICE_HOST",
             "--set",
             "extraEnv[0].value=127.0.0.1",
-        ])
-        .args([
             "--set",
             "extraEnv[1].name=KUBERNETES_SERVICE_PORT",
             "--set-string",
-            &format!("extraEnv[1].value={api_port}"),
-        ])
-        .env("KUBECONFIG", &cluster().admin_kubeconfig)
-        .output()
-        .expect("run helm");
-    assert!(
-        out.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&out.stderr)
+            &port_env,
+        ]),
+        "helm install",
     );
     let fullname = format!("{release}-agent-token-operator");
 
@@ -394,7 +361,7 @@ async fn node_helm_install_runs_the_operator_as_a_pod_that_mints() {
         .expect("the operator Pod");
 
     // It does its job: the team's AgentToken gets a token.
-    applied(&team, ISSUER);
+    applied(&team, SA_ISSUER);
     applied(&team, &agent_token("bot", "RolloutRestart"));
     eventually(Duration::from_secs(60), "token minted by the Pod", || {
         token_fingerprint(&team, "bot")
@@ -423,8 +390,8 @@ async fn node_helm_install_runs_the_operator_as_a_pod_that_mints() {
     let log = pod_log(&ops, &pod.name_any()).await;
     assert!(!log.is_empty(), "the operator Pod logs");
 
-    let out = Command::new(crate::support::bin_dir().join("helm"))
-        .args([
+    ok(
+        helm(&[
             "uninstall",
             &release,
             "-n",
@@ -432,13 +399,7 @@ async fn node_helm_install_runs_the_operator_as_a_pod_that_mints() {
             "--wait",
             "--timeout",
             "60s",
-        ])
-        .env("KUBECONFIG", &cluster().admin_kubeconfig)
-        .output()
-        .expect("run helm");
-    assert!(
-        out.status.success(),
-        "helm uninstall: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ]),
+        "helm uninstall",
     );
 }

@@ -335,6 +335,39 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// `kubectl apply -f -` in the test namespace, asserting it succeeded.
+pub fn applied(ns: &TestNamespace, yaml: &str) {
+    let out = apply(ns, yaml);
+    assert!(
+        out.status.success(),
+        "kubectl apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The API server's URL, as the admin kubeconfig names it.
+pub fn api_server() -> String {
+    std::fs::read_to_string(&cluster().admin_kubeconfig)
+        .expect("read the admin kubeconfig")
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .expect("a server line")
+        .to_string()
+}
+
+/// A ServiceAccount `builder` and a ServiceAccount TokenIssuer `sa`.
+pub const SA_ISSUER: &str = r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: builder}
+---
+apiVersion: agenttoken.dev/v1alpha1
+kind: TokenIssuer
+metadata: {name: sa}
+spec:
+  serviceAccount: {}
+"#;
+
 /// `kubectl apply -f -` with `yaml` in the test namespace; returns the output.
 pub fn apply(ns: &TestNamespace, yaml: &str) -> std::process::Output {
     use std::io::Write;
