@@ -7,30 +7,149 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
-use kube::core::Duration;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
+
+pub use crate::duration::SpecDuration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// API group of every kind.
 pub const GROUP: &str = "agenttoken.dev";
 
-/// Go-style durations only (`90s`, `15m`, `1h30m`): what `duration()` in CEL
-/// and the operator both parse.
-const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+/// Shortest lifetime an AgentToken may ask for (and an issuer's
+/// `maxLifetime`): a token in a Secret reaches a running Pod through the
+/// kubelet's Secret sync (about a minute by default), so a shorter-lived
+/// token would be dead before some consumers could read it.
+pub const MIN_LIFETIME: &str = "5m";
 
-fn duration_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+fn lifetime_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    crate::duration::schema(Some(MIN_LIFETIME), None)
+}
+
+fn renew_before_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    crate::duration::schema(Some("1s"), None)
+}
+
+fn grace_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    crate::duration::schema(None, None)
+}
+
+/// A map of strings with at most `props` entries, keys of at most `key`
+/// and values of at most `value` characters.
+fn string_map(props: u32, key: u32, value: u32) -> schemars::Schema {
     schemars::json_schema!({
-        "type": "string",
-        "pattern": DURATION_PATTERN,
+        "type": "object",
+        "maxProperties": props,
+        "additionalProperties": {"type": "string", "maxLength": value},
+        "x-kubernetes-validations": [{
+            "rule": format!("self.all(k, size(k) <= {key})"),
+            "message": format!("keys must be at most {key} characters"),
+        }],
     })
+}
+
+/// A list of at most `items` strings of at most `len` characters.
+fn string_list(items: u32, len: u32, pattern: &str) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": items,
+        "items": {"type": "string", "minLength": 1, "maxLength": len, "pattern": pattern},
+    })
+}
+
+/// Labels or annotations the tenant adds to the Secret: qualified names,
+/// and none of the operator's own keys.
+fn metadata_map(what: &str, value_rule: Option<(&str, &str)>) -> schemars::Schema {
+    let mut rules = vec![
+        serde_json::json!({
+            "rule": "self.all(k, size(k) <= 317 && k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$'))",
+            "message": format!("{what} keys must be qualified names such as team.example/owner"),
+        }),
+        serde_json::json!({
+            "rule": "self.all(k, !k.startsWith('agenttoken.dev/') && k != 'app.kubernetes.io/managed-by')",
+            "message": format!("{what} cannot set agenttoken.dev/* or app.kubernetes.io/managed-by: the operator writes those"),
+        }),
+    ];
+    if let Some((rule, message)) = value_rule {
+        rules.push(serde_json::json!({"rule": rule, "message": message}));
+    }
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": 32,
+        "additionalProperties": {"type": "string", "maxLength": 4096},
+        "x-kubernetes-validations": rules,
+    })
+}
+
+fn scopes_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    // RFC 6749 §3.3 scope-token: printable ASCII without space, `"` or `\`.
+    string_list(64, 256, r#"^[!#-\[\]-~]+$"#)
+}
+
+fn audiences_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    string_list(16, 512, r"^\S+$")
+}
+
+fn repositories_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    string_list(100, 100, r"^[A-Za-z0-9_.-]+$")
+}
+
+fn permissions_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut s = string_map(64, 64, 5);
+    s.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([{
+            "rule": "self.all(k, k.matches('^[a-z][a-z_]{0,63}$') && self[k] in ['read', 'write', 'admin'])",
+            "message": "permissions map GitHub permission names (such as contents) to read, write or admin",
+        }]),
+    );
+    s
+}
+
+fn parameters_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut s = string_map(32, 64, 4096);
+    s.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([{
+            "rule": "self.all(k, k.matches('^[A-Za-z0-9][-._A-Za-z0-9]{0,63}$'))",
+            "message": "parameter names are letters, digits, '-', '_' and '.' (at most 64)",
+        }]),
+    );
+    s
+}
+
+fn extra_keys_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut s = string_map(16, 253, 4096);
+    s.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([{
+            "rule": "self.all(k, k.matches('^[-._a-zA-Z0-9]{1,253}$'))",
+            "message": "secret.extraKeys names must be valid Secret keys: letters, digits, '-', '_' and '.'",
+        }]),
+    );
+    s
+}
+
+fn secret_labels_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    metadata_map(
+        "secret.labels",
+        Some((
+            "self.all(k, self[k].matches('^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$'))",
+            "secret.labels values must be valid label values (at most 63 characters)",
+        )),
+    )
+}
+
+fn secret_annotations_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    metadata_map("secret.annotations", None)
 }
 
 /// A per-request HTTP timeout: a Go duration between 1s and 60s.
 fn timeout_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "string",
-        "pattern": DURATION_PATTERN,
+        "maxLength": crate::duration::MAX_TEXT,
+        "pattern": crate::duration::PATTERN,
         "x-kubernetes-validations": [{
             "rule": "duration(self) >= duration('1s') && duration(self) <= duration('60s')",
             "message": "timeout must be between 1s and 60s",
@@ -92,12 +211,13 @@ pub struct AgentTokenSpec {
     /// Scopes to ask for: OAuth scopes, Vault policies, the JWT `scope` claim.
     /// The issuer policy's `allowedScopes` must cover each of them.
     /// A serviceAccount issuer has no scopes (use RBAC on the ServiceAccount).
+    /// Each scope is one scope-token (RFC 6749 §3.3): no spaces or quotes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(schema_with = "scopes_schema")]
     pub scopes: Vec<String>,
     /// Audiences: TokenRequest audiences, the JWT `aud` claim, the OAuth2 audience.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(schema_with = "audiences_schema")]
     pub audiences: Vec<String>,
     /// ServiceAccount in this AgentToken's own namespace (serviceAccount issuer only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,18 +228,22 @@ pub struct AgentTokenSpec {
     pub service_account_name: Option<String>,
     /// GitHub App installation permissions, for example `{contents: read}` (githubApp issuer).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "permissions_schema")]
     pub permissions: BTreeMap<String, String>,
     /// Repositories the GitHub App installation token is limited to (githubApp issuer).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "repositories_schema")]
     pub repositories: Vec<String>,
     /// Issuer-specific extras (see the issuer's documentation).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "parameters_schema")]
     pub parameters: BTreeMap<String, String>,
     /// Requested lifetime (Go duration, e.g. `1h`). The issuer may grant less and
     /// the token's real expiry drives rotation. Default: the policy's maxLifetime, else 1h.
+    /// Between 5m and 8760h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration_schema")]
-    pub lifetime: Option<Duration>,
+    #[schemars(schema_with = "lifetime_schema")]
+    pub lifetime: Option<SpecDuration>,
     /// When to rotate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<RotationSpec>,
@@ -129,8 +253,8 @@ pub struct AgentTokenSpec {
     /// How long the previous token stays valid (and in key `<key>.previous`)
     /// after a rotation before it is revoked. Default 10m; `0s` revokes at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration_schema")]
-    pub previous_token_grace_period: Option<Duration>,
+    #[schemars(schema_with = "grace_schema")]
+    pub previous_token_grace_period: Option<SpecDuration>,
     /// Workloads that use the Secret and how they pick up a new token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumers: Option<ConsumersSpec>,
@@ -175,9 +299,11 @@ pub struct RotationSpec {
     #[schemars(range(min = 1, max = 99))]
     pub renew_before_percentage: Option<i32>,
     /// Rotate this long before the token's real expiry (instead of the percentage).
+    /// When it is not shorter than the lifetime the issuer really granted, the
+    /// default (a third of the lifetime left) applies instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration_schema")]
-    pub renew_before: Option<Duration>,
+    #[schemars(schema_with = "renew_before_schema")]
+    pub renew_before: Option<SpecDuration>,
     /// Also rotate at these times: a 5-field cron expression in UTC, e.g. `0 3 * * *`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128))]
@@ -189,8 +315,8 @@ pub struct RotationSpec {
 #[x_kube(
     validation = Rule::new("!has(self.key) || (!self.key.endsWith('.previous') && self.key != 'expiresAt')")
         .message("secret.key cannot end in .previous or be expiresAt: the operator writes those keys itself"),
-    validation = Rule::new("!has(self.extraKeys) || !has(self.key) || !(self.key in self.extraKeys)")
-        .message("secret.extraKeys cannot redefine secret.key")
+    validation = Rule::new("!has(self.extraKeys) || self.extraKeys.all(k, k != (has(self.key) ? self.key : 'token') && k != (has(self.key) ? self.key : 'token') + '.previous' && k != 'expiresAt')")
+        .message("secret.extraKeys cannot redefine the token key, its .previous key or expiresAt")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SecretSpec {
@@ -207,13 +333,18 @@ pub struct SecretSpec {
     pub key: Option<String>,
     /// Derived keys: each value is a template where `{{ token }}` is the token,
     /// e.g. `authorization: "Bearer {{ token }}"`.
+    /// At most 16; names are Secret keys other than the token key, its
+    /// `.previous` key and `expiresAt`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "extra_keys_schema")]
     pub extra_keys: BTreeMap<String, String>,
-    /// Extra labels on the Secret.
+    /// Extra labels on the Secret (at most 32; not agenttoken.dev/* or app.kubernetes.io/managed-by).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "secret_labels_schema")]
     pub labels: BTreeMap<String, String>,
-    /// Extra annotations on the Secret.
+    /// Extra annotations on the Secret (at most 32; not agenttoken.dev/*).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "secret_annotations_schema")]
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -228,10 +359,11 @@ pub struct ConsumersSpec {
     /// Workloads to restart when `restart` is `Selected`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
-    /// `RolloutRestart` (pod-template annotation) or `Signal` (exec `signal.command`).
+    /// `RolloutRestart` (pod-template annotation) or `Signal` (`kill -<signal.signal> 1`
+    /// in the containers that mount the Secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<ConsumerStrategy>,
-    /// The command run in consuming containers by the `Signal` strategy.
+    /// What the `Signal` strategy sends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<SignalSpec>,
 }
@@ -254,20 +386,54 @@ pub enum ConsumerStrategy {
     /// Change a pod-template annotation so the workload rolls.
     #[default]
     RolloutRestart,
-    /// Run `signal.command` in the consuming containers.
+    /// Send `signal.signal` to the consuming containers (no restart).
     Signal,
 }
 
-/// The command the `Signal` strategy runs.
+/// What the `Signal` strategy sends. The operator runs `kill -<signal> 1`
+/// in each container that mounts the Secret, in the running Pods of the
+/// consuming workloads: a signal, never a command of the AgentToken's
+/// choosing (whoever may create an AgentToken must not gain `pods/exec`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SignalSpec {
-    /// Command and arguments (default `["kill", "-HUP", "1"]`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub command: Vec<String>,
-    /// Container to run it in (default: every container that mounts the Secret).
+    /// The signal sent to the container's main process (PID 1). Default `HUP`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<Signal>,
+    /// Signal only this container (it must mount the Secret). Default: every
+    /// container that mounts the Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
     pub container: Option<String>,
+}
+
+/// A signal the `Signal` strategy may send.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Signal {
+    /// SIGHUP: the usual "reload your configuration".
+    #[default]
+    HUP,
+    /// SIGUSR1.
+    USR1,
+    /// SIGUSR2.
+    USR2,
+    /// SIGTERM: the process exits and the kubelet restarts the container.
+    TERM,
+    /// SIGINT.
+    INT,
+}
+
+impl Signal {
+    /// The name `kill` takes (`-HUP`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::HUP => "HUP",
+            Signal::USR1 => "USR1",
+            Signal::USR2 => "USR2",
+            Signal::TERM => "TERM",
+            Signal::INT => "INT",
+        }
+    }
 }
 
 /// What the operator observed and did. Never contains a token.
@@ -314,9 +480,40 @@ pub struct AgentTokenStatus {
     /// The last 10 minted tokens and their revocation: the revocation ledger.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<HistoryEntry>,
-    /// Workloads restarted for the current revision.
+    /// Workloads restarted for the current revision (at most
+    /// [`MAX_CONSUMERS_IN_STATUS`]; every consumer is restarted either way).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumers: Vec<ConsumerStatus>,
+    /// Trigger annotation values already acted on: each value of
+    /// `agenttoken.dev/rotate` and `agenttoken.dev/revoke` mints once.
+    /// Values longer than 63 characters are kept as their fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_triggers: Option<HandledTriggers>,
+}
+
+/// Entries kept in `status.consumers`.
+pub const MAX_CONSUMERS_IN_STATUS: usize = 50;
+
+/// Trigger values the operator acted on.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HandledTriggers {
+    /// The last `agenttoken.dev/rotate` value that minted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate: Option<String>,
+    /// The last `agenttoken.dev/revoke` value that minted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke: Option<String>,
+}
+
+/// How a trigger annotation's value is remembered: as written when short,
+/// else its fingerprint (a tenant's value never grows status).
+pub fn trigger_value(value: &str) -> String {
+    if value.len() <= 63 {
+        value.to_string()
+    } else {
+        crate::rotation::fingerprint(value.as_bytes())
+    }
 }
 
 /// Why a token was minted.
@@ -359,6 +556,9 @@ pub struct HistoryEntry {
     pub revoked_at: Option<Time>,
     /// `Pending` while in use, then `Revoked`, `NotSupported` or `Failed`.
     pub revocation: RevocationState,
+    /// Why it was minted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<RotationReason>,
 }
 
 /// Revocation result of a token.
@@ -417,6 +617,22 @@ pub enum ConsumerPhase {
     UpToDate,
 }
 
+impl RotationReason {
+    /// Whether someone other than the clock asked for this mint: a trigger
+    /// annotation, a deleted or edited Secret, a spec change. Such mints
+    /// meet a growing floor (`rotation::mint_floor`); the token's own
+    /// schedule never does.
+    pub fn forced(self) -> bool {
+        matches!(
+            self,
+            RotationReason::Manual
+                | RotationReason::Revoked
+                | RotationReason::SecretDrift
+                | RotationReason::SpecChanged
+        )
+    }
+}
+
 impl ConsumerPhase {
     /// Whether nothing more will happen for this revision (the previous token may go).
     pub fn settled(self) -> bool {
@@ -442,6 +658,157 @@ impl AgentTokenSpec {
             consumers: None,
             paused: false,
         }
+    }
+}
+
+impl AgentTokenSpec {
+    /// Everything admission checks, checked again on the object the
+    /// operator reads: an object admitted before a bound existed (or with
+    /// admission bypassed) is refused here, on its own, with the field
+    /// named, instead of failing a watch or a write.
+    pub fn check(&self) -> Result<(), String> {
+        use crate::duration::parse as dur;
+        let min_lifetime = dur(MIN_LIFETIME).unwrap_or_default();
+        let field =
+            |name: &str, d: Option<&SpecDuration>| -> Result<Option<std::time::Duration>, String> {
+                d.map(|d| d.get().map_err(|e| format!("spec.{name} {e}")))
+                    .transpose()
+            };
+        if let Some(l) = field("lifetime", self.lifetime.as_ref())?
+            && l < min_lifetime
+        {
+            return Err(format!(
+                "spec.lifetime must be at least {MIN_LIFETIME}: a token in a Secret reaches Pods through the kubelet's Secret sync"
+            ));
+        }
+        field(
+            "previousTokenGracePeriod",
+            self.previous_token_grace_period.as_ref(),
+        )?;
+        field(
+            "rotation.renewBefore",
+            self.rotation.as_ref().and_then(|r| r.renew_before.as_ref()),
+        )?;
+        list("spec.scopes", &self.scopes, 64, 256, |c| {
+            c.is_ascii_graphic() && c != '"' && c != '\\'
+        })?;
+        list("spec.audiences", &self.audiences, 16, 512, |c| {
+            !c.is_whitespace()
+        })?;
+        list("spec.repositories", &self.repositories, 100, 100, |c| {
+            c.is_ascii_alphanumeric() || "-_.".contains(c)
+        })?;
+        if self.permissions.len() > 64 {
+            return Err("spec.permissions has more than 64 entries".into());
+        }
+        if let Some((k, v)) = self
+            .permissions
+            .iter()
+            .find(|(k, v)| k.len() > 64 || !matches!(v.as_str(), "read" | "write" | "admin"))
+        {
+            return Err(format!(
+                "spec.permissions.{}: {:?} is not read, write or admin",
+                short(k),
+                short(v)
+            ));
+        }
+        map("spec.parameters", &self.parameters, 32, 64, 4096)?;
+        if let Some(sec) = &self.secret {
+            let key = sec.key.as_deref().unwrap_or("token");
+            map("spec.secret.extraKeys", &sec.extra_keys, 16, 253, 4096)?;
+            if let Some(k) = sec.extra_keys.keys().find(|k| {
+                k.is_empty()
+                    || !k
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            }) {
+                return Err(format!(
+                    "spec.secret.extraKeys: {:?} is not a valid Secret key",
+                    short(k)
+                ));
+            }
+            let previous = format!("{key}.previous");
+            if let Some(k) = sec
+                .extra_keys
+                .keys()
+                .find(|k| **k == key || **k == previous || *k == "expiresAt")
+            {
+                return Err(format!(
+                    "spec.secret.extraKeys cannot redefine {k:?}: the operator writes it"
+                ));
+            }
+            for (what, m) in [("labels", &sec.labels), ("annotations", &sec.annotations)] {
+                map(&format!("spec.secret.{what}"), m, 32, 317, 4096)?;
+                if let Some(k) = m.keys().find(|k| {
+                    k.starts_with("agenttoken.dev/") || *k == "app.kubernetes.io/managed-by"
+                }) {
+                    return Err(format!(
+                        "spec.secret.{what} cannot set {k:?}: the operator writes it"
+                    ));
+                }
+            }
+            if let Some(v) = sec.labels.values().find(|v| {
+                v.len() > 63
+                    || !v
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            }) {
+                return Err(format!(
+                    "spec.secret.labels: {:?} is not a valid label value",
+                    short(v)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// At most 40 characters of `s`, for messages.
+fn short(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+fn list(
+    name: &str,
+    items: &[String],
+    max: usize,
+    len: usize,
+    ok: impl Fn(char) -> bool,
+) -> Result<(), String> {
+    if items.len() > max {
+        return Err(format!("{name} has more than {max} entries"));
+    }
+    match items
+        .iter()
+        .find(|i| i.is_empty() || i.len() > len || !i.chars().all(&ok))
+    {
+        Some(i) => Err(format!(
+            "{name}: {:?} is not allowed (1-{len} characters; no spaces or separators)",
+            short(i)
+        )),
+        None => Ok(()),
+    }
+}
+
+fn map(
+    name: &str,
+    m: &BTreeMap<String, String>,
+    max: usize,
+    key_len: usize,
+    value_len: usize,
+) -> Result<(), String> {
+    if m.len() > max {
+        return Err(format!("{name} has more than {max} entries"));
+    }
+    match m
+        .iter()
+        .find(|(k, v)| k.len() > key_len || v.len() > value_len)
+    {
+        Some((k, _)) => Err(format!(
+            "{name}.{}: the key or its value is too long (keys {key_len}, values {value_len} characters)",
+            short(k)
+        )),
+        None => Ok(()),
     }
 }
 
@@ -590,10 +957,11 @@ pub enum OAuth2AuthMethod {
 pub struct OAuth2IssuerSpec {
     /// Token endpoint.
     #[serde(rename = "tokenURL")]
-    #[schemars(regex(pattern = r"^https?://"))]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
     pub token_url: String,
     /// Client id.
     #[serde(rename = "clientID")]
+    #[schemars(length(min = 1, max = 256))]
     pub client_id: String,
     /// The client secret.
     pub client_secret_ref: SecretKeyRef,
@@ -606,14 +974,16 @@ pub struct OAuth2IssuerSpec {
         default,
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
     pub revocation_url: Option<String>,
     /// Time allowed for one HTTP request, connecting included (default 10s,
     /// 1s-60s). A request that times out is retried (3 attempts in all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "timeout_schema")]
-    pub timeout: Option<Duration>,
+    pub timeout: Option<SpecDuration>,
     /// PEM CA bundle to trust for the endpoints (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
     pub ca_bundle: Option<String>,
 }
 
@@ -622,20 +992,22 @@ pub struct OAuth2IssuerSpec {
 #[serde(rename_all = "camelCase")]
 pub struct VaultIssuerSpec {
     /// Server address, e.g. `https://vault.example:8200`.
-    #[schemars(regex(pattern = r"^https?://"))]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
     pub address: String,
     /// How the operator authenticates.
     pub auth: VaultAuth,
     /// Vault namespace (Enterprise / OpenBao namespaces).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub namespace: Option<String>,
     /// Time allowed for one HTTP request, connecting included (default 10s,
     /// 1s-60s). A request that times out is retried (3 attempts in all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "timeout_schema")]
-    pub timeout: Option<Duration>,
+    pub timeout: Option<SpecDuration>,
     /// PEM CA bundle to trust (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
     pub ca_bundle: Option<String>,
 }
 
@@ -654,6 +1026,7 @@ pub struct VaultAuth {
 pub struct GithubAppIssuerSpec {
     /// API base URL (default `https://api.github.com`; GitHub Enterprise works the same way).
     #[serde(rename = "apiURL", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
     pub api_url: Option<String>,
     /// The App's id.
     #[serde(rename = "appID")]
@@ -671,9 +1044,10 @@ pub struct GithubAppIssuerSpec {
     /// 1s-60s). A request that times out is retried (3 attempts in all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "timeout_schema")]
-    pub timeout: Option<Duration>,
+    pub timeout: Option<SpecDuration>,
     /// PEM CA bundle to trust (optional; GitHub Enterprise with a private CA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
     pub ca_bundle: Option<String>,
 }
 
@@ -682,7 +1056,7 @@ pub struct GithubAppIssuerSpec {
 #[serde(rename_all = "camelCase")]
 pub struct WebhookIssuerSpec {
     /// Mint endpoint.
-    #[schemars(regex(pattern = r"^https?://"))]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
     pub url: String,
     /// HTTP method (default POST).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -693,6 +1067,7 @@ pub struct WebhookIssuerSpec {
     /// are replaced by JSON strings or numbers; `{{ scopes }}` and
     /// `{{ audiences }}` by JSON arrays. Default: an object with all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16384))]
     pub body: Option<String>,
     /// Secret key whose value is sent as the `Authorization` header (e.g.
     /// `Bearer ...`), on mint and revoke. In the issuer's namespace (the
@@ -704,14 +1079,16 @@ pub struct WebhookIssuerSpec {
     /// Revocation endpoint (optional): POSTed `{"id": ..., "token": ...}`
     /// (`id` from `result.idPath` when set).
     #[serde(rename = "revokeURL", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
     pub revoke_url: Option<String>,
     /// Time allowed for one HTTP request, connecting included (default 10s,
     /// 1s-60s). A request that times out is retried (3 attempts in all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "timeout_schema")]
-    pub timeout: Option<Duration>,
+    pub timeout: Option<SpecDuration>,
     /// PEM CA bundle to trust (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
     pub ca_bundle: Option<String>,
 }
 
@@ -724,15 +1101,19 @@ pub struct WebhookIssuerSpec {
 #[serde(rename_all = "camelCase")]
 pub struct WebhookResult {
     /// Path of the token, e.g. `$.access_token`.
+    #[schemars(length(min = 1, max = 256))]
     pub token_path: String,
     /// Path of the lifetime in seconds, e.g. `$.expires_in`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
     pub expires_in_path: Option<String>,
     /// Path of the RFC 3339 expiry (instead of `expiresInPath`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
     pub expires_at_path: Option<String>,
     /// Path of a token id the service revokes by (optional, not secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
     pub id_path: Option<String>,
 }
 
@@ -746,7 +1127,7 @@ pub struct JwtIssuerSpec {
     /// stay in the JWKS.
     pub signing_key_secret_ref: SecretKeyRef,
     /// The `iss` claim.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 1024))]
     pub issuer: String,
     /// ConfigMap (in the issuer's namespace; the operator's for a
     /// ClusterTokenIssuer) where the public keys are published as a JWKS
@@ -764,16 +1145,19 @@ pub struct JwtIssuerSpec {
 #[serde(rename_all = "camelCase")]
 pub struct IssuerPolicy {
     /// Longest lifetime a token may have; a longer request is refused.
+    /// Between 5m and 8760h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration_schema")]
-    pub max_lifetime: Option<Duration>,
+    #[schemars(schema_with = "lifetime_schema")]
+    pub max_lifetime: Option<SpecDuration>,
     /// Scopes an AgentToken may ask for (globs, `*` matches any run of characters).
     /// Empty: any scope.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 256)))]
     pub allowed_scopes: Vec<String>,
     /// Namespaces served (globs). ClusterTokenIssuer only; empty with no
     /// namespaceSelector: no namespace is served.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024), inner(length(min = 1, max = 63)))]
     pub allowed_namespaces: Vec<String>,
     /// Namespaces served, by label (ClusterTokenIssuer only). With
     /// allowedNamespaces, a namespace must match both.
@@ -972,6 +1356,135 @@ mod tests {
         )
         .unwrap();
         assert!(check(ClusterTokenIssuer::crd(), cti(json!({}))).is_err());
+    }
+
+    #[test]
+    fn hostile_agent_tokens_are_refused_at_admission_with_a_reason() {
+        // (spec, words the message must contain)
+        let rows = [
+            (json!({"lifetime": "99999999999999999999h"}), ""),
+            (json!({"lifetime": "8761h"}), "between 5m and 8760h"),
+            (json!({"lifetime": "0s"}), "between 5m and 8760h"),
+            (json!({"lifetime": "30s"}), "between 5m and 8760h"),
+            (
+                json!({"previousTokenGracePeriod": "9000h"}),
+                "at most 8760h",
+            ),
+            (
+                json!({"rotation": {"renewBefore": "0s"}}),
+                "between 1s and 8760h",
+            ),
+            (
+                json!({"rotation": {"renewBefore": "99999h"}}),
+                "between 1s and 8760h",
+            ),
+            (
+                json!({"secret": {"extraKeys": {"token": "x"}}}),
+                "cannot redefine the token key",
+            ),
+            (
+                json!({"secret": {"key": "k", "extraKeys": {"k.previous": "x"}}}),
+                "cannot redefine the token key",
+            ),
+            (
+                json!({"secret": {"extraKeys": {"expiresAt": "x"}}}),
+                "cannot redefine the token key",
+            ),
+            (
+                json!({"secret": {"extraKeys": {"a/b": "x"}}}),
+                "valid Secret keys",
+            ),
+            (
+                json!({"secret": {"labels": {"agenttoken.dev/name": "other"}}}),
+                "operator writes those",
+            ),
+            (
+                json!({"secret": {"annotations": {"agenttoken.dev/token-state": "{}"}}}),
+                "operator writes those",
+            ),
+            (
+                json!({"secret": {"labels": {"team": "not a label value"}}}),
+                "valid label values",
+            ),
+            (
+                json!({"permissions": {"contents": "owner"}}),
+                "read, write or admin",
+            ),
+            (json!({"parameters": {"bad key": "x"}}), "parameter names"),
+        ];
+        for (extra, words) in rows {
+            let mut spec = json!({"issuerRef": {"name": "i"}});
+            for (k, v) in extra.as_object().unwrap() {
+                spec[k] = v.clone();
+            }
+            let err =
+                check(AgentToken::crd(), at(spec.clone())).expect_err(&format!("admitted: {spec}"));
+            assert!(err.contains(words), "{spec}: {err}");
+        }
+        // The same fields within bounds pass.
+        check(
+            AgentToken::crd(),
+            at(json!({
+                "issuerRef": {"name": "i"},
+                "lifetime": "8760h",
+                "rotation": {"renewBefore": "1h"},
+                "previousTokenGracePeriod": "0s",
+                "permissions": {"contents": "read"},
+                "parameters": {"path": "x"},
+                "secret": {"key": "k", "extraKeys": {"authorization": "Bearer {{ token }}", "token": "t"},
+                           "labels": {"team.example/owner": "a-b"}, "annotations": {"note": "any text"}},
+            })),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn the_operator_refuses_what_admission_would_have() {
+        // Objects admitted before a bound existed: the same rules, in code.
+        let spec = |v: Value| -> AgentTokenSpec {
+            let mut s = json!({"issuerRef": {"name": "i"}});
+            for (k, val) in v.as_object().unwrap() {
+                s[k] = val.clone();
+            }
+            serde_json::from_value(s).unwrap()
+        };
+        for (v, words) in [
+            (
+                json!({"lifetime": "99999999999999999999h"}),
+                "spec.lifetime",
+            ),
+            (json!({"lifetime": 5}), "spec.lifetime is not a string"),
+            (json!({"lifetime": "1m"}), "at least 5m"),
+            (
+                json!({"rotation": {"renewBefore": "1e9h"}}),
+                "spec.rotation.renewBefore",
+            ),
+            (json!({"scopes": ["read:x admin"]}), "spec.scopes"),
+            (json!({"scopes": vec!["a"; 65]}), "more than 64"),
+            (
+                json!({"secret": {"extraKeys": {"expiresAt": "x"}}}),
+                "cannot redefine",
+            ),
+            (
+                json!({"secret": {"extraKeys": {"a/b": "x"}}}),
+                "not a valid Secret key",
+            ),
+            (
+                json!({"secret": {"labels": {"app.kubernetes.io/managed-by": "x"}}}),
+                "operator writes it",
+            ),
+            (
+                json!({"permissions": {"contents": "owner"}}),
+                "read, write or admin",
+            ),
+        ] {
+            let err = spec(v.clone()).check().expect_err(&format!("accepted {v}"));
+            assert!(err.contains(words), "{v}: {err}");
+            assert!(err.len() < 300, "a short message: {err}");
+        }
+        spec(json!({"lifetime": "1h", "scopes": ["read:x"], "secret": {"extraKeys": {"auth": "Bearer {{ token }}"}}}))
+            .check()
+            .unwrap();
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 pub mod controller;
 pub mod crd;
+pub mod duration;
 pub mod events;
 pub mod http;
 pub mod issuer;
@@ -25,3 +26,6 @@ pub mod ratelimit;
 pub mod reference;
 pub mod rotation;
 pub mod telemetry;
+
+#[cfg(test)]
+mod proptests;

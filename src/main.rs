@@ -82,8 +82,7 @@ struct RunArgs {
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    s.parse::<kube::core::Duration>()
-        .map(std::time::Duration::from)
+    agent_token_operator::duration::parse(s)
         .map_err(|e| format!("{s:?} is not a duration like 30s, 5m or 1h: {e}"))
 }
 

@@ -22,37 +22,43 @@ pub struct RateLimiters {
 }
 
 impl RateLimiters {
-    /// Waits until `key`'s bucket (refilled at `per_second`, holding at most
-    /// `burst`, or `per_second` when `burst` is 0) has a request to spend.
-    pub async fn acquire(&self, key: &str, per_second: f64, burst: u32) {
+    /// Spends one request of `key`'s budget if there is one now; otherwise
+    /// says how long until there is (nothing is reserved: the caller comes
+    /// back then and competes again).
+    pub fn try_acquire(&self, key: &str, per_second: f64, burst: u32) -> Result<(), Duration> {
         let per_second = per_second.max(0.001);
         let burst = if burst == 0 {
             per_second.max(1.0).floor()
         } else {
             f64::from(burst)
         };
-        loop {
-            let wait = {
-                let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-                let now = Instant::now();
-                let b = buckets.entry(key.to_string()).or_insert(Bucket {
-                    tokens: burst,
-                    last: now,
-                    per_second,
-                    burst,
-                });
-                // A changed policy takes effect at once.
-                b.per_second = per_second;
-                b.burst = burst;
-                let elapsed = now.duration_since(b.last).as_secs_f64();
-                b.tokens = (b.tokens + elapsed * b.per_second).min(b.burst);
-                b.last = now;
-                if b.tokens >= 1.0 {
-                    b.tokens -= 1.0;
-                    return;
-                }
-                Duration::from_secs_f64((1.0 - b.tokens) / b.per_second)
-            };
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let b = buckets.entry(key.to_string()).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+            per_second,
+            burst,
+        });
+        b.per_second = per_second;
+        b.burst = burst;
+        let elapsed = now.duration_since(b.last).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * b.per_second).min(b.burst);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                ((1.0 - b.tokens) / b.per_second).clamp(0.001, 3600.0),
+            ))
+        }
+    }
+
+    /// Waits until `key`'s bucket (refilled at `per_second`, holding at most
+    /// `burst`, or `per_second` when `burst` is 0) has a request to spend.
+    pub async fn acquire(&self, key: &str, per_second: f64, burst: u32) {
+        while let Err(wait) = self.try_acquire(key, per_second, burst) {
             tokio::time::sleep(wait).await;
         }
     }
@@ -99,5 +105,15 @@ mod tests {
         assert!(Instant::now().duration_since(start) < Duration::from_millis(1));
         l.acquire("a", 1.0, 1).await;
         assert!(Instant::now().duration_since(start) >= Duration::from_millis(999));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn try_acquire_says_when_instead_of_waiting() {
+        let l = RateLimiters::default();
+        assert_eq!(l.try_acquire("a", 2.0, 1), Ok(()));
+        let wait = l.try_acquire("a", 2.0, 1).unwrap_err();
+        assert!((0.49..=0.51).contains(&wait.as_secs_f64()), "{wait:?}");
+        tokio::time::advance(wait).await;
+        assert_eq!(l.try_acquire("a", 2.0, 1), Ok(()));
     }
 }

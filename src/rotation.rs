@@ -27,9 +27,13 @@ impl Clock for SystemClock {
 pub enum RenewWindow {
     /// This percentage (1-99) of the token's real lifetime.
     Percentage(u8),
-    /// A fixed time before expiry (capped at the lifetime).
+    /// A fixed time before expiry. Not shorter than the real lifetime, it
+    /// would make every token due at birth: the default percentage applies.
     Before(Duration),
 }
+
+/// Percentage of the real lifetime left when a token is renewed by default.
+pub const DEFAULT_PERCENTAGE: u8 = 33;
 
 /// Share of the renewal window used to spread tokens minted together.
 const JITTER_SHARE: f64 = 0.25;
@@ -96,7 +100,8 @@ pub fn next_rotation(
     let lifetime_s = lifetime.as_secs_f64();
     let window_s = match window {
         RenewWindow::Percentage(p) => lifetime_s * f64::from(p.clamp(1, 99)) / 100.0,
-        RenewWindow::Before(d) => d.as_secs_f64().min(lifetime_s),
+        RenewWindow::Before(d) if d.as_secs_f64() < lifetime_s => d.as_secs_f64(),
+        RenewWindow::Before(_) => lifetime_s * f64::from(DEFAULT_PERCENTAGE) / 100.0,
     };
     // Jitter never eats more than half of the time before the nominal due
     // time, so a long renewal window still leaves the token some use.
@@ -124,6 +129,59 @@ pub fn backoff(attempts: u32, key: &str) -> Duration {
     let base = (5.0 * f64::from(1u32 << exp)).min(300.0);
     let jitter = 0.8 + 0.4 * unit_fraction(&format!("{key}#{attempts}"));
     Duration::from_secs_f64(base * jitter)
+}
+
+/// Shortest time between two mints of one AgentToken, whatever asks for
+/// them.
+pub const MINT_FLOOR: Duration = Duration::from_secs(10);
+/// Longest the floor grows to for an AgentToken that keeps forcing mints.
+pub const MINT_FLOOR_MAX: Duration = Duration::from_secs(900);
+/// Forced mints within [`MINT_FLOOR_WINDOW`] before the floor doubles.
+pub const MINT_FLOOR_FREE: usize = 3;
+/// How far back forced mints count towards the floor.
+pub const MINT_FLOOR_WINDOW: Duration = Duration::from_secs(3600);
+
+/// A past mint, as `status.history` records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PastMint {
+    pub at: Timestamp,
+    /// Whether someone other than the clock asked for it (see
+    /// [`RotationReason::forced`]); `false` for entries from before reasons
+    /// were recorded.
+    pub forced: bool,
+}
+
+/// When the next mint may start. Every mint waits [`MINT_FLOOR`] after the
+/// last one. A forced mint (a trigger annotation, a deleted or edited
+/// Secret, a spec change) also waits for the forced floor: past
+/// [`MINT_FLOOR_FREE`] forced mints in the last hour it doubles with each,
+/// up to [`MINT_FLOOR_MAX`]. The history is status, which only the operator
+/// writes, so no success, forced or not, resets it; and a token its issuer
+/// grants for a minute still rotates every 40 s, as its expiry asks.
+pub fn mint_floor(recent: &[PastMint], forced: bool, now: Timestamp) -> Option<Timestamp> {
+    let base = |t: Timestamp, d: Duration| t.checked_add(SignedDuration::try_from(d).ok()?).ok();
+    let last = recent.iter().map(|m| m.at).max()?;
+    let floor = base(last, MINT_FLOOR);
+    if !forced {
+        return floor;
+    }
+    let window = SignedDuration::try_from(MINT_FLOOR_WINDOW).unwrap_or(SignedDuration::ZERO);
+    let forced_recent: Vec<Timestamp> = recent
+        .iter()
+        .filter(|m| m.forced && now.duration_since(m.at) < window)
+        .map(|m| m.at)
+        .collect();
+    let Some(last_forced) = forced_recent.iter().max() else {
+        return floor;
+    };
+    let doublings = forced_recent.len().saturating_sub(MINT_FLOOR_FREE).min(16) as u32;
+    let forced_floor = base(
+        *last_forced,
+        MINT_FLOOR
+            .saturating_mul(1u32 << doublings)
+            .min(MINT_FLOOR_MAX),
+    );
+    floor.max(forced_floor)
 }
 
 /// `sha256:` and the first 16 hex characters of the SHA-256 of `token`.
@@ -212,17 +270,67 @@ mod tests {
     }
 
     #[test]
-    fn renew_before_is_capped_at_the_lifetime() {
+    fn mint_floor_grows_for_a_forced_loop_only() {
+        let t0 = ts("2026-01-01T00:00:00Z");
+        let at = |s: i64| t0 + SignedDuration::from_secs(s);
+        let forced = |s: i64| PastMint {
+            at: at(s),
+            forced: true,
+        };
+        let planned = |s: i64| PastMint {
+            at: at(s),
+            forced: false,
+        };
+        assert_eq!(mint_floor(&[], true, t0), None);
+        // One mint: 10 s, forced or not.
+        assert_eq!(mint_floor(&[planned(0)], false, at(1)), Some(at(10)));
+        assert_eq!(mint_floor(&[forced(0)], true, at(1)), Some(at(10)));
+        // A forced loop: 10 s three times, then 20, 40, 80 ... up to 15 min.
+        let mut recent = vec![forced(0), forced(10), forced(20)];
+        let mut t = 20;
+        let mut gaps = Vec::new();
+        for _ in 0..8 {
+            let next = mint_floor(&recent, true, at(t + 1)).unwrap();
+            let gap = next.duration_since(at(t)).as_secs();
+            gaps.push(gap);
+            t += gap;
+            recent.push(forced(t));
+            // status.history keeps the last ten.
+            if recent.len() > 10 {
+                recent.remove(0);
+            }
+        }
+        assert_eq!(gaps, vec![10, 20, 40, 80, 160, 320, 640, 900], "{gaps:?}");
+        // The same history does not hold a rotation the expiry asks for.
+        assert_eq!(mint_floor(&recent, false, at(t + 1)), Some(at(t + 10)));
+        // A token granted for a minute rotates every 40 s for an hour: the
+        // floor never exceeds 10 s for it, and one forced rotation after it
+        // waits 10 s too.
+        let short: Vec<PastMint> = (0..10).map(|i| planned(i * 40)).collect();
+        assert_eq!(mint_floor(&short, false, at(361)), Some(at(370)));
+        assert_eq!(mint_floor(&short, true, at(361)), Some(at(370)));
+    }
+
+    #[test]
+    fn renew_before_not_shorter_than_the_lifetime_falls_back_to_the_default() {
+        // `renewBefore: 24h` on a token granted 10m must not make it due at
+        // birth (a mint loop): a third of the lifetime left applies instead.
         let issued = ts("2026-01-01T00:00:00Z");
         let expires = ts("2026-01-01T00:10:00Z");
-        let p = next_rotation(
-            issued,
-            expires,
-            RenewWindow::Before(Duration::from_secs(3600)),
-            "k",
-            None,
-        );
-        assert_eq!(p.due_at, issued);
+        for before in [600, 3600, 86_400] {
+            let p = next_rotation(
+                issued,
+                expires,
+                RenewWindow::Before(Duration::from_secs(before)),
+                "k",
+                None,
+            );
+            let after = p.due_at.duration_since(issued).as_secs_f64();
+            assert!(
+                (300.0..=402.0).contains(&after),
+                "{before}: due {after}s after issue"
+            );
+        }
         let p = next_rotation(
             issued,
             expires,

@@ -18,8 +18,12 @@ use kube::runtime::watcher::Event;
 
 use crate::labels;
 
-/// (namespace, AgentToken name) -> binding Secrets (name, revision).
-type Map = HashMap<(String, String), Vec<(String, i64)>>;
+/// (namespace, AgentToken name) -> binding Secrets (name, revision, owner UID).
+type Map = HashMap<(String, String), Vec<Entry>>;
+
+/// One binding Secret: its name, revision and the UID of the AgentToken
+/// its owner reference names.
+type Entry = (String, i64, String);
 
 #[derive(Default)]
 pub struct BindingIndex {
@@ -34,27 +38,42 @@ struct State {
     building: Option<Map>,
 }
 
-/// The index key and entry of a binding Secret; `None` for any other Secret.
-fn binding(s: &PartialObjectMeta<Secret>) -> Option<((String, String), (String, i64))> {
+/// The index key and entry of a binding Secret; `None` for any other
+/// Secret. Labels are anyone's to write: the owner reference's UID is what
+/// ties a binding to an AgentToken (checked on every lookup), and a
+/// revision that is not a positive number is not believed.
+fn binding(s: &PartialObjectMeta<Secret>) -> Option<((String, String), Entry)> {
     let l = s.labels();
     if l.get(labels::ROLE).map(String::as_str) != Some(labels::ROLE_BINDING) {
         return None;
     }
     let owner = l.get(labels::NAME)?.clone();
-    let revision = l.get(labels::REVISION)?.parse().ok()?;
+    let revision: i64 = l.get(labels::REVISION)?.parse().ok().filter(|r| *r > 0)?;
+    let uid = s
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| {
+            o.kind == "AgentToken"
+                && o.api_version.starts_with("agenttoken.dev/")
+                && o.name == owner
+        })?
+        .uid
+        .clone();
     let ns = s.metadata.namespace.clone()?;
-    Some(((ns, owner), (s.name_any(), revision)))
+    Some(((ns, owner), (s.name_any(), revision, uid)))
 }
 
-fn insert(map: &mut Map, key: (String, String), entry: (String, i64)) {
+fn insert(map: &mut Map, key: (String, String), entry: Entry) {
     let list = map.entry(key).or_default();
-    list.retain(|(name, _)| *name != entry.0);
+    list.retain(|(name, _, _)| *name != entry.0);
     list.push(entry);
 }
 
 fn remove(map: &mut Map, key: &(String, String), name: &str) {
     if let Some(list) = map.get_mut(key) {
-        list.retain(|(n, _)| n != name);
+        list.retain(|(n, _, _)| n != name);
         if list.is_empty() {
             map.remove(key);
         }
@@ -97,14 +116,18 @@ impl BindingIndex {
         }
     }
 
-    /// The binding Secrets (name, revision) of one AgentToken.
-    pub fn of(&self, ns: &str, name: &str) -> Vec<(String, i64)> {
+    /// The binding Secrets (name, revision) of the AgentToken `ns/name`
+    /// with `uid`: only those whose owner reference names that UID.
+    pub fn of(&self, ns: &str, name: &str, uid: &str) -> Vec<(String, i64)> {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         state
             .live
             .get(&(ns.to_string(), name.to_string()))
-            .cloned()
-            .unwrap_or_default()
+            .into_iter()
+            .flatten()
+            .filter(|(_, _, owner)| owner == uid)
+            .map(|(n, r, _)| (n.clone(), *r))
+            .collect()
     }
 
     /// Whether the first full list has been applied.
@@ -119,10 +142,35 @@ mod tests {
     use kube::api::ObjectMeta;
 
     fn secret(name: &str, owner: &str, role: &str, revision: i64) -> PartialObjectMeta<Secret> {
+        owned(
+            name,
+            owner,
+            role,
+            &revision.to_string(),
+            &format!("uid-{owner}"),
+        )
+    }
+
+    fn owned(
+        name: &str,
+        owner: &str,
+        role: &str,
+        revision: &str,
+        uid: &str,
+    ) -> PartialObjectMeta<Secret> {
         PartialObjectMeta::<Secret> {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("team".into()),
+                owner_references: Some(vec![
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                        api_version: "agenttoken.dev/v1alpha1".into(),
+                        kind: "AgentToken".into(),
+                        name: owner.into(),
+                        uid: uid.into(),
+                        ..Default::default()
+                    },
+                ]),
                 labels: Some(
                     [
                         (labels::NAME.to_string(), owner.to_string()),
@@ -156,11 +204,14 @@ mod tests {
             3,
         )));
         // Not visible until the list is complete.
-        assert!(index.of("team", "bot").is_empty());
+        assert!(index.of("team", "bot", "uid-bot").is_empty());
         index.apply(&Event::InitDone);
         assert!(index.synced());
-        assert_eq!(index.of("team", "bot"), vec![("bot-1".to_string(), 1)]);
-        assert!(index.of("elsewhere", "bot").is_empty());
+        assert_eq!(
+            index.of("team", "bot", "uid-bot"),
+            vec![("bot-1".to_string(), 1)]
+        );
+        assert!(index.of("elsewhere", "bot", "uid-bot").is_empty());
 
         index.apply(&Event::Apply(secret(
             "bot-2",
@@ -175,7 +226,7 @@ mod tests {
             2,
         )));
         assert_eq!(
-            index.of("team", "bot").len(),
+            index.of("team", "bot", "uid-bot").len(),
             2,
             "an update does not duplicate"
         );
@@ -185,14 +236,17 @@ mod tests {
                 "2026-01-01T00:00:00Z".parse().unwrap(),
             ));
         index.apply(&Event::Apply(deleting));
-        assert_eq!(index.of("team", "bot"), vec![("bot-2".to_string(), 2)]);
+        assert_eq!(
+            index.of("team", "bot", "uid-bot"),
+            vec![("bot-2".to_string(), 2)]
+        );
         index.apply(&Event::Delete(secret(
             "bot-2",
             "bot",
             labels::ROLE_BINDING,
             2,
         )));
-        assert!(index.of("team", "bot").is_empty());
+        assert!(index.of("team", "bot", "uid-bot").is_empty());
 
         // A relist replaces everything: what it does not list is gone.
         index.apply(&Event::Init);
@@ -203,7 +257,54 @@ mod tests {
             5,
         )));
         index.apply(&Event::InitDone);
-        assert_eq!(index.of("team", "bot"), vec![("bot-5".to_string(), 5)]);
-        assert!(index.of("team", "other").is_empty());
+        assert_eq!(
+            index.of("team", "bot", "uid-bot"),
+            vec![("bot-5".to_string(), 5)]
+        );
+        assert!(index.of("team", "other", "uid-other").is_empty());
+    }
+
+    #[test]
+    fn a_forged_binding_is_not_believed() {
+        let index = BindingIndex::default();
+        index.apply(&Event::Init);
+        // Labels copied, owner reference to another UID: not this AgentToken's.
+        index.apply(&Event::InitApply(owned(
+            "bot-binding-r9",
+            "bot",
+            labels::ROLE_BINDING,
+            "9",
+            "uid-evil",
+        )));
+        // No owner reference at all.
+        let mut bare = secret("bot-binding-r8", "bot", labels::ROLE_BINDING, 8);
+        bare.metadata.owner_references = None;
+        index.apply(&Event::InitApply(bare));
+        // Revisions that are not positive numbers.
+        for r in ["9223372036854775808", "-1", "0", "x"] {
+            index.apply(&Event::InitApply(owned(
+                &format!("bot-{r}"),
+                "bot",
+                labels::ROLE_BINDING,
+                r,
+                "uid-bot",
+            )));
+        }
+        index.apply(&Event::InitApply(owned(
+            "bot-binding-r2",
+            "bot",
+            labels::ROLE_BINDING,
+            "2",
+            "uid-bot",
+        )));
+        index.apply(&Event::InitDone);
+        assert_eq!(
+            index.of("team", "bot", "uid-bot"),
+            vec![("bot-binding-r2".to_string(), 2)]
+        );
+        assert_eq!(
+            index.of("team", "bot", "uid-evil"),
+            vec![("bot-binding-r9".to_string(), 9)]
+        );
     }
 }

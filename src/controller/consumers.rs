@@ -24,9 +24,6 @@ use crate::labels;
 /// Prefix of the pod-template annotation that carries a token revision.
 pub const REVISION_ANNOTATION_PREFIX: &str = "agenttoken.dev/revision-";
 
-/// The command the `Signal` strategy runs when none is given.
-pub const DEFAULT_SIGNAL: [&str; 3] = ["kill", "-HUP", "1"];
-
 /// The workload kinds that can consume a Secret.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum WorkloadKind {
@@ -430,11 +427,12 @@ pub async fn signal(
     revision: i64,
 ) -> (ConsumerPhase, String) {
     let sig = spec.signal.clone().unwrap_or_default();
-    let command: Vec<String> = if sig.command.is_empty() {
-        DEFAULT_SIGNAL.iter().map(|s| s.to_string()).collect()
-    } else {
-        sig.command.clone()
-    };
+    // A signal, never a command of the AgentToken's choosing.
+    let command: Vec<String> = vec![
+        "kill".into(),
+        format!("-{}", sig.signal.unwrap_or_default().as_str()),
+        "1".into(),
+    ];
     let containers: Vec<String> = match sig.container.as_deref().filter(|c| !c.is_empty()) {
         Some(c) => vec![c.to_string()],
         None => consuming_containers(&w.pod_spec, secret)
@@ -500,7 +498,11 @@ pub async fn signal(
             .await
         {
             Ok(_) => touched += 1,
-            Err(e) => not_touched.push(format!("{}: {e}", pod.name_any())),
+            Err(e) => not_touched.push(format!(
+                "{}: {}",
+                pod.name_any(),
+                status_excerpt(e.to_string().as_bytes())
+            )),
         }
     }
     if touched > 0 {
@@ -517,27 +519,48 @@ pub async fn signal(
                 .stderr(true);
             let run = async {
                 let mut proc = pods.exec(&pod.name_any(), command.clone(), &ap).await?;
-                // Drain output so the stream ends; it is never logged.
-                let mut sink = Vec::new();
-                if let Some(mut out) = proc.stdout() {
-                    let _ = out.read_to_end(&mut sink).await;
-                }
-                let status = match proc.take_status() {
-                    Some(s) => s.await,
-                    None => None,
-                };
-                Ok::<_, kube::Error>(status)
+                // Both streams are drained together (an unread one would
+                // block the command once its pipe is full) and at most
+                // SIGNAL_OUTPUT_CAP bytes of each are kept; stdout is never
+                // shown, stderr only as an excerpt when the command fails.
+                let stdout = proc.stdout();
+                let stderr = proc.stderr();
+                let status = proc.take_status();
+                let (_, (err, _), status) = tokio::join!(
+                    read_capped(stdout, SIGNAL_OUTPUT_CAP),
+                    read_capped(stderr, SIGNAL_OUTPUT_CAP),
+                    async move {
+                        match status {
+                            Some(s) => s.await,
+                            None => None,
+                        }
+                    },
+                );
+                Ok::<_, kube::Error>((status, err))
             };
+            // On timeout `run` is dropped, and with it the attached process.
             match tokio::time::timeout(SIGNAL_TIMEOUT, run).await {
-                Ok(Ok(Some(s))) if s.status.as_deref() == Some("Success") => ok += 1,
-                Ok(Ok(Some(s))) => failures.push(format!(
+                Ok(Ok((Some(s), _))) if s.status.as_deref() == Some("Success") => ok += 1,
+                Ok(Ok((Some(s), err))) => {
+                    let why = s.message.unwrap_or_else(|| "command failed".into());
+                    let mut text = status_excerpt(why.as_bytes());
+                    if !err.is_empty() {
+                        text.push_str(": ");
+                        text.push_str(&status_excerpt(&err));
+                    }
+                    failures.push(format!("{}/{c}: {text}", pod.name_any()));
+                }
+                Ok(Ok((None, _))) => ok += 1,
+                Ok(Err(e)) => failures.push(format!(
                     "{}/{c}: {}",
                     pod.name_any(),
-                    s.message.unwrap_or_else(|| "command failed".into())
+                    status_excerpt(e.to_string().as_bytes())
                 )),
-                Ok(Ok(None)) => ok += 1,
-                Ok(Err(e)) => failures.push(format!("{}/{c}: {e}", pod.name_any())),
-                Err(_) => failures.push(format!("{}/{c}: timed out", pod.name_any())),
+                Err(_) => failures.push(format!(
+                    "{}/{c}: timed out after {}s",
+                    pod.name_any(),
+                    SIGNAL_TIMEOUT.as_secs()
+                )),
             }
         }
     }
@@ -548,7 +571,7 @@ pub async fn signal(
     } else {
         format!(
             "; could not annotate {} (the kubelet updates their volume within its sync period)",
-            not_touched.join(", ")
+            list_some(&not_touched)
         )
     };
     if failures.is_empty() {
@@ -566,9 +589,131 @@ pub async fn signal(
                 "{} of {} signal(s) failed: {}{lag}",
                 failures.len(),
                 failures.len() + ok,
-                failures.join("; ")
+                list_some(&failures)
             ),
         )
+    }
+}
+
+/// Bytes of each stream of a `Signal` exec that are kept; the rest is read
+/// and discarded so the command never blocks on a full pipe.
+const SIGNAL_OUTPUT_CAP: usize = 64 * 1024;
+
+/// Characters of command output or error text one failure may put into a
+/// status message.
+const SIGNAL_EXCERPT: usize = 256;
+
+/// Failures named one by one in a status message; the rest are counted.
+const SIGNAL_LISTED: usize = 5;
+
+/// Reads `r` (if any) to its end, keeping its first `cap` bytes and
+/// discarding the rest; also returns how many bytes there were. A read
+/// error ends the stream.
+async fn read_capped<R>(r: Option<R>, cap: usize) -> (Vec<u8>, u64)
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let mut kept = Vec::new();
+    let mut total = 0u64;
+    let Some(mut r) = r else {
+        return (kept, total);
+    };
+    let mut buf = [0u8; 8192];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                total = total.saturating_add(n as u64);
+                let room = cap.saturating_sub(kept.len()).min(n);
+                kept.extend_from_slice(buf.get(..room).unwrap_or_default());
+            }
+        }
+    }
+    (kept, total)
+}
+
+/// Text from a container or the API server made fit for a status message:
+/// lossy UTF-8, trimmed, control characters replaced, at most
+/// [`SIGNAL_EXCERPT`] characters (then `…`).
+fn status_excerpt(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim();
+    let mut out: String = text
+        .chars()
+        .take(SIGNAL_EXCERPT)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.chars().nth(SIGNAL_EXCERPT).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// The first [`SIGNAL_LISTED`] of `items`, joined, and how many more there are.
+fn list_some(items: &[String]) -> String {
+    let mut out = items
+        .iter()
+        .take(SIGNAL_LISTED)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if items.len() > SIGNAL_LISTED {
+        out.push_str(&format!(" (and {} more)", items.len() - SIGNAL_LISTED));
+    }
+    out
+}
+
+#[cfg(test)]
+mod signal_output_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn exec_output_is_drained_but_only_the_cap_is_kept() {
+        let (mut w, r) = tokio::io::duplex(1024);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let chunk = [b'x'; 4096];
+            for _ in 0..1024 {
+                w.write_all(&chunk).await.unwrap();
+            }
+        });
+        let (kept, total) = read_capped(Some(r), SIGNAL_OUTPUT_CAP).await;
+        // The writer finished: 4 MiB went through a 1 KiB pipe.
+        writer.await.unwrap();
+        assert_eq!(total, 4 << 20);
+        assert_eq!(kept.len(), SIGNAL_OUTPUT_CAP);
+        let (kept, total) = read_capped(Some(&b"short"[..]), SIGNAL_OUTPUT_CAP).await;
+        assert_eq!((kept.as_slice(), total), (&b"short"[..], 5));
+        let (kept, total) = read_capped(None::<&[u8]>, SIGNAL_OUTPUT_CAP).await;
+        assert!(kept.is_empty() && total == 0);
+    }
+
+    #[test]
+    fn excerpts_are_short_and_clean() {
+        assert_eq!(
+            status_excerpt(b"  kill: can't kill pid 1\n"),
+            "kill: can't kill pid 1"
+        );
+        assert_eq!(status_excerpt(b"a\nb\x1b[31mc\r\x00d"), "a b [31mc  d");
+        assert_eq!(
+            status_excerpt(&[0xff, 0xfe, b'o', b'k']),
+            "\u{FFFD}\u{FFFD}ok"
+        );
+        let long = status_excerpt(&[b'y'; SIGNAL_OUTPUT_CAP]);
+        assert_eq!(long.chars().count(), SIGNAL_EXCERPT + 1);
+        assert!(long.ends_with('…'));
+    }
+
+    #[test]
+    fn only_a_few_failures_are_listed() {
+        let many: Vec<String> = (0..50).map(|i| format!("pod-{i}/app: failed")).collect();
+        let text = list_some(&many);
+        assert!(text.starts_with("pod-0/app: failed; pod-1/app: failed"));
+        assert!(text.ends_with("pod-4/app: failed (and 45 more)"), "{text}");
+        assert_eq!(
+            list_some(&many[..2]),
+            "pod-0/app: failed; pod-1/app: failed"
+        );
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Inputs<'a> {
     pub last_revision: i64,
     pub failed_attempts: u32,
     pub last_failure: Option<Timestamp>,
+    /// The recent mints (status.history): the mint floor.
+    pub recent_mints: &'a [rotation::PastMint],
 }
 
 /// A mint to do now.
@@ -74,6 +76,9 @@ pub struct Decision {
     pub mint: Option<Mint>,
     /// Mint wanted but held back by failure backoff until this time.
     pub backoff_until: Option<Timestamp>,
+    /// Mint wanted but held back by the per-AgentToken mint floor until
+    /// this time ([`rotation::mint_floor`]).
+    pub floor_until: Option<Timestamp>,
     /// The previous token's grace is over: revoke it and drop it from the Secret.
     pub retire_previous: bool,
     /// The current token expired and no new one is being minted: remove it
@@ -98,12 +103,15 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
 
     let wanted = wanted_mint(i, current, plan.as_ref());
     if let Some(mint) = wanted {
-        match backoff_until(i) {
-            Some(until) if until > i.now => {
-                d.backoff_until = Some(until);
-                push_wake(&mut d, until);
-            }
-            _ => d.mint = Some(mint),
+        // Failures back off; every mint, forced or not, respects the floor.
+        let backoff = backoff_until(i).filter(|t| *t > i.now);
+        let floor = rotation::mint_floor(i.recent_mints, mint.reason.forced(), i.now)
+            .filter(|t| *t > i.now);
+        d.backoff_until = backoff;
+        d.floor_until = floor.filter(|f| backoff.is_none_or(|b| *f > b));
+        match backoff.max(floor) {
+            Some(until) => push_wake(&mut d, until),
+            None => d.mint = Some(mint),
         }
     } else if let Some(p) = &plan
         && !i.paused
@@ -250,7 +258,67 @@ mod tests {
             last_revision: 1,
             failed_attempts: 0,
             last_failure: None,
+            recent_mints: &[],
         }
+    }
+
+    #[test]
+    fn every_kind_of_mint_respects_the_floor() {
+        // One row per way a tenant can ask for a mint; each was minted 3 s
+        // ago, so each waits for the floor and wakes when it ends.
+        let v = view("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z");
+        let mut drifted = v.clone();
+        if let Some(c) = drifted.current.as_mut() {
+            c.data_intact = false;
+        }
+        let missing = SecretView::default();
+        let recent = [rotation::PastMint {
+            at: ts("2026-01-01T00:00:00Z"),
+            forced: false,
+        }];
+        let now = "2026-01-01T00:00:03Z";
+        type Edit = fn(&mut Inputs<'_>);
+        let rows: [(&str, &SecretView, Edit); 5] = [
+            ("rotate trigger", &v, |i| i.rotate_trigger = Some("1")),
+            ("revoke trigger", &v, |i| i.revoke_trigger = Some("1")),
+            ("spec change", &v, |i| i.spec_hash = "other"),
+            ("edited token", &drifted, |_| {}),
+            ("deleted Secret", &missing, |_| {}),
+        ];
+        for (what, view, edit) in rows {
+            let mut i = inputs(now, view);
+            i.recent_mints = &recent;
+            edit(&mut i);
+            let d = decide(&i);
+            assert_eq!(d.mint, None, "{what}");
+            assert_eq!(d.floor_until, Some(ts("2026-01-01T00:00:10Z")), "{what}");
+            assert_eq!(d.wake_at, Some(ts("2026-01-01T00:00:10Z")), "{what}");
+            // Once the floor has passed, it mints.
+            i.now = ts("2026-01-01T00:00:10Z");
+            assert!(decide(&i).mint.is_some(), "{what}");
+        }
+    }
+
+    #[test]
+    fn failure_backoff_and_floor_hold_together_and_the_later_wins() {
+        let v = view("2026-01-01T00:00:00Z", "2026-01-01T00:00:05Z");
+        let recent = [rotation::PastMint {
+            at: ts("2026-01-01T00:00:00Z"),
+            forced: false,
+        }];
+        let mut i = inputs("2026-01-01T00:00:06Z", &v);
+        i.recent_mints = &recent;
+        i.failed_attempts = 3;
+        i.last_failure = Some(ts("2026-01-01T00:00:06Z"));
+        let d = decide(&i);
+        assert_eq!(d.mint, None);
+        assert!(d.backoff_until.is_some());
+        assert_eq!(
+            d.floor_until, None,
+            "the backoff (about 20 s) ends after the floor"
+        );
+        // The expired token is removed while the mint waits.
+        assert!(d.clear_expired);
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub async fn cleanup(at: &AgentToken, ctx: &Context) -> Result<Action, Error> {
             handles.push((p.handle, secret::token_in(live.as_ref(), &previous_key)));
         }
     }
-    for (binding, _) in ctx.bindings_of(&ns, &name) {
+    for (binding, _) in ctx.bindings_of(&ns, &name, &uid) {
         if !handles.iter().any(|(h, _)| *h == binding) {
             handles.push((binding, None));
         }

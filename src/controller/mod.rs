@@ -7,6 +7,7 @@ pub mod consumers;
 pub mod decide;
 pub mod finalize;
 pub mod issuers;
+pub mod queue;
 pub mod reconcile;
 pub mod restarts;
 pub mod secret;
@@ -64,6 +65,10 @@ pub enum Error {
     SecretAppeared(String),
     #[error("{0} token(s) could not be revoked")]
     RevocationIncomplete(usize),
+    /// A bug met data it did not expect. The object backs off; the process
+    /// and every other object go on.
+    #[error("reconcile panicked: {0}")]
+    Panicked(String),
 }
 
 impl Error {
@@ -75,6 +80,7 @@ impl Error {
             Error::MissingNamespace | Error::MissingUid => "invalid_object",
             Error::SecretAppeared(_) => "secret_conflict",
             Error::RevocationIncomplete(_) => "revocation",
+            Error::Panicked(_) => "panic",
         }
     }
 }
@@ -107,6 +113,8 @@ pub struct Context {
     pub restarter: Arc<restarts::Restarter>,
     /// Where a ClusterTokenIssuer's Secrets live.
     pub operator_namespace: String,
+    /// Fair, urgency-ordered admission of reconciles (`--concurrency` slots).
+    pub queue: queue::FairQueue,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -168,18 +176,24 @@ impl Context {
         }
     }
 
-    /// Waits for the issuer's rate budget (a no-op without `policy.rateLimit`).
-    pub async fn acquire_budget(&self, key: &str, spec: &TokenIssuerSpec) {
-        if let Some(limit) = spec.policy.as_ref().and_then(|p| p.rate_limit.as_ref()) {
-            self.limiters
-                .acquire(key, limit.per_second as f64, limit.burst)
-                .await;
+    /// Spends one request of the issuer's rate budget, or says how long
+    /// until there is one (always `Ok` without `policy.rateLimit`).
+    pub fn try_budget(&self, key: &str, spec: &TokenIssuerSpec) -> Result<(), Duration> {
+        match spec.policy.as_ref().and_then(|p| p.rate_limit.as_ref()) {
+            Some(limit) => self
+                .limiters
+                .try_acquire(key, limit.per_second as f64, limit.burst),
+            None => Ok(()),
         }
     }
 
-    /// Binding Secrets (name, revision) of one AgentToken, from the index.
-    pub fn bindings_of(&self, ns: &str, name: &str) -> Vec<(String, i64)> {
-        self.bindings.iter().flat_map(|i| i.of(ns, name)).collect()
+    /// Binding Secrets (name, revision) of one AgentToken, from the index:
+    /// only those owned by `uid`.
+    pub fn bindings_of(&self, ns: &str, name: &str, uid: &str) -> Vec<(String, i64)> {
+        self.bindings
+            .iter()
+            .flat_map(|i| i.of(ns, name, uid))
+            .collect()
     }
 
     /// Forgets an object's reconcile failures after a success.
@@ -326,6 +340,7 @@ pub async fn run(
         limiters: RateLimiters::default(),
         clock: Arc::new(SystemClock),
         bindings: binding_indexes.clone(),
+        queue: queue::FairQueue::new(usize::from(config.concurrency.max(1))),
         failures: Mutex::new(HashMap::new()),
     });
 
@@ -340,9 +355,11 @@ pub async fn run(
             .modify(slim_cached_agent_token)
             .reflect(at_writer)
             .touched_objects();
-        let controller = Controller::for_stream(at_events, at_store.clone()).with_config(
-            kube::runtime::controller::Config::default().concurrency(config.concurrency.max(1)),
-        );
+        // Unbounded here: the slots are the fair queue's (`ctx.queue`), which
+        // orders waiting reconciles by urgency and namespace; a reconcile
+        // waiting for a slot is a parked future, not a worker.
+        let controller = Controller::for_stream(at_events, at_store.clone())
+            .with_config(kube::runtime::controller::Config::default().concurrency(0));
         at_stores.push(at_store.clone());
         let ns_issuer_map = by_issuer(at_store.clone(), IssuerKind::TokenIssuer);
         let cluster_issuer_map = by_issuer(at_store.clone(), IssuerKind::ClusterTokenIssuer);
@@ -438,10 +455,22 @@ pub const DEFAULT_CONCURRENCY: u16 = 16;
 /// nothing else is read from the cache, and at 10,000 AgentTokens every
 /// field kept costs its bytes 10,000 times.
 fn slim_cached_agent_token(at: &mut AgentToken) {
-    at.status = None;
+    // What the fair queue's urgency needs: the token's expiry and whether a
+    // revoke trigger is still to be handled.
+    at.status = at.status.take().map(|st| crate::crd::AgentTokenStatus {
+        expires_at: st.expires_at,
+        handled_triggers: st.handled_triggers.map(|h| crate::crd::HandledTriggers {
+            rotate: None,
+            revoke: h.revoke,
+        }),
+        ..Default::default()
+    });
     let meta = &mut at.metadata;
     meta.managed_fields = None;
-    meta.annotations = None;
+    meta.annotations = meta.annotations.take().and_then(|mut a| {
+        let revoke = a.remove(labels::REVOKE)?;
+        Some([(labels::REVOKE.to_string(), revoke)].into())
+    });
     meta.labels = None;
     meta.owner_references = None;
     meta.finalizers = None;

@@ -18,13 +18,14 @@ use tracing::{info, warn};
 
 use super::consumers::{self, Need};
 use super::decide::{self, Decision, Inputs};
+use super::queue::Urgency;
 use super::secret::{self, Desired, Ownership, SlotState, TokenState};
 use super::status::{self, ISSUING, READY, Want};
 use super::{Context, Error, FIELD_MANAGER, STATUS_MANAGER};
 use crate::crd::{
     AgentToken, AgentTokenStatus, ClusterTokenIssuer, ConsumerPhase, ConsumerStatus,
-    ConsumerStrategy, HistoryEntry, IssuerKind, RestartPolicy, RevocationState, RotationReason,
-    TokenIssuer, TokenIssuerSpec,
+    ConsumerStrategy, HandledTriggers, HistoryEntry, IssuerKind, MAX_CONSUMERS_IN_STATUS,
+    RestartPolicy, RevocationState, RotationReason, TokenIssuer, TokenIssuerSpec, trigger_value,
 };
 use crate::issuer::{Issuer, IssuerError, MintRequest, Revocation, RevocationHandle};
 use crate::rotation::{self, CronSchedule, RenewWindow};
@@ -62,7 +63,55 @@ pub struct Refusal {
     requeue: Option<Duration>,
 }
 
+/// Reconciles one AgentToken. A panic (a bug meeting data it did not
+/// expect) fails this object, which backs off, instead of the process.
 pub async fn reconcile(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<Action, Error> {
+    use futures::FutureExt;
+    let _slot = ctx
+        .queue
+        .admit(
+            &at.namespace().unwrap_or_default(),
+            urgency(&at, ctx.clock.now()),
+        )
+        .await;
+    match std::panic::AssertUnwindSafe(reconcile_unguarded(at, ctx.clone()))
+        .catch_unwind()
+        .await
+    {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let message: String = message.chars().take(200).collect();
+            warn!(error = %message, "reconcile panicked; the object backs off");
+            ctx.metrics.observe_reconcile(Duration::ZERO, Some("panic"));
+            Err(Error::Panicked(message))
+        }
+    }
+}
+
+/// How urgent a reconcile is, from the cached object (see `queue`).
+pub fn urgency(at: &AgentToken, now: Timestamp) -> Urgency {
+    let status = at.status.as_ref();
+    let handled = status
+        .and_then(|s| s.handled_triggers.as_ref())
+        .and_then(|h| h.revoke.as_deref());
+    let revoke_pending = at
+        .annotations()
+        .get(labels::REVOKE)
+        .is_some_and(|v| !v.is_empty() && Some(trigger_value(v).as_str()) != handled);
+    Urgency::of(
+        at.meta().deletion_timestamp.is_some(),
+        revoke_pending,
+        status.and_then(|s| s.expires_at.as_ref()).map(|t| t.0),
+        now,
+    )
+}
+
+async fn reconcile_unguarded(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     // The cache may lag behind our own last status write (a Secret event can
     // arrive before the AgentToken's), and status is rebuilt from what we
@@ -207,6 +256,24 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
     };
     let jitter_key = format!("{uid}/{}", view.current.as_ref().map_or(0, |c| c.revision));
     let annotations = at.annotations();
+    // Trigger values acted on live in status, which tenants cannot write
+    // (the Secret's record is read only by objects from before that).
+    let handled = old_status.handled_triggers.clone().unwrap_or_default();
+    let mut view = view;
+    view.rotate_handled = handled.rotate.clone().or(view.rotate_handled.take());
+    view.revoke_handled = handled.revoke.clone().or(view.revoke_handled.take());
+    let rotate_trigger = annotations.get(labels::ROTATE).map(|v| trigger_value(v));
+    let revoke_trigger = annotations.get(labels::REVOKE).map(|v| trigger_value(v));
+    let recent_mints: Vec<rotation::PastMint> = old_status
+        .history
+        .iter()
+        .filter_map(|h| {
+            Some(rotation::PastMint {
+                at: h.issued_at.as_ref()?.0,
+                forced: h.reason.is_some_and(RotationReason::forced),
+            })
+        })
+        .collect();
     let inputs = Inputs {
         now,
         spec_hash: &spec_hash,
@@ -214,14 +281,24 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
         window,
         cron: cron.as_ref(),
         jitter_key: &jitter_key,
-        rotate_trigger: annotations.get(labels::ROTATE).map(String::as_str),
-        revoke_trigger: annotations.get(labels::REVOKE).map(String::as_str),
+        rotate_trigger: rotate_trigger.as_deref(),
+        revoke_trigger: revoke_trigger.as_deref(),
         secret: &view,
         last_revision: old_status.revision,
         failed_attempts: old_status.failed_attempts.max(0) as u32,
         last_failure: old_status.last_failure_time.as_ref().map(|t| t.0),
+        recent_mints: &recent_mints,
     };
-    let decision = decide::decide(&inputs);
+    let mut decision = decide::decide(&inputs);
+    // The issuer's rate budget: without one now, the mint waits for it and
+    // frees its worker meanwhile instead of sleeping on it.
+    let mut budget_wait = None;
+    if decision.mint.is_some()
+        && let Err(wait) = ctx.try_budget(&issuer.key, &issuer.spec)
+    {
+        decision.mint = None;
+        budget_wait = Some(wait);
+    }
 
     let mut status = old_status.clone();
     status.secret_name = Some(secret_name.clone());
@@ -251,7 +328,20 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
 
     let mut mint_failed = None;
     if let Some(m) = decision.mint {
-        let revision = next_revision(ctx, &ns, at, &status, &state);
+        let Some(revision) = next_revision(ctx, &ns, at, &status, &state) else {
+            return refuse(
+                at,
+                ctx,
+                Refusal {
+                    reason: "InvalidSpec",
+                    message: "status.revision is at its maximum: no further token can be numbered"
+                        .into(),
+                    event: None,
+                    requeue: None,
+                },
+            )
+            .await;
+        };
         let request = MintRequest {
             namespace: ns.clone(),
             name: at.name_any(),
@@ -265,7 +355,6 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
             parameters: at.spec.parameters.clone(),
             lifetime: effective.lifetime.unwrap_or(DEFAULT_LIFETIME),
         };
-        ctx.acquire_budget(&issuer.key, &issuer.spec).await;
         let started = std::time::Instant::now();
         let minted = backend.mint(&request).await;
         ctx.metrics.observe_issuer_request(
@@ -286,22 +375,20 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
                     spec_hash: spec_hash.clone(),
                     grace_until: None,
                 };
-                push_history(&mut status, &new_slot);
+                push_history(&mut status, &new_slot, m.reason);
                 let grace = grace_period(at);
                 let (keep, retire) =
                     plan_slots(&state, &view, m, grace, restarts_consumers(at), now);
                 let mut next_state = TokenState {
                     current: Some(new_slot.clone()),
                     previous: keep.clone(),
-                    rotate_handled: annotations
-                        .get(labels::ROTATE)
-                        .cloned()
-                        .or(state.rotate_handled.clone()),
-                    revoke_handled: annotations
-                        .get(labels::REVOKE)
-                        .cloned()
-                        .or(state.revoke_handled.clone()),
+                    rotate_handled: rotate_trigger.clone().or(view.rotate_handled.clone()),
+                    revoke_handled: revoke_trigger.clone().or(view.revoke_handled.clone()),
                 };
+                status.handled_triggers = Some(HandledTriggers {
+                    rotate: next_state.rotate_handled.clone(),
+                    revoke: next_state.revoke_handled.clone(),
+                });
                 if keep.is_none() {
                     next_state.previous = None;
                 }
@@ -460,7 +547,12 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
     sweep_orphans(ctx, backend.as_ref(), &ns, at, &state, &mut status, now).await;
 
     if let Some(r) = &report {
-        status.consumers = r.entries.clone();
+        status.consumers = r
+            .entries
+            .iter()
+            .take(MAX_CONSUMERS_IN_STATUS)
+            .cloned()
+            .collect();
         events.extend(r.events.iter().cloned());
     }
 
@@ -510,6 +602,10 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
         }
         (None, Some(_)) => Some(Duration::from_secs(1)),
         _ => decision.wake_at.map(|w| until(now, w)),
+    };
+    let wake = match budget_wait {
+        Some(b) => Some(wake.map_or(b, |w| w.min(b))),
+        None => wake,
     };
     // Consumers still rolling: look again soon (rollouts are polled, not watched,
     // so the operator does not cache every workload of the cluster).
@@ -700,7 +796,19 @@ pub fn validate(
         event: None,
         requeue: None,
     };
+    at.spec.check().map_err(invalid)?;
     let pol = issuer.spec.policy.clone().unwrap_or_default();
+    let max_lifetime = match pol.max_lifetime.as_ref().map(|d| d.get()).transpose() {
+        Ok(m) => m,
+        Err(e) => {
+            return Err(Refusal {
+                reason: "IssuerNotReady",
+                message: format!("the issuer's policy.maxLifetime {e}"),
+                event: Some("IssuerUnavailable"),
+                requeue: None,
+            });
+        }
+    };
     if issuer.cluster_scoped
         && let Some(sel) = &pol.namespace_selector
         && !super::selector::matches(sel, ns_labels)
@@ -711,7 +819,7 @@ pub fn validate(
         )));
     }
     let p = policy::Policy {
-        max_lifetime: pol.max_lifetime.map(Duration::from),
+        max_lifetime,
         allowed_scopes: pol.allowed_scopes.clone(),
         // A selector alone admits the namespaces it matches.
         allowed_namespaces: if issuer.cluster_scoped
@@ -728,7 +836,8 @@ pub fn validate(
         &policy::Request {
             namespace: ns,
             scopes: &at.spec.scopes,
-            lifetime: at.spec.lifetime.map(Duration::from),
+            // Checked by `check` above.
+            lifetime: at.spec.lifetime.as_ref().and_then(|d| d.get().ok()),
             cluster_scoped_issuer: issuer.cluster_scoped,
         },
     )
@@ -845,6 +954,18 @@ fn conditions(
                     .unwrap_or("unknown error")
             ),
         ),
+        (None, None) if decision.floor_until.is_some() => Want::new(
+            ISSUING,
+            true,
+            "Throttled",
+            format!(
+                "a new token is due, but this AgentToken has minted often: the next mint waits until {} (per-AgentToken mint floor)",
+                decision
+                    .floor_until
+                    .map(|t| t.to_string())
+                    .unwrap_or_default()
+            ),
+        ),
         (None, None) if paused => Want::new(ISSUING, false, "Paused", "rotation is paused"),
         (None, None) => Want::new(ISSUING, false, "Idle", "no mint in progress"),
     };
@@ -951,7 +1072,7 @@ async fn revoke(
     state
 }
 
-fn push_history(status: &mut AgentTokenStatus, slot: &SlotState) {
+fn push_history(status: &mut AgentTokenStatus, slot: &SlotState, reason: RotationReason) {
     status.history.retain(|h| h.revision != slot.revision);
     status.history.push(HistoryEntry {
         revision: slot.revision,
@@ -960,6 +1081,7 @@ fn push_history(status: &mut AgentTokenStatus, slot: &SlotState) {
         expires_at: Some(Time(slot.expires_at)),
         revoked_at: None,
         revocation: RevocationState::Pending,
+        reason: Some(reason),
     });
     status.history.sort_by_key(|h| h.revision);
     let excess = status.history.len().saturating_sub(HISTORY_LIMIT);
@@ -988,6 +1110,7 @@ fn mark_revoked(
                 expires_at: None,
                 revoked_at: (outcome != RevocationState::Failed).then_some(Time(now)),
                 revocation: outcome,
+                reason: None,
             });
             status.history.sort_by_key(|h| h.revision);
             let excess = status.history.len().saturating_sub(HISTORY_LIMIT);
@@ -1011,7 +1134,7 @@ async fn sweep_orphans(
         .flatten()
         .map(|s| s.handle.as_str())
         .collect();
-    for (name, revision) in ctx.bindings_of(ns, &at.name_any()) {
+    for (name, revision) in ctx.bindings_of(ns, &at.name_any(), &at.uid().unwrap_or_default()) {
         // Held, or already revoked (the cache has not seen the deletion yet).
         let revoked = status.history.iter().any(|h| {
             h.revision == revision
@@ -1029,51 +1152,60 @@ async fn sweep_orphans(
     }
 }
 
-/// The next revision: above every revision ever seen (status, Secret, bindings).
+/// How far past status a revision read from the Secret or a binding may
+/// be and still be believed (each crash between a mint and the status
+/// write can leave one revision unrecorded; a forged label can say anything).
+const REVISION_SLACK: i64 = 16;
+
+/// The next revision: above every revision this AgentToken minted (status,
+/// history, and within [`REVISION_SLACK`] of them the Secret and its own
+/// bindings). `None` only if status itself is at `i64::MAX`.
 fn next_revision(
     ctx: &Context,
     ns: &str,
     at: &AgentToken,
     status: &AgentTokenStatus,
     state: &TokenState,
-) -> i64 {
-    let from_state = [state.current.as_ref(), state.previous.as_ref()]
+) -> Option<i64> {
+    let known = status
+        .history
+        .iter()
+        .map(|h| h.revision)
+        .fold(status.revision.max(0), i64::max);
+    let ceiling = known.saturating_add(REVISION_SLACK);
+    let uid = at.uid().unwrap_or_default();
+    let seen = [state.current.as_ref(), state.previous.as_ref()]
         .into_iter()
         .flatten()
         .map(|s| s.revision)
-        .max()
-        .unwrap_or(0);
-    let from_bindings = ctx
-        .bindings_of(ns, &at.name_any())
-        .into_iter()
-        .map(|(_, r)| r)
-        .max()
-        .unwrap_or(0);
-    let from_history = status.history.iter().map(|h| h.revision).max().unwrap_or(0);
-    status
-        .revision
-        .max(from_state)
-        .max(from_bindings)
-        .max(from_history)
-        + 1
+        .chain(
+            ctx.bindings_of(ns, &at.name_any(), &uid)
+                .into_iter()
+                .map(|(_, r)| r),
+        )
+        .filter(|r| *r <= ceiling)
+        .fold(known, i64::max);
+    seen.checked_add(1)
 }
 
 pub fn renew_window(at: &AgentToken) -> RenewWindow {
     let r = at.spec.rotation.as_ref();
     match (
-        r.and_then(|r| r.renew_before),
+        r.and_then(|r| r.renew_before.as_ref())
+            .and_then(|d| d.get().ok()),
         r.and_then(|r| r.renew_before_percentage),
     ) {
-        (Some(d), _) => RenewWindow::Before(Duration::from(d)),
+        (Some(d), _) => RenewWindow::Before(d),
         (None, Some(p)) => RenewWindow::Percentage(p.clamp(1, 99) as u8),
-        (None, None) => RenewWindow::Percentage(33),
+        (None, None) => RenewWindow::Percentage(rotation::DEFAULT_PERCENTAGE),
     }
 }
 
 fn grace_period(at: &AgentToken) -> Duration {
     at.spec
         .previous_token_grace_period
-        .map(Duration::from)
+        .as_ref()
+        .and_then(|d| d.get().ok())
         .unwrap_or(Duration::from_secs(600))
 }
 
@@ -1180,8 +1312,12 @@ async fn consumers_step(
             .consumers
             .iter()
             .find(|c| c.kind == w.key.kind.as_str() && c.name == w.key.name);
+        // The rollout timeout runs from the first request this workload has
+        // not settled, whatever revision it was for and whether or not it is
+        // still queued: neither a queue nor a stream of new revisions can
+        // keep a rollout, and so a previous token, alive forever.
         let restarted_before = before
-            .filter(|c| c.revision == revision)
+            .filter(|c| c.revision == revision || !c.phase.settled())
             .and_then(|c| c.restarted_at.as_ref())
             .map(|t| t.0);
         let entry = match consumers::need(
@@ -1202,14 +1338,38 @@ async fn consumers_step(
                     revision.to_string(),
                     at.object_ref(&()),
                 );
-                // While queued, the clock of the rollout timeout has not started.
-                consumers::status_entry(
-                    w,
-                    revision,
-                    Some(now),
-                    ConsumerPhase::Pending,
-                    Some("restart queued".into()),
-                )
+                let since = restarted_before.unwrap_or(now);
+                if until(since, now) >= timeout {
+                    if before.is_none_or(|b| b.phase != ConsumerPhase::TimedOut) {
+                        report.events.push((
+                            EventType::Warning,
+                            "RolloutTimedOut",
+                            format!(
+                                "{}: restart queued since {since}, not applied within {}",
+                                w.key,
+                                rotation::format_duration(timeout)
+                            ),
+                        ));
+                    }
+                    consumers::status_entry(
+                        w,
+                        revision,
+                        Some(since),
+                        ConsumerPhase::TimedOut,
+                        Some(format!(
+                            "restart queued for longer than the rollout timeout ({})",
+                            rotation::format_duration(timeout)
+                        )),
+                    )
+                } else {
+                    consumers::status_entry(
+                        w,
+                        revision,
+                        Some(since),
+                        ConsumerPhase::Pending,
+                        Some("restart queued".into()),
+                    )
+                }
             }
             Need::Restart => {
                 let (phase, message) =

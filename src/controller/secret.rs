@@ -159,7 +159,13 @@ pub fn render(d: &Desired<'_>) -> Secret {
             EXPIRES_AT_KEY.to_string(),
             ByteString(cur.expires_at.to_string().into_bytes()),
         );
+        // Derived keys never replace what the operator writes itself
+        // (admission refuses such names; an older object may still have them).
+        let previous_key = format!("{}{PREVIOUS_SUFFIX}", d.key);
         for (k, template) in d.extra_keys {
+            if *k == d.key || *k == previous_key || k == EXPIRES_AT_KEY {
+                continue;
+            }
             data.insert(
                 k.clone(),
                 ByteString(render_template(template, value).into_bytes()),

@@ -12,7 +12,9 @@ use kube::Client;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
-use super::{Issuer, IssuerError, MintRequest, MintedToken, Revocation, RevocationHandle, web};
+use super::{
+    Issuer, IssuerError, MintRequest, MintedToken, Revocation, RevocationHandle, after_issue, web,
+};
 use crate::crd::GithubAppIssuerSpec;
 use crate::rotation;
 
@@ -87,9 +89,9 @@ impl GithubAppIssuer {
         auth: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value), IssuerError> {
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
         let url = self.api(path);
-        let reply = web::send(what, || {
+        let reply = web::send(what, self.spec.timeout.as_ref(), || {
             let rb = http
                 .request(method.clone(), &url)
                 .header("Accept", "application/vnd.github+json")
@@ -105,7 +107,7 @@ impl GithubAppIssuer {
         if reply.status >= 400 {
             let message = json["message"]
                 .as_str()
-                .map(|m| m.chars().take(200).collect::<String>())
+                .map(|m| web::excerpt(m, 200))
                 .unwrap_or_default();
             let msg = format!("{what} refused: HTTP {}: {message}", reply.status);
             return Err(if reply.status < 500 {
@@ -180,16 +182,7 @@ impl GithubAppIssuer {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| IssuerError::Unavailable("the response has no token".into()))?
             .to_string();
-        let expires_at = reply["expires_at"]
-            .as_str()
-            .and_then(|s| s.parse::<Timestamp>().ok())
-            .filter(|t| *t > issued_at)
-            .ok_or_else(|| {
-                IssuerError::Unavailable(
-                    "the response has no future expires_at: refusing a token whose expiry is unknown"
-                        .into(),
-                )
-            })?;
+        let expires_at = installation_token_expiry(issued_at, &reply)?;
         let fp = rotation::fingerprint(token.as_bytes());
         Ok(MintedToken {
             token: SecretString::from(token),
@@ -233,6 +226,24 @@ impl GithubAppIssuer {
     }
 }
 
+/// The `expires_at` (RFC 3339) of an installation token response received
+/// at `issued_at`; it must be after `issued_at`.
+fn installation_token_expiry(
+    issued_at: Timestamp,
+    reply: &Value,
+) -> Result<Timestamp, IssuerError> {
+    let expires_at = reply["expires_at"]
+        .as_str()
+        .and_then(|s| s.trim().parse::<Timestamp>().ok())
+        .ok_or_else(|| {
+            IssuerError::Unavailable(
+                "the response has no RFC 3339 expires_at: refusing a token whose expiry is unknown"
+                    .into(),
+            )
+        })?;
+    after_issue(issued_at, expires_at)
+}
+
 impl Issuer for GithubAppIssuer {
     fn kind(&self) -> &'static str {
         "githubApp"
@@ -253,5 +264,44 @@ impl Issuer for GithubAppIssuer {
 
     fn check(&self) -> BoxFuture<'_, Result<(), IssuerError>> {
         self.check_inner().boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at() -> Timestamp {
+        "2026-01-01T00:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn expires_at_is_the_expiry() {
+        assert_eq!(
+            installation_token_expiry(at(), &json!({"expires_at": "2026-01-01T01:00:00Z"}))
+                .unwrap(),
+            "2026-01-01T01:00:00Z".parse::<Timestamp>().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_past_missing_or_absurd_expires_at_is_refused() {
+        for v in [json!("2025-12-31T23:00:00Z"), json!("2026-01-01T00:00:00Z")] {
+            let e = installation_token_expiry(at(), &json!({ "expires_at": v })).unwrap_err();
+            assert!(e.to_string().contains("already expired"), "{v}: {e}");
+        }
+        for v in [
+            json!(null),
+            json!(1_900_000_000),
+            json!("tomorrow"),
+            json!("99999-01-01T00:00:00Z"),
+            json!("2026-13-01T00:00:00Z"),
+            json!("+999999999-01-01T00:00:00Z"),
+            json!(""),
+        ] {
+            let e = installation_token_expiry(at(), &json!({ "expires_at": v })).unwrap_err();
+            assert!(e.to_string().contains("no RFC 3339 expires_at"), "{v}: {e}");
+        }
+        assert!(installation_token_expiry(at(), &json!([1, 2])).is_err());
     }
 }

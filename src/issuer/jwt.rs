@@ -102,14 +102,40 @@ pub fn load_key(pem: &str) -> Result<SigningKey, IssuerError> {
     })
 }
 
+/// When a token signed at `now` for `lifetime` expires (pure): an error
+/// for a zero lifetime or one no timestamp can hold.
+pub fn expiry(now: Timestamp, lifetime: std::time::Duration) -> Result<Timestamp, IssuerError> {
+    if lifetime.as_secs() == 0 {
+        return Err(IssuerError::Invalid(
+            "the lifetime must be at least 1s: a JWT that expires when it is signed is useless"
+                .into(),
+        ));
+    }
+    let too_long = || {
+        IssuerError::Invalid(format!(
+            "a lifetime of {}s puts the expiry beyond any time the operator can represent",
+            lifetime.as_secs()
+        ))
+    };
+    let secs = i64::try_from(lifetime.as_secs()).map_err(|_| too_long())?;
+    now.checked_add(jiff::SignedDuration::from_secs(secs))
+        .map_err(|_| too_long())
+}
+
 /// The claims of one token (pure).
-pub fn claims(spec: &JwtIssuerSpec, req: &MintRequest, now: Timestamp, jti: &str) -> Value {
+pub fn claims(
+    spec: &JwtIssuerSpec,
+    req: &MintRequest,
+    now: Timestamp,
+    jti: &str,
+) -> Result<Value, IssuerError> {
+    let exp = expiry(now, req.lifetime)?;
     let mut c = json!({
         "iss": spec.issuer,
         "sub": format!("{}/{}", req.namespace, req.name),
         "iat": now.as_second(),
         "nbf": now.as_second(),
-        "exp": now.as_second() + req.lifetime.as_secs() as i64,
+        "exp": exp.as_second(),
         "jti": jti,
     });
     match req.audiences.as_slice() {
@@ -120,7 +146,7 @@ pub fn claims(spec: &JwtIssuerSpec, req: &MintRequest, now: Timestamp, jti: &str
     if !req.scopes.is_empty() {
         c["scope"] = json!(req.scopes.join(" "));
     }
-    c
+    Ok(c)
 }
 
 /// Merges `current` into a JWKS document: current first, then the previous
@@ -244,13 +270,14 @@ impl JwtIssuer {
         let mut header = Header::new(key.algorithm);
         header.kid = key.jwk.common.key_id.clone();
         header.typ = Some("JWT".into());
-        let token =
-            jsonwebtoken::encode(&header, &claims(&self.spec, req, now, &jti), &key.encoding)
-                .map_err(|e| IssuerError::Invalid(format!("cannot sign: {e}")))?;
+        let expires_at = expiry(now, req.lifetime)?;
+        let claims = claims(&self.spec, req, now, &jti)?;
+        let token = jsonwebtoken::encode(&header, &claims, &key.encoding)
+            .map_err(|e| IssuerError::Invalid(format!("cannot sign: {e}")))?;
         Ok(MintedToken {
             token: SecretString::from(token),
             issued_at: now,
-            expires_at: now + jiff::SignedDuration::from_secs(req.lifetime.as_secs() as i64),
+            expires_at,
             handle: RevocationHandle(format!("jwt:{jti}")),
         })
     }
@@ -344,9 +371,12 @@ mod tests {
             let mut header = Header::new(alg);
             header.kid = key.jwk.common.key_id.clone();
             let now = Timestamp::now();
-            let token =
-                jsonwebtoken::encode(&header, &claims(&spec, &req, now, "j1"), &key.encoding)
-                    .unwrap();
+            let token = jsonwebtoken::encode(
+                &header,
+                &claims(&spec, &req, now, "j1").unwrap(),
+                &key.encoding,
+            )
+            .unwrap();
             // Verify with nothing but the published JWK.
             let published: Jwk =
                 serde_json::from_str(&serde_json::to_string(&key.jwk).unwrap()).unwrap();
@@ -399,5 +429,34 @@ mod tests {
             ]
         );
         assert!(!second.contains("\"d\""), "no private part is published");
+    }
+
+    #[test]
+    fn a_lifetime_beyond_any_timestamp_is_refused_not_wrapped() {
+        let spec = JwtIssuerSpec::default();
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        for secs in [u64::MAX, i64::MAX as u64 + 1, i64::MAX as u64, 1 << 40] {
+            let req = MintRequest {
+                lifetime: std::time::Duration::from_secs(secs),
+                ..Default::default()
+            };
+            let e = expiry(now, req.lifetime).unwrap_err();
+            assert!(!e.is_transient(), "a spec problem: {e}");
+            assert!(e.to_string().contains("beyond any time"), "{e}");
+            assert!(claims(&spec, &req, now, "j").is_err());
+        }
+        let zero = MintRequest::default();
+        assert!(expiry(now, zero.lifetime).is_err());
+        assert!(claims(&spec, &zero, now, "j").is_err());
+        let hour = MintRequest {
+            lifetime: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let c = claims(&spec, &hour, now, "j").unwrap();
+        assert_eq!(c["exp"], 1_800_003_600);
+        assert_eq!(
+            expiry(now, hour.lifetime).unwrap(),
+            Timestamp::from_second(1_800_003_600).unwrap()
+        );
     }
 }

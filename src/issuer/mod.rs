@@ -114,3 +114,158 @@ pub trait Issuer: Send + Sync {
         Box::pin(async { Ok(()) })
     }
 }
+
+/// The message for an expiry beyond what a timestamp can hold.
+pub const UNREPRESENTABLE_EXPIRY: &str =
+    "the issuer answered an expiry the operator cannot represent";
+/// The message for a grant whose expiry is not after its issue time.
+pub const ALREADY_EXPIRED: &str = "the issuer granted a token that is already expired";
+
+/// A number of seconds an issuer answered (`expires_in`, `lease_duration`,
+/// a webhook's `expiresInPath`): a JSON integer, a JSON number with a
+/// fraction (truncated) or a string holding either. `Ok(None)` when `v` is
+/// not a number at all (an object, `true`, `"soon"`, `"NaN"`, `"inf"`); an
+/// error when it is a number no timestamp can be that far from.
+pub fn granted_seconds(v: &serde_json::Value) -> Result<Option<i64>, IssuerError> {
+    let too_far = || IssuerError::Unavailable(UNREPRESENTABLE_EXPIRY.into());
+    let from_f64 = |f: f64| -> Result<Option<i64>, IssuerError> {
+        if !f.is_finite() {
+            return Ok(None);
+        }
+        // [-2^63, 2^63) is i64's range; anything inside fits, once truncated.
+        const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+        let t = f.trunc();
+        if !(-LIMIT..LIMIT).contains(&t) {
+            return Err(too_far());
+        }
+        Ok(Some(t as i64))
+    };
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Ok(Some(i))
+            } else if n.as_u64().is_some() {
+                Err(too_far())
+            } else {
+                n.as_f64().map_or(Ok(None), from_f64)
+            }
+        }
+        serde_json::Value::String(s) => {
+            let s = s.trim();
+            if let Ok(i) = s.parse::<i64>() {
+                return Ok(Some(i));
+            }
+            let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
+            if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(too_far());
+            }
+            // "NaN", "inf" and "infinity" parse as floats: not finite, so None.
+            s.parse::<f64>().map_or(Ok(None), from_f64)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// `issued_at + seconds`, for a grant of `seconds`: an error when the grant
+/// is not positive (already expired at birth) or lands beyond any
+/// representable time.
+pub fn expiry_after(issued_at: Timestamp, seconds: i64) -> Result<Timestamp, IssuerError> {
+    if seconds <= 0 {
+        return Err(IssuerError::Unavailable(format!(
+            "{ALREADY_EXPIRED} (it lives {seconds}s)"
+        )));
+    }
+    issued_at
+        .checked_add(jiff::SignedDuration::from_secs(seconds))
+        .map_err(|_| IssuerError::Unavailable(UNREPRESENTABLE_EXPIRY.into()))
+}
+
+/// `expires_at` itself when it is after `issued_at`, else the error every
+/// issuer gives for a token that is dead at birth.
+pub fn after_issue(issued_at: Timestamp, expires_at: Timestamp) -> Result<Timestamp, IssuerError> {
+    if expires_at <= issued_at {
+        return Err(IssuerError::Unavailable(format!(
+            "{ALREADY_EXPIRED} (expiry {expires_at}, issued {issued_at})"
+        )));
+    }
+    Ok(expires_at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn at() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).unwrap()
+    }
+
+    #[test]
+    fn granted_seconds_reads_numbers_and_numeric_strings() {
+        assert_eq!(granted_seconds(&json!(600)).unwrap(), Some(600));
+        assert_eq!(granted_seconds(&json!("600")).unwrap(), Some(600));
+        assert_eq!(granted_seconds(&json!(" 600 ")).unwrap(), Some(600));
+        assert_eq!(granted_seconds(&json!(3599.9)).unwrap(), Some(3599));
+        assert_eq!(granted_seconds(&json!("3599.9")).unwrap(), Some(3599));
+        assert_eq!(granted_seconds(&json!(-5)).unwrap(), Some(-5));
+        assert_eq!(granted_seconds(&json!("-5")).unwrap(), Some(-5));
+        assert_eq!(granted_seconds(&json!(0)).unwrap(), Some(0));
+    }
+
+    #[test]
+    fn granted_seconds_refuses_what_is_not_a_number() {
+        for v in [
+            json!(null),
+            json!(true),
+            json!({"s": 1}),
+            json!([600]),
+            json!("soon"),
+            json!(""),
+            json!("NaN"),
+            json!("nan"),
+            json!("inf"),
+            json!("-infinity"),
+            json!("1e"),
+        ] {
+            assert_eq!(granted_seconds(&v).unwrap(), None, "{v}");
+        }
+    }
+
+    #[test]
+    fn huge_grants_are_an_issuer_error_not_a_panic() {
+        for v in [
+            json!(u64::MAX),
+            json!(1e300),
+            json!(-1e300),
+            json!(9.3e18),
+            json!("99999999999999999999"),
+            json!("-99999999999999999999"),
+            json!("1e300"),
+        ] {
+            let e = granted_seconds(&v).unwrap_err();
+            assert!(e.is_transient(), "{v}");
+            assert_eq!(e.to_string(), UNREPRESENTABLE_EXPIRY, "{v}");
+        }
+        // Representable as seconds, but far beyond the year 9999.
+        for s in [i64::MAX, 1 << 40] {
+            let e = expiry_after(at(), s).unwrap_err();
+            assert_eq!(e.to_string(), UNREPRESENTABLE_EXPIRY);
+        }
+    }
+
+    #[test]
+    fn a_grant_that_is_not_positive_is_already_expired() {
+        for s in [0, -1, i64::MIN] {
+            let e = expiry_after(at(), s).unwrap_err();
+            assert!(e.to_string().starts_with(ALREADY_EXPIRED), "{e}");
+            assert!(e.is_transient());
+        }
+        assert_eq!(
+            expiry_after(at(), 60).unwrap(),
+            Timestamp::from_second(1_800_000_060).unwrap()
+        );
+        assert!(after_issue(at(), at()).is_err());
+        assert!(after_issue(at(), Timestamp::from_second(1).unwrap()).is_err());
+        assert!(after_issue(at(), Timestamp::MAX).is_ok());
+    }
+}

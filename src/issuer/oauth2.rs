@@ -13,7 +13,10 @@ use jiff::Timestamp;
 use kube::Client;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{Issuer, IssuerError, MintRequest, MintedToken, Revocation, RevocationHandle, web};
+use super::{
+    Issuer, IssuerError, MintRequest, MintedToken, Revocation, RevocationHandle, after_issue,
+    expiry_after, granted_seconds, web,
+};
 use crate::crd::{OAuth2AuthMethod, OAuth2IssuerSpec};
 use crate::rotation;
 
@@ -66,7 +69,7 @@ impl OAuth2Issuer {
     }
 
     async fn mint_inner(&self, req: &MintRequest) -> Result<MintedToken, IssuerError> {
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
         let secret = self.secret().await?;
         let mut base = vec![("grant_type".to_string(), "client_credentials".to_string())];
         if !req.scopes.is_empty() {
@@ -79,7 +82,7 @@ impl OAuth2Issuer {
             base.push(("resource".into(), resource.clone()));
         }
         let issued_at = Timestamp::now();
-        let reply = web::send("token request", || {
+        let reply = web::send("token request", self.spec.timeout.as_ref(), || {
             let mut form = base.clone();
             let rb = self.authenticate(http.post(&self.spec.token_url), &mut form, &secret);
             rb.form(&form)
@@ -106,23 +109,7 @@ impl OAuth2Issuer {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| IssuerError::Unavailable("token response has no access_token".into()))?
             .to_string();
-        let expires_at = match body.get("expires_in").and_then(expires_in_seconds) {
-            Some(secs) if secs > 0 => issued_at
-                .checked_add(jiff::SignedDuration::from_secs(secs))
-                .map_err(|_| IssuerError::Unavailable("expires_in is out of range".into()))?,
-            _ => jwt_exp(&token).ok_or_else(|| {
-                IssuerError::Unavailable(
-                    "token response has no expires_in and the token is not a JWT with exp: \
-                     refusing a token whose expiry is unknown"
-                        .into(),
-                )
-            })?,
-        };
-        if expires_at <= issued_at {
-            return Err(IssuerError::Unavailable(
-                "the issuer returned an already expired token".into(),
-            ));
-        }
+        let expires_at = token_expiry(issued_at, &body, &token)?;
         let fingerprint = rotation::fingerprint(token.as_bytes());
         Ok(MintedToken {
             token: SecretString::from(token),
@@ -142,9 +129,9 @@ impl OAuth2Issuer {
                     .into(),
             ));
         };
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
         let secret = self.secret().await?;
-        let reply = web::send("revocation request", || {
+        let reply = web::send("revocation request", self.spec.timeout.as_ref(), || {
             let mut form = vec![
                 ("token".to_string(), token.expose_secret().to_string()),
                 ("token_type_hint".to_string(), "access_token".to_string()),
@@ -173,7 +160,7 @@ impl OAuth2Issuer {
     }
 
     async fn check_inner(&self) -> Result<(), IssuerError> {
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
         self.secret().await?;
         web::probe(http.get(&self.spec.token_url), "token endpoint").await
     }
@@ -202,11 +189,34 @@ impl Issuer for OAuth2Issuer {
     }
 }
 
-fn expires_in_seconds(v: &serde_json::Value) -> Option<i64> {
-    // Some servers send a string.
-    v.as_i64()
-        .or_else(|| v.as_f64().map(|f| f as i64))
-        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+/// The expiry of a token response received at `issued_at`: from
+/// `expires_in` (a number or a numeric string, RFC 6749 §5.1), else from the
+/// `exp` claim of a JWT access token. A present but unreadable, non-positive
+/// or absurdly large `expires_in` is an error, never a fallback.
+fn token_expiry(
+    issued_at: Timestamp,
+    body: &serde_json::Value,
+    token: &str,
+) -> Result<Timestamp, IssuerError> {
+    let expires_in = body.get("expires_in").filter(|v| !v.is_null());
+    let expires_at = match expires_in {
+        Some(v) => {
+            let secs = granted_seconds(v)?.ok_or_else(|| {
+                IssuerError::Unavailable(
+                    "the token response's expires_in is not a number of seconds".into(),
+                )
+            })?;
+            expiry_after(issued_at, secs)?
+        }
+        None => jwt_exp(token).ok_or_else(|| {
+            IssuerError::Unavailable(
+                "token response has no expires_in and the token is not a JWT with exp: \
+                 refusing a token whose expiry is unknown"
+                    .into(),
+            )
+        })?,
+    };
+    after_issue(issued_at, expires_at)
 }
 
 /// The `exp` claim of a JWT, read without verifying it (the issuer's word
@@ -258,10 +268,94 @@ mod tests {
         assert_eq!(form_urlencoded("agent-fleet_1.x"), "agent-fleet_1.x");
     }
 
+    fn at() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).unwrap()
+    }
+
+    fn jwt_with_exp(exp: serde_json::Value) -> String {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::json!({ "exp": exp }).to_string());
+        format!("eyJhbGciOiJub25lIn0.{payload}.sig")
+    }
+
     #[test]
     fn expires_in_may_be_a_number_or_a_string() {
-        assert_eq!(expires_in_seconds(&serde_json::json!(600)), Some(600));
-        assert_eq!(expires_in_seconds(&serde_json::json!("600")), Some(600));
-        assert_eq!(expires_in_seconds(&serde_json::json!(null)), None);
+        for v in [
+            serde_json::json!(600),
+            serde_json::json!("600"),
+            serde_json::json!(600.5),
+        ] {
+            let body = serde_json::json!({ "expires_in": v });
+            assert_eq!(
+                token_expiry(at(), &body, "opaque").unwrap(),
+                Timestamp::from_second(1_800_000_600).unwrap(),
+                "{v}"
+            );
+        }
+        let body = serde_json::json!({ "expires_in": null });
+        let token = jwt_with_exp(serde_json::json!(1_800_000_900));
+        assert_eq!(
+            token_expiry(at(), &body, &token).unwrap(),
+            Timestamp::from_second(1_800_000_900).unwrap()
+        );
+    }
+
+    #[test]
+    fn an_expires_in_that_is_not_positive_is_an_already_expired_grant() {
+        // Even when the token is a JWT with a future exp: the issuer said so.
+        let token = jwt_with_exp(serde_json::json!(1_800_000_900));
+        for v in [
+            serde_json::json!(0),
+            serde_json::json!(-1),
+            serde_json::json!("-3600"),
+            serde_json::json!(0.4),
+        ] {
+            let body = serde_json::json!({ "expires_in": v });
+            let e = token_expiry(at(), &body, &token).unwrap_err();
+            assert!(e.to_string().contains("already expired"), "{v}: {e}");
+            assert!(e.is_transient());
+        }
+    }
+
+    #[test]
+    fn a_huge_or_garbage_expires_in_is_an_error_not_a_panic() {
+        for v in [
+            serde_json::json!(u64::MAX),
+            serde_json::json!(i64::MAX),
+            serde_json::json!(1e300),
+            serde_json::json!("99999999999999999999"),
+            serde_json::json!(999_999_999_999_i64),
+        ] {
+            let body = serde_json::json!({ "expires_in": v });
+            let e = token_expiry(at(), &body, "opaque").unwrap_err();
+            assert!(e.to_string().contains("cannot represent"), "{v}: {e}");
+        }
+        for v in [
+            serde_json::json!("NaN"),
+            serde_json::json!("inf"),
+            serde_json::json!("soon"),
+            serde_json::json!({}),
+        ] {
+            let body = serde_json::json!({ "expires_in": v });
+            let e = token_expiry(at(), &body, "opaque").unwrap_err();
+            assert!(e.to_string().contains("not a number"), "{v}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_jwt_exp_in_the_past_or_out_of_range_is_refused() {
+        let body = serde_json::json!({});
+        for exp in [serde_json::json!(1_000), serde_json::json!(1_800_000_000)] {
+            let e = token_expiry(at(), &body, &jwt_with_exp(exp)).unwrap_err();
+            assert!(e.to_string().contains("already expired"), "{e}");
+        }
+        for exp in [
+            serde_json::json!(i64::MAX),
+            serde_json::json!(u64::MAX),
+            serde_json::json!(1e300),
+            serde_json::json!("1900000000"),
+        ] {
+            assert!(token_expiry(at(), &body, &jwt_with_exp(exp)).is_err());
+        }
     }
 }

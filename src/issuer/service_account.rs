@@ -21,7 +21,9 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams, Preconditions};
 use secrecy::SecretString;
 
-use super::{Issuer, IssuerError, MintRequest, MintedToken, Revocation, RevocationHandle};
+use super::{
+    Issuer, IssuerError, MintRequest, MintedToken, Revocation, RevocationHandle, after_issue,
+};
 use crate::labels;
 
 /// The Secret type of binding Secrets; they carry no data.
@@ -52,6 +54,12 @@ impl ServiceAccountIssuer {
                 req.lifetime.as_secs()
             )));
         }
+        let expiration_seconds = i64::try_from(req.lifetime.as_secs()).map_err(|_| {
+            IssuerError::Invalid(format!(
+                "lifetime {}s is longer than a TokenRequest can express",
+                req.lifetime.as_secs()
+            ))
+        })?;
         let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &req.namespace);
         // The namespace is always the AgentToken's own: a ServiceAccount
         // elsewhere cannot even be named.
@@ -71,7 +79,7 @@ impl ServiceAccountIssuer {
         let tr = TokenRequest {
             spec: TokenRequestSpec {
                 audiences: req.audiences.clone(),
-                expiration_seconds: Some(req.lifetime.as_secs() as i64),
+                expiration_seconds: Some(expiration_seconds),
                 bound_object_ref: Some(BoundObjectReference {
                     api_version: Some("v1".into()),
                     kind: Some("Secret".into()),
@@ -103,10 +111,18 @@ impl ServiceAccountIssuer {
         };
         let status = status
             .ok_or_else(|| IssuerError::Unavailable("TokenRequest returned no status".into()))?;
+        let expires_at = match after_issue(issued_at, status.expiration_timestamp.0) {
+            Ok(t) => t,
+            Err(e) => {
+                // A token dead at birth is not delivered: drop its binding.
+                let _ = self.delete_binding(&req.namespace, &binding_name).await;
+                return Err(e);
+            }
+        };
         Ok(MintedToken {
             token: SecretString::from(status.token),
             issued_at,
-            expires_at: status.expiration_timestamp.0,
+            expires_at,
             handle: RevocationHandle(binding_name),
         })
     }
@@ -196,4 +212,24 @@ pub fn binding_name(agent_token: &str, revision: i64) -> String {
 fn unavailable(what: &str, e: kube::Error) -> IssuerError {
     // kube errors carry API messages and URLs, never request bodies.
     IssuerError::Unavailable(format!("could not {what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lifetime_a_token_request_cannot_express_is_refused_before_any_call() {
+        // Nothing listens there: reaching the API would be Unavailable.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let issuer = ServiceAccountIssuer::new(Client::try_from(config).unwrap());
+        let req = MintRequest {
+            service_account_name: Some("bot".into()),
+            lifetime: std::time::Duration::from_secs(u64::MAX),
+            ..Default::default()
+        };
+        let e = issuer.mint(&req).await.unwrap_err();
+        assert!(matches!(e, IssuerError::Invalid(_)), "{e}");
+        assert!(e.to_string().contains("longer than a TokenRequest"), "{e}");
+    }
 }

@@ -19,7 +19,10 @@ use kube::Client;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
-use super::{Issuer, IssuerError, MintRequest, MintedToken, Revocation, RevocationHandle, web};
+use super::{
+    Issuer, IssuerError, MintRequest, MintedToken, Revocation, RevocationHandle, expiry_after,
+    granted_seconds, web,
+};
 use crate::crd::VaultIssuerSpec;
 
 const ACCESSOR: &str = "vault-accessor:";
@@ -71,10 +74,10 @@ impl VaultIssuer {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value), IssuerError> {
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
         let token = self.operator_token().await?;
         let url = self.url(path);
-        let reply = web::send(what, || {
+        let reply = web::send(what, self.spec.timeout.as_ref(), || {
             let rb = match method {
                 "GET" => http.get(&url),
                 "PUT" => http.put(&url),
@@ -100,11 +103,17 @@ impl VaultIssuer {
         let errors = json["errors"]
             .as_array()
             .map(|e| {
-                e.iter()
+                let mut text = e
+                    .iter()
                     .filter_map(|m| m.as_str())
-                    .map(|m| m.chars().take(200).collect::<String>())
+                    .take(3)
+                    .map(|m| web::excerpt(m, 200))
                     .collect::<Vec<_>>()
-                    .join("; ")
+                    .join("; ");
+                if e.len() > 3 {
+                    text.push_str(&format!(" (and {} more)", e.len() - 3));
+                }
+                text
             })
             .unwrap_or_default();
         let msg = format!("{what} refused: HTTP {status}: {errors}");
@@ -117,25 +126,19 @@ impl VaultIssuer {
 
     async fn mint_inner(&self, req: &MintRequest) -> Result<MintedToken, IssuerError> {
         let issued_at = Timestamp::now();
-        let (secret, seconds, handle) = match req.parameters.get("path") {
+        let (secret, lease_duration, handle) = match req.parameters.get("path") {
             Some(path) => self.mint_dynamic(path, req).await?,
             None => self.mint_child(req).await?,
         };
-        if seconds <= 0 {
-            return Err(IssuerError::Unavailable(
-                "Vault granted no lease duration: refusing a credential whose expiry is unknown"
-                    .into(),
-            ));
-        }
         Ok(MintedToken {
             token: SecretString::from(secret),
             issued_at,
-            expires_at: issued_at + jiff::SignedDuration::from_secs(seconds),
+            expires_at: lease_expiry(issued_at, &lease_duration)?,
             handle: RevocationHandle(handle),
         })
     }
 
-    async fn mint_child(&self, req: &MintRequest) -> Result<(String, i64, String), IssuerError> {
+    async fn mint_child(&self, req: &MintRequest) -> Result<(String, Value, String), IssuerError> {
         let body = json!({
             "policies": req.scopes,
             "ttl": format!("{}s", req.lifetime.as_secs()),
@@ -164,15 +167,18 @@ impl VaultIssuer {
         let accessor = auth["accessor"]
             .as_str()
             .ok_or_else(|| IssuerError::Unavailable("token create returned no accessor".into()))?;
-        let seconds = auth["lease_duration"].as_i64().unwrap_or(0);
-        Ok((token.to_string(), seconds, format!("{ACCESSOR}{accessor}")))
+        Ok((
+            token.to_string(),
+            auth["lease_duration"].clone(),
+            format!("{ACCESSOR}{accessor}"),
+        ))
     }
 
     async fn mint_dynamic(
         &self,
         path: &str,
         req: &MintRequest,
-    ) -> Result<(String, i64, String), IssuerError> {
+    ) -> Result<(String, Value, String), IssuerError> {
         let method = req
             .parameters
             .get("method")
@@ -212,8 +218,11 @@ impl VaultIssuer {
                     "{path} returned no lease: it is not a dynamic secret the operator can revoke"
                 ))
             })?;
-        let seconds = json["lease_duration"].as_i64().unwrap_or(0);
-        Ok((secret.to_string(), seconds, format!("{LEASE}{lease}")))
+        Ok((
+            secret.to_string(),
+            json["lease_duration"].clone(),
+            format!("{LEASE}{lease}"),
+        ))
     }
 
     async fn revoke_inner(&self, handle: &RevocationHandle) -> Result<Revocation, IssuerError> {
@@ -268,6 +277,28 @@ impl VaultIssuer {
     }
 }
 
+/// The expiry of a lease of `lease_duration` seconds granted at
+/// `issued_at`. Vault answers 0 (or nothing) for a credential that never
+/// expires, which the operator refuses, as it refuses a negative or an
+/// unrepresentable lease.
+fn lease_expiry(issued_at: Timestamp, lease_duration: &Value) -> Result<Timestamp, IssuerError> {
+    match lease_seconds(lease_duration)? {
+        None | Some(0) => Err(IssuerError::Unavailable(
+            "Vault granted no lease duration: refusing a credential whose expiry is unknown".into(),
+        )),
+        Some(seconds) => expiry_after(issued_at, seconds),
+    }
+}
+
+fn lease_seconds(v: &Value) -> Result<Option<i64>, IssuerError> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    granted_seconds(v)?.map(Some).ok_or_else(|| {
+        IssuerError::Unavailable("Vault's lease_duration is not a number of seconds".into())
+    })
+}
+
 impl Issuer for VaultIssuer {
     fn kind(&self) -> &'static str {
         "vault"
@@ -288,5 +319,68 @@ impl Issuer for VaultIssuer {
 
     fn check(&self) -> BoxFuture<'_, Result<(), IssuerError>> {
         self.check_inner().boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).unwrap()
+    }
+
+    #[test]
+    fn the_lease_duration_is_the_expiry() {
+        assert_eq!(
+            lease_expiry(at(), &json!(3600)).unwrap(),
+            Timestamp::from_second(1_800_003_600).unwrap()
+        );
+    }
+
+    #[test]
+    fn no_zero_or_unreadable_lease_is_refused() {
+        for v in [json!(null), json!(0)] {
+            let e = lease_expiry(at(), &v).unwrap_err();
+            assert!(e.to_string().contains("no lease duration"), "{v}: {e}");
+        }
+        for v in [json!("soon"), json!({}), json!([1])] {
+            let e = lease_expiry(at(), &v).unwrap_err();
+            assert!(e.to_string().contains("not a number"), "{v}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_negative_lease_is_already_expired() {
+        let e = lease_expiry(at(), &json!(-60)).unwrap_err();
+        assert!(e.to_string().contains("already expired"), "{e}");
+        assert!(e.is_transient());
+    }
+
+    #[test]
+    fn a_huge_lease_is_an_error_not_a_panic() {
+        for v in [
+            json!(u64::MAX),
+            json!(i64::MAX),
+            json!(1e300),
+            json!(999_999_999_999_i64),
+            json!("99999999999999999999"),
+        ] {
+            let e = lease_expiry(at(), &v).unwrap_err();
+            assert!(e.to_string().contains("cannot represent"), "{v}: {e}");
+        }
+    }
+
+    #[test]
+    fn refusals_carry_few_short_clean_errors() {
+        let many: Vec<String> = (0..1000).map(|i| format!("e{i}\n\u{1b}[31m")).collect();
+        let e = VaultIssuer::refused("token create", 400, &json!({ "errors": many }));
+        let m = e.to_string();
+        assert!(m.contains("(and 997 more)"), "{m}");
+        assert!(!m.contains('\n') && !m.contains('\u{1b}'), "{m}");
+        assert!(m.len() < 200, "{m}");
+        let long = "x".repeat(100_000);
+        let m = VaultIssuer::refused("token create", 500, &json!({ "errors": [long] })).to_string();
+        assert!(m.len() < 300, "{}", m.len());
     }
 }

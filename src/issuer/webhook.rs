@@ -12,9 +12,15 @@ use kube::Client;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
-use super::{Issuer, IssuerError, MintRequest, MintedToken, Revocation, RevocationHandle, web};
-use crate::crd::WebhookIssuerSpec;
+use super::{
+    Issuer, IssuerError, MintRequest, MintedToken, Revocation, RevocationHandle, after_issue,
+    expiry_after, granted_seconds, web,
+};
+use crate::crd::{WebhookIssuerSpec, WebhookResult};
 use crate::rotation;
+
+/// The longest token id (`result.idPath`) kept as a revocation handle.
+const MAX_ID: usize = 256;
 
 /// Mints by calling an HTTP service.
 pub struct WebhookIssuer {
@@ -71,11 +77,11 @@ impl WebhookIssuer {
     async fn mint_inner(&self, req: &MintRequest) -> Result<MintedToken, IssuerError> {
         self.validate()?;
         let body = render_body(self.spec.body.as_deref(), req)?;
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
         let auth = self.authorization().await?;
         let method = self.spec.method.as_deref().unwrap_or("POST");
         let issued_at = Timestamp::now();
-        let reply = web::send("mint request", || {
+        let reply = web::send("mint request", self.spec.timeout.as_ref(), || {
             let rb = match method {
                 "PUT" => http.put(&self.spec.url),
                 "GET" => http.get(&self.spec.url),
@@ -107,37 +113,7 @@ impl WebhookIssuer {
                 IssuerError::Unavailable(format!("mint response has no string at {}", r.token_path))
             })?
             .to_string();
-        let expires_at = if let Some(p) = &r.expires_in_path {
-            let secs = lookup(&json, p)
-                .and_then(|v| {
-                    v.as_i64()
-                        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                })
-                .filter(|s| *s > 0)
-                .ok_or_else(|| {
-                    IssuerError::Unavailable(format!(
-                        "mint response has no positive number of seconds at {p}: refusing a token whose expiry is unknown"
-                    ))
-                })?;
-            issued_at
-                .checked_add(jiff::SignedDuration::from_secs(secs))
-                .map_err(|_| IssuerError::Unavailable(format!("{p} is out of range")))?
-        } else {
-            let p = r.expires_at_path.as_deref().unwrap_or_default();
-            lookup(&json, p)
-                .and_then(|v| v.as_str())
-                .and_then(|s| s.parse::<Timestamp>().ok())
-                .ok_or_else(|| {
-                    IssuerError::Unavailable(format!(
-                        "mint response has no RFC 3339 time at {p}: refusing a token whose expiry is unknown"
-                    ))
-                })?
-        };
-        if expires_at <= issued_at {
-            return Err(IssuerError::Unavailable(
-                "the service returned an already expired token".into(),
-            ));
-        }
+        let expires_at = expiry_from(r, &json, issued_at)?;
         let id = r
             .id_path
             .as_ref()
@@ -146,6 +122,15 @@ impl WebhookIssuer {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             });
+        // The id is kept in an annotation and shown in status: short text.
+        if id
+            .as_ref()
+            .is_some_and(|id| id.chars().count() > MAX_ID || id.chars().any(char::is_control))
+        {
+            return Err(IssuerError::Unavailable(format!(
+                "mint response's id is longer than {MAX_ID} characters or holds control characters"
+            )));
+        }
         let handle = match id {
             Some(id) => format!("webhook-id:{id}"),
             None => format!("webhook:{}", rotation::fingerprint(token.as_bytes())),
@@ -172,9 +157,9 @@ impl WebhookIssuer {
                 "neither an id nor the token is held; it dies at its expiry".into(),
             ));
         }
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
         let auth = self.authorization().await?;
-        let reply = web::send("revoke request", || {
+        let reply = web::send("revoke request", self.spec.timeout.as_ref(), || {
             let mut body = serde_json::Map::new();
             if let Some(id) = id {
                 body.insert("id".into(), Value::String(id.to_string()));
@@ -201,7 +186,7 @@ impl WebhookIssuer {
     async fn check_inner(&self) -> Result<(), IssuerError> {
         self.validate()?;
         render_body(self.spec.body.as_deref(), &MintRequest::default())?;
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout)?;
+        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
         self.authorization().await?;
         web::probe(http.head(&self.spec.url), "mint endpoint").await
     }
@@ -228,6 +213,39 @@ impl Issuer for WebhookIssuer {
     fn check(&self) -> BoxFuture<'_, Result<(), IssuerError>> {
         self.check_inner().boxed()
     }
+}
+
+/// The expiry a mint response received at `issued_at` states, at
+/// `expiresInPath` (seconds: a number or a numeric string) or else at
+/// `expiresAtPath` (RFC 3339); it must be after `issued_at`.
+fn expiry_from(
+    r: &WebhookResult,
+    json: &Value,
+    issued_at: Timestamp,
+) -> Result<Timestamp, IssuerError> {
+    let expires_at = if let Some(p) = &r.expires_in_path {
+        let secs = match lookup(json, p) {
+            Some(v) => granted_seconds(v)?,
+            None => None,
+        }
+        .ok_or_else(|| {
+            IssuerError::Unavailable(format!(
+                "mint response has no number of seconds at {p}: refusing a token whose expiry is unknown"
+            ))
+        })?;
+        expiry_after(issued_at, secs)?
+    } else {
+        let p = r.expires_at_path.as_deref().unwrap_or_default();
+        lookup(json, p)
+            .and_then(|v| v.as_str())
+            .and_then(|s| s.trim().parse::<Timestamp>().ok())
+            .ok_or_else(|| {
+                IssuerError::Unavailable(format!(
+                    "mint response has no RFC 3339 time at {p}: refusing a token whose expiry is unknown"
+                ))
+            })?
+    };
+    after_issue(issued_at, expires_at)
 }
 
 /// Renders the body template into JSON.
@@ -390,5 +408,72 @@ mod tests {
         let default = render_body(None, &req).unwrap();
         assert_eq!(default["name"], "bot");
         assert_eq!(default["parameters"]["team"], "x\"y");
+    }
+
+    fn at() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).unwrap()
+    }
+
+    fn expires_in() -> WebhookResult {
+        WebhookResult {
+            token_path: "$.token".into(),
+            expires_in_path: Some("$.ttl".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn expires_in_paths_give_the_expiry() {
+        for v in [json!(600), json!("600"), json!(600.9)] {
+            assert_eq!(
+                expiry_from(&expires_in(), &json!({ "ttl": v }), at()).unwrap(),
+                Timestamp::from_second(1_800_000_600).unwrap(),
+                "{v}"
+            );
+        }
+        let r = WebhookResult {
+            token_path: "$.token".into(),
+            expires_at_path: Some("$.exp".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            expiry_from(&r, &json!({"exp": "2027-06-01T00:00:00Z"}), at()).unwrap(),
+            "2027-06-01T00:00:00Z".parse::<Timestamp>().unwrap()
+        );
+        for v in [json!("2020-01-01T00:00:00Z"), json!("2027-01-15T08:00:00Z")] {
+            let e = expiry_from(&r, &json!({ "exp": v }), at()).unwrap_err();
+            assert!(e.to_string().contains("already expired"), "{v}: {e}");
+        }
+        for v in [json!("+99999-01-01T00:00:00Z"), json!(1), json!(null)] {
+            let e = expiry_from(&r, &json!({ "exp": v }), at()).unwrap_err();
+            assert!(e.to_string().contains("no RFC 3339 time"), "{v}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_zero_or_negative_expires_in_is_already_expired() {
+        for v in [json!(0), json!(-1), json!("-600"), json!(i64::MIN)] {
+            let e = expiry_from(&expires_in(), &json!({ "ttl": v }), at()).unwrap_err();
+            assert!(e.to_string().contains("already expired"), "{v}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_huge_or_garbage_expires_in_is_an_error_not_a_panic() {
+        for v in [
+            json!(u64::MAX),
+            json!(i64::MAX),
+            json!(1e300),
+            json!("99999999999999999999"),
+        ] {
+            let e = expiry_from(&expires_in(), &json!({ "ttl": v }), at()).unwrap_err();
+            assert!(e.to_string().contains("cannot represent"), "{v}: {e}");
+        }
+        for v in [json!("NaN"), json!("inf"), json!(null), json!({"a": 1})] {
+            let e = expiry_from(&expires_in(), &json!({ "ttl": v }), at()).unwrap_err();
+            assert!(e.to_string().contains("no number of seconds"), "{v}: {e}");
+        }
+        let e = expiry_from(&expires_in(), &json!({}), at()).unwrap_err();
+        assert!(e.to_string().contains("no number of seconds"), "{e}");
     }
 }
