@@ -49,11 +49,17 @@ fn string_map(props: u32, key: u32, value: u32) -> schemars::Schema {
 }
 
 /// A list of at most `items` strings of at most `len` characters.
-fn string_list(items: u32, len: u32, pattern: &str) -> schemars::Schema {
+fn string_list(items: u32, len: u32, pattern: &str, message: &str) -> schemars::Schema {
+    // The pattern is a CEL rule rather than an OpenAPI `pattern` so the
+    // refusal says what is wrong in words.
     schemars::json_schema!({
         "type": "array",
         "maxItems": items,
-        "items": {"type": "string", "minLength": 1, "maxLength": len, "pattern": pattern},
+        "items": {"type": "string", "minLength": 1, "maxLength": len},
+        "x-kubernetes-validations": [{
+            "rule": format!("self.all(x, x.matches('{pattern}'))"),
+            "message": message,
+        }],
     })
 }
 
@@ -83,15 +89,25 @@ fn metadata_map(what: &str, value_rule: Option<(&str, &str)>) -> schemars::Schem
 
 fn scopes_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     // RFC 6749 §3.3 scope-token: printable ASCII without space, `"` or `\`.
-    string_list(64, 256, r#"^[!#-\[\]-~]+$"#)
+    string_list(
+        64,
+        256,
+        r"^[!#-\\[\\]-~]+$",
+        "each scope is one scope-token (RFC 6749): no spaces, quotes or backslashes",
+    )
 }
 
 fn audiences_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    string_list(16, 512, r"^\S+$")
+    string_list(16, 512, r"^\\S+$", "audiences contain no spaces")
 }
 
 fn repositories_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    string_list(100, 100, r"^[A-Za-z0-9_.-]+$")
+    string_list(
+        100,
+        100,
+        r"^[A-Za-z0-9_.-]+$",
+        "repositories are names such as infra (letters, digits, '-', '_', '.')",
+    )
 }
 
 fn permissions_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -1411,6 +1427,9 @@ mod tests {
                 "read, write or admin",
             ),
             (json!({"parameters": {"bad key": "x"}}), "parameter names"),
+            (json!({"scopes": ["read:x admin"]}), "one scope-token"),
+            (json!({"scopes": ["read:\"x"]}), "one scope-token"),
+            (json!({"audiences": ["a b"]}), "no spaces"),
         ];
         for (extra, words) in rows {
             let mut spec = json!({"issuerRef": {"name": "i"}});
@@ -1431,6 +1450,8 @@ mod tests {
                 "previousTokenGracePeriod": "0s",
                 "permissions": {"contents": "read"},
                 "parameters": {"path": "x"},
+                "scopes": ["repo:read", "deploy"],
+                "audiences": ["https://api.internal"],
                 "secret": {"key": "k", "extraKeys": {"authorization": "Bearer {{ token }}", "token": "t"},
                            "labels": {"team.example/owner": "a-b"}, "annotations": {"note": "any text"}},
             })),

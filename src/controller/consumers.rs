@@ -288,8 +288,56 @@ pub fn select<'a>(
             None => Vec::new(),
         },
     };
+    // A signal is an exec in someone's Pods: only ever into workloads that
+    // use this Secret and have not opted out, whatever `selector` matches.
+    if spec.strategy.unwrap_or_default() == ConsumerStrategy::Signal {
+        chosen.retain(|w| {
+            references_secret(&w.pod_spec, secret)
+                && w.annotations.get(labels::RESTART).map(String::as_str) != Some("false")
+        });
+    }
     chosen.sort_by(|a, b| a.key.cmp(&b.key));
     chosen
+}
+
+/// Whether `pod` belongs to workload `w` by its controller owner reference
+/// (a ReplicaSet of a Deployment is named `<deployment>-<hash>`), not by
+/// labels anyone can copy.
+pub fn owned_by(pod: &Pod, w: &Workload) -> bool {
+    let Some(owner) = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+    else {
+        return false;
+    };
+    match w.key.kind {
+        WorkloadKind::Deployment => {
+            owner.kind == "ReplicaSet"
+                && owner
+                    .name
+                    .strip_prefix(&w.key.name)
+                    .and_then(|rest| rest.strip_prefix('-'))
+                    .is_some_and(|hash| !hash.is_empty() && !hash.contains('-'))
+        }
+        WorkloadKind::StatefulSet => owner.kind == "StatefulSet" && owner.name == w.key.name,
+        WorkloadKind::DaemonSet => owner.kind == "DaemonSet" && owner.name == w.key.name,
+    }
+}
+
+/// The containers of `pod` to signal: those whose OWN spec uses the Secret
+/// (the Pod's, not the workload's), narrowed to `only` when given.
+pub fn signal_containers(pod: &Pod, secret: &str, only: Option<&str>) -> Vec<String> {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Vec::new();
+    };
+    consuming_containers(spec, secret)
+        .into_iter()
+        .filter(|c| spec.containers.iter().any(|x| &x.name == c))
+        .filter(|c| only.is_none_or(|o| o == c))
+        .collect()
 }
 
 /// What one consumer needs for the current revision.
@@ -409,6 +457,8 @@ const SIGNAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// new Secret into the Pod's volume before the signal is sent. Measured on the
 /// local node (tests/e2e/node.rs): well under a second.
 const PROJECTION_SETTLE: Duration = Duration::from_secs(2);
+/// Longest one pass of signals may take (each exec has [`SIGNAL_TIMEOUT`]).
+const SIGNAL_BUDGET: Duration = Duration::from_secs(30);
 
 /// `Signal` strategy: runs the command in the consuming containers of the
 /// workload's running Pods. Returns the phase and a message for status.
@@ -417,7 +467,13 @@ const PROJECTION_SETTLE: Duration = Duration::from_secs(2);
 /// next syncs each Pod (its sync period, a minute by default), so a signal
 /// sent right after the write would make the agent reload the old token.
 /// Setting the AgentToken's revision annotation on each running Pod makes the
-/// kubelet sync it now; the signal follows after [`PROJECTION_SETTLE`].
+/// kubelet sync it now; the signal follows on the next pass, at least
+/// [`PROJECTION_SETTLE`] later (a `Pending` consumer is looked at again in
+/// 2 s), so no worker sleeps meanwhile.
+///
+/// Only running Pods the workload controls (by owner reference) are
+/// signalled, and in each only the containers whose own spec uses the
+/// Secret: a signal never reaches a container that does not hold the token.
 pub async fn signal(
     client: &Client,
     w: &Workload,
@@ -433,17 +489,22 @@ pub async fn signal(
         format!("-{}", sig.signal.unwrap_or_default().as_str()),
         "1".into(),
     ];
-    let containers: Vec<String> = match sig.container.as_deref().filter(|c| !c.is_empty()) {
-        Some(c) => vec![c.to_string()],
-        None => consuming_containers(&w.pod_spec, secret)
-            .into_iter()
-            .filter(|c| w.pod_spec.containers.iter().any(|x| &x.name == c))
-            .collect(),
-    };
-    if containers.is_empty() {
+    let only = sig.container.as_deref().filter(|c| !c.is_empty());
+    let template_containers: Vec<String> = consuming_containers(&w.pod_spec, secret)
+        .into_iter()
+        .filter(|c| w.pod_spec.containers.iter().any(|x| &x.name == c))
+        .filter(|c| only.is_none_or(|o| o == c))
+        .collect();
+    if template_containers.is_empty() {
         return (
             ConsumerPhase::Failed,
-            "no container of the workload uses the Secret; set consumers.signal.container".into(),
+            match only {
+                Some(c) => format!(
+                    "container {:?} does not use the Secret; only containers that mount or reference it are signalled",
+                    status_excerpt(c.as_bytes())
+                ),
+                None => "no container of the workload uses the Secret".into(),
+            },
         );
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), &w.key.namespace);
@@ -471,6 +532,7 @@ pub async fn signal(
         })
         .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
         .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| owned_by(p, w))
         .collect();
     if running.is_empty() {
         return (
@@ -506,12 +568,37 @@ pub async fn signal(
         }
     }
     if touched > 0 {
-        tokio::time::sleep(PROJECTION_SETTLE).await;
+        // Come back once the kubelet has had time to project the Secret:
+        // the reconcile polls a Pending consumer again in 2 s and frees its
+        // worker meanwhile.
+        return (
+            ConsumerPhase::Pending,
+            format!(
+                "asked the kubelet to refresh the Secret in {touched} Pod(s); the signal follows in {}s",
+                PROJECTION_SETTLE.as_secs()
+            ),
+        );
     }
     let mut ok = 0usize;
     let mut failures = Vec::new();
+    let deadline = tokio::time::Instant::now() + SIGNAL_BUDGET;
     for pod in &running {
+        let containers = signal_containers(pod, secret, only);
+        if containers.is_empty() {
+            failures.push(format!(
+                "{}: no container of this Pod uses the Secret",
+                pod.name_any()
+            ));
+        }
         for c in &containers {
+            if tokio::time::Instant::now() >= deadline {
+                failures.push(format!(
+                    "{}/{c}: not signalled, the {}s budget of one pass was spent",
+                    pod.name_any(),
+                    SIGNAL_BUDGET.as_secs()
+                ));
+                continue;
+            }
             let ap = AttachParams::default()
                 .container(c.clone())
                 .stdin(false)

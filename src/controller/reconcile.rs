@@ -1134,7 +1134,13 @@ async fn sweep_orphans(
         .flatten()
         .map(|s| s.handle.as_str())
         .collect();
+    let ceiling = revision_ceiling(status);
     for (name, revision) in ctx.bindings_of(ns, &at.name_any(), &at.uid().unwrap_or_default()) {
+        // A revision far past what status knows is a forged label, not a
+        // token of ours: never recorded, never acted on.
+        if revision > ceiling {
+            continue;
+        }
         // Held, or already revoked (the cache has not seen the deletion yet).
         let revoked = status.history.iter().any(|h| {
             h.revision == revision
@@ -1157,6 +1163,20 @@ async fn sweep_orphans(
 /// write can leave one revision unrecorded; a forged label can say anything).
 const REVISION_SLACK: i64 = 16;
 
+/// The highest revision status records (status.revision and history).
+fn known_revision(status: &AgentTokenStatus) -> i64 {
+    status
+        .history
+        .iter()
+        .map(|h| h.revision)
+        .fold(status.revision.max(0), i64::max)
+}
+
+/// The highest revision read from a Secret or a binding that is believed.
+fn revision_ceiling(status: &AgentTokenStatus) -> i64 {
+    known_revision(status).saturating_add(REVISION_SLACK)
+}
+
 /// The next revision: above every revision this AgentToken minted (status,
 /// history, and within [`REVISION_SLACK`] of them the Secret and its own
 /// bindings). `None` only if status itself is at `i64::MAX`.
@@ -1167,12 +1187,8 @@ fn next_revision(
     status: &AgentTokenStatus,
     state: &TokenState,
 ) -> Option<i64> {
-    let known = status
-        .history
-        .iter()
-        .map(|h| h.revision)
-        .fold(status.revision.max(0), i64::max);
-    let ceiling = known.saturating_add(REVISION_SLACK);
+    let known = known_revision(status);
+    let ceiling = revision_ceiling(status);
     let uid = at.uid().unwrap_or_default();
     let seen = [state.current.as_ref(), state.previous.as_ref()]
         .into_iter()
@@ -1375,17 +1391,24 @@ async fn consumers_step(
                 let (phase, message) =
                     consumers::signal(&ctx.client, w, secret_name, &spec, &annotation, revision)
                         .await;
-                let (kind, reason) = if phase == ConsumerPhase::Failed {
-                    (EventType::Warning, "WorkloadSignalFailed")
-                } else {
-                    (EventType::Normal, "WorkloadRestarted")
+                let event = match phase {
+                    ConsumerPhase::Failed => Some((EventType::Warning, "WorkloadSignalFailed")),
+                    ConsumerPhase::Pending => None,
+                    _ => Some((EventType::Normal, "WorkloadRestarted")),
                 };
-                report.events.push((
-                    kind,
-                    reason,
-                    format!("{} signalled for revision {revision}: {message}", w.key),
-                ));
-                consumers::status_entry(w, revision, Some(now), phase, Some(message))
+                if let Some((kind, reason)) = event {
+                    report.events.push((
+                        kind,
+                        reason,
+                        format!("{} signalled for revision {revision}: {message}", w.key),
+                    ));
+                }
+                let since = if phase == ConsumerPhase::Pending {
+                    restarted_before.unwrap_or(now)
+                } else {
+                    now
+                };
+                consumers::status_entry(w, revision, Some(since), phase, Some(message))
             }
             Need::Observe if strategy == ConsumerStrategy::Signal => match before {
                 Some(b) => b.clone(),

@@ -6,6 +6,7 @@ mod cluster;
 mod consumers;
 mod github_app;
 mod helm;
+mod hostile;
 mod jwt;
 mod node;
 mod oauth2;

@@ -370,11 +370,17 @@ spec:
 
 /// `kubectl apply -f -` with `yaml` in the test namespace; returns the output.
 pub fn apply(ns: &TestNamespace, yaml: &str) -> std::process::Output {
+    apply_as(&cluster().admin_kubeconfig, &ns.name, yaml)
+}
+
+/// `kubectl apply -f -` with `yaml` in `namespace` as whoever `kubeconfig`
+/// names (for example the restricted user); returns the output.
+pub fn apply_as(kubeconfig: &Path, namespace: &str, yaml: &str) -> std::process::Output {
     use std::io::Write;
     let mut child = Command::new(&cluster().kubectl)
         .arg("--kubeconfig")
-        .arg(&cluster().admin_kubeconfig)
-        .args(["-n", &ns.name, "apply", "-f", "-"])
+        .arg(kubeconfig)
+        .args(["-n", namespace, "apply", "-f", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
