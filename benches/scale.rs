@@ -1,5 +1,6 @@
 //! Scale benchmark on the real local control plane: time to first token,
-//! sustained mint rate, memory, revocation latency, rotation spread and the
+//! sustained mint rate, memory, revocation latency, rotation spread, first
+//! tokens under a rotation backlog (`overload`) and the
 //! API round trips each token costs. Run it with `make bench` (or
 //! `cargo bench --bench scale -- [--quick] [--only NAME,...]`); it prints a
 //! Markdown report and writes it to `target/bench/report.md`.
@@ -311,11 +312,13 @@ async fn setup_issuer(client: &Client, ns: &str, kind: Kind, extra_policy: Optio
                 json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "signing-key"}, "stringData": {"key.pem": pem}}),
             )
             .await;
-            json!({"jwt": {"signingKeySecretRef": {"name": "signing-key", "key": "key.pem"}, "issuer": "https://bench.example"}})
+            json!({"jwt": {"signingKeySecretRef": {"name": "signing-key", "key": "key.pem"}, "issuer": "https://bench.example"}, "policy": {"allowedAudiences": ["https://api.bench"]}})
         }
     };
-    if let Some(p) = extra_policy {
-        spec["policy"] = p;
+    if let Some(Value::Object(p)) = extra_policy {
+        for (k, v) in p {
+            spec["policy"][k] = v;
+        }
     }
     apply_json(
         client,
@@ -823,6 +826,116 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// Overload: `n` AgentTokens whose issuer grants 60 s tokens need n/40
+    /// mints per second, more than the operator makes; once that backlog
+    /// stands, `newcomers` new AgentTokens arrive in the same namespace and
+    /// in another team's. Measures how long their first tokens take.
+    async fn overload(&mut self, n: usize, newcomers: usize) {
+        let flood = create_namespace(&self.client, "bench-flood").await;
+        let team = create_namespace(&self.client, "bench-team").await;
+        let stand_in = MintStandIn::start().await;
+        for ns in [&flood, &team] {
+            let spec = json!({
+                "webhook": {
+                    "url": format!("http://127.0.0.1:{}/mint", stand_in.port),
+                    // The issuer grants a minute whatever is asked.
+                    "body": "{\"ttl\": 60}",
+                    "result": {"tokenPath": "$.token", "expiresInPath": "$.ttl"},
+                },
+            });
+            apply_json(
+                &self.client,
+                ns,
+                json!({"apiVersion": "agenttoken.dev/v1alpha1", "kind": "TokenIssuer", "metadata": {"name": "issuer"}, "spec": spec}),
+            )
+            .await;
+        }
+        let operator = Operator::start(&self.kubeconfig, &format!("{flood},{team}")).await;
+        let make = |name: &str| -> AgentToken {
+            serde_json::from_value(json!({
+                "apiVersion": "agenttoken.dev/v1alpha1", "kind": "AgentToken",
+                "metadata": {"name": name},
+                "spec": {"issuerRef": {"name": "issuer"}, "lifetime": "1h"},
+            }))
+            .unwrap()
+        };
+        let seen_flood = watch_ready(&self.client, &flood);
+        let seen_team = watch_ready(&self.client, &team);
+        let names: Vec<String> = (0..n).map(|i| format!("agent-{i:05}")).collect();
+        let t0 = Instant::now();
+        create_all(&self.client, &flood, &names, make, None).await;
+        wait_for(&seen_flood, n, Duration::from_secs(3600)).await;
+        let filled = t0.elapsed();
+        // Let the rotation backlog build: every token is due after ~40 s.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let hits_before: usize = stand_in.per_second().values().sum();
+        let t_busy = Instant::now();
+        let late: Vec<String> = (0..newcomers).map(|i| format!("late-{i:05}")).collect();
+        let (sent_flood, sent_team) = tokio::join!(
+            create_all(&self.client, &flood, &late, make, None),
+            create_all(&self.client, &team, &late, make, None),
+        );
+        let limit = Duration::from_secs(1800);
+        let wait_late = |seen: Arc<Mutex<HashMap<String, Instant>>>| async move {
+            let deadline = Instant::now() + limit;
+            loop {
+                let have = seen
+                    .lock()
+                    .unwrap()
+                    .keys()
+                    .filter(|k| k.starts_with("late-"))
+                    .count();
+                if have >= newcomers || Instant::now() > deadline {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        tokio::join!(wait_late(seen_flood.clone()), wait_late(seen_team.clone()));
+        let busy = t_busy.elapsed().as_secs_f64();
+        let mints: usize = stand_in.per_second().values().sum::<usize>() - hits_before;
+        let (hwm, _) = operator.memory();
+        drop(operator);
+        let lat = |seen: &Arc<Mutex<HashMap<String, Instant>>>, sent: &HashMap<String, Instant>| {
+            let seen = seen.lock().unwrap();
+            sorted(
+                late.iter()
+                    .map(|m| match seen.get(m) {
+                        Some(t) => t.duration_since(sent[m]).as_secs_f64(),
+                        None => f64::INFINITY,
+                    })
+                    .collect(),
+            )
+        };
+        let (lf, lt) = (lat(&seen_flood, &sent_flood), lat(&seen_team, &sent_team));
+        let needed = n as f64 / 40.0;
+        self.report.line(format!(
+            "{n} AgentTokens whose issuer grants 60 s tokens (about {needed:.0} rotations/s needed) filled in {:.0} s; \
+             then {newcomers} new AgentTokens in the same namespace and {newcomers} in another team's. \
+             While they got their first tokens the operator made {:.1} mints/s in all. Operator peak RSS {:.1} MiB.",
+            filled.as_secs_f64(),
+            mints as f64 / busy.max(1e-3),
+            mib(hwm),
+        ));
+        self.report.line("");
+        self.report
+            .line("| new AgentTokens | first token p50 s | p99 s | max s |");
+        self.report.line("|---|---|---|---|");
+        for (what, l) in [
+            ("same namespace as the flood", &lf),
+            ("another team's namespace", &lt),
+        ] {
+            self.report.line(format!(
+                "| {newcomers}, {what} | {:.1} | {:.1} | {:.1} |",
+                pct(l, 50.0),
+                pct(l, 99.0),
+                l.last().copied().unwrap_or(f64::NAN)
+            ));
+        }
+    }
+}
+
 /// A minting stand-in for the spread scenario: counts requests per second.
 struct MintStandIn {
     port: u16,
@@ -996,6 +1109,19 @@ async fn main() {
         b.report.line("");
     }
     drop(sa_1000);
+
+    if b.opts.wants("overload") {
+        b.report
+            .line("### Overload: first tokens under a rotation backlog");
+        b.report.line("");
+        let (n, late) = if b.opts.quick {
+            (2000, 200)
+        } else {
+            (big, 1000)
+        };
+        b.overload(n, late).await;
+        b.report.line("");
+    }
 
     if b.opts.wants("spread") {
         b.report.line("### Rotation spread");

@@ -1012,6 +1012,11 @@ pub struct VaultIssuerSpec {
     pub address: String,
     /// How the operator authenticates.
     pub auth: VaultAuth,
+    /// Mint a dynamic secret from this path instead of a child token. The
+    /// path, method and body are the platform's: they run with the
+    /// operator's Vault token, so an AgentToken can never choose them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dynamic_secret: Option<VaultDynamicSecret>,
     /// Vault namespace (Enterprise / OpenBao namespaces).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]
@@ -1025,6 +1030,30 @@ pub struct VaultIssuerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
     pub ca_bundle: Option<String>,
+}
+
+/// A Vault dynamic-secret endpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultDynamicSecret {
+    /// API path under `/v1/`, e.g. `database/creds/agent`.
+    #[schemars(
+        length(min = 1, max = 512),
+        regex(pattern = r"^[A-Za-z0-9][-A-Za-z0-9_./]*$")
+    )]
+    pub path: String,
+    /// `GET` (default), `POST` or `PUT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(GET|POST|PUT)$"))]
+    pub method: Option<String>,
+    /// JSON request body (POST/PUT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16384))]
+    pub body: Option<String>,
+    /// Key of the response's `data` holding the credential (default `token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub token_field: Option<String>,
 }
 
 /// Vault authentication.
@@ -1049,7 +1078,8 @@ pub struct GithubAppIssuerSpec {
     pub app_id: i64,
     /// The App's private key (PEM).
     pub private_key_secret_ref: SecretKeyRef,
-    /// Installation id (default: looked up from the repositories' owner).
+    /// Installation id. Default: the App's only installation (an App with
+    /// several must name one here; an AgentToken never can).
     #[serde(
         rename = "installationID",
         default,
@@ -1165,8 +1195,10 @@ pub struct IssuerPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "lifetime_schema")]
     pub max_lifetime: Option<SpecDuration>,
-    /// Scopes an AgentToken may ask for (globs, `*` matches any run of characters).
-    /// Empty: any scope.
+    /// Scopes an AgentToken may ask for (globs, `*` matches any run of
+    /// characters; each requested scope is one scope-token, so a glob never
+    /// matches a second scope). For the vault kind these are the Vault
+    /// policies a child token may carry. Empty: no scope may be asked for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256), inner(length(min = 1, max = 256)))]
     pub allowed_scopes: Vec<String>,
@@ -1182,6 +1214,34 @@ pub struct IssuerPolicy {
     /// Requests per second to the issuer, never exceeded whatever the load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Audiences an AgentToken may ask for (globs): TokenRequest audiences,
+    /// the JWT `aud` claim, the OAuth2 `audience`. Empty: none (the issuer's
+    /// default audience only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 512)))]
+    pub allowed_audiences: Vec<String>,
+    /// RFC 8707 resource indicators an AgentToken may ask for with
+    /// `parameters.resource` (oauth2; globs). Empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 512)))]
+    pub allowed_resources: Vec<String>,
+    /// ServiceAccounts (names in the AgentToken's own namespace, globs) a
+    /// serviceAccount issuer mints for. Empty: every ServiceAccount of a
+    /// TokenIssuer's namespace; none for a ClusterTokenIssuer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 253)))]
+    pub allowed_service_accounts: Vec<String>,
+    /// Repositories a GitHub token may be limited to (globs). An AgentToken
+    /// must name its repositories unless this holds `*`. Empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 100)))]
+    pub allowed_repositories: Vec<String>,
+    /// GitHub permissions an AgentToken may ask for, each with the highest
+    /// level allowed (`read` < `write` < `admin`), e.g. `{contents: read}`.
+    /// An AgentToken must name its permissions. Empty: none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "permissions_schema")]
+    pub allowed_permissions: BTreeMap<String, String>,
 }
 
 /// A token bucket.

@@ -11,6 +11,7 @@ use tracing::{error, info, warn};
 use agent_token_operator::controller::{self, Config, DEFAULT_CONCURRENCY};
 use agent_token_operator::crd;
 use agent_token_operator::http::{self, Readiness};
+use agent_token_operator::issuer::web::{self, Egress};
 use agent_token_operator::telemetry::{self, LogFormat, Metrics};
 
 #[derive(Parser)]
@@ -27,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CustomResourceDefinitions (what `crds/` holds).
     Crd,
     /// Print the field reference (Markdown) that docs/reference.md holds.
@@ -49,6 +50,11 @@ struct RunArgs {
     /// Elect a leader through a Lease so only one replica mints.
     #[arg(long, env = "LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
+    /// Protected namespaces to serve anyway, comma-separated. kube-system,
+    /// kube-public, kube-node-lease and the operator's own namespace are
+    /// never served unless listed here or in --namespace.
+    #[arg(long, env = "SERVE_PROTECTED_NAMESPACES", value_delimiter = ',')]
+    serve_protected_namespaces: Vec<String>,
     /// Namespace of the leader-election Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "agent-token-operator")]
     lease_namespace: String,
@@ -79,6 +85,24 @@ struct RunArgs {
     /// How long a consumer's rollout may take before it is reported as timed out.
     #[arg(long, env = "ROLLOUT_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     rollout_timeout: std::time::Duration,
+    /// Let namespaced TokenIssuers call plain http:// URLs (default: https
+    /// only). ClusterTokenIssuers may always.
+    #[arg(
+        long,
+        env = "ISSUER_ALLOW_HTTP",
+        default_value_t = false,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    issuer_allow_http: bool,
+    /// Ranges, comma-separated (10.0.0.0/8,::1/128), that namespaced
+    /// TokenIssuers may call even though they are loopback, link-local,
+    /// unspecified or a cloud metadata address (refused by default).
+    /// ClusterTokenIssuers may call anything.
+    #[arg(long, env = "ISSUER_ALLOW_CIDR", value_delimiter = ',')]
+    issuer_allow_cidr: Vec<String>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -97,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", crd::crds_yaml());
             Ok(())
         }
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
     }
 }
 
@@ -107,6 +131,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Format::Json => LogFormat::Json,
     };
     telemetry::init_logging(format, &args.log_level);
+    // Empty entries (an empty ISSUER_ALLOW_CIDR, a trailing comma) allow nothing.
+    let allowed: Vec<ipnet::IpNet> = args
+        .issuer_allow_cidr
+        .iter()
+        .filter(|c| !c.trim().is_empty())
+        .map(|c| web::parse_cidr(c))
+        .collect::<Result<_, String>>()
+        .map_err(anyhow::Error::msg)
+        .context("--issuer-allow-cidr")?;
+    let tenant_egress = Egress::tenant(args.issuer_allow_http, allowed);
     let metrics = Arc::new(Metrics::new());
     let client = {
         let config = kube::Config::infer()
@@ -210,6 +244,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         instance: identity,
         operator_namespace: args.lease_namespace.clone(),
+        protected_namespaces: controller::protected_namespaces(
+            &args.lease_namespace,
+            args.namespace
+                .iter()
+                .chain(&args.serve_protected_namespaces)
+                .map(|n| n.trim()),
+        ),
+        tenant_egress,
         restarts: controller::restarts::RestartConfig {
             coalesce: args.restart_coalesce_window,
             max_in_flight: args.max_concurrent_restarts.max(1),

@@ -85,6 +85,14 @@ impl IssuerObject for ClusterTokenIssuer {
 }
 
 async fn reconcile<K: IssuerObject>(issuer: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // A TokenIssuer in a protected namespace is never called (nor are its
+    // credentials read): AgentTokens there are not served either.
+    if issuer
+        .namespace()
+        .is_some_and(|ns| ctx.protected_namespaces.contains(&ns))
+    {
+        return Ok(Action::await_change());
+    }
     let backend = match ctx.issuer_backend(
         issuer.spec(),
         issuer.namespace().as_deref(),

@@ -38,6 +38,7 @@ use crate::issuer::jwt::JwtIssuer;
 use crate::issuer::oauth2::OAuth2Issuer;
 use crate::issuer::service_account::ServiceAccountIssuer;
 use crate::issuer::vault::VaultIssuer;
+use crate::issuer::web::Egress;
 use crate::issuer::webhook::WebhookIssuer;
 use crate::issuer::{Issuer, IssuerError};
 use crate::labels;
@@ -98,6 +99,33 @@ pub struct Config {
     pub restarts: restarts::RestartConfig,
     /// The operator's own namespace: where a ClusterTokenIssuer's Secrets live.
     pub operator_namespace: String,
+    /// Where a namespaced TokenIssuer's HTTP requests may go
+    /// (`--issuer-allow-http`, `--issuer-allow-cidr`); a ClusterTokenIssuer
+    /// is the platform's and goes anywhere.
+    pub tenant_egress: Egress,
+    /// Namespaces never served ([`protected_namespaces`]).
+    pub protected_namespaces: Vec<String>,
+}
+
+/// The namespaces the operator never serves unless told to: the cluster's
+/// own (kube-system, kube-public, kube-node-lease) and its own, where a
+/// ClusterTokenIssuer's credentials live. `served` are those it was told
+/// to serve (`--namespace`, `--serve-protected-namespaces`).
+pub fn protected_namespaces<'a>(
+    operator_namespace: &str,
+    served: impl Iterator<Item = &'a str>,
+) -> Vec<String> {
+    let served: Vec<&str> = served.collect();
+    [
+        "kube-system",
+        "kube-public",
+        "kube-node-lease",
+        operator_namespace,
+    ]
+    .into_iter()
+    .filter(|ns| !served.contains(ns))
+    .map(String::from)
+    .collect()
 }
 
 /// Shared by every reconcile.
@@ -115,13 +143,19 @@ pub struct Context {
     pub operator_namespace: String,
     /// Fair, urgency-ordered admission of reconciles (`--concurrency` slots).
     pub queue: queue::FairQueue,
+    /// Where a namespaced TokenIssuer's HTTP requests may go.
+    pub tenant_egress: Egress,
+    /// Namespaces never served (`Config::protected_namespaces`).
+    pub protected_namespaces: Vec<String>,
     failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
     /// The implementation of the issuer's kind. `namespace` is a
     /// TokenIssuer's namespace (`None` for a ClusterTokenIssuer, whose
-    /// Secrets live in the operator's namespace).
+    /// Secrets live in the operator's namespace). A TokenIssuer's HTTP
+    /// calls follow [`Context::tenant_egress`]; a ClusterTokenIssuer's go
+    /// anywhere.
     pub fn issuer_backend(
         &self,
         spec: &TokenIssuerSpec,
@@ -129,6 +163,10 @@ impl Context {
         name: &str,
     ) -> Result<Box<dyn Issuer>, String> {
         let secret_namespace = namespace.unwrap_or(&self.operator_namespace).to_string();
+        let egress = match namespace {
+            Some(_) => self.tenant_egress.clone(),
+            None => Egress::platform(),
+        };
         if spec.service_account.is_some() {
             return Ok(Box::new(ServiceAccountIssuer::new(self.client.clone())));
         }
@@ -137,6 +175,7 @@ impl Context {
                 self.client.clone(),
                 o.clone(),
                 secret_namespace,
+                egress,
             )));
         }
         if let Some(j) = &spec.jwt {
@@ -152,6 +191,7 @@ impl Context {
                 self.client.clone(),
                 g.clone(),
                 secret_namespace,
+                egress,
             )));
         }
         if let Some(v) = &spec.vault {
@@ -159,6 +199,7 @@ impl Context {
                 self.client.clone(),
                 v.clone(),
                 secret_namespace,
+                egress,
             )));
         }
         if let Some(w) = &spec.webhook {
@@ -166,6 +207,7 @@ impl Context {
                 self.client.clone(),
                 w.clone(),
                 secret_namespace,
+                egress,
             )));
         }
         match spec.kind_name() {
@@ -341,6 +383,8 @@ pub async fn run(
         clock: Arc::new(SystemClock),
         bindings: binding_indexes.clone(),
         queue: queue::FairQueue::new(usize::from(config.concurrency.max(1))),
+        tenant_egress: config.tenant_egress.clone(),
+        protected_namespaces: config.protected_namespaces.clone(),
         failures: Mutex::new(HashMap::new()),
     });
 
@@ -481,3 +525,21 @@ fn slim_cached_agent_token(at: &mut AgentToken) {
 
 /// How long the operator waits on the API when shutting down.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::protected_namespaces;
+
+    #[test]
+    fn system_and_own_namespaces_are_protected_unless_told() {
+        assert_eq!(
+            protected_namespaces("ops", std::iter::empty()),
+            ["kube-system", "kube-public", "kube-node-lease", "ops"]
+        );
+        // Listed in --namespace or --serve-protected-namespaces: served.
+        assert_eq!(
+            protected_namespaces("ops", ["ops", "kube-public"].into_iter()),
+            ["kube-system", "kube-node-lease"]
+        );
+    }
+}

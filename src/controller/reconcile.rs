@@ -35,6 +35,9 @@ use crate::{labels, policy};
 pub const HISTORY_LIMIT: usize = 10;
 /// Lifetime asked for when neither the AgentToken nor the policy names one.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// Longest one mint or revocation may take, all its calls together (each
+/// HTTP call also has the issuer's own deadline).
+const ISSUER_CALL_DEADLINE: Duration = Duration::from_secs(90);
 /// Longest time between two looks at an AgentToken with nothing due.
 const MAX_WAKE: Duration = Duration::from_secs(3600);
 
@@ -149,6 +152,21 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
     let ns = at.namespace().ok_or(Error::MissingNamespace)?;
     if at.meta().deletion_timestamp.is_some() {
         return super::finalize::cleanup(at, ctx).await;
+    }
+    if ctx.protected_namespaces.contains(&ns) {
+        return refuse(
+            at,
+            ctx,
+            Refusal {
+                reason: "NamespaceNotServed",
+                message: format!(
+                    "namespace {ns:?} is protected: the operator serves kube-system, kube-public, kube-node-lease and its own namespace only when told to (--serve-protected-namespaces)"
+                ),
+                event: Some("PolicyViolation"),
+                requeue: None,
+            },
+        )
+        .await;
     }
     super::finalize::ensure_finalizer(at, ctx).await?;
 
@@ -356,13 +374,55 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
             lifetime: effective.lifetime.unwrap_or(DEFAULT_LIFETIME),
         };
         let started = std::time::Instant::now();
-        let minted = backend.mint(&request).await;
+        // Each HTTP call has its own deadline; this bounds the whole mint
+        // (several calls, Kubernetes reads) so a slot is never held longer.
+        let minted = match tokio::time::timeout(ISSUER_CALL_DEADLINE, backend.mint(&request)).await
+        {
+            Ok(r) => r,
+            Err(_) => Err(IssuerError::Unavailable(format!(
+                "the issuer did not finish minting within {}s",
+                ISSUER_CALL_DEADLINE.as_secs()
+            ))),
+        };
         ctx.metrics.observe_issuer_request(
             backend.kind(),
             "mint",
             minted.is_ok(),
             started.elapsed(),
         );
+        // The grant, not the request, is what must fit the policy: a grant
+        // over maxLifetime (a Vault mount default, an IdP's own lifetime)
+        // is revoked at once, recorded, and never delivered.
+        let minted = match minted {
+            Ok(t) => match over_max_lifetime(&issuer, &t) {
+                Some((granted, max)) => {
+                    let outcome =
+                        revoke(ctx, backend.as_ref(), &ns, &t.handle.0, Some(&t.token)).await;
+                    let message = format!(
+                        "the issuer granted {}, over policy.maxLifetime {}: revision {revision} was revoked at once ({outcome:?}) and not delivered",
+                        rotation::format_duration(granted),
+                        rotation::format_duration(max)
+                    );
+                    status.history.retain(|h| h.revision != revision);
+                    status.history.push(HistoryEntry {
+                        revision,
+                        fingerprint: rotation::fingerprint(t.token.expose_secret().as_bytes()),
+                        issued_at: Some(Time(t.issued_at)),
+                        expires_at: Some(Time(t.expires_at)),
+                        revoked_at: None,
+                        revocation: RevocationState::Pending,
+                        reason: Some(m.reason),
+                    });
+                    mark_revoked(&mut status, revision, outcome, now);
+                    status.revision = status.revision.max(revision);
+                    events.push((EventType::Warning, "PolicyViolation", message.clone()));
+                    ctx.metrics.policy_violation();
+                    Err(IssuerError::Invalid(message))
+                }
+                None => Ok(t),
+            },
+            Err(e) => Err(e),
+        };
         match minted {
             Ok(minted) => {
                 let fp = rotation::fingerprint(minted.token.expose_secret().as_bytes());
@@ -798,17 +858,12 @@ pub fn validate(
     };
     at.spec.check().map_err(invalid)?;
     let pol = issuer.spec.policy.clone().unwrap_or_default();
-    let max_lifetime = match pol.max_lifetime.as_ref().map(|d| d.get()).transpose() {
-        Ok(m) => m,
-        Err(e) => {
-            return Err(Refusal {
-                reason: "IssuerNotReady",
-                message: format!("the issuer's policy.maxLifetime {e}"),
-                event: Some("IssuerUnavailable"),
-                requeue: None,
-            });
-        }
-    };
+    let p = issuer_policy(issuer).map_err(|message| Refusal {
+        reason: "IssuerNotReady",
+        message,
+        event: Some("IssuerUnavailable"),
+        requeue: None,
+    })?;
     if issuer.cluster_scoped
         && let Some(sel) = &pol.namespace_selector
         && !super::selector::matches(sel, ns_labels)
@@ -818,31 +873,15 @@ pub fn validate(
             at.spec.issuer_ref.name
         )));
     }
-    let p = policy::Policy {
-        max_lifetime,
-        allowed_scopes: pol.allowed_scopes.clone(),
-        // A selector alone admits the namespaces it matches.
-        allowed_namespaces: if issuer.cluster_scoped
-            && pol.allowed_namespaces.is_empty()
-            && pol.namespace_selector.is_some()
-        {
-            vec!["*".into()]
-        } else {
-            pol.allowed_namespaces.clone()
-        },
+    let Some(kind) = policy_kind(&issuer.spec) else {
+        return Err(Refusal {
+            reason: "IssuerNotReady",
+            message: "the issuer sets no issuer kind".into(),
+            event: Some("IssuerUnavailable"),
+            requeue: None,
+        });
     };
-    let effective = policy::check(
-        &p,
-        &policy::Request {
-            namespace: ns,
-            scopes: &at.spec.scopes,
-            // Checked by `check` above.
-            lifetime: at.spec.lifetime.as_ref().and_then(|d| d.get().ok()),
-            cluster_scoped_issuer: issuer.cluster_scoped,
-        },
-    )
-    .map_err(|v| violation(v.to_string()))?;
-    if issuer.spec.service_account.is_some() {
+    if kind == policy::Kind::ServiceAccount {
         if at
             .spec
             .service_account_name
@@ -859,6 +898,25 @@ pub fn validate(
                 "spec.scopes has no meaning for a serviceAccount issuer (use audiences and RBAC on the ServiceAccount)".into(),
             ));
         }
+    }
+    let effective = policy::check(
+        &p,
+        &policy::Request {
+            kind,
+            namespace: ns,
+            scopes: &at.spec.scopes,
+            audiences: &at.spec.audiences,
+            service_account: at.spec.service_account_name.as_deref(),
+            repositories: &at.spec.repositories,
+            permissions: &at.spec.permissions,
+            parameters: &at.spec.parameters,
+            // Checked by `check` above.
+            lifetime: at.spec.lifetime.as_ref().and_then(|d| d.get().ok()),
+            cluster_scoped_issuer: issuer.cluster_scoped,
+        },
+    )
+    .map_err(|v| violation(v.to_string()))?;
+    if kind == policy::Kind::ServiceAccount {
         let lifetime = effective.lifetime.unwrap_or(DEFAULT_LIFETIME);
         if lifetime < crate::issuer::service_account::MIN_LIFETIME {
             return Err(invalid(format!(
@@ -868,6 +926,77 @@ pub fn validate(
         }
     }
     Ok(effective)
+}
+
+/// The granted lifetime and the policy's maximum, when a grant exceeds it.
+fn over_max_lifetime(
+    issuer: &ResolvedIssuer,
+    t: &crate::issuer::MintedToken,
+) -> Option<(Duration, Duration)> {
+    let granted =
+        Duration::try_from(t.expires_at.duration_since(t.issued_at)).unwrap_or(Duration::MAX);
+    let p = issuer_policy(issuer).ok()?;
+    policy::grant_too_long(&p, granted).map(|max| (granted, max))
+}
+
+/// The grant dimensions an issuer kind has (see `policy::Kind`).
+pub fn policy_kind(spec: &TokenIssuerSpec) -> Option<policy::Kind> {
+    use policy::Kind;
+    Some(if spec.service_account.is_some() {
+        Kind::ServiceAccount
+    } else if spec.oauth2.is_some() {
+        Kind::OAuth2
+    } else if let Some(v) = &spec.vault {
+        if v.dynamic_secret.is_some() {
+            Kind::VaultDynamic
+        } else {
+            Kind::VaultToken
+        }
+    } else if spec.github_app.is_some() {
+        Kind::GithubApp
+    } else if spec.webhook.is_some() {
+        Kind::Webhook
+    } else if spec.jwt.is_some() {
+        Kind::Jwt
+    } else {
+        return None;
+    })
+}
+
+/// The issuer's policy in plain values; `Err` names a field that does not parse.
+pub fn issuer_policy(issuer: &ResolvedIssuer) -> Result<policy::Policy, String> {
+    let pol = issuer.spec.policy.clone().unwrap_or_default();
+    let max_lifetime = pol
+        .max_lifetime
+        .as_ref()
+        .map(|d| d.get())
+        .transpose()
+        .map_err(|e| format!("the issuer's policy.maxLifetime {e}"))?;
+    let mut allowed_permissions = BTreeMap::new();
+    for (name, level) in &pol.allowed_permissions {
+        let level = policy::Level::parse(level).ok_or_else(|| {
+            format!("the issuer's policy.allowedPermissions.{name} is not read, write or admin")
+        })?;
+        allowed_permissions.insert(name.clone(), level);
+    }
+    Ok(policy::Policy {
+        max_lifetime,
+        allowed_scopes: pol.allowed_scopes,
+        // A selector alone admits the namespaces it matches.
+        allowed_namespaces: if issuer.cluster_scoped
+            && pol.allowed_namespaces.is_empty()
+            && pol.namespace_selector.is_some()
+        {
+            vec!["*".into()]
+        } else {
+            pol.allowed_namespaces
+        },
+        allowed_audiences: pol.allowed_audiences,
+        allowed_resources: pol.allowed_resources,
+        allowed_service_accounts: pol.allowed_service_accounts,
+        allowed_repositories: pol.allowed_repositories,
+        allowed_permissions,
+    })
 }
 
 /// Records a refusal in status (and an Event when it is new), then waits.
@@ -1054,9 +1183,18 @@ async fn revoke(
     token: Option<&SecretString>,
 ) -> RevocationState {
     let started = std::time::Instant::now();
-    let result = backend
-        .revoke(ns, &RevocationHandle(handle.to_string()), token)
-        .await;
+    let result = match tokio::time::timeout(
+        ISSUER_CALL_DEADLINE,
+        backend.revoke(ns, &RevocationHandle(handle.to_string()), token),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(IssuerError::Unavailable(format!(
+            "the issuer did not finish revoking within {}s",
+            ISSUER_CALL_DEADLINE.as_secs()
+        ))),
+    };
     ctx.metrics
         .observe_issuer_request(backend.kind(), "revoke", result.is_ok(), started.elapsed());
     let state = match result {

@@ -28,14 +28,22 @@ pub struct GithubAppIssuer {
     kube: Client,
     spec: GithubAppIssuerSpec,
     secret_namespace: String,
+    /// Where its HTTP requests may go.
+    egress: web::Egress,
 }
 
 impl GithubAppIssuer {
-    pub fn new(kube: Client, spec: GithubAppIssuerSpec, secret_namespace: String) -> Self {
+    pub fn new(
+        kube: Client,
+        spec: GithubAppIssuerSpec,
+        secret_namespace: String,
+        egress: web::Egress,
+    ) -> Self {
         GithubAppIssuer {
             kube,
             spec,
             secret_namespace,
+            egress,
         }
     }
 
@@ -89,9 +97,13 @@ impl GithubAppIssuer {
         auth: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value), IssuerError> {
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
+        let http = web::client(
+            self.spec.ca_bundle.as_deref(),
+            self.spec.timeout.as_ref(),
+            &self.egress,
+        )?;
         let url = self.api(path);
-        let reply = web::send(what, self.spec.timeout.as_ref(), || {
+        let reply = web::send(what, self.spec.timeout.as_ref(), &self.egress, || {
             let rb = http
                 .request(method.clone(), &url)
                 .header("Accept", "application/vnd.github+json")
@@ -119,18 +131,9 @@ impl GithubAppIssuer {
         Ok((reply.status, json))
     }
 
-    async fn installation(
-        &self,
-        jwt: &SecretString,
-        req: &MintRequest,
-    ) -> Result<i64, IssuerError> {
+    async fn installation(&self, jwt: &SecretString) -> Result<i64, IssuerError> {
         if let Some(id) = self.spec.installation_id {
             return Ok(id);
-        }
-        if let Some(id) = req.parameters.get("installationID") {
-            return id.parse().map_err(|_| {
-                IssuerError::Invalid(format!("parameters.installationID {id:?} is not a number"))
-            });
         }
         let auth = format!("Bearer {}", jwt.expose_secret());
         let (_, list) = self
@@ -150,15 +153,22 @@ impl GithubAppIssuer {
             [one] => Ok(*one),
             [] => Err(IssuerError::Invalid("the App has no installation".into())),
             _ => Err(IssuerError::Invalid(format!(
-                "the App has {} installations: set githubApp.installationID or parameters.installationID",
+                "the App has {} installations: set githubApp.installationID on the issuer",
                 ids.len()
             ))),
         }
     }
 
     async fn mint_inner(&self, req: &MintRequest) -> Result<MintedToken, IssuerError> {
+        // Checked by policy first; here too, since leaving either out asks
+        // GitHub for every permission on every repository.
+        if req.permissions.is_empty() {
+            return Err(IssuerError::Invalid(
+                "spec.permissions is required: without it the token has every permission of the installation".into(),
+            ));
+        }
         let jwt = self.app_jwt().await?;
-        let installation = self.installation(&jwt, req).await?;
+        let installation = self.installation(&jwt).await?;
         let mut body = serde_json::Map::new();
         if !req.repositories.is_empty() {
             body.insert("repositories".into(), json!(req.repositories));

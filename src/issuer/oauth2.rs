@@ -26,14 +26,22 @@ pub struct OAuth2Issuer {
     spec: OAuth2IssuerSpec,
     /// Where `clientSecretRef` lives.
     secret_namespace: String,
+    /// Where its HTTP requests may go.
+    egress: web::Egress,
 }
 
 impl OAuth2Issuer {
-    pub fn new(kube: Client, spec: OAuth2IssuerSpec, secret_namespace: String) -> Self {
+    pub fn new(
+        kube: Client,
+        spec: OAuth2IssuerSpec,
+        secret_namespace: String,
+        egress: web::Egress,
+    ) -> Self {
         OAuth2Issuer {
             kube,
             spec,
             secret_namespace,
+            egress,
         }
     }
 
@@ -69,7 +77,11 @@ impl OAuth2Issuer {
     }
 
     async fn mint_inner(&self, req: &MintRequest) -> Result<MintedToken, IssuerError> {
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
+        let http = web::client(
+            self.spec.ca_bundle.as_deref(),
+            self.spec.timeout.as_ref(),
+            &self.egress,
+        )?;
         let secret = self.secret().await?;
         let mut base = vec![("grant_type".to_string(), "client_credentials".to_string())];
         if !req.scopes.is_empty() {
@@ -82,11 +94,16 @@ impl OAuth2Issuer {
             base.push(("resource".into(), resource.clone()));
         }
         let issued_at = Timestamp::now();
-        let reply = web::send("token request", self.spec.timeout.as_ref(), || {
-            let mut form = base.clone();
-            let rb = self.authenticate(http.post(&self.spec.token_url), &mut form, &secret);
-            rb.form(&form)
-        })
+        let reply = web::send(
+            "token request",
+            self.spec.timeout.as_ref(),
+            &self.egress,
+            || {
+                let mut form = base.clone();
+                let rb = self.authenticate(http.post(&self.spec.token_url), &mut form, &secret);
+                rb.form(&form)
+            },
+        )
         .await?;
         if reply.status >= 400 {
             let msg = format!("token request refused: {}", reply.describe());
@@ -129,16 +146,25 @@ impl OAuth2Issuer {
                     .into(),
             ));
         };
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
+        let http = web::client(
+            self.spec.ca_bundle.as_deref(),
+            self.spec.timeout.as_ref(),
+            &self.egress,
+        )?;
         let secret = self.secret().await?;
-        let reply = web::send("revocation request", self.spec.timeout.as_ref(), || {
-            let mut form = vec![
-                ("token".to_string(), token.expose_secret().to_string()),
-                ("token_type_hint".to_string(), "access_token".to_string()),
-            ];
-            let rb = self.authenticate(http.post(url), &mut form, &secret);
-            rb.form(&form)
-        })
+        let reply = web::send(
+            "revocation request",
+            self.spec.timeout.as_ref(),
+            &self.egress,
+            || {
+                let mut form = vec![
+                    ("token".to_string(), token.expose_secret().to_string()),
+                    ("token_type_hint".to_string(), "access_token".to_string()),
+                ];
+                let rb = self.authenticate(http.post(url), &mut form, &secret);
+                rb.form(&form)
+            },
+        )
         .await?;
         // RFC 7009 §2.2: 200 also for an invalid or already revoked token.
         match reply.status {
@@ -160,9 +186,18 @@ impl OAuth2Issuer {
     }
 
     async fn check_inner(&self) -> Result<(), IssuerError> {
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
+        let http = web::client(
+            self.spec.ca_bundle.as_deref(),
+            self.spec.timeout.as_ref(),
+            &self.egress,
+        )?;
         self.secret().await?;
-        web::probe(http.get(&self.spec.token_url), "token endpoint").await
+        web::probe(
+            http.get(&self.spec.token_url),
+            "token endpoint",
+            &self.egress,
+        )
+        .await
     }
 }
 

@@ -1,14 +1,15 @@
-//! The Vault / OpenBao issuer. Two modes, picked by the AgentToken's
-//! `parameters`:
+//! The Vault / OpenBao issuer. Two modes, picked by the ISSUER (never the
+//! AgentToken: paths, methods and bodies run with the operator's token):
 //!
 //! - child token (default): `auth/token/create` with the AgentToken's
-//!   `scopes` as policies and its lifetime as TTL, orphaned (`no_parent`)
-//!   so it does not die with the operator's own token; revoked by accessor
-//!   (`auth/token/revoke-accessor`), which is not a secret.
-//! - dynamic secret: `parameters.path` (e.g. `database/creds/agent`), with
-//!   optional `method` (GET), `body` (JSON) and `tokenField` (the key of
-//!   `data` that is the credential, default `token`); its lease is revoked
-//!   (`sys/leases/revoke`).
+//!   `scopes` as policies (at least one: an empty list would inherit every
+//!   policy of the operator's token) and its lifetime as TTL, orphaned
+//!   (`no_parent`) so it does not die with the operator's own token;
+//!   revoked by accessor (`auth/token/revoke-accessor`), not a secret.
+//! - dynamic secret: `vault.dynamicSecret.path` (e.g. `database/creds/agent`),
+//!   with optional `method` (GET), `body` (JSON) and `tokenField` (the key
+//!   of `data` that is the credential, default `token`); its lease is
+//!   revoked (`sys/leases/revoke`).
 //!
 //! The lease duration Vault grants is the token's real expiry.
 
@@ -23,7 +24,7 @@ use super::{
     Issuer, IssuerError, MintRequest, MintedToken, Revocation, RevocationHandle, expiry_after,
     granted_seconds, web,
 };
-use crate::crd::VaultIssuerSpec;
+use crate::crd::{VaultDynamicSecret, VaultIssuerSpec};
 
 const ACCESSOR: &str = "vault-accessor:";
 const LEASE: &str = "vault-lease:";
@@ -33,14 +34,22 @@ pub struct VaultIssuer {
     kube: Client,
     spec: VaultIssuerSpec,
     secret_namespace: String,
+    /// Where its HTTP requests may go.
+    egress: web::Egress,
 }
 
 impl VaultIssuer {
-    pub fn new(kube: Client, spec: VaultIssuerSpec, secret_namespace: String) -> Self {
+    pub fn new(
+        kube: Client,
+        spec: VaultIssuerSpec,
+        secret_namespace: String,
+        egress: web::Egress,
+    ) -> Self {
         VaultIssuer {
             kube,
             spec,
             secret_namespace,
+            egress,
         }
     }
 
@@ -74,10 +83,14 @@ impl VaultIssuer {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value), IssuerError> {
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
+        let http = web::client(
+            self.spec.ca_bundle.as_deref(),
+            self.spec.timeout.as_ref(),
+            &self.egress,
+        )?;
         let token = self.operator_token().await?;
         let url = self.url(path);
-        let reply = web::send(what, self.spec.timeout.as_ref(), || {
+        let reply = web::send(what, self.spec.timeout.as_ref(), &self.egress, || {
             let rb = match method {
                 "GET" => http.get(&url),
                 "PUT" => http.put(&url),
@@ -126,8 +139,8 @@ impl VaultIssuer {
 
     async fn mint_inner(&self, req: &MintRequest) -> Result<MintedToken, IssuerError> {
         let issued_at = Timestamp::now();
-        let (secret, lease_duration, handle) = match req.parameters.get("path") {
-            Some(path) => self.mint_dynamic(path, req).await?,
+        let (secret, lease_duration, handle) = match &self.spec.dynamic_secret {
+            Some(d) => self.mint_dynamic(d).await?,
             None => self.mint_child(req).await?,
         };
         Ok(MintedToken {
@@ -139,11 +152,21 @@ impl VaultIssuer {
     }
 
     async fn mint_child(&self, req: &MintRequest) -> Result<(String, Value, String), IssuerError> {
+        // Checked by policy first; here too, since the cost of a miss is a
+        // token with every policy of the operator's own.
+        if req.scopes.is_empty() {
+            return Err(IssuerError::Invalid(
+                "a Vault child token needs at least one policy in spec.scopes: an empty list would inherit every policy of the operator's token".into(),
+            ));
+        }
         let body = json!({
             "policies": req.scopes,
             "ttl": format!("{}s", req.lifetime.as_secs()),
             "explicit_max_ttl": format!("{}s", req.lifetime.as_secs()),
             "no_parent": true,
+            // Exactly the policies asked for: Vault's `default` policy only
+            // when it is one of them (and so allowed by the issuer's policy).
+            "no_default_policy": !req.scopes.iter().any(|s| s == "default"),
             "renewable": false,
             "display_name": format!("agenttoken-{}-{}", req.namespace, req.name),
             "meta": {
@@ -176,26 +199,21 @@ impl VaultIssuer {
 
     async fn mint_dynamic(
         &self,
-        path: &str,
-        req: &MintRequest,
+        d: &VaultDynamicSecret,
     ) -> Result<(String, Value, String), IssuerError> {
-        let method = req
-            .parameters
-            .get("method")
-            .map(|m| m.to_uppercase())
+        let path = d.path.as_str();
+        let method = d
+            .method
+            .as_deref()
+            .map(str::to_uppercase)
             .unwrap_or_else(|| "GET".into());
-        let body =
-            match req.parameters.get("body") {
-                Some(b) => Some(serde_json::from_str::<Value>(b).map_err(|e| {
-                    IssuerError::Invalid(format!("parameters.body is not JSON: {e}"))
-                })?),
-                None => None,
-            };
-        let field = req
-            .parameters
-            .get("tokenField")
-            .map(String::as_str)
-            .unwrap_or("token");
+        let body = match &d.body {
+            Some(b) => Some(serde_json::from_str::<Value>(b).map_err(|e| {
+                IssuerError::Invalid(format!("vault.dynamicSecret.body is not JSON: {e}"))
+            })?),
+            None => None,
+        };
+        let field = d.token_field.as_deref().unwrap_or("token");
         let (status, json) = self
             .call("dynamic secret read", &method, path, body.as_ref())
             .await?;
@@ -207,7 +225,7 @@ impl VaultIssuer {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| {
                 IssuerError::Invalid(format!(
-                    "{path} returned no string data.{field} (set parameters.tokenField)"
+                    "{path} returned no string data.{field} (set vault.dynamicSecret.tokenField)"
                 ))
             })?;
         let lease = json["lease_id"]

@@ -5,7 +5,16 @@
 //! An issuer's answer is foreign input: every body is read through
 //! [`read_body`], which keeps at most [`MAX_BODY`] bytes, and one logical
 //! call (all its attempts and waits) ends within [`call_budget`].
+//!
+//! Where a request may go is the issuer's [`Egress`]: a namespaced
+//! TokenIssuer (written by namespace admins, who are not trusted) may not
+//! call loopback, link-local or cloud metadata addresses, nor plain http,
+//! unless the operator's flags allow it. IP literals are checked before a
+//! request is sent; host names after they are resolved, at connect time
+//! (see [`EgressResolver`]), so DNS cannot point a request past the rule.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::duration::SpecDuration;
@@ -70,11 +79,262 @@ pub fn request_timeout(timeout: Option<&SpecDuration>) -> Result<Duration, Issue
     Ok(d)
 }
 
+/// How the platform can allow what [`Egress`] refused; ends every refusal.
+const HOW_TO_ALLOW: &str = "a namespaced TokenIssuer may not call it (the operator's \
+    --issuer-allow-cidr allows ranges; use a ClusterTokenIssuer for platform endpoints)";
+
+/// Where an issuer's HTTP requests may go.
+///
+/// [`Egress::platform`] (a ClusterTokenIssuer, written by the platform)
+/// goes anywhere. [`Egress::tenant`] (a namespaced TokenIssuer) refuses
+/// plain http unless `allow_http`, and destinations that are loopback,
+/// link-local, unspecified or a cloud metadata address (also in their
+/// IPv4-mapped and NAT64 forms) unless a range in `allowed` holds them.
+/// Private ranges (10/8, 172.16/12, 192.168/16, fc00::/7) stay open:
+/// internal identity providers live there. The default is the strictest
+/// tenant rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Egress {
+    /// `false` for the platform's issuers: nothing is checked.
+    restricted: bool,
+    allow_http: bool,
+    allowed: Vec<ipnet::IpNet>,
+}
+
+impl Default for Egress {
+    fn default() -> Self {
+        Egress::tenant(false, Vec::new())
+    }
+}
+
+/// Why a destination was refused; found again in a transport error's causes
+/// (the resolver's refusal travels inside reqwest's connect error).
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Parses one `--issuer-allow-cidr` entry: `10.1.0.0/16`, `::1/128`, or a
+/// bare address (one host).
+pub fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<ipnet::IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<IpAddr>()
+        .map(ipnet::IpNet::from)
+        .map_err(|_| format!("{s:?} is not a CIDR range like 10.0.0.0/8 or fd00::/8"))
+}
+
+/// What kind of refused destination `ip` is, whatever the rule's
+/// allowances: `None` for any other address.
+pub fn forbidden_class(ip: IpAddr) -> Option<String> {
+    fn v4(ip: Ipv4Addr) -> Option<&'static str> {
+        if METADATA_V4.contains(&ip) {
+            Some("a cloud metadata address")
+        } else if ip.is_loopback() {
+            Some("loopback")
+        } else if ip.is_link_local() {
+            Some("link-local")
+        } else if ip.octets()[0] == 0 {
+            Some("unspecified")
+        } else {
+            None
+        }
+    }
+    match ip {
+        IpAddr::V4(a) => v4(a).map(str::to_string),
+        IpAddr::V6(a) => {
+            if a == METADATA_V6 {
+                Some("a cloud metadata address".into())
+            } else if a.is_loopback() {
+                Some("loopback".into())
+            } else if a.is_unspecified() {
+                Some("unspecified".into())
+            } else if a.is_unicast_link_local() {
+                Some("link-local".into())
+            } else if let Some((inner, form)) = embedded_v4(a) {
+                v4(inner).map(|c| format!("{c} ({form} {inner})"))
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// Cloud metadata services reachable by IPv4: AWS, GCP, Azure, OpenStack
+/// and others at 169.254.169.254; Alibaba Cloud at 100.100.100.200.
+const METADATA_V4: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(169, 254, 169, 254),
+    Ipv4Addr::new(100, 100, 100, 200),
+];
+/// AWS's instance metadata service over IPv6.
+const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+
+/// The IPv4 address an IPv6 one stands for: IPv4-mapped (`::ffff:a.b.c.d`)
+/// or NAT64 (`64:ff9b::a.b.c.d`), with the form's name.
+fn embedded_v4(a: Ipv6Addr) -> Option<(Ipv4Addr, &'static str)> {
+    if let Some(v4) = a.to_ipv4_mapped() {
+        return Some((v4, "IPv4-mapped"));
+    }
+    let s = a.segments();
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        let [_, _, _, _, _, _, _, _, _, _, _, _, b0, b1, b2, b3] = a.octets();
+        return Some((Ipv4Addr::new(b0, b1, b2, b3), "NAT64"));
+    }
+    None
+}
+
+impl Egress {
+    /// The platform's rule (ClusterTokenIssuer): anything goes.
+    pub fn platform() -> Self {
+        Egress {
+            restricted: false,
+            allow_http: true,
+            allowed: Vec::new(),
+        }
+    }
+
+    /// The rule for a namespaced TokenIssuer: `allow_http` lets it use
+    /// plain http; `allowed` ranges may be called even when loopback,
+    /// link-local or metadata (the operator's `--issuer-allow-http` and
+    /// `--issuer-allow-cidr`).
+    pub fn tenant(allow_http: bool, allowed: Vec<ipnet::IpNet>) -> Self {
+        Egress {
+            restricted: true,
+            allow_http,
+            allowed,
+        }
+    }
+
+    /// Whether anything is checked (a namespaced TokenIssuer's rule).
+    pub fn is_restricted(&self) -> bool {
+        self.restricted
+    }
+
+    /// Whether a range given by flag holds `ip` (or the IPv4 address it
+    /// stands for).
+    fn allows(&self, ip: IpAddr) -> bool {
+        let inner = match ip {
+            IpAddr::V6(a) => embedded_v4(a).map(|(v4, _)| IpAddr::V4(v4)),
+            IpAddr::V4(_) => None,
+        };
+        self.allowed
+            .iter()
+            .any(|net| net.contains(&ip) || inner.is_some_and(|v4| net.contains(&v4)))
+    }
+
+    /// Why this rule refuses `ip` (shown as `shown`), or `None`.
+    fn refusal(&self, ip: IpAddr, shown: &str) -> Option<String> {
+        if !self.restricted || self.allows(ip) {
+            return None;
+        }
+        forbidden_class(ip).map(|class| format!("destination {shown} is {class}: {HOW_TO_ALLOW}"))
+    }
+
+    /// Why this rule refuses to call `ip`, or `None`.
+    pub fn refuses(&self, ip: IpAddr) -> Option<String> {
+        self.refusal(ip, &ip.to_string())
+    }
+
+    /// Checks a request's URL before it is sent: an IP-literal host, then
+    /// the scheme. Host names are checked once resolved ([`EgressResolver`]).
+    pub fn check_url(&self, url: &reqwest::Url) -> Result<(), IssuerError> {
+        if !self.restricted {
+            return Ok(());
+        }
+        let host = url.host_str().unwrap_or("");
+        let literal = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if let Ok(ip) = literal.parse::<IpAddr>()
+            && let Some(m) = self.refuses(ip)
+        {
+            return Err(IssuerError::Invalid(m));
+        }
+        if url.scheme() != "https" && !self.allow_http {
+            let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+            return Err(IssuerError::Invalid(format!(
+                "{}://{host}{port} is not https: a namespaced TokenIssuer must use https \
+                 (the operator's --issuer-allow-http allows plain http; use a \
+                 ClusterTokenIssuer for platform endpoints)",
+                url.scheme()
+            )));
+        }
+        Ok(())
+    }
+
+    /// What of `found` (the addresses `host` resolved to) may be called:
+    /// refused addresses are dropped; an error when none remain.
+    fn filter(&self, host: &str, found: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, Refused> {
+        let mut first_refusal = None;
+        let kept: Vec<SocketAddr> = found
+            .into_iter()
+            .filter(|a| {
+                let refusal = self.refusal(a.ip(), &format!("{host} ({})", a.ip()));
+                let keep = refusal.is_none();
+                if first_refusal.is_none() {
+                    first_refusal = refusal;
+                }
+                keep
+            })
+            .collect();
+        match first_refusal {
+            Some(m) if kept.is_empty() => Err(Refused(m)),
+            _ => Ok(kept),
+        }
+    }
+}
+
+/// Resolves host names for a client with a restricted [`Egress`], dropping
+/// the addresses it refuses. It runs when the connection is made, so what
+/// is checked is what is dialled: a name that resolves (or rebinds) to
+/// 127.0.0.1 or 169.254.169.254 cannot be called.
+pub struct EgressResolver {
+    egress: Egress,
+}
+
+impl reqwest::dns::Resolve for EgressResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let egress = self.egress.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let kept = egress.filter(&host, found)?;
+            Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The egress refusal among a transport error's causes, if any.
+fn refused(e: &reqwest::Error) -> Option<String> {
+    let mut cause: Option<&dyn std::error::Error> = Some(e);
+    while let Some(c) = cause {
+        if let Some(r) = c.downcast_ref::<Refused>() {
+            return Some(r.0.clone());
+        }
+        cause = c.source();
+    }
+    None
+}
+
 /// Builds a client that trusts the system roots plus `ca_bundle` (PEM) and
-/// gives each request `timeout` (default [`REQUEST_TIMEOUT`]).
+/// gives each request `timeout` (default [`REQUEST_TIMEOUT`]). Redirects are
+/// never followed. With a restricted `egress`, host names resolve through
+/// [`EgressResolver`] and no proxy is used (a proxy would resolve names
+/// itself, past the rule).
 pub fn client(
     ca_bundle: Option<&str>,
     timeout: Option<&SpecDuration>,
+    egress: &Egress,
 ) -> Result<reqwest::Client, IssuerError> {
     let timeout = request_timeout(timeout)?;
     let mut b = reqwest::Client::builder()
@@ -82,6 +342,13 @@ pub fn client(
         .connect_timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("agent-token-operator/", env!("CARGO_PKG_VERSION")));
+    if egress.is_restricted() {
+        b = b
+            .dns_resolver(Arc::new(EgressResolver {
+                egress: egress.clone(),
+            }))
+            .no_proxy();
+    }
     if let Some(pem) = ca_bundle.filter(|p| !p.trim().is_empty()) {
         let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
             .map_err(|e| IssuerError::Invalid(format!("caBundle is not valid PEM: {e}")))?;
@@ -179,13 +446,43 @@ enum Attempt {
         body: Vec<u8>,
     },
     TooLarge,
+    /// The egress rule refused the destination; nothing was sent.
+    Refused(String),
     Failed(reqwest::Error),
 }
 
-async fn attempt(request: reqwest::RequestBuilder) -> Attempt {
-    let resp = match request.send().await {
+/// Why a request got no response.
+enum NotSent {
+    /// The egress rule refused the destination: before the request for an
+    /// IP literal, at connect time for a host name.
+    Refused(String),
+    Failed(reqwest::Error),
+}
+
+/// Sends `request` if `egress` lets it go where it points.
+async fn dispatch(
+    request: reqwest::RequestBuilder,
+    egress: &Egress,
+) -> Result<reqwest::Response, NotSent> {
+    let (client, request) = request.build_split();
+    let request = request.map_err(NotSent::Failed)?;
+    if let Err(e) = egress.check_url(request.url()) {
+        return Err(NotSent::Refused(e.to_string()));
+    }
+    client
+        .execute(request)
+        .await
+        .map_err(|e| match refused(&e) {
+            Some(m) => NotSent::Refused(m),
+            None => NotSent::Failed(e),
+        })
+}
+
+async fn attempt(request: reqwest::RequestBuilder, egress: &Egress) -> Attempt {
+    let resp = match dispatch(request, egress).await {
         Ok(r) => r,
-        Err(e) => return Attempt::Failed(e),
+        Err(NotSent::Refused(m)) => return Attempt::Refused(m),
+        Err(NotSent::Failed(e)) => return Attempt::Failed(e),
     };
     let status = resp.status().as_u16();
     let retry_after = retry_after(resp.headers());
@@ -203,20 +500,27 @@ async fn attempt(request: reqwest::RequestBuilder) -> Attempt {
 /// Sends the request `make` builds, retrying connection errors, 429 and 5xx
 /// (waiting for `Retry-After` when the server says, else 0.5 s, 1 s, ...),
 /// all within [`call_budget`] of the issuer's `timeout`. `what` names the
-/// operation in errors ("token request").
+/// operation in errors ("token request"). A destination `egress` refuses is
+/// an [`IssuerError::Invalid`], never sent and never retried.
 pub async fn send<F>(
     what: &str,
     timeout: Option<&SpecDuration>,
+    egress: &Egress,
     make: F,
 ) -> Result<Reply, IssuerError>
 where
     F: Fn() -> reqwest::RequestBuilder,
 {
-    send_within(what, call_budget(request_timeout(timeout)?), make).await
+    send_within(what, call_budget(request_timeout(timeout)?), egress, make).await
 }
 
 /// [`send`] with an explicit budget for the whole call.
-pub async fn send_within<F>(what: &str, budget: Duration, make: F) -> Result<Reply, IssuerError>
+pub async fn send_within<F>(
+    what: &str,
+    budget: Duration,
+    egress: &Egress,
+    make: F,
+) -> Result<Reply, IssuerError>
 where
     F: Fn() -> reqwest::RequestBuilder,
 {
@@ -239,7 +543,7 @@ where
         if remaining.is_zero() {
             return Err(out_of_time(&last));
         }
-        let Ok(outcome) = tokio::time::timeout(remaining, attempt(make())).await else {
+        let Ok(outcome) = tokio::time::timeout(remaining, attempt(make(), egress)).await else {
             return Err(out_of_time(&last));
         };
         let wait = match outcome {
@@ -269,6 +573,7 @@ where
             Attempt::TooLarge => {
                 return Err(IssuerError::Unavailable(format!("{what}: {TOO_LARGE}")));
             }
+            Attempt::Refused(m) => return Err(IssuerError::Invalid(format!("{what}: {m}"))),
             Attempt::Failed(e) => {
                 last = format!("{what}: {}", describe_error(&e));
                 if tls_problem(&e).is_some() {
@@ -298,14 +603,20 @@ fn backoff(attempt: u32) -> Duration {
 /// A reachability check: any answer below 500 proves `what` (e.g. "token
 /// endpoint") is there; asking it to mint would make tokens nobody uses.
 /// Only the status line and headers are read: the body is dropped unread.
-pub async fn probe(request: reqwest::RequestBuilder, what: &str) -> Result<(), IssuerError> {
-    match request.send().await {
+/// A destination `egress` refuses is an [`IssuerError::Invalid`].
+pub async fn probe(
+    request: reqwest::RequestBuilder,
+    what: &str,
+    egress: &Egress,
+) -> Result<(), IssuerError> {
+    match dispatch(request, egress).await {
         Ok(r) if r.status().as_u16() < 500 => Ok(()),
         Ok(r) => Err(IssuerError::Unavailable(format!(
             "{what} answers HTTP {}",
             r.status().as_u16()
         ))),
-        Err(e) => Err(IssuerError::Unavailable(format!(
+        Err(NotSent::Refused(m)) => Err(IssuerError::Invalid(format!("{what}: {m}"))),
+        Err(NotSent::Failed(e)) => Err(IssuerError::Unavailable(format!(
             "{what} unreachable: {}",
             describe_error(&e)
         ))),
@@ -431,6 +742,8 @@ mod tests {
     /// What a stand-in issuer saw.
     #[derive(Default)]
     struct Seen {
+        /// TCP connections accepted.
+        connections: AtomicUsize,
         requests: AtomicUsize,
         /// Body bytes written to the socket before it closed.
         body_bytes: AtomicUsize,
@@ -452,6 +765,7 @@ mod tests {
         let all = seen.clone();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
+                all.connections.fetch_add(1, SeqCst);
                 let (serve, seen) = (serve.clone(), all.clone());
                 tokio::spawn(async move {
                     let mut head = Vec::new();
@@ -499,7 +813,12 @@ mod tests {
     }
 
     fn http() -> reqwest::Client {
-        client(None, Some(&Duration::from_secs(10).into())).unwrap()
+        client(
+            None,
+            Some(&Duration::from_secs(10).into()),
+            &Egress::platform(),
+        )
+        .unwrap()
     }
 
     fn unavailable(r: Result<Reply, IssuerError>) -> String {
@@ -515,7 +834,13 @@ mod tests {
         let (url, seen) = stand_in(|s, seen| stream_body(s, seen, 8 << 20)).await;
         let http = http();
         let m = unavailable(
-            send_within("token request", Duration::from_secs(20), || http.get(&url)).await,
+            send_within(
+                "token request",
+                Duration::from_secs(20),
+                &Egress::platform(),
+                || http.get(&url),
+            )
+            .await,
         );
         assert_eq!(m, format!("token request: {TOO_LARGE}"));
         assert!(!m.contains("xx"), "no body bytes in the message");
@@ -528,7 +853,13 @@ mod tests {
         let (url, seen) = stand_in(|s, seen| stream_body(s, seen, 1 << 30)).await;
         let http = http();
         let m = unavailable(
-            send_within("token request", Duration::from_secs(20), || http.get(&url)).await,
+            send_within(
+                "token request",
+                Duration::from_secs(20),
+                &Egress::platform(),
+                || http.get(&url),
+            )
+            .await,
         );
         assert!(m.contains(TOO_LARGE), "{m}");
         let waited = Instant::now();
@@ -557,7 +888,13 @@ mod tests {
         let http = http();
         let started = Instant::now();
         let m = unavailable(
-            send_within("mint request", Duration::from_secs(20), || http.get(&url)).await,
+            send_within(
+                "mint request",
+                Duration::from_secs(20),
+                &Egress::platform(),
+                || http.get(&url),
+            )
+            .await,
         );
         assert_eq!(m, format!("mint request: {TOO_LARGE}"));
         assert!(started.elapsed() < Duration::from_secs(3));
@@ -568,9 +905,14 @@ mod tests {
     async fn a_body_at_the_cap_is_read_whole() {
         let (url, _) = stand_in(|s, seen| stream_body(s, seen, MAX_BODY)).await;
         let http = http();
-        let reply = send_within("token request", Duration::from_secs(20), || http.get(&url))
-            .await
-            .unwrap();
+        let reply = send_within(
+            "token request",
+            Duration::from_secs(20),
+            &Egress::platform(),
+            || http.get(&url),
+        )
+        .await
+        .unwrap();
         assert_eq!(reply.status, 200);
         assert_eq!(reply.body.len(), MAX_BODY);
     }
@@ -590,9 +932,12 @@ mod tests {
             let http = http();
             let started = Instant::now();
             let m = unavailable(
-                send_within("token request", Duration::from_secs(budget), || {
-                    http.get(&url)
-                })
+                send_within(
+                    "token request",
+                    Duration::from_secs(budget),
+                    &Egress::platform(),
+                    || http.get(&url),
+                )
                 .await,
             );
             assert!(m.contains("asked to retry after"), "{value}: {m}");
@@ -613,7 +958,13 @@ mod tests {
             let (url, seen) = stand_in(move |s, _| answer(s, head.clone())).await;
             let http = http();
             let m = unavailable(
-                send_within("token request", Duration::from_secs(20), || http.get(&url)).await,
+                send_within(
+                    "token request",
+                    Duration::from_secs(20),
+                    &Egress::platform(),
+                    || http.get(&url),
+                )
+                .await,
             );
             assert!(m.ends_with("(after 3 attempts)"), "{value}: {m}");
             assert_eq!(seen.requests.load(SeqCst), 3, "{value}");
@@ -630,9 +981,12 @@ mod tests {
         let http = http();
         let started = Instant::now();
         let m = unavailable(
-            send_within("token request", Duration::from_millis(500), || {
-                http.get(&url)
-            })
+            send_within(
+                "token request",
+                Duration::from_millis(500),
+                &Egress::platform(),
+                || http.get(&url),
+            )
             .await,
         );
         assert!(started.elapsed() < Duration::from_secs(2));
@@ -651,9 +1005,12 @@ mod tests {
         let http = http();
         let started = Instant::now();
         let m = unavailable(
-            send_within("token request", Duration::from_millis(1200), || {
-                http.get(&url)
-            })
+            send_within(
+                "token request",
+                Duration::from_millis(1200),
+                &Egress::platform(),
+                || http.get(&url),
+            )
             .await,
         );
         assert!(
@@ -669,8 +1026,270 @@ mod tests {
     async fn a_probe_reads_no_body() {
         let (url, _) = stand_in(|s, seen| stream_body(s, seen, 1 << 30)).await;
         let started = Instant::now();
-        probe(http().get(&url), "token endpoint").await.unwrap();
+        probe(http().get(&url), "token endpoint", &Egress::platform())
+            .await
+            .unwrap();
         assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+        list.iter().map(|n| parse_cidr(n).unwrap()).collect()
+    }
+
+    fn invalid<T>(r: Result<T, IssuerError>) -> String {
+        match r {
+            Err(IssuerError::Invalid(m)) => m,
+            Err(e) => panic!("not Invalid: {e}"),
+            Ok(_) => panic!("not refused"),
+        }
+    }
+
+    #[test]
+    fn destinations_are_classified_in_v4_v6_and_mapped_forms() {
+        let class = |s: &str| forbidden_class(ip(s));
+        for (addr, want) in [
+            ("127.0.0.1", "loopback"),
+            ("127.255.255.254", "loopback"),
+            ("169.254.0.1", "link-local"),
+            ("169.254.169.254", "a cloud metadata address"),
+            ("100.100.100.200", "a cloud metadata address"),
+            ("0.0.0.0", "unspecified"),
+            ("0.1.2.3", "unspecified"),
+            ("::1", "loopback"),
+            ("::", "unspecified"),
+            ("fe80::1", "link-local"),
+            ("febf:ffff::1", "link-local"),
+            ("fd00:ec2::254", "a cloud metadata address"),
+            ("::ffff:127.0.0.1", "loopback (IPv4-mapped 127.0.0.1)"),
+            ("::ffff:0.0.0.0", "unspecified (IPv4-mapped 0.0.0.0)"),
+            (
+                "::ffff:169.254.169.254",
+                "a cloud metadata address (IPv4-mapped 169.254.169.254)",
+            ),
+            ("::ffff:169.254.3.4", "link-local (IPv4-mapped 169.254.3.4)"),
+            (
+                "64:ff9b::a9fe:a9fe",
+                "a cloud metadata address (NAT64 169.254.169.254)",
+            ),
+        ] {
+            assert_eq!(class(addr).as_deref(), Some(want), "{addr}");
+        }
+        // Private and public ranges stay open: internal IdPs live there.
+        for addr in [
+            "10.0.0.1",
+            "172.16.5.4",
+            "192.168.1.1",
+            "100.64.0.1",
+            "100.100.100.201",
+            "8.8.8.8",
+            "fd00:ec2::253",
+            "fd12:3456::1",
+            "fec0::1",
+            "2001:db8::1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::808:808",
+        ] {
+            assert_eq!(class(addr), None, "{addr}");
+        }
+    }
+
+    #[test]
+    fn tenants_are_refused_unless_a_flag_allows_the_range() {
+        let strict = Egress::tenant(false, Vec::new());
+        assert_eq!(strict, Egress::default());
+        assert_eq!(
+            strict.refuses(ip("127.0.0.1")).unwrap(),
+            "destination 127.0.0.1 is loopback: a namespaced TokenIssuer may not call it \
+             (the operator's --issuer-allow-cidr allows ranges; use a ClusterTokenIssuer \
+             for platform endpoints)"
+        );
+        assert!(
+            strict
+                .refuses(ip("fd00:ec2::254"))
+                .unwrap()
+                .contains("fd00:ec2::254 is a cloud metadata address")
+        );
+        assert_eq!(strict.refuses(ip("10.1.2.3")), None);
+        let platform = Egress::platform();
+        for addr in ["127.0.0.1", "::1", "169.254.169.254", "fd00:ec2::254"] {
+            assert_eq!(platform.refuses(ip(addr)), None, "{addr}");
+        }
+        let local = Egress::tenant(false, nets(&["127.0.0.0/8"]));
+        assert_eq!(local.refuses(ip("127.0.0.1")), None);
+        assert_eq!(local.refuses(ip("::ffff:127.0.0.1")), None, "mapped");
+        assert!(local.refuses(ip("::1")).is_some());
+        assert!(local.refuses(ip("169.254.169.254")).is_some());
+        let metadata = Egress::tenant(false, nets(&["169.254.169.254/32", "fe80::/10"]));
+        assert_eq!(metadata.refuses(ip("169.254.169.254")), None);
+        assert_eq!(metadata.refuses(ip("fe80::1")), None);
+        assert!(metadata.refuses(ip("169.254.169.253")).is_some());
+    }
+
+    #[test]
+    fn cidr_flags_parse() {
+        assert_eq!(
+            parse_cidr(" 127.0.0.0/8 ").unwrap().to_string(),
+            "127.0.0.0/8"
+        );
+        assert_eq!(parse_cidr("::1/128").unwrap().to_string(), "::1/128");
+        assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse_cidr("127.0.0.1").unwrap().to_string(), "127.0.0.1/32");
+        assert_eq!(
+            parse_cidr("fd00:ec2::254").unwrap().to_string(),
+            "fd00:ec2::254/128"
+        );
+        for bad in ["", "nope", "10.0.0.0/33", "::1/129", "10.0.0.0/8/8"] {
+            assert!(parse_cidr(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn urls_are_checked_before_sending() {
+        let check = |e: &Egress, u: &str| e.check_url(&reqwest::Url::parse(u).unwrap());
+        let strict = Egress::tenant(false, Vec::new());
+        for (url, needle) in [
+            ("https://127.0.0.1/token", "127.0.0.1 is loopback"),
+            ("https://2130706433/token", "127.0.0.1 is loopback"),
+            ("https://0x7f.1/token", "127.0.0.1 is loopback"),
+            ("https://[::1]:8200/v1", "::1 is loopback"),
+            ("https://[::ffff:7f00:1]/", "IPv4-mapped 127.0.0.1"),
+            ("https://169.254.169.254/latest/meta-data", "metadata"),
+            ("https://[fd00:ec2::254]/latest", "metadata"),
+            ("https://100.100.100.200/latest", "metadata"),
+            ("https://0.0.0.0:8080/", "unspecified"),
+            // The destination is named before the scheme.
+            ("http://127.0.0.1:9/mint", "127.0.0.1 is loopback"),
+        ] {
+            let m = invalid(check(&strict, url));
+            assert!(m.contains(needle), "{url}: {m}");
+        }
+        let m = invalid(check(&strict, "http://idp.internal:8080/token?secret=x"));
+        assert_eq!(
+            m,
+            "http://idp.internal:8080 is not https: a namespaced TokenIssuer must use https \
+             (the operator's --issuer-allow-http allows plain http; use a ClusterTokenIssuer \
+             for platform endpoints)"
+        );
+        check(&strict, "https://idp.internal/token").unwrap();
+        check(&strict, "https://10.0.0.7/token").unwrap();
+        let http = Egress::tenant(true, Vec::new());
+        check(&http, "http://10.0.0.7/token").unwrap();
+        assert!(invalid(check(&http, "http://127.0.0.1/")).contains("loopback"));
+        let platform = Egress::platform();
+        check(&platform, "http://127.0.0.1:9/mint").unwrap();
+        check(&platform, "http://169.254.169.254/").unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_ip_literal_is_refused_without_a_connection() {
+        let (url, seen) = stand_in(|s, _| answer(s, "HTTP/1.1 200 OK".to_string())).await;
+        let port = url.rsplit(':').next().unwrap().trim_end_matches("/token");
+        let mapped = format!("http://[::ffff:127.0.0.1]:{port}/token");
+        for egress in [Egress::tenant(true, Vec::new()), Egress::default()] {
+            let http = client(None, None, &egress).unwrap();
+            for target in [&url, &mapped] {
+                let started = Instant::now();
+                let m = invalid(
+                    send_within("mint request", Duration::from_secs(20), &egress, || {
+                        http.post(target)
+                    })
+                    .await,
+                );
+                assert!(m.starts_with("mint request: destination "), "{m}");
+                assert!(m.contains("loopback"), "{m}");
+                assert!(started.elapsed() < Duration::from_secs(1), "never retried");
+                let m = invalid(probe(http.head(target), "mint endpoint", &egress).await);
+                assert!(m.starts_with("mint endpoint: destination "), "{m}");
+            }
+        }
+        assert_eq!(seen.connections.load(SeqCst), 0);
+        // The platform's client reaches the same stand-in.
+        let platform = Egress::platform();
+        let http = client(None, None, &platform).unwrap();
+        let reply = send_within("mint request", Duration::from_secs(20), &platform, || {
+            http.post(&url)
+        })
+        .await
+        .unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(seen.requests.load(SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_name_resolving_to_loopback_is_refused_at_connect_time() {
+        let (url, seen) = stand_in(|s, _| answer(s, "HTTP/1.1 200 OK".to_string())).await;
+        let by_name = url.replace("127.0.0.1", "localhost");
+        let egress = Egress::tenant(true, Vec::new());
+        let http = client(None, None, &egress).unwrap();
+        let started = Instant::now();
+        let m = invalid(
+            send_within("token request", Duration::from_secs(20), &egress, || {
+                http.get(&by_name)
+            })
+            .await,
+        );
+        assert!(
+            m.starts_with("token request: destination localhost ("),
+            "{m}"
+        );
+        assert!(m.contains(") is loopback: "), "{m}");
+        assert!(m.contains("--issuer-allow-cidr"), "{m}");
+        assert!(started.elapsed() < Duration::from_secs(1), "never retried");
+        let m = invalid(probe(http.get(&by_name), "token endpoint", &egress).await);
+        assert!(m.contains("localhost ("), "{m}");
+        assert_eq!(seen.connections.load(SeqCst), 0);
+        // Allowed by flag: the same name reaches the stand-in.
+        let egress = Egress::tenant(true, nets(&["127.0.0.0/8", "::1/128"]));
+        let http = client(None, None, &egress).unwrap();
+        let reply = send_within("token request", Duration::from_secs(20), &egress, || {
+            http.get(&by_name)
+        })
+        .await
+        .unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(seen.requests.load(SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn the_resolver_drops_refused_addresses() {
+        use reqwest::dns::Resolve;
+        let resolve = |egress: Egress| async move {
+            EgressResolver { egress }
+                .resolve("localhost".parse().unwrap())
+                .await
+                .map(|addrs| addrs.collect::<Vec<_>>())
+        };
+        let e = resolve(Egress::tenant(true, Vec::new())).await.unwrap_err();
+        let refusal = e.downcast_ref::<Refused>().expect("a refusal");
+        assert!(refusal.0.contains("localhost ("), "{refusal}");
+        let v4 = resolve(Egress::tenant(false, nets(&["127.0.0.0/8"])))
+            .await
+            .unwrap();
+        assert!(!v4.is_empty());
+        assert!(v4.iter().all(|a| a.ip() == ip("127.0.0.1")), "{v4:?}");
+        let platform = resolve(Egress::platform()).await.unwrap();
+        assert!(!platform.is_empty());
+        // A name with a refused and an allowed address keeps the allowed one.
+        let addr = |s: &str| SocketAddr::new(ip(s), 0);
+        let strict = Egress::default();
+        let kept = strict
+            .filter(
+                "idp.internal",
+                vec![addr("169.254.169.254"), addr("10.0.0.5"), addr("::1")],
+            )
+            .unwrap();
+        assert_eq!(kept, vec![addr("10.0.0.5")]);
+        let e = strict
+            .filter("rebound.example", vec![addr("::ffff:127.0.0.1")])
+            .unwrap_err();
+        assert!(
+            e.0.starts_with("destination rebound.example (::ffff:127.0.0.1) is loopback"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -760,14 +1379,21 @@ mod tests {
     #[test]
     fn a_bad_ca_bundle_is_a_configuration_error() {
         assert!(matches!(
-            client(Some("not pem"), None),
+            client(Some("not pem"), None, &Egress::platform()),
             Err(IssuerError::Invalid(_))
         ));
         assert!(matches!(
-            client(None, Some(&Duration::ZERO.into())),
+            client(None, Some(&Duration::ZERO.into()), &Egress::platform()),
             Err(IssuerError::Invalid(_))
         ));
-        assert!(client(None, None).is_ok());
-        assert!(client(None, Some(&Duration::from_secs(2).into())).is_ok());
+        assert!(client(None, None, &Egress::platform()).is_ok());
+        assert!(
+            client(
+                None,
+                Some(&Duration::from_secs(2).into()),
+                &Egress::platform()
+            )
+            .is_ok()
+        );
     }
 }

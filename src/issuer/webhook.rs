@@ -27,14 +27,22 @@ pub struct WebhookIssuer {
     kube: Client,
     spec: WebhookIssuerSpec,
     secret_namespace: String,
+    /// Where its HTTP requests may go.
+    egress: web::Egress,
 }
 
 impl WebhookIssuer {
-    pub fn new(kube: Client, spec: WebhookIssuerSpec, secret_namespace: String) -> Self {
+    pub fn new(
+        kube: Client,
+        spec: WebhookIssuerSpec,
+        secret_namespace: String,
+        egress: web::Egress,
+    ) -> Self {
         WebhookIssuer {
             kube,
             spec,
             secret_namespace,
+            egress,
         }
     }
 
@@ -77,22 +85,31 @@ impl WebhookIssuer {
     async fn mint_inner(&self, req: &MintRequest) -> Result<MintedToken, IssuerError> {
         self.validate()?;
         let body = render_body(self.spec.body.as_deref(), req)?;
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
+        let http = web::client(
+            self.spec.ca_bundle.as_deref(),
+            self.spec.timeout.as_ref(),
+            &self.egress,
+        )?;
         let auth = self.authorization().await?;
         let method = self.spec.method.as_deref().unwrap_or("POST");
         let issued_at = Timestamp::now();
-        let reply = web::send("mint request", self.spec.timeout.as_ref(), || {
-            let rb = match method {
-                "PUT" => http.put(&self.spec.url),
-                "GET" => http.get(&self.spec.url),
-                _ => http.post(&self.spec.url),
-            };
-            let rb = rb.json(&body);
-            match &auth {
-                Some(a) => rb.header("Authorization", a.expose_secret()),
-                None => rb,
-            }
-        })
+        let reply = web::send(
+            "mint request",
+            self.spec.timeout.as_ref(),
+            &self.egress,
+            || {
+                let rb = match method {
+                    "PUT" => http.put(&self.spec.url),
+                    "GET" => http.get(&self.spec.url),
+                    _ => http.post(&self.spec.url),
+                };
+                let rb = rb.json(&body);
+                match &auth {
+                    Some(a) => rb.header("Authorization", a.expose_secret()),
+                    None => rb,
+                }
+            },
+        )
         .await?;
         if reply.status >= 400 {
             let msg = format!("mint refused: {}", reply.describe());
@@ -157,22 +174,31 @@ impl WebhookIssuer {
                 "neither an id nor the token is held; it dies at its expiry".into(),
             ));
         }
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
+        let http = web::client(
+            self.spec.ca_bundle.as_deref(),
+            self.spec.timeout.as_ref(),
+            &self.egress,
+        )?;
         let auth = self.authorization().await?;
-        let reply = web::send("revoke request", self.spec.timeout.as_ref(), || {
-            let mut body = serde_json::Map::new();
-            if let Some(id) = id {
-                body.insert("id".into(), Value::String(id.to_string()));
-            }
-            if let Some(t) = token {
-                body.insert("token".into(), Value::String(t.expose_secret().to_string()));
-            }
-            let rb = http.post(url).json(&body);
-            match &auth {
-                Some(a) => rb.header("Authorization", a.expose_secret()),
-                None => rb,
-            }
-        })
+        let reply = web::send(
+            "revoke request",
+            self.spec.timeout.as_ref(),
+            &self.egress,
+            || {
+                let mut body = serde_json::Map::new();
+                if let Some(id) = id {
+                    body.insert("id".into(), Value::String(id.to_string()));
+                }
+                if let Some(t) = token {
+                    body.insert("token".into(), Value::String(t.expose_secret().to_string()));
+                }
+                let rb = http.post(url).json(&body);
+                match &auth {
+                    Some(a) => rb.header("Authorization", a.expose_secret()),
+                    None => rb,
+                }
+            },
+        )
         .await?;
         match reply.status {
             200..=299 | 404 | 410 => Ok(Revocation::Revoked),
@@ -186,9 +212,13 @@ impl WebhookIssuer {
     async fn check_inner(&self) -> Result<(), IssuerError> {
         self.validate()?;
         render_body(self.spec.body.as_deref(), &MintRequest::default())?;
-        let http = web::client(self.spec.ca_bundle.as_deref(), self.spec.timeout.as_ref())?;
+        let http = web::client(
+            self.spec.ca_bundle.as_deref(),
+            self.spec.timeout.as_ref(),
+            &self.egress,
+        )?;
         self.authorization().await?;
-        web::probe(http.head(&self.spec.url), "mint endpoint").await
+        web::probe(http.head(&self.spec.url), "mint endpoint", &self.egress).await
     }
 }
 

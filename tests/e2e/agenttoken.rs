@@ -50,6 +50,7 @@ spec:
   serviceAccount: {{}}
   policy:
     maxLifetime: 2h
+    allowedAudiences: ["https://kubernetes.default.svc.cluster.local"]
 {extra_policy}
 "#
     )
@@ -558,7 +559,7 @@ async fn a_cluster_issuer_serves_only_allowed_namespaces() {
     let _op = Operator::start(&ns.name);
     let issuer = format!("cti-{}", crate::support::random_suffix());
     let yaml = format!(
-        "apiVersion: agenttoken.dev/v1alpha1\nkind: ClusterTokenIssuer\nmetadata: {{name: {issuer}}}\nspec:\n  serviceAccount: {{}}\n  policy:\n    allowedNamespaces: [\"team-*\"]\n"
+        "apiVersion: agenttoken.dev/v1alpha1\nkind: ClusterTokenIssuer\nmetadata: {{name: {issuer}}}\nspec:\n  serviceAccount: {{}}\n  policy:\n    allowedNamespaces: [\"team-*\"]\n    allowedServiceAccounts: [\"builder\"]\n"
     );
     applied(&ns, &yaml);
     applied(

@@ -219,6 +219,9 @@ spec:
     apiURL: http://127.0.0.1:{port}
     appID: {APP_ID}
     privateKeySecretRef: {{name: app-key, key: private-key.pem}}
+  policy:
+    allowedRepositories: ["infra", "app-*"]
+    allowedPermissions: {{contents: write, metadata: read}}
 ---
 apiVersion: agenttoken.dev/v1alpha1
 kind: AgentToken
@@ -278,21 +281,52 @@ spec:
     .await;
     assert!(!gh.lock().unwrap().tokens[&first].2, "revoked at GitHub");
 
-    // A permission the App was not granted: refused with GitHub's message.
-    let greedy = yaml
-        .split("---")
-        .nth(1)
-        .unwrap()
-        .replace("name: bot", "name: greedy")
-        .replace("contents: read", "administration: write");
-    assert!(apply(&ns, &greedy).status.success());
-    eventually(Duration::from_secs(45), "greedy refused", || async {
-        let st = ats.get("greedy").await.ok()?.status?;
-        st.last_failure_message
-            .filter(|m| m.contains("not granted"))
-            .map(|_| ())
-    })
-    .await;
+    // Outside the issuer's policy, fail closed: a permission it does not
+    // list, no permissions at all (GitHub would grant every one of the
+    // installation), an installation picked by the AgentToken. Each is
+    // refused with the rule named and never reaches the stand-in.
+    let agent = yaml.split("---").nth(1).unwrap().to_string();
+    let cases = [
+        (
+            agent
+                .replace("name: bot", "name: greedy")
+                .replace("contents: read", "administration: write"),
+            "greedy",
+            "policy.allowedPermissions",
+        ),
+        (
+            agent
+                .replace("name: bot", "name: everything")
+                .replace("  permissions: {contents: read}\n", "")
+                .replace("  repositories: [\"infra\"]\n", ""),
+            "everything",
+            "spec.repositories is required",
+        ),
+        (
+            agent.replace("name: bot", "name: elsewhere").replace(
+                "  lifetime: 1h",
+                "  lifetime: 1h\n  parameters: {installationID: \"99\"}",
+            ),
+            "elsewhere",
+            "installationID cannot be set",
+        ),
+    ];
+    let minted_before = gh.lock().unwrap().tokens.len();
+    for (yaml, name, words) in &cases {
+        assert!(apply(&ns, yaml).status.success(), "{name}");
+        let message = eventually(Duration::from_secs(45), name, || async {
+            let st = ats.get(name).await.ok()?.status?;
+            let c = st.conditions.iter().find(|c| c.type_ == "Ready")?;
+            (c.reason == "PolicyViolation").then(|| c.message.clone())
+        })
+        .await;
+        assert!(message.contains(words), "{name}: {message}");
+    }
+    assert_eq!(
+        gh.lock().unwrap().tokens.len(),
+        minted_before,
+        "no refused request reached GitHub"
+    );
     let logs = op.logs();
     assert!(!logs.contains(&first) && !logs.contains("PRIVATE KEY"));
 }

@@ -61,6 +61,8 @@ fn chart_lints_and_its_schema_rejects_bad_values() {
             "metrics.serviceMonitor.enabled=true",
             "--set",
             "metrics.prometheusRule.enabled=true",
+            "--set",
+            "rbac.tenantsMayWriteIssuers=true",
         ]),
         "helm lint with every option",
     );
@@ -70,6 +72,8 @@ fn chart_lints_and_its_schema_rejects_bad_values() {
         ("consumers.rolloutTimeout=soon", "rolloutTimeout"),
         ("leaderElection.enable=true", "enable"),
         ("watchNamespaces={Not_A_Namespace}", "watchNamespaces"),
+        ("rbac.aggregateRoles=maybe", "aggregateRoles"),
+        ("rbac.tenantsMayWriteIssuer=true", "tenantsMayWriteIssuer"),
     ] {
         let out = helm(&["template", "t", c, "--set", set]);
         assert!(!out.status.success(), "--set {set} was accepted");
@@ -120,7 +124,10 @@ fn rendered_deployment_is_hardened_and_highly_available() {
         .collect();
     assert!(args.contains(&"--leader-election=true"), "{args:?}");
     // Cluster-wide mode: the ClusterRole holds the namespaced rules; no pods/exec by default.
-    let cr = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
+    let cr = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "t-agent-token-operator")
+        .unwrap();
     let rules = cr["rules"].to_string();
     assert!(
         rules.contains("secrets") && !rules.contains("pods/exec"),
@@ -155,8 +162,15 @@ fn token_kubeconfig(token: &str, name: &str) -> PathBuf {
     path
 }
 
+/// `kubectl auth can-i`; a `resource/sub` is a subresource (kubectl alone
+/// would read `sub` as an object name: `pods/exec` = the pod named exec).
 fn can_i(kubeconfig: &Path, ns: Option<&str>, verb: &str, resource: &str) -> bool {
+    let (resource, sub) = resource.split_once('/').unwrap_or((resource, ""));
+    let sub = format!("--subresource={sub}");
     let mut args = vec!["auth", "can-i", verb, resource];
+    if sub.len() > "--subresource=".len() {
+        args.push(&sub);
+    }
     if ns.is_none() {
         args.push("--all-namespaces");
     }
@@ -287,6 +301,54 @@ spec:
             .then_some(())
     })
     .await;
+    // The jwt issuer creates its JWKS ConfigMap and records it on the
+    // TokenIssuer (configmaps create, tokenissuers patch).
+    let pem = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ED25519"])
+        .output()
+        .expect("openssl");
+    let signing = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "signing-key"},
+        "stringData": {"key.pem": String::from_utf8_lossy(&pem.stdout)},
+    });
+    assert!(apply(&team, &signing.to_string()).status.success());
+    let jwt = r#"
+apiVersion: agenttoken.dev/v1alpha1
+kind: TokenIssuer
+metadata: {name: agents}
+spec:
+  jwt:
+    signingKeySecretRef: {name: signing-key, key: key.pem}
+    issuer: https://agents.example
+  policy: {maxLifetime: 1h, allowedScopes: [deploy], allowedAudiences: ["https://api.internal"]}
+---
+apiVersion: agenttoken.dev/v1alpha1
+kind: AgentToken
+metadata: {name: signed}
+spec:
+  issuerRef: {name: agents}
+  scopes: [deploy]
+  audiences: ["https://api.internal"]
+  lifetime: 15m
+"#;
+    assert!(apply(&team, jwt).status.success());
+    eventually(Duration::from_secs(30), "a JWT minted", || async {
+        let at = api.get("signed").await.ok()?;
+        (at.status?.revision == 1).then_some(())
+    })
+    .await;
+    let ti: Api<agent_token_operator::crd::TokenIssuer> = team.api();
+    let agents = ti.get("agents").await.unwrap();
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = team.api();
+    let cm = cms.get("agents-jwks").await.unwrap();
+    let records =
+        agent_token_operator::issuer::jwt::read_records(agents.metadata.annotations.as_ref());
+    assert_eq!(
+        records
+            .get(&format!("{}/agents-jwks", team.name))
+            .map(|r| r.uid.clone()),
+        cm.metadata.uid
+    );
     // Revoke: new token, old one revoked, consumer restarted.
     ok(
         team.kubectl(&["annotate", "at", "bot", "agenttoken.dev/revoke=1"]),
@@ -337,4 +399,284 @@ spec:
         helm(&["uninstall", &release, "-n", &ops.name]),
         "helm uninstall",
     );
+}
+
+const AGGREGATE_TO: &str = "rbac.authorization.k8s.io/aggregate-to-";
+
+/// A user-facing ClusterRole: (name suffix, built-in roles it aggregates
+/// into, resources, verbs), each list sorted.
+type UserRole = (String, Vec<String>, Vec<String>, Vec<String>);
+
+/// The user-facing ClusterRoles of a `helm template t ... ARGS` render.
+fn user_roles(args: &[&str]) -> Vec<UserRole> {
+    let c = chart();
+    let mut all = vec!["template", "t", c.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let rendered = ok(helm(&all), "helm template");
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&rendered).unwrap();
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        let mut out: Vec<String> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(String::from))
+            .collect();
+        out.sort();
+        out
+    };
+    let mut roles: Vec<_> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole")
+        .filter_map(|d| {
+            let name = d["metadata"]["name"].as_str()?;
+            let suffix = name.strip_prefix("t-agent-token-operator-")?;
+            let mut into: Vec<String> = d["metadata"]["labels"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| k.starts_with(AGGREGATE_TO) && v.as_str() == Some("true"))
+                .map(|(k, _)| k[AGGREGATE_TO.len()..].to_string())
+                .collect();
+            into.sort();
+            let rules = d["rules"].as_array()?;
+            assert_eq!(rules.len(), 1, "{name}: one rule");
+            assert_eq!(strings(&rules[0]["apiGroups"]), vec!["agenttoken.dev"]);
+            Some((
+                suffix.to_string(),
+                into,
+                strings(&rules[0]["resources"]),
+                strings(&rules[0]["verbs"]),
+            ))
+        })
+        .collect();
+    roles.sort();
+    roles
+}
+
+fn strs(v: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn user_roles_render_with_their_aggregation_labels_and_verbs() {
+    let view = |into: &[&str]| {
+        (
+            "view".to_string(),
+            strs(into),
+            strs(&["agenttokens", "tokenissuers"]),
+            strs(&["get", "list", "watch"]),
+        )
+    };
+    let edit = |into: &[&str]| {
+        (
+            "edit".to_string(),
+            strs(into),
+            strs(&["agenttokens"]),
+            strs(&["create", "update", "patch", "delete", "deletecollection"]),
+        )
+    };
+    let issuer_admin = |into: &[&str]| {
+        (
+            "issuer-admin".to_string(),
+            strs(into),
+            strs(&["tokenissuers"]),
+            strs(&[
+                "get",
+                "list",
+                "watch",
+                "create",
+                "update",
+                "patch",
+                "delete",
+                "deletecollection",
+            ]),
+        )
+    };
+    // Default: view everywhere, edit in edit and admin, issuers in no
+    // built-in role (bindable by hand).
+    assert_eq!(
+        user_roles(&[]),
+        vec![
+            edit(&["edit", "admin"]),
+            issuer_admin(&[]),
+            view(&["view", "edit", "admin"]),
+        ]
+    );
+    // Tenants may write issuers: issuer-admin in admin, never in edit.
+    assert_eq!(
+        user_roles(&["--set", "rbac.tenantsMayWriteIssuers=true"]),
+        vec![
+            edit(&["edit", "admin"]),
+            issuer_admin(&["admin"]),
+            view(&["view", "edit", "admin"]),
+        ]
+    );
+    // No aggregation: the same roles, unlabelled, whatever else is set.
+    assert_eq!(
+        user_roles(&[
+            "--set",
+            "rbac.aggregateRoles=false",
+            "--set",
+            "rbac.tenantsMayWriteIssuers=true",
+        ]),
+        vec![edit(&[]), issuer_admin(&[]), view(&[])]
+    );
+    // Writing AgentTokens never includes their status (only the operator's).
+    let all = user_roles(&["--set", "rbac.tenantsMayWriteIssuers=true"]);
+    assert!(
+        all.iter()
+            .all(|(_, _, resources, _)| resources.iter().all(|r| !r.contains('/'))),
+        "{all:?}"
+    );
+}
+
+/// `kubectl auth can-i VERB RESOURCE -n NS --as USER`, as cluster-admin. A
+/// `resource/sub` is a subresource (kubectl would read `sub` as a name).
+fn user_can(user: &str, ns: &str, verb: &str, resource: &str) -> bool {
+    let (resource, sub) = resource.split_once('/').unwrap_or((resource, ""));
+    let sub = format!("--subresource={sub}");
+    let mut args = vec!["auth", "can-i", verb, resource, "--as", user];
+    if sub.len() > "--subresource=".len() {
+        args.push(&sub);
+    }
+    let out = kubectl_as(&cluster().admin_kubeconfig, Some(ns), &args);
+    String::from_utf8_lossy(&out.stdout).trim() == "yes"
+}
+
+async fn until_can(user: &str, ns: &str, verb: &str, resource: &str, want: bool) {
+    eventually(
+        Duration::from_secs(45),
+        &format!("{user} can {verb} {resource}: {want}"),
+        || async { (user_can(user, ns, verb, resource) == want).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn editors_request_tokens_but_only_admins_trusted_with_issuers_write_them() {
+    crate::support::install_crds();
+    let ops = TestNamespace::new("helm-agg").await;
+    let team = TestNamespace::new("helm-edit").await;
+    let release = format!("agg-{}", &ops.name[ops.name.len() - 6..]);
+    // Aggregated roles change the built-in ones cluster-wide: uninstall
+    // even when the test fails.
+    let _uninstall = Uninstall(release.clone(), ops.name.clone());
+    ok(
+        helm(&[
+            "install",
+            &release,
+            chart().to_str().unwrap(),
+            "-n",
+            &ops.name,
+            "--set",
+            &format!("watchNamespaces={{{}}}", team.name),
+            "--skip-crds",
+        ]),
+        "helm install",
+    );
+    // The restricted user (a real identity, for real creates) holds the
+    // built-in `edit` in the team namespace; another user the built-in
+    // `admin` (checked by impersonation).
+    let editor = "agenttoken-restricted";
+    let admin = format!("ns-admin-{}", &team.name[team.name.len() - 6..]);
+    let bindings = format!(
+        r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: editor}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: edit}}
+subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: {editor}}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: admin}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: admin}}
+subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: {admin}}}]
+"#
+    );
+    assert!(apply(&team, &bindings).status.success());
+    until_can(editor, &team.name, "create", "agenttokens", true).await;
+
+    // edit: request tokens, read issuers, nothing more.
+    let at = r#"
+apiVersion: agenttoken.dev/v1alpha1
+kind: AgentToken
+metadata: {name: bot}
+spec:
+  issuerRef: {name: sa}
+  serviceAccountName: builder
+  lifetime: 15m
+"#;
+    let out = crate::support::apply_as(&cluster().restricted_kubeconfig, &team.name, at);
+    assert!(
+        out.status.success(),
+        "an editor creates an AgentToken: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let issuer = "apiVersion: agenttoken.dev/v1alpha1\nkind: TokenIssuer\nmetadata: {name: mine}\nspec: {serviceAccount: {}}\n";
+    let out = crate::support::apply_as(&cluster().restricted_kubeconfig, &team.name, issuer);
+    assert!(!out.status.success(), "an editor created a TokenIssuer");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("forbidden"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (verb, resource, want) in [
+        ("delete", "agenttokens", true),
+        ("list", "tokenissuers", true),
+        ("patch", "agenttokens/status", false),
+        ("update", "tokenissuers", false),
+        ("list", "clustertokenissuers", false),
+    ] {
+        assert_eq!(
+            user_can(editor, &team.name, verb, resource),
+            want,
+            "edit: {verb} {resource}"
+        );
+    }
+    assert!(!user_can(editor, &ops.name, "create", "agenttokens"));
+    // admin: the same, and still no issuers by default.
+    assert!(user_can(&admin, &team.name, "create", "agenttokens"));
+    assert!(!user_can(&admin, &team.name, "create", "tokenissuers"));
+
+    // rbac.tenantsMayWriteIssuers: namespace admins write issuers; editors
+    // still do not.
+    ok(
+        helm(&[
+            "upgrade",
+            &release,
+            chart().to_str().unwrap(),
+            "-n",
+            &ops.name,
+            "--reuse-values",
+            "--set",
+            "rbac.tenantsMayWriteIssuers=true",
+            "--skip-crds",
+        ]),
+        "helm upgrade",
+    );
+    until_can(&admin, &team.name, "create", "tokenissuers", true).await;
+    assert!(!user_can(editor, &team.name, "create", "tokenissuers"));
+    // Uninstalled, the aggregated rules go with the release.
+    ok(
+        helm(&["uninstall", &release, "-n", &ops.name]),
+        "helm uninstall",
+    );
+    let roles = kubectl_as(
+        &cluster().admin_kubeconfig,
+        None,
+        &["get", "clusterrole", "-o", "name"],
+    );
+    assert!(!String::from_utf8_lossy(&roles.stdout).contains(&release));
+}
+
+/// `helm uninstall RELEASE -n NAMESPACE` when dropped.
+struct Uninstall(String, String);
+
+impl Drop for Uninstall {
+    fn drop(&mut self) {
+        let _ = helm(&["uninstall", &self.0, "-n", &self.1, "--ignore-not-found"]);
+    }
 }

@@ -56,7 +56,7 @@ subjects:
 /// Binds the tenant Role in `ns` (as admin) and returns a client acting as
 /// the tenant, once RBAC lets it in. Also checks the tenant cannot touch
 /// issuers, so every test really runs with the rights described above.
-async fn tenant(ns: &TestNamespace) -> Client {
+pub(crate) async fn tenant(ns: &TestNamespace) -> Client {
     applied(ns, &tenant_rbac());
     let client = support::client_for(&cluster().restricted_kubeconfig).await;
     let ats: Api<AgentToken> = Api::namespaced(client.clone(), &ns.name);
@@ -78,7 +78,7 @@ async fn tenant(ns: &TestNamespace) -> Client {
 }
 
 /// `kubectl apply -f -` as the tenant in `ns`.
-fn apply_as_tenant(ns: &str, yaml: &str) -> Output {
+pub(crate) fn apply_as_tenant(ns: &str, yaml: &str) -> Output {
     support::apply_as(&cluster().restricted_kubeconfig, ns, yaml)
 }
 

@@ -1,18 +1,27 @@
 //! The jwt issuer on the local control plane: tokens signed by the operator
 //! verify with nothing but the JWKS it publishes in a ConfigMap, including
-//! across a signing-key rotation. Keys are generated per test with openssl.
+//! across a signing-key rotation; and a tenant (the restricted user, with
+//! ConfigMap rights in its namespace) can neither slip its own key into that
+//! JWKS nor make the operator publish into a ConfigMap it planted. Keys are
+//! generated per test with openssl.
 
 use std::process::Command;
 use std::time::Duration;
 
 use jsonwebtoken::jwk::JwkSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
-use agent_token_operator::crd::{AgentToken, RevocationState};
+use agent_token_operator::crd::{AgentToken, ClusterTokenIssuer, RevocationState, TokenIssuer};
+use agent_token_operator::issuer::jwt::{
+    JwksRecord, RECORD_ANNOTATION, SigningKey, load_key, read_records,
+};
 
-use crate::support::{Operator, TestNamespace, apply, eventually};
+use crate::support::{
+    self, Operator, TestNamespace, applied, apply, cluster, eventually, random_suffix,
+};
 
 fn key(args: &[&str]) -> String {
     let out = Command::new("openssl")
@@ -80,7 +89,7 @@ spec:
   jwt:
     signingKeySecretRef: {name: signing-key, key: key.pem}
     issuer: https://agents.example
-  policy: {maxLifetime: 1h, allowedScopes: ["deploy", "read"]}
+  policy: {maxLifetime: 1h, allowedScopes: ["deploy", "read"], allowedAudiences: ["https://api.internal"]}
 ---
 apiVersion: agenttoken.dev/v1alpha1
 kind: AgentToken
@@ -155,4 +164,434 @@ spec:
     let published = serde_json::to_string(&cm.data).unwrap();
     assert!(!published.contains("\"d\""), "no private key material");
     assert!(!op.logs().contains(&first) && !op.logs().contains("PRIVATE KEY"));
+}
+
+/// The user of `cluster().restricted_kubeconfig`.
+const TENANT_USER: &str = "agenttoken-restricted";
+
+/// The jwt TokenIssuer `agents` and the AgentToken `bot` that uses it.
+const ISSUER: &str = r#"
+apiVersion: agenttoken.dev/v1alpha1
+kind: TokenIssuer
+metadata: {name: agents}
+spec:
+  jwt:
+    signingKeySecretRef: {name: signing-key, key: key.pem}
+    issuer: https://agents.example
+  policy:
+    maxLifetime: 1h
+    allowedScopes: ["deploy", "read"]
+    allowedAudiences: ["https://api.internal"]
+"#;
+const BOT: &str = r#"
+apiVersion: agenttoken.dev/v1alpha1
+kind: AgentToken
+metadata: {name: bot}
+spec:
+  issuerRef: {name: agents}
+  scopes: ["deploy"]
+  audiences: ["https://api.internal"]
+  lifetime: 10m
+  previousTokenGracePeriod: 0s
+"#;
+
+fn ec_pem() -> String {
+    key(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+    ])
+}
+
+/// A namespace admin: AgentTokens, Secrets and ConfigMaps in `ns`, no
+/// issuers. Returns a client acting as the tenant once RBAC lets it in.
+async fn tenant(ns: &TestNamespace) -> Client {
+    applied(
+        ns,
+        &format!(
+            r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: tenant-admin}}
+rules:
+- apiGroups: [agenttoken.dev]
+  resources: [agenttokens]
+  verbs: ["*"]
+- apiGroups: [""]
+  resources: [secrets, configmaps]
+  verbs: ["*"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: tenant-admin}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: tenant-admin}}
+subjects:
+- {{apiGroup: rbac.authorization.k8s.io, kind: User, name: {TENANT_USER}}}
+"#
+        ),
+    );
+    let client = support::client_for(&cluster().restricted_kubeconfig).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    eventually(
+        Duration::from_secs(30),
+        "the tenant's RoleBinding takes effect",
+        || async { cms.list(&ListParams::default()).await.ok().map(|_| ()) },
+    )
+    .await;
+    client
+}
+
+/// A JWT for `sub` signed with `key` (its thumbprint as `kid`), with the
+/// issuer's `iss` and audience: what a tenant holding `key` could forge.
+fn forge(key: &SigningKey, sub: &str) -> String {
+    let mut header = jsonwebtoken::Header::new(key.algorithm);
+    header.kid = key.jwk.common.key_id.clone();
+    let now = jiff::Timestamp::now().as_second();
+    let claims = json!({
+        "iss": "https://agents.example", "aud": "https://api.internal", "sub": sub,
+        "scope": "deploy admin", "iat": now, "nbf": now, "exp": now + 600,
+    });
+    jsonwebtoken::encode(&header, &claims, &key.encoding).unwrap()
+}
+
+/// Verifies `token` against `set` as a relying service would: by `kid`.
+fn verifies(set: &JwkSet, token: &str) -> bool {
+    let Ok(header) = jsonwebtoken::decode_header(token) else {
+        return false;
+    };
+    let Some(jwk) = header.kid.as_deref().and_then(|k| set.find(k)) else {
+        return false;
+    };
+    let Ok(dk) = jsonwebtoken::DecodingKey::from_jwk(jwk) else {
+        return false;
+    };
+    let mut v = jsonwebtoken::Validation::new(header.alg);
+    v.set_issuer(&["https://agents.example"]);
+    v.set_audience(&["https://api.internal"]);
+    jsonwebtoken::decode::<Value>(token, &dk, &v).is_ok()
+}
+
+fn kids(set: &JwkSet) -> Vec<String> {
+    set.keys
+        .iter()
+        .filter_map(|k| k.common.key_id.clone())
+        .collect()
+}
+
+/// Adds `jwk` to the published `jwks.json` as the tenant; returns the
+/// document it wrote.
+async fn add_key_as_tenant(tenant: &Client, ns: &TestNamespace, jwk: &Value) -> String {
+    let cms: Api<ConfigMap> = Api::namespaced(tenant.clone(), &ns.name);
+    eventually(
+        Duration::from_secs(20),
+        "the tenant's edit of the JWKS",
+        || async {
+            let mut cm = cms.get("agents-jwks").await.ok()?;
+            let mut doc: Value = serde_json::from_str(cm.data.as_ref()?.get("jwks.json")?).ok()?;
+            doc["keys"].as_array_mut()?.push(jwk.clone());
+            let text = doc.to_string();
+            cm.data.as_mut()?.insert("jwks.json".into(), text.clone());
+            // A conflict (the operator wrote meanwhile) is retried.
+            cms.replace("agents-jwks", &PostParams::default(), &cm)
+                .await
+                .ok()?;
+            Some(text)
+        },
+    )
+    .await
+}
+
+async fn wait_revision(ats: &Api<AgentToken>, revision: i64) {
+    eventually(
+        Duration::from_secs(45),
+        &format!("revision {revision}"),
+        || async { (ats.get("bot").await.ok()?.status?.revision == revision).then_some(()) },
+    )
+    .await;
+}
+
+/// The issuer's record of the ConfigMap `namespace/name`.
+fn record(annotations: &std::collections::BTreeMap<String, String>, id: &str) -> JwksRecord {
+    read_records(Some(annotations))
+        .remove(id)
+        .unwrap_or_else(|| panic!("no record of {id} in {annotations:?}"))
+}
+
+#[tokio::test]
+async fn a_key_a_tenant_adds_to_the_jwks_is_dropped_and_never_verifies() {
+    let ns = TestNamespace::new("jwt-foreign").await;
+    let tenant = tenant(&ns).await;
+    let op = Operator::start(&ns.name);
+    put_key(&ns, &ec_pem()).await;
+    applied(&ns, &format!("{ISSUER}---{BOT}"));
+    let ats: Api<AgentToken> = ns.api();
+    wait_revision(&ats, 1).await;
+    let first = token(&ns).await;
+
+    // The ConfigMap is the operator's: created by it, owned by the issuer,
+    // and its UID and key ids are recorded on the issuer.
+    let issuer: TokenIssuer = ns.api().get("agents").await.unwrap();
+    let cm: ConfigMap = ns.api().get("agents-jwks").await.unwrap();
+    let owner = &cm.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("TokenIssuer", issuer.uid().unwrap().as_str())
+    );
+    let rec = record(issuer.annotations(), &format!("{}/agents-jwks", ns.name));
+    assert_eq!(rec.uid, cm.uid().unwrap());
+    let ours = kids(&jwks(&ns).await.unwrap());
+    assert_eq!(rec.kids, ours);
+    // ... where the tenant cannot write.
+    let tenant_issuers: Api<TokenIssuer> = Api::namespaced(tenant.clone(), &ns.name);
+    let forged_record = json!({"metadata": {"annotations": {RECORD_ANNOTATION: "{}"}}});
+    match tenant_issuers
+        .patch(
+            "agents",
+            &PatchParams::default(),
+            &Patch::Merge(&forged_record),
+        )
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.code == 403 => {}
+        other => panic!(
+            "the tenant must not write the issuer: {:?}",
+            other.map(|_| ())
+        ),
+    }
+
+    // The tenant adds its own key to jwks.json: with that document, a token
+    // it signs would verify as the platform's.
+    let evil = load_key(&ec_pem()).unwrap();
+    let evil_kid = evil.jwk.common.key_id.clone().unwrap();
+    let forged = forge(&evil, &format!("{}/bot", ns.name));
+    let tampered = add_key_as_tenant(&tenant, &ns, &serde_json::to_value(&evil.jwk).unwrap()).await;
+    let tampered_set: JwkSet = serde_json::from_str(&tampered).unwrap();
+    assert!(verifies(&tampered_set, &forged), "the attack is real");
+
+    // The next mint (a rotation the tenant asks for) publishes only the
+    // operator's keys.
+    let tenant_ats: Api<AgentToken> = Api::namespaced(tenant.clone(), &ns.name);
+    let rotate = json!({"metadata": {"annotations": {"agenttoken.dev/rotate": "1"}}});
+    tenant_ats
+        .patch("bot", &PatchParams::default(), &Patch::Merge(&rotate))
+        .await
+        .unwrap();
+    wait_revision(&ats, 2).await;
+    let set = jwks(&ns).await.unwrap();
+    assert_eq!(kids(&set), ours, "only the operator's key");
+    assert!(!verifies(&set, &forged), "the forged token does not verify");
+    assert!(verifies(&set, &first) && verifies(&set, &token(&ns).await));
+    let logs = op.logs();
+    assert!(
+        logs.contains("did not publish") && logs.contains(&evil_kid),
+        "a warning names the dropped key:\n{logs}"
+    );
+
+    // Again, then a signing-key rotation: the new key and the previous one,
+    // never the tenant's.
+    add_key_as_tenant(&tenant, &ns, &serde_json::to_value(&evil.jwk).unwrap()).await;
+    put_key(&ns, &key(&["genpkey", "-algorithm", "ED25519"])).await;
+    let rotate = json!({"metadata": {"annotations": {"agenttoken.dev/rotate": "2"}}});
+    ats.patch("bot", &PatchParams::default(), &Patch::Merge(&rotate))
+        .await
+        .unwrap();
+    wait_revision(&ats, 3).await;
+    let third = token(&ns).await;
+    let set = jwks(&ns).await.unwrap();
+    assert_eq!(set.keys.len(), 2, "{:?}", kids(&set));
+    assert_eq!(kids(&set)[1], ours[0]);
+    assert!(!kids(&set).contains(&evil_kid));
+    assert!(!verifies(&set, &forged));
+    assert!(verifies(&set, &third) && verifies(&set, &first));
+    let issuer: TokenIssuer = ns.api().get("agents").await.unwrap();
+    assert_eq!(
+        record(issuer.annotations(), &format!("{}/agents-jwks", ns.name)).kids,
+        kids(&set)
+    );
+}
+
+#[tokio::test]
+async fn a_jwks_configmap_the_operator_did_not_create_is_never_written() {
+    let ns = TestNamespace::new("jwt-planted").await;
+    let tenant = tenant(&ns).await;
+    put_key(&ns, &ec_pem()).await;
+    applied(&ns, ISSUER);
+    let issuer: TokenIssuer = ns.api().get("agents").await.unwrap();
+    // Before the operator runs, the tenant plants the ConfigMap with every
+    // mark of the operator's: its label and an owner reference to the issuer.
+    let evil = load_key(&ec_pem()).unwrap();
+    let planted = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {
+            "name": "agents-jwks",
+            "labels": {"app.kubernetes.io/managed-by": "agent-token-operator"},
+            "ownerReferences": [{
+                "apiVersion": "agenttoken.dev/v1alpha1", "kind": "TokenIssuer",
+                "name": "agents", "uid": issuer.uid().unwrap(), "controller": true,
+            }],
+        },
+        "data": {"jwks.json": json!({"keys": [evil.jwk]}).to_string()},
+    });
+    let out = support::apply_as(
+        &cluster().restricted_kubeconfig,
+        &ns.name,
+        &planted.to_string(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before: ConfigMap = ns.api().get("agents-jwks").await.unwrap();
+
+    let _op = Operator::start(&ns.name);
+    let out = support::apply_as(&cluster().restricted_kubeconfig, &ns.name, BOT);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let says = format!(
+        "ConfigMap {}/agents-jwks exists and was not created by this issuer; delete it or set jwt.jwksConfigMap",
+        ns.name
+    );
+    let issuers: Api<TokenIssuer> = ns.api();
+    let ready = |want: &'static str| {
+        let issuers = issuers.clone();
+        async move {
+            eventually(
+                Duration::from_secs(45),
+                &format!("issuer Ready={want}"),
+                || async {
+                    let c = issuers
+                        .get("agents")
+                        .await
+                        .ok()?
+                        .status?
+                        .conditions
+                        .into_iter()
+                        .find(|c| c.type_ == "Ready" && c.status == want)?;
+                    Some((c.reason, c.message))
+                },
+            )
+            .await
+        }
+    };
+    let (reason, message) = ready("False").await;
+    assert_eq!(reason, "InvalidConfig");
+    assert_eq!(message, says);
+    // Nothing minted; the AgentToken says why.
+    let ats: Api<AgentToken> = ns.api();
+    let failure = eventually(Duration::from_secs(30), "the mint failure", || async {
+        ats.get("bot").await.ok()?.status?.last_failure_message
+    })
+    .await;
+    assert!(failure.contains(&says), "{failure}");
+    assert!(ns.api::<Secret>().get_opt("bot").await.unwrap().is_none());
+    assert_eq!(ats.get("bot").await.unwrap().status.unwrap().revision, 0);
+    // The planted ConfigMap was not written, and nothing was recorded.
+    let after: ConfigMap = ns.api().get("agents-jwks").await.unwrap();
+    assert_eq!(after.resource_version(), before.resource_version());
+    assert_eq!(after.data, before.data);
+    let issuer: TokenIssuer = ns.api().get("agents").await.unwrap();
+    assert!(!issuer.annotations().contains_key(RECORD_ANNOTATION));
+
+    // Deleted (what the message says to do), the operator makes its own.
+    let cms: Api<ConfigMap> = Api::namespaced(tenant.clone(), &ns.name);
+    cms.delete("agents-jwks", &DeleteParams::default())
+        .await
+        .unwrap();
+    ok_kubectl(&ns, &["annotate", "tokenissuer", "agents", "e2e/touch=1"]);
+    ready("True").await;
+    wait_revision(&ats, 1).await;
+    let cm: ConfigMap = ns.api().get("agents-jwks").await.unwrap();
+    assert_ne!(cm.uid(), before.uid());
+    let issuer: TokenIssuer = ns.api().get("agents").await.unwrap();
+    assert_eq!(
+        record(issuer.annotations(), &format!("{}/agents-jwks", ns.name)).uid,
+        cm.uid().unwrap()
+    );
+    let set = jwks(&ns).await.unwrap();
+    assert_eq!(set.keys.len(), 1);
+    assert!(verifies(&set, &token(&ns).await));
+    assert!(!verifies(&set, &forge(&evil, "x/y")));
+}
+
+#[tokio::test]
+async fn a_cluster_issuer_owns_and_records_its_jwks() {
+    let ns = TestNamespace::new("jwt-cluster").await;
+    // The test operator's namespace is its lease namespace: the test's.
+    let _op = Operator::start(&ns.name);
+    put_key(&ns, &ec_pem()).await;
+    let name = format!("jwt-{}", random_suffix());
+    let _cleanup = DeleteOnDrop(name.clone());
+    applied(
+        &ns,
+        &format!(
+            r#"
+apiVersion: agenttoken.dev/v1alpha1
+kind: ClusterTokenIssuer
+metadata: {{name: {name}}}
+spec:
+  jwt:
+    signingKeySecretRef: {{name: signing-key, key: key.pem}}
+    issuer: https://agents.example
+  policy:
+    allowedNamespaces: ["{ns}"]
+    allowedScopes: ["deploy"]
+    allowedAudiences: ["https://api.internal"]
+---
+{bot}"#,
+            ns = ns.name,
+            bot = BOT.replace(
+                "issuerRef: {name: agents}",
+                &format!("issuerRef: {{kind: ClusterTokenIssuer, name: {name}}}")
+            ),
+        ),
+    );
+    let ats: Api<AgentToken> = ns.api();
+    wait_revision(&ats, 1).await;
+    let ctis: Api<ClusterTokenIssuer> = Api::all(ns.client.clone());
+    let cti = ctis.get(&name).await.unwrap();
+    let cm: ConfigMap = ns.api().get(&format!("{name}-jwks")).await.unwrap();
+    let owner = &cm.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("ClusterTokenIssuer", cti.uid().unwrap().as_str())
+    );
+    let rec = record(cti.annotations(), &format!("{}/{name}-jwks", ns.name));
+    assert_eq!(rec.uid, cm.uid().unwrap());
+    let set: JwkSet = serde_json::from_str(&cm.data.unwrap()["jwks.json"]).unwrap();
+    assert!(verifies(&set, &token(&ns).await));
+}
+
+/// Deletes the ClusterTokenIssuer of that name when dropped (a failed
+/// test too): every test operator reconciles every ClusterTokenIssuer.
+struct DeleteOnDrop(String);
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        let _ = support::kubectl_as(
+            &cluster().admin_kubeconfig,
+            None,
+            &[
+                "delete",
+                "clustertokenissuer",
+                &self.0,
+                "--wait=false",
+                "--ignore-not-found",
+            ],
+        );
+    }
+}
+
+fn ok_kubectl(ns: &TestNamespace, args: &[&str]) {
+    let out = ns.kubectl(args);
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -4,6 +4,7 @@
 mod agenttoken;
 mod cluster;
 mod consumers;
+mod egress;
 mod github_app;
 mod helm;
 mod hostile;
@@ -11,6 +12,7 @@ mod jwt;
 mod node;
 mod oauth2;
 mod plugin;
+mod policy;
 mod support;
 mod transport;
 mod vault;

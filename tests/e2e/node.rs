@@ -403,3 +403,77 @@ async fn node_helm_install_runs_the_operator_as_a_pod_that_mints() {
         "helm uninstall",
     );
 }
+
+/// A tenant aims `Signal` (TERM) at a workload that does not use its Secret,
+/// through `restart: Selected`: nothing reaches it (same Pod, no restart, no
+/// signal in its log), on the real node.
+#[tokio::test]
+async fn node_signal_aimed_at_a_workload_that_does_not_use_the_secret_touches_nothing() {
+    let ns = TestNamespace::new("node-aim").await;
+    let (_op, _first, _pod) = agent_running(&ns, "Signal", &[]).await;
+    // A bystander reading a Secret of its own, running before the attack.
+    applied(
+        &ns,
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: own}\nstringData: {token: bystander-value}\n",
+    );
+    applied(&ns, &agent_deployment("bystander", "own"));
+    let line = format!(
+        "start: loaded token sha256:{}",
+        fingerprint(b"bystander-value")
+    );
+    let target = pod_that_logged(&ns, "bystander", &line, 90).await;
+    crate::hostile::tenant(&ns).await;
+    let out = crate::hostile::apply_as_tenant(
+        &ns.name,
+        r#"
+apiVersion: agenttoken.dev/v1alpha1
+kind: AgentToken
+metadata: {name: aimer}
+spec:
+  issuerRef: {name: sa}
+  serviceAccountName: builder
+  lifetime: 10m
+  previousTokenGracePeriod: 0s
+  consumers:
+    restart: Selected
+    selector: {matchLabels: {app: bystander}}
+    strategy: Signal
+    signal: {signal: TERM, container: agent}
+"#,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let api: Api<AgentToken> = ns.api();
+    eventually(Duration::from_secs(30), "aimer minted", || async {
+        (api.get("aimer").await.ok()?.status?.revision == 1).then_some(())
+    })
+    .await;
+    rotate(&ns, "aimer").await;
+    let at = eventually(Duration::from_secs(45), "aimer rotated", || async {
+        let at = api.get("aimer").await.ok()?;
+        (at.status.as_ref()?.revision == 2).then_some(at)
+    })
+    .await;
+    // Give a signal, had one been sent, time to land.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        at.status.unwrap().consumers.is_empty(),
+        "no consumer selected: the bystander does not use the Secret"
+    );
+    let pods = running_pods(&ns, "bystander").await;
+    assert_eq!(pods.len(), 1);
+    assert_eq!(pods[0].uid(), target.uid(), "the Pod was not replaced");
+    assert_eq!(
+        restart_count(&pods[0]),
+        0,
+        "the container was not restarted"
+    );
+    let log = pod_log(&ns, &target.name_any()).await;
+    assert!(
+        !log.contains("SIG"),
+        "no signal reached the bystander: {log}"
+    );
+}

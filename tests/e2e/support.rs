@@ -260,6 +260,7 @@ impl Operator {
                 vec!["--lease-namespace", namespace]
             })
             .args(["--log-level", "info,agent_token_operator=debug"])
+            .args(egress_defaults(extra))
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .stdout(file.try_clone().expect("log file"))
@@ -324,6 +325,25 @@ impl Operator {
 impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The operator refuses a namespaced TokenIssuer plain http and loopback
+/// destinations, but the issuer tests run their local stand-ins on
+/// 127.0.0.1 over http behind namespaced TokenIssuers: so every operator a
+/// test starts allows exactly that, unless the test speaks about egress
+/// itself (any `--issuer-allow-*` argument, e.g. the marker
+/// `--issuer-allow-http=false` for "no allowances at all").
+pub const ALLOW_LOCAL_STAND_INS: [&str; 2] = [
+    "--issuer-allow-http",
+    "--issuer-allow-cidr=127.0.0.0/8,::1/128",
+];
+
+fn egress_defaults(extra: &[&str]) -> Vec<&'static str> {
+    if extra.iter().any(|a| a.starts_with("--issuer-allow-")) {
+        Vec::new()
+    } else {
+        ALLOW_LOCAL_STAND_INS.to_vec()
     }
 }
 

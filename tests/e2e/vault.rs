@@ -145,7 +145,9 @@ impl OpenBao {
     }
 }
 
-async fn setup(ns: &TestNamespace, b: &OpenBao, extra: &str) {
+/// A vault TokenIssuer `bao` (plus `vault_extra` under `spec.vault`) and
+/// an AgentToken `bot` (plus `extra` under its spec).
+async fn setup(ns: &TestNamespace, b: &OpenBao, vault_extra: &str, extra: &str) {
     let api: Api<Secret> = ns.api();
     let s: Secret = serde_json::from_value(json!({
         "metadata": {"name": "bao-token"},
@@ -162,6 +164,7 @@ spec:
   vault:
     address: {addr}
     auth: {{tokenSecretRef: {{name: bao-token, key: token}}}}
+{vault_extra}
   policy:
     maxLifetime: 1h
     allowedScopes: ["deployer", "default"]
@@ -191,17 +194,22 @@ async fn token_in_secret(ns: &TestNamespace) -> String {
 }
 
 async fn rotate_and_wait_revoked(ns: &TestNamespace) {
+    rotate_and_wait_revoked_revision(ns, 1).await;
+}
+
+/// Rotates `bot` and waits until `revision` is revoked.
+async fn rotate_and_wait_revoked_revision(ns: &TestNamespace, revision: i64) {
     let api: Api<AgentToken> = ns.api();
     let patch = json!({"metadata": {"annotations": {"agenttoken.dev/rotate": "1"}}});
     api.patch("bot", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
-    eventually(Duration::from_secs(45), "revision 1 revoked", || async {
+    eventually(Duration::from_secs(45), "revoked", || async {
         let at = api.get("bot").await.ok()?;
         at.status?
             .history
             .iter()
-            .any(|h| h.revision == 1 && h.revocation == RevocationState::Revoked)
+            .any(|h| h.revision == revision && h.revocation == RevocationState::Revoked)
             .then_some(())
     })
     .await;
@@ -228,15 +236,18 @@ async fn openbao_real_server_child_token_with_policies_revoked_by_accessor() {
     assert!(s < 300, "create policy: {s}");
     let ns = TestNamespace::new("vault-child").await;
     let op = Operator::start(&ns.name);
-    setup(&ns, &b, "  scopes: [\"deployer\"]\n").await;
+    setup(&ns, &b, "", "  scopes: [\"deployer\", \"default\"]\n").await;
     wait_revision_1(&ns).await;
     let first = token_in_secret(&ns).await;
     let (s, info) = b
         .call_as(&first, "GET", "auth/token/lookup-self", None)
         .await;
     assert_eq!(s, 200, "the minted token works");
-    let policies = info["data"]["policies"].to_string();
-    assert!(policies.contains("deployer"), "{policies}");
+    assert_eq!(
+        info["data"]["policies"],
+        json!(["default", "deployer"]),
+        "exactly the policies asked for"
+    );
     let ttl = info["data"]["ttl"].as_i64().unwrap();
     assert!((500..=600).contains(&ttl), "ttl {ttl}");
     assert_eq!(
@@ -289,20 +300,57 @@ async fn openbao_real_server_dynamic_secret_lease_is_revoked() {
     assert!(s < 300, "ssh role: {s} {body}");
     let ns = TestNamespace::new("vault-lease").await;
     let _op = Operator::start(&ns.name);
+    // The path, method and body are the issuer's (they run with the
+    // operator's Vault token); the AgentToken only refers to the issuer.
     setup(
         &ns,
         &b,
-        "  parameters: {path: ssh/creds/agent, method: POST, body: '{\"ip\": \"127.0.0.1\"}', tokenField: key}\n",
+        "    dynamicSecret: {path: ssh/creds/agent, method: POST, body: '{\"ip\": \"127.0.0.1\"}', tokenField: key}",
+        "",
     )
     .await;
-    wait_revision_1(&ns).await;
+    // The mount grants its default lease (768h), over the issuer's
+    // maxLifetime of 1h: the grant, not the request, must fit the policy,
+    // so revision 1 is revoked at once, recorded, and never delivered.
+    let api: Api<AgentToken> = ns.api();
+    let message = eventually(Duration::from_secs(45), "grant refused", || async {
+        let st = api.get("bot").await.ok()?.status?;
+        let revoked = st
+            .history
+            .iter()
+            .any(|h| h.revision == 1 && h.revocation == RevocationState::Revoked);
+        let c = st.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (revoked && c.status == "False").then(|| st.last_failure_message.unwrap_or_default())
+    })
+    .await;
+    assert!(message.contains("over policy.maxLifetime 1h"), "{message}");
+    assert!(
+        leases(&b).await.is_empty(),
+        "the over-long lease was revoked at once"
+    );
+    let s: Option<Secret> = ns.api().get_opt("bot").await.unwrap();
+    assert!(s.is_none(), "nothing was delivered");
+    // With the mount's leases within the policy, the next attempt delivers.
+    let (s, body) = b
+        .call(
+            "POST",
+            "sys/mounts/ssh/tune",
+            Some(json!({"default_lease_ttl": "10m", "max_lease_ttl": "10m"})),
+        )
+        .await;
+    assert!(s < 300, "tune: {s} {body}");
+    eventually(Duration::from_secs(60), "revision 2 delivered", || async {
+        let st = api.get("bot").await.ok()?.status?;
+        (st.revision == 2 && st.token_fingerprint.is_some()).then_some(())
+    })
+    .await;
     let before = leases(&b).await;
-    assert_eq!(before.len(), 1, "one lease for revision 1: {before:?}");
+    assert_eq!(before.len(), 1, "one lease for revision 2: {before:?}");
     assert!(!token_in_secret(&ns).await.is_empty());
-    rotate_and_wait_revoked(&ns).await;
+    rotate_and_wait_revoked_revision(&ns, 2).await;
     let after = leases(&b).await;
-    assert_eq!(after.len(), 1, "only revision 2's lease is left: {after:?}");
-    assert_ne!(after, before, "revision 1's lease was revoked");
+    assert_eq!(after.len(), 1, "only revision 3's lease is left: {after:?}");
+    assert_ne!(after, before, "revision 2's lease was revoked");
 }
 
 #[tokio::test]
@@ -346,4 +394,105 @@ async fn leases(b: &OpenBao) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// OpenBao's own view proves the policy: a tenant (the restricted user)
+/// asks for a child token without policies (which OpenBao would fill with
+/// the operator's own), a Vault path of its choosing (a policy write run
+/// with the operator's token), a policy outside allowedScopes: each is
+/// refused with the rule named and never reaches OpenBao; the token that
+/// is allowed carries exactly its policy and a TTL within maxLifetime.
+#[tokio::test]
+async fn openbao_real_server_tenant_cannot_escape_the_issuer_policy() {
+    let b = OpenBao::start().await;
+    let (s, _) = b
+        .call(
+            "PUT",
+            "sys/policies/acl/deployer",
+            Some(json!({"policy": "path \"secret/*\" { capabilities = [\"read\"] }"})),
+        )
+        .await;
+    assert!(s < 300, "create policy: {s}");
+    let accessors = || async {
+        let (s, body) = b.call("LIST", "auth/token/accessors", None).await;
+        assert_eq!(s, 200, "list accessors: {body}");
+        body["data"]["keys"].as_array().map_or(0, Vec::len)
+    };
+    let before = accessors().await;
+    let ns = TestNamespace::new("vault-tenant").await;
+    let _op = Operator::start(&ns.name);
+    // The platform's issuer, with no AgentToken yet.
+    setup(&ns, &b, "", "").await;
+    let _ = ns
+        .api::<AgentToken>()
+        .delete("bot", &Default::default())
+        .await;
+    crate::hostile::tenant(&ns).await;
+    let at = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: agenttoken.dev/v1alpha1\nkind: AgentToken\nmetadata: {{name: {name}}}\nspec:\n  issuerRef: {{name: bao}}\n  lifetime: 30m\n{spec}"
+        )
+    };
+    for (name, spec) in [
+        ("greedy", ""),
+        (
+            "writer",
+            "  scopes: [deployer]\n  parameters: {path: sys/policies/acl/evil, method: POST, body: '{\"policy\": \"path \\\"*\\\" { capabilities = [\\\"sudo\\\"] }\"}'}\n",
+        ),
+        ("rooted", "  scopes: [root]\n"),
+        ("fine", "  scopes: [deployer]\n"),
+    ] {
+        let out = crate::hostile::apply_as_tenant(&ns.name, &at(name, spec));
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let api: Api<AgentToken> = ns.api();
+    for (name, words) in [
+        ("greedy", "would inherit every policy"),
+        ("writer", "cannot be set on an AgentToken: Vault paths"),
+        (
+            "rooted",
+            "policy.allowedScopes: scope \"root\" is not allowed",
+        ),
+    ] {
+        let message = eventually(Duration::from_secs(45), name, || async {
+            let st = api.get(name).await.ok()?.status?;
+            let c = st.conditions.iter().find(|c| c.type_ == "Ready")?;
+            (c.reason == "PolicyViolation").then(|| c.message.clone())
+        })
+        .await;
+        assert!(message.contains(words), "{name}: {message}");
+    }
+    eventually(Duration::from_secs(45), "fine minted", || async {
+        let st = api.get("fine").await.ok()?.status?;
+        (st.revision == 1).then_some(())
+    })
+    .await;
+    let s: Secret = ns.api().get("fine").await.unwrap();
+    let token = String::from_utf8(s.data.unwrap()["token"].0.clone()).unwrap();
+    let (s, info) = b
+        .call("POST", "auth/token/lookup", Some(json!({"token": token})))
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        info["data"]["policies"],
+        json!(["deployer"]),
+        "only the allowed policy"
+    );
+    let ttl = info["data"]["ttl"].as_i64().unwrap();
+    assert!(
+        ttl <= 1800 && ttl > 1700,
+        "TTL within the request and maxLifetime: {ttl}"
+    );
+    // OpenBao's own records: one token more (the allowed one), no policy written.
+    assert_eq!(
+        accessors().await,
+        before + 1,
+        "only the allowed token was created"
+    );
+    let (s, _) = b.call("GET", "sys/policies/acl/evil", None).await;
+    assert_eq!(s, 404, "the tenant's Vault path never ran");
 }

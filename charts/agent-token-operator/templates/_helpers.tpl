@@ -30,9 +30,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [agenttoken.dev]
   resources: [agenttokens/status]
   verbs: [patch]
+# patch: the jwt issuer records the JWKS ConfigMap it created (its UID and
+# the key ids it published) in an annotation on the issuer.
 - apiGroups: [agenttoken.dev]
   resources: [tokenissuers]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, patch]
 - apiGroups: [agenttoken.dev]
   resources: [tokenissuers/status]
   verbs: [patch]
