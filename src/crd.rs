@@ -1183,6 +1183,10 @@ pub struct JwtIssuerSpec {
         default,
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub jwks_config_map: Option<String>,
 }
 
@@ -1190,7 +1194,9 @@ pub struct JwtIssuerSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IssuerPolicy {
-    /// Longest lifetime a token may have; a longer request is refused.
+    /// Longest lifetime a token may have: a longer request is refused, and a
+    /// token the issuer grants for longer is revoked at once and never
+    /// delivered. Default 24h.
     /// Between 5m and 8760h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "lifetime_schema")]

@@ -48,6 +48,9 @@ impl Level {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Policy {
     pub max_lifetime: Option<Duration>,
+    /// `max_lifetime` is the operator's default, not the issuer's: it bounds
+    /// requests and grants but is not the lifetime asked for by default.
+    pub max_is_default: bool,
     /// Globs; empty: no scope may be asked for.
     pub allowed_scopes: Vec<String>,
     /// Globs; only checked for cluster-scoped issuers (a namespaced issuer
@@ -307,6 +310,7 @@ pub fn check(policy: &Policy, req: &Request<'_>) -> Result<Effective, Violation>
             return Err(Violation::LifetimeTooLong { requested, max });
         }
         (Some(requested), _) => Some(requested),
+        (None, _) if policy.max_is_default => None,
         (None, max) => max,
     };
     let mut scopes = req.scopes.to_vec();
@@ -703,6 +707,23 @@ mod tests {
             Some(Duration::from_secs(3600))
         );
         assert_eq!(grant_too_long(&Policy::default(), Duration::MAX), None);
+        // The operator's default maximum bounds, but is not asked for.
+        let d = Policy {
+            max_lifetime: Some(Duration::from_secs(86_400)),
+            max_is_default: true,
+            ..Default::default()
+        };
+        assert_eq!(check(&d, &r).unwrap().lifetime, None);
+        let long = Request {
+            lifetime: Some(Duration::from_secs(2 * 86_400)),
+            ..r
+        };
+        assert!(
+            check(&d, &long)
+                .unwrap_err()
+                .to_string()
+                .contains("maximum of 24h")
+        );
     }
 
     #[test]

@@ -33,6 +33,8 @@ use crate::{labels, policy};
 
 /// Entries kept in `status.history`.
 pub const HISTORY_LIMIT: usize = 10;
+/// An issuer policy's maxLifetime when it sets none.
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Lifetime asked for when neither the AgentToken nor the policy names one.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 /// Longest one mint or revocation may take, all its calls together (each
@@ -69,7 +71,6 @@ pub struct Refusal {
 /// Reconciles one AgentToken. A panic (a bug meeting data it did not
 /// expect) fails this object, which backs off, instead of the process.
 pub async fn reconcile(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<Action, Error> {
-    use futures::FutureExt;
     let _slot = ctx
         .queue
         .admit(
@@ -77,10 +78,22 @@ pub async fn reconcile(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<Action,
             urgency(&at, ctx.clock.now()),
         )
         .await;
-    match std::panic::AssertUnwindSafe(reconcile_unguarded(at, ctx.clone()))
-        .catch_unwind()
-        .await
-    {
+    let result = guarded(reconcile_unguarded(at, ctx.clone())).await;
+    if let Err(Error::Panicked(message)) = &result {
+        warn!(error = %message, "reconcile panicked; the object backs off");
+        ctx.metrics.observe_reconcile(Duration::ZERO, Some("panic"));
+    }
+    result
+}
+
+/// Runs a reconcile, turning a panic into [`Error::Panicked`] (its message
+/// cut to 200 characters) so only that object fails.
+pub async fn guarded<F>(fut: F) -> Result<Action, Error>
+where
+    F: std::future::Future<Output = Result<Action, Error>>,
+{
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
         Ok(result) => result,
         Err(payload) => {
             let message = payload
@@ -88,10 +101,7 @@ pub async fn reconcile(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<Action,
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            let message: String = message.chars().take(200).collect();
-            warn!(error = %message, "reconcile panicked; the object backs off");
-            ctx.metrics.observe_reconcile(Duration::ZERO, Some("panic"));
-            Err(Error::Panicked(message))
+            Err(Error::Panicked(message.chars().take(200).collect()))
         }
     }
 }
@@ -980,7 +990,9 @@ pub fn issuer_policy(issuer: &ResolvedIssuer) -> Result<policy::Policy, String> 
         allowed_permissions.insert(name.clone(), level);
     }
     Ok(policy::Policy {
-        max_lifetime,
+        // Fail closed: without a maxLifetime a token lives at most a day.
+        max_is_default: max_lifetime.is_none(),
+        max_lifetime: max_lifetime.or(Some(DEFAULT_MAX_LIFETIME)),
         allowed_scopes: pol.allowed_scopes,
         // A selector alone admits the namespaces it matches.
         allowed_namespaces: if issuer.cluster_scoped
@@ -1581,4 +1593,30 @@ async fn consumers_step(
         report.entries.push(entry);
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_reconcile_fails_that_object_and_the_process_goes_on() {
+        let r = guarded(async {
+            let revision: i64 = std::hint::black_box(i64::MAX);
+            let _ = revision
+                .checked_add(1)
+                .expect("a bug met data it did not expect");
+            Ok(Action::await_change())
+        })
+        .await;
+        match r {
+            Err(Error::Panicked(m)) => assert!(m.contains("did not expect"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // A long panic message is cut.
+        let r = guarded(async { panic!("{}", "x".repeat(10_000)) }).await;
+        assert!(matches!(r, Err(Error::Panicked(m)) if m.len() == 200));
+        // And an ordinary result passes through.
+        assert!(guarded(async { Ok(Action::await_change()) }).await.is_ok());
+    }
 }

@@ -798,3 +798,91 @@ async fn tenant_cannot_retrigger_a_rotation_by_editing_the_secret_record() {
     );
     eprintln!("took {:?}", started.elapsed());
 }
+
+/// An issuer that answers a mint with a 1 GiB body (streamed, no
+/// Content-Length): a local stand-in of a broken or hostile minting
+/// service behind a webhook TokenIssuer. The operator stops reading at
+/// 1 MiB, does not retry, says why on the AgentToken, and its memory stays
+/// small; the stand-in counts what it managed to send.
+#[tokio::test]
+async fn webhook_stand_in_with_a_gigabyte_body_is_refused_without_the_memory() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ns = TestNamespace::new("hostile-body").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let requests = Arc::new(AtomicU32::new(0));
+    {
+        let (sent, requests) = (sent.clone(), requests.clone());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (sent, requests) = (sent.clone(), requests.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let _ = conn.read(&mut buf).await;
+                    // A HEAD reachability probe gets an empty answer.
+                    if buf.starts_with(b"HEAD") {
+                        let _ = conn
+                            .write_all(
+                                b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n",
+                            )
+                            .await;
+                        return;
+                    }
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                    if conn.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![b'a'; 64 * 1024];
+                    let frame = [
+                        format!("{:x}\r\n", chunk.len()).into_bytes(),
+                        chunk,
+                        b"\r\n".to_vec(),
+                    ]
+                    .concat();
+                    for _ in 0..(1 << 14) {
+                        // 16,384 chunks of 64 KiB: 1 GiB.
+                        if conn.write_all(&frame).await.is_err() {
+                            return;
+                        }
+                        sent.fetch_add(64 * 1024, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+    }
+    let op = Operator::start(&ns.name);
+    applied(
+        &ns,
+        &format!(
+            "apiVersion: agenttoken.dev/v1alpha1\nkind: TokenIssuer\nmetadata: {{name: flood}}\nspec:\n  webhook:\n    url: http://127.0.0.1:{port}/mint\n    result: {{tokenPath: $.token, expiresInPath: $.ttl}}\n---\napiVersion: agenttoken.dev/v1alpha1\nkind: AgentToken\nmetadata: {{name: bot}}\nspec:\n  issuerRef: {{name: flood}}\n  lifetime: 10m\n"
+        ),
+    );
+    let api: Api<AgentToken> = ns.api();
+    let message = eventually(Duration::from_secs(60), "the mint refused", || async {
+        let st = api.get("bot").await.ok()?.status?;
+        st.last_failure_message.filter(|m| m.contains("1 MiB"))
+    })
+    .await;
+    assert!(message.contains("larger than 1 MiB"), "{message}");
+    let mut op = op;
+    assert!(!op.exited(), "the operator is still running");
+    let mib_sent = sent.load(Ordering::SeqCst) / (1 << 20);
+    let tries = requests.load(Ordering::SeqCst).max(1) as u64;
+    assert!(
+        mib_sent / tries < 64,
+        "the operator stopped reading early: {mib_sent} MiB sent over {tries} request(s)"
+    );
+    let peak = op.peak_rss_kib().unwrap_or(0) / 1024;
+    assert!(
+        peak < 200,
+        "the operator's peak memory stayed small: {peak} MiB"
+    );
+    let secrets: Api<Secret> = ns.api();
+    assert!(
+        secrets.get_opt("bot").await.unwrap().is_none(),
+        "no Secret written"
+    );
+    eprintln!("1 GiB body: {mib_sent} MiB sent over {tries} request(s), operator peak {peak} MiB");
+}

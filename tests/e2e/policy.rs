@@ -166,6 +166,10 @@ async fn tenant_jwt_scopes_and_audiences_are_only_what_the_policy_allows() {
             "  scopes: [\"read:x\"]\n  audiences: [\"https://payroll\"]\n",
         ),
         (
+            "resource",
+            "  scopes: [\"read:x\"]\n  parameters: {resource: \"https://payroll\"}\n",
+        ),
+        (
             "fine",
             "  scopes: [\"read:x\"]\n  audiences: [\"https://api.internal\"]\n",
         ),
@@ -188,6 +192,11 @@ async fn tenant_jwt_scopes_and_audiences_are_only_what_the_policy_allows() {
         refused(&ns, "elsewhere")
             .await
             .contains("policy.allowedAudiences")
+    );
+    assert!(
+        refused(&ns, "resource")
+            .await
+            .contains("policy.allowedResources")
     );
     minted(&ns, "fine").await;
     let c = claims(&token(&ns, "fine").await);
