@@ -63,6 +63,14 @@ fn chart_lints_and_its_schema_rejects_bad_values() {
             "metrics.prometheusRule.enabled=true",
             "--set",
             "rbac.tenantsMayWriteIssuers=true",
+            "--set",
+            "issuerEgress.allowHttp=true",
+            "--set",
+            "issuerEgress.allowCIDRs={10.0.0.0/8,::1/128,169.254.169.254}",
+            "--set",
+            "serveProtectedNamespaces={kube-system}",
+            "--set",
+            "policy.restrictNamespacedIssuers=true",
         ]),
         "helm lint with every option",
     );
@@ -74,6 +82,38 @@ fn chart_lints_and_its_schema_rejects_bad_values() {
         ("watchNamespaces={Not_A_Namespace}", "watchNamespaces"),
         ("rbac.aggregateRoles=maybe", "aggregateRoles"),
         ("rbac.tenantsMayWriteIssuer=true", "tenantsMayWriteIssuer"),
+        ("issuerEgress.allowCIDRs={10}", "/issuerEgress/allowCIDRs/0"),
+        (
+            "issuerEgress.allowCIDRs={10.0.0.0/33}",
+            "/issuerEgress/allowCIDRs/0",
+        ),
+        (
+            "issuerEgress.allowCIDRs={internal}",
+            "/issuerEgress/allowCIDRs/0",
+        ),
+        (
+            "issuerEgress.allowCIDRs=10.0.0.0/8",
+            "/issuerEgress/allowCIDRs",
+        ),
+        ("issuerEgress.allowHttp=yes", "/issuerEgress/allowHttp"),
+        ("issuerEgress.allowHttps=true", "allowHttps"),
+        ("issuerEgress.allowCidrs={10.0.0.0/8}", "allowCidrs"),
+        (
+            "serveProtectedNamespaces={Kube_System}",
+            "/serveProtectedNamespaces/0",
+        ),
+        (
+            "serveProtectedNamespaces=kube-system",
+            "/serveProtectedNamespaces",
+        ),
+        (
+            "policy.restrictNamespacedIssuers=maybe",
+            "restrictNamespacedIssuers",
+        ),
+        (
+            "policy.restrictNamespacedIssuer=true",
+            "restrictNamespacedIssuer",
+        ),
     ] {
         let out = helm(&["template", "t", c, "--set", set]);
         assert!(!out.status.success(), "--set {set} was accepted");
@@ -135,6 +175,190 @@ fn rendered_deployment_is_hardened_and_highly_available() {
     );
     // The Prometheus objects render only when asked for.
     assert!(!kinds.contains(&"ServiceMonitor") && !kinds.contains(&"PrometheusRule"));
+}
+
+/// The documents of `helm template t CHART -n ops ARGS`.
+fn render(args: &[&str]) -> Vec<serde_json::Value> {
+    let c = chart();
+    let mut all = vec!["template", "t", c.to_str().unwrap(), "-n", "ops"];
+    all.extend_from_slice(args);
+    let rendered = ok(helm(&all), "helm template");
+    serde_saphyr::from_multiple(&rendered).unwrap()
+}
+
+/// The operator container's arguments in a render.
+fn operator_args(docs: &[serde_json::Value]) -> Vec<String> {
+    let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn multi_tenancy_values_render_their_flags_only_when_set() {
+    const NEW_FLAGS: [&str; 3] = [
+        "--issuer-allow-http",
+        "--issuer-allow-cidr",
+        "--serve-protected-namespaces",
+    ];
+    // Defaults: none of the flags (the binary's own defaults apply), no policy.
+    let docs = render(&[]);
+    let args = operator_args(&docs);
+    assert!(
+        args.iter()
+            .all(|a| NEW_FLAGS.iter().all(|f| !a.starts_with(f))),
+        "{args:?}"
+    );
+    assert!(
+        docs.iter().all(|d| !d["kind"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("ValidatingAdmission")),
+        "a ValidatingAdmissionPolicy rendered by default"
+    );
+    // Explicitly off / empty: still nothing.
+    let args = operator_args(&render(&[
+        "--set",
+        "issuerEgress.allowHttp=false",
+        "--set",
+        "issuerEgress.allowCIDRs=null",
+        "--set",
+        "serveProtectedNamespaces=null",
+    ]));
+    assert!(
+        args.iter()
+            .all(|a| NEW_FLAGS.iter().all(|f| !a.starts_with(f))),
+        "{args:?}"
+    );
+    // Set: exactly these flags, after the others, in the binary's syntax
+    // (--issuer-allow-http takes its value after `=` only).
+    let args = operator_args(&render(&[
+        "--set",
+        "issuerEgress.allowHttp=true",
+        "--set",
+        "issuerEgress.allowCIDRs={10.0.0.0/8,::1/128,169.254.169.254}",
+        "--set",
+        "serveProtectedNamespaces={kube-system,kube-public}",
+        "--set",
+        "watchNamespaces={team-a}",
+    ]));
+    assert_eq!(
+        args[args.len() - 4..],
+        [
+            "--namespace=team-a",
+            "--issuer-allow-http=true",
+            "--issuer-allow-cidr=10.0.0.0/8,::1/128,169.254.169.254",
+            "--serve-protected-namespaces=kube-system,kube-public",
+        ],
+        "{args:?}"
+    );
+    // One at a time: each renders alone.
+    for (set, flag) in [
+        ("issuerEgress.allowHttp=true", "--issuer-allow-http=true"),
+        (
+            "issuerEgress.allowCIDRs={fd00::/8}",
+            "--issuer-allow-cidr=fd00::/8",
+        ),
+        (
+            "serveProtectedNamespaces={ops}",
+            "--serve-protected-namespaces=ops",
+        ),
+    ] {
+        let args = operator_args(&render(&["--set", set]));
+        let new: Vec<&String> = args
+            .iter()
+            .filter(|a| NEW_FLAGS.iter().any(|f| a.starts_with(f)))
+            .collect();
+        assert_eq!(new, [flag], "--set {set}");
+    }
+}
+
+const RESTRICT_MESSAGE: &str = "namespaced TokenIssuers may only use the serviceAccount kind here; credential-holding issuers (oauth2, vault, githubApp, webhook, jwt) belong in a ClusterTokenIssuer (chart value policy.restrictNamespacedIssuers)";
+
+#[test]
+fn restrict_namespaced_issuers_renders_a_bound_admission_policy() {
+    let docs = render(&["--set", "policy.restrictNamespacedIssuers=true"]);
+    let name = "t-agent-token-operator-restrict-namespaced-issuers";
+    let vap = docs
+        .iter()
+        .find(|d| d["kind"] == "ValidatingAdmissionPolicy")
+        .expect("a ValidatingAdmissionPolicy");
+    assert_eq!(vap["apiVersion"], "admissionregistration.k8s.io/v1");
+    assert_eq!(vap["metadata"]["name"], name);
+    assert!(vap["metadata"].get("namespace").is_none());
+    let spec = &vap["spec"];
+    assert_eq!(spec["failurePolicy"], "Fail");
+    let rules = spec["matchConstraints"]["resourceRules"]
+        .as_array()
+        .unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(rules[0]["apiGroups"], serde_json::json!(["agenttoken.dev"]));
+    // Namespaced issuers only: never clustertokenissuers, never status.
+    assert_eq!(rules[0]["resources"], serde_json::json!(["tokenissuers"]));
+    assert_eq!(
+        rules[0]["operations"],
+        serde_json::json!(["CREATE", "UPDATE"])
+    );
+    let validations = spec["validations"].as_array().unwrap();
+    assert_eq!(validations.len(), 1);
+    assert_eq!(validations[0]["message"], RESTRICT_MESSAGE);
+    let expr = validations[0]["expression"].as_str().unwrap();
+    for kind in [
+        "serviceAccount",
+        "oauth2",
+        "vault",
+        "githubApp",
+        "webhook",
+        "jwt",
+    ] {
+        assert!(expr.contains(&format!("has(object.spec.{kind})")), "{expr}");
+    }
+    let binding = docs
+        .iter()
+        .find(|d| d["kind"] == "ValidatingAdmissionPolicyBinding")
+        .expect("a ValidatingAdmissionPolicyBinding");
+    assert_eq!(binding["metadata"]["name"], name);
+    assert_eq!(binding["spec"]["policyName"], name);
+    assert_eq!(
+        binding["spec"]["validationActions"],
+        serde_json::json!(["Deny"])
+    );
+    // Cluster-wide mode: every namespace. Namespace-scoped: exactly the
+    // watched namespaces.
+    assert!(binding["spec"].get("matchResources").is_none(), "{binding}");
+    let docs = render(&[
+        "--set",
+        "policy.restrictNamespacedIssuers=true",
+        "--set",
+        "watchNamespaces={team-a,team-b}",
+    ]);
+    let binding = docs
+        .iter()
+        .find(|d| d["kind"] == "ValidatingAdmissionPolicyBinding")
+        .unwrap();
+    assert_eq!(
+        binding["spec"]["matchResources"]["namespaceSelector"],
+        serde_json::json!({"matchExpressions": [{
+            "key": "kubernetes.io/metadata.name",
+            "operator": "In",
+            "values": ["team-a", "team-b"],
+        }]})
+    );
+    // The release's full name keeps parallel installs apart.
+    let other = ok(
+        helm(&[
+            "template",
+            "other",
+            chart().to_str().unwrap(),
+            "--set",
+            "policy.restrictNamespacedIssuers=true",
+        ]),
+        "helm template",
+    );
+    assert!(other.contains("name: other-agent-token-operator-restrict-namespaced-issuers"));
 }
 
 /// A kubeconfig that authenticates with `token` (written under target/).
@@ -670,6 +894,260 @@ spec:
         &["get", "clusterrole", "-o", "name"],
     );
     assert!(!String::from_utf8_lossy(&roles.stdout).contains(&release));
+}
+
+/// `kubectl ARGS -f -` with `yaml` on stdin, as cluster-admin, in `ns`.
+fn kubectl_stdin(ns: Option<&str>, args: &[&str], yaml: &str) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new(&cluster().kubectl);
+    cmd.arg("--kubeconfig").arg(&cluster().admin_kubeconfig);
+    if let Some(ns) = ns {
+        cmd.args(["-n", ns]);
+    }
+    let mut child = cmd
+        .args(args)
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    child.wait_with_output().expect("kubectl")
+}
+
+/// An issuer of `kind` (TokenIssuer or ClusterTokenIssuer) named `name`
+/// whose spec is `spec` (one issuer kind, YAML flow style).
+fn issuer(kind: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: agenttoken.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n"
+    )
+}
+
+const WEBHOOK_SPEC: &str = "{webhook: {url: 'https://mint.example/tokens', result: {tokenPath: $.token, expiresInPath: $.ttl}}}";
+
+/// Deletes a ClusterTokenIssuer when dropped.
+struct DeleteClusterIssuer(String);
+
+impl Drop for DeleteClusterIssuer {
+    fn drop(&mut self) {
+        let _ = kubectl_as(
+            &cluster().admin_kubeconfig,
+            None,
+            &[
+                "delete",
+                "clustertokenissuer",
+                &self.0,
+                "--ignore-not-found",
+                "--wait=false",
+            ],
+        );
+    }
+}
+
+#[tokio::test]
+async fn restrict_namespaced_issuers_admits_only_service_account_issuers_even_for_cluster_admins() {
+    crate::support::install_crds();
+    let ops = TestNamespace::new("helm-vap").await;
+    let team = TestNamespace::new("helm-vap-team").await;
+    let suffix = &ops.name[ops.name.len() - 6..];
+    let release = format!("vap-{suffix}");
+    let cti = format!("vap-webhook-{suffix}");
+    // The policy and its binding are cluster-wide: uninstall (and remove
+    // the ClusterTokenIssuer) even when the test fails.
+    let _uninstall = Uninstall(release.clone(), ops.name.clone());
+    let _cti = DeleteClusterIssuer(cti.clone());
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    // An issuer from before the option: left alone until its spec changes.
+    let before = issuer("TokenIssuer", "before", WEBHOOK_SPEC);
+    let out = kubectl_stdin(Some(&team.name), &["apply"], &before);
+    assert!(out.status.success(), "{}", stderr(&out));
+    ok(
+        helm(&[
+            "install",
+            &release,
+            chart().to_str().unwrap(),
+            "-n",
+            &ops.name,
+            "--set",
+            &format!("watchNamespaces={{{}}}", team.name),
+            "--set",
+            "policy.restrictNamespacedIssuers=true",
+            "--skip-crds",
+        ]),
+        "helm install",
+    );
+    // A binding takes a moment to take effect; wait with server-side dry
+    // runs, so nothing is created meanwhile (a created issuer would then be
+    // an unchanged one, which the policy lets through).
+    let webhook = issuer("TokenIssuer", "creds", WEBHOOK_SPEC);
+    let err = eventually(
+        Duration::from_secs(60),
+        "the policy denies a namespaced webhook TokenIssuer",
+        || async {
+            let out = kubectl_stdin(Some(&team.name), &["create", "--dry-run=server"], &webhook);
+            (!out.status.success()).then(|| stderr(&out))
+        },
+    )
+    .await;
+    assert!(err.contains(RESTRICT_MESSAGE), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{release}-agent-token-operator-restrict-namespaced-issuers"
+        )),
+        "{err}"
+    );
+
+    // For real, as cluster-admin: denied, with the message, and not created.
+    let out = kubectl_stdin(Some(&team.name), &["apply"], &webhook);
+    assert!(
+        !out.status.success(),
+        "a namespaced webhook issuer was admitted"
+    );
+    assert!(stderr(&out).contains(RESTRICT_MESSAGE), "{}", stderr(&out));
+    let got = team.kubectl(&[
+        "get",
+        "tokenissuer",
+        "creds",
+        "--ignore-not-found",
+        "-o",
+        "name",
+    ]);
+    assert!(String::from_utf8_lossy(&got.stdout).trim().is_empty());
+    // Every credential-holding kind is denied (dry run: CRD validation
+    // passes first, so the denial is the policy's).
+    for (kind, spec) in [
+        (
+            "oauth2",
+            "{oauth2: {tokenURL: 'https://idp.example/token', clientID: c, clientSecretRef: {name: s, key: k}}}",
+        ),
+        (
+            "vault",
+            "{vault: {address: 'https://vault.example:8200', auth: {tokenSecretRef: {name: s, key: k}}}}",
+        ),
+        (
+            "githubApp",
+            "{githubApp: {apiURL: 'https://api.github.com', appID: 1, privateKeySecretRef: {name: s, key: k}}}",
+        ),
+        (
+            "jwt",
+            "{jwt: {signingKeySecretRef: {name: s, key: k}, issuer: 'https://agents.example'}}",
+        ),
+    ] {
+        let out = kubectl_stdin(
+            Some(&team.name),
+            &["create", "--dry-run=server"],
+            &issuer("TokenIssuer", &kind.to_lowercase(), spec),
+        );
+        assert!(
+            !out.status.success(),
+            "a namespaced {kind} issuer was admitted"
+        );
+        assert!(
+            stderr(&out).contains(RESTRICT_MESSAGE),
+            "{kind}: {}",
+            stderr(&out)
+        );
+    }
+
+    // serviceAccount stays allowed, and so do changes to it.
+    let sa = issuer("TokenIssuer", "sa", "{serviceAccount: {}}");
+    let out = kubectl_stdin(Some(&team.name), &["apply"], &sa);
+    assert!(
+        out.status.success(),
+        "serviceAccount denied: {}",
+        stderr(&out)
+    );
+    let sa = issuer(
+        "TokenIssuer",
+        "sa",
+        "{serviceAccount: {}, policy: {maxLifetime: 1h}}",
+    );
+    let out = kubectl_stdin(Some(&team.name), &["apply"], &sa);
+    assert!(
+        out.status.success(),
+        "serviceAccount update denied: {}",
+        stderr(&out)
+    );
+    // Turning a serviceAccount issuer into a webhook one is a spec change: denied.
+    let out = kubectl_stdin(
+        Some(&team.name),
+        &["replace"],
+        &issuer("TokenIssuer", "sa", WEBHOOK_SPEC),
+    );
+    assert!(!out.status.success(), "sa turned into webhook");
+    assert!(stderr(&out).contains(RESTRICT_MESSAGE), "{}", stderr(&out));
+
+    // ClusterTokenIssuers are the platform's: a webhook one is admitted.
+    let out = kubectl_stdin(
+        None,
+        &["apply"],
+        &issuer("ClusterTokenIssuer", &cti, WEBHOOK_SPEC),
+    );
+    assert!(
+        out.status.success(),
+        "ClusterTokenIssuer denied: {}",
+        stderr(&out)
+    );
+
+    // The issuer from before: its metadata stays writable (the jwt issuer's
+    // record annotation is such a write), its spec does not, and it can go.
+    ok(
+        team.kubectl(&["annotate", "tokenissuer", "before", "example.com/note=kept"]),
+        "annotate an existing webhook issuer",
+    );
+    let changed = issuer(
+        "TokenIssuer",
+        "before",
+        "{webhook: {url: 'https://elsewhere.example/tokens', result: {tokenPath: $.token, expiresInPath: $.ttl}}}",
+    );
+    let out = kubectl_stdin(Some(&team.name), &["apply"], &changed);
+    assert!(
+        !out.status.success(),
+        "an existing webhook issuer's spec changed"
+    );
+    assert!(stderr(&out).contains(RESTRICT_MESSAGE), "{}", stderr(&out));
+    ok(
+        team.kubectl(&["delete", "tokenissuer", "before"]),
+        "delete an existing webhook issuer",
+    );
+
+    // Uninstalled, the policy goes with the release and webhook issuers are
+    // admitted again.
+    ok(
+        helm(&["uninstall", &release, "-n", &ops.name]),
+        "helm uninstall",
+    );
+    for kind in [
+        "validatingadmissionpolicy",
+        "validatingadmissionpolicybinding",
+    ] {
+        let left = kubectl_as(
+            &cluster().admin_kubeconfig,
+            None,
+            &["get", kind, "-o", "name"],
+        );
+        assert!(
+            !String::from_utf8_lossy(&left.stdout).contains(&release),
+            "{kind} left behind"
+        );
+    }
+    eventually(
+        Duration::from_secs(60),
+        "namespaced webhook issuers admitted after uninstall",
+        || async {
+            kubectl_stdin(Some(&team.name), &["create", "--dry-run=server"], &webhook)
+                .status
+                .success()
+                .then_some(())
+        },
+    )
+    .await;
 }
 
 /// `helm uninstall RELEASE -n NAMESPACE` when dropped.
