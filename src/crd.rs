@@ -575,6 +575,11 @@ pub struct HistoryEntry {
     /// Why it was minted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<RotationReason>,
+    /// What revocation needs (a Vault accessor or lease id, a binding
+    /// Secret's name, a token id; never a secret). Revocation uses this
+    /// record, which only the operator writes, never the Secret's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handle: Option<String>,
 }
 
 /// Revocation result of a token.

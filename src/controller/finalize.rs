@@ -33,28 +33,69 @@ pub async fn cleanup(at: &AgentToken, ctx: &Context) -> Result<Action, Error> {
     let ns = at.namespace().unwrap_or_default();
     let name = at.name_any();
     let uid = at.uid().unwrap_or_default();
-    // Each handle with the token the Secret still holds for it, if any.
+    let Ok(backend) = super::reconcile_issuer_backend(at, ctx).await else {
+        // Without a reachable issuer kind (issuer deleted first) the tokens
+        // die at their expiry; service-account bindings go with the
+        // AgentToken anyway.
+        return release(at, ctx, &ns, &name, 0).await;
+    };
+    // Each live token of the ledger (status, which only the operator writes;
+    // never the Secret's record) with the token the Secret still holds for
+    // it, if any.
+    let status = at.status.clone().unwrap_or_default();
     let mut handles: Vec<(String, Option<SecretString>)> = Vec::new();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let live = secrets.get_opt(&at.secret_name()).await?;
-    if let Ownership::Owned = secret::ownership(live.as_ref(), &uid) {
-        let state = live.as_ref().map(secret::read_state).unwrap_or_default();
-        let key = at.secret_key();
-        if let Some(c) = state.current {
-            handles.push((c.handle, secret::token_in(live.as_ref(), &key)));
+    let owned = matches!(secret::ownership(live.as_ref(), &uid), Ownership::Owned);
+    let state = live
+        .as_ref()
+        .filter(|_| owned)
+        .map(secret::read_state)
+        .unwrap_or_default();
+    let key = at.secret_key();
+    let held = |revision: i64| {
+        let previous_key = format!("{key}{}", secret::PREVIOUS_SUFFIX);
+        if state
+            .current
+            .as_ref()
+            .is_some_and(|c| c.revision == revision)
+        {
+            secret::token_in(live.as_ref(), &key)
+        } else if state
+            .previous
+            .as_ref()
+            .is_some_and(|p| p.revision == revision)
+        {
+            secret::token_in(live.as_ref(), &previous_key)
+        } else {
+            None
         }
-        if let Some(p) = state.previous {
-            let previous_key = format!("{key}{}", secret::PREVIOUS_SUFFIX);
-            handles.push((p.handle, secret::token_in(live.as_ref(), &previous_key)));
+    };
+    // A token already past its expiry is dead: the finalizer never waits
+    // on a revocation that cannot succeed.
+    let now = ctx.clock.now();
+    for h in status
+        .history
+        .iter()
+        .filter(|h| h.revocation == crate::crd::RevocationState::Pending)
+        .filter(|h| h.expires_at.as_ref().is_none_or(|e| e.0 > now))
+    {
+        if let Some(handle) =
+            super::reconcile::trusted_handle(&status, &name, backend.kind(), h.revision)
+        {
+            handles.push((handle, held(h.revision)));
         }
     }
-    for (binding, _) in ctx.bindings_of(&ns, &name, &uid) {
-        if !handles.iter().any(|(h, _)| *h == binding) {
-            handles.push((binding, None));
+    // Binding Secrets this AgentToken owns (by UID) that the ledger does not
+    // list: a token minted just before a crash.
+    if backend.kind() == "serviceAccount" {
+        for (binding, _) in ctx.bindings_of(&ns, &name, &uid) {
+            if !handles.iter().any(|(h, _)| *h == binding) {
+                handles.push((binding, None));
+            }
         }
     }
-
-    if let Ok(backend) = super::reconcile_issuer_backend(at, ctx).await {
+    {
         let mut failed = 0;
         for (handle, token) in &handles {
             if backend
@@ -90,10 +131,19 @@ pub async fn cleanup(at: &AgentToken, ctx: &Context) -> Result<Action, Error> {
             .await;
         }
     }
-    // Without a reachable issuer kind (issuer deleted first) the tokens die at
-    // their expiry; service-account bindings go with the AgentToken anyway.
-    info!(namespace = %ns, agenttoken = %name, tokens = handles.len(), "revoked on deletion");
-    ctx.metrics.forget_token(&ns, &name);
+    release(at, ctx, &ns, &name, handles.len()).await
+}
+
+/// Drops the finalizer once the tokens are dealt with.
+async fn release(
+    at: &AgentToken,
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    revoked: usize,
+) -> Result<Action, Error> {
+    info!(namespace = %ns, agenttoken = %name, tokens = revoked, "revoked on deletion");
+    ctx.metrics.forget_token(ns, name);
     let finalizers: Vec<String> = at
         .finalizers()
         .iter()

@@ -422,6 +422,7 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
                         revoked_at: None,
                         revocation: RevocationState::Pending,
                         reason: Some(m.reason),
+                        handle: Some(t.handle.0.clone()),
                     });
                     mark_revoked(&mut status, revision, outcome, now);
                     status.revision = status.revision.max(revision);
@@ -485,7 +486,15 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
                     Some(consumers_step(at, ctx, &ns, &secret_name, &new_slot, &status, now).await);
                 for slot in retire {
                     let held = tokens.for_revision(&view, slot.revision);
-                    let outcome = revoke(ctx, backend.as_ref(), &ns, &slot.handle, held).await;
+                    let outcome = match trusted_handle(
+                        &status,
+                        &at.name_any(),
+                        backend.kind(),
+                        slot.revision,
+                    ) {
+                        Some(h) => revoke(ctx, backend.as_ref(), &ns, &h, held).await,
+                        None => untrusted(ctx, backend.kind(), &ns, slot.revision),
+                    };
                     if outcome == RevocationState::Failed {
                         events.push((
                             EventType::Warning,
@@ -572,14 +581,13 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
             && consumers_settled
             && let Some(prev) = state.previous.take()
         {
-            let outcome = revoke(
-                ctx,
-                backend.as_ref(),
-                &ns,
-                &prev.handle,
-                tokens.previous.as_ref(),
-            )
-            .await;
+            let outcome =
+                match trusted_handle(&status, &at.name_any(), backend.kind(), prev.revision) {
+                    Some(h) => {
+                        revoke(ctx, backend.as_ref(), &ns, &h, tokens.previous.as_ref()).await
+                    }
+                    None => untrusted(ctx, backend.kind(), &ns, prev.revision),
+                };
             mark_revoked(&mut status, prev.revision, outcome, now);
             events.push((
                 EventType::Normal,
@@ -1222,6 +1230,36 @@ async fn revoke(
     state
 }
 
+/// The revocation handle of `revision` from the ledger in status (which only
+/// the operator writes), never from the Secret (whose record a namespace
+/// admin can edit to aim a revocation at another team's Vault accessor or
+/// token id). For the serviceAccount kind the handle is recomputed from the
+/// revision (`<agenttoken>-binding-r<revision>`), so entries recorded
+/// before handles were kept in status still revoke.
+pub fn trusted_handle(
+    status: &AgentTokenStatus,
+    agent_token: &str,
+    kind: &str,
+    revision: i64,
+) -> Option<String> {
+    let recorded = status
+        .history
+        .iter()
+        .find(|h| h.revision == revision)
+        .and_then(|h| h.handle.clone());
+    recorded.or_else(|| {
+        (kind == "serviceAccount")
+            .then(|| crate::issuer::service_account::binding_name(agent_token, revision))
+    })
+}
+
+/// A token with no trusted record of how to revoke it: not revoked, said so.
+fn untrusted(ctx: &Context, kind: &'static str, ns: &str, revision: i64) -> RevocationState {
+    warn!(namespace = %ns, revision, "no trusted revocation record for this revision; not revoked");
+    ctx.metrics.revocation(kind, "Failed");
+    RevocationState::Failed
+}
+
 fn push_history(status: &mut AgentTokenStatus, slot: &SlotState, reason: RotationReason) {
     status.history.retain(|h| h.revision != slot.revision);
     status.history.push(HistoryEntry {
@@ -1232,6 +1270,7 @@ fn push_history(status: &mut AgentTokenStatus, slot: &SlotState, reason: Rotatio
         revoked_at: None,
         revocation: RevocationState::Pending,
         reason: Some(reason),
+        handle: Some(slot.handle.clone()),
     });
     status.history.sort_by_key(|h| h.revision);
     let excess = status.history.len().saturating_sub(HISTORY_LIMIT);
@@ -1261,6 +1300,7 @@ fn mark_revoked(
                 revoked_at: (outcome != RevocationState::Failed).then_some(Time(now)),
                 revocation: outcome,
                 reason: None,
+                handle: None,
             });
             status.history.sort_by_key(|h| h.revision);
             let excess = status.history.len().saturating_sub(HISTORY_LIMIT);

@@ -886,3 +886,134 @@ async fn webhook_stand_in_with_a_gigabyte_body_is_refused_without_the_memory() {
     );
     eprintln!("1 GiB body: {mib_sent} MiB sent over {tries} request(s), operator peak {peak} MiB");
 }
+
+/// The revocation ledger is the operator's, not the Secret's: a tenant
+/// edits the token Secret's `agenttoken.dev/token-state` record to aim the
+/// previous token's revocation at another AgentToken's binding. When the
+/// grace period ends the operator revokes what its status ledger recorded
+/// (its own previous token) and the other AgentToken's token still works.
+/// Real control plane, ServiceAccount issuer, checked by TokenReview.
+#[tokio::test]
+async fn tenant_cannot_aim_a_revocation_by_editing_the_secret_record() {
+    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+    let ns = TestNamespace::new("hostile-aim").await;
+    let _op = Operator::start(&ns.name);
+    applied(&ns, SA_ISSUER);
+    tenant(&ns).await;
+    for (name, extra) in [
+        ("attacker", "  previousTokenGracePeriod: 15s\n"),
+        ("victim", ""),
+    ] {
+        let out = apply_as_tenant(
+            &ns.name,
+            &format!(
+                "apiVersion: agenttoken.dev/v1alpha1\nkind: AgentToken\nmetadata: {{name: {name}}}\nspec:\n  issuerRef: {{name: sa}}\n  serviceAccountName: builder\n  lifetime: 10m\n{extra}"
+            ),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let api: Api<AgentToken> = ns.api();
+    for name in ["attacker", "victim"] {
+        eventually(Duration::from_secs(45), name, || async {
+            (api.get(name).await.ok()?.status?.revision == 1).then_some(())
+        })
+        .await;
+    }
+    let secrets: Api<Secret> = ns.api();
+    let victim_token = {
+        let s = secrets.get("victim").await.unwrap();
+        String::from_utf8(s.data.unwrap()["token"].0.clone()).unwrap()
+    };
+    // Rotate the attacker: revision 1 becomes the previous token, in grace.
+    let tenant_ats: Api<AgentToken> = Api::namespaced(tenant(&ns).await, &ns.name);
+    tenant_ats
+        .patch(
+            "attacker",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": {"agenttoken.dev/rotate": "1"}}})),
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(45), "attacker revision 2", || async {
+        (api.get("attacker").await.ok()?.status?.revision == 2).then_some(())
+    })
+    .await;
+    // The tenant rewrites the record: the previous slot's handle now names
+    // the victim's binding Secret.
+    let tenant_secrets: Api<Secret> = Api::namespaced(tenant(&ns).await, &ns.name);
+    let s = tenant_secrets.get("attacker").await.unwrap();
+    let mut state: Value = serde_json::from_str(
+        s.annotations()
+            .get("agenttoken.dev/token-state")
+            .expect("the operator's record"),
+    )
+    .unwrap();
+    assert!(
+        state["previous"].is_object(),
+        "a previous token in grace: {state}"
+    );
+    state["previous"]["handle"] = json!("victim-binding-r1");
+    tenant_secrets
+        .patch(
+            "attacker",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": {"agenttoken.dev/token-state": state.to_string()}}})),
+        )
+        .await
+        .unwrap();
+    // The grace period ends: revision 1 is revoked, from the ledger.
+    eventually(
+        Duration::from_secs(60),
+        "attacker revision 1 revoked",
+        || async {
+            let st = api.get("attacker").await.ok()?.status?;
+            st.history
+                .iter()
+                .any(|h| {
+                    h.revision == 1
+                        && h.revocation == agent_token_operator::crd::RevocationState::Revoked
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        secrets
+            .get_opt("victim-binding-r1")
+            .await
+            .unwrap()
+            .is_some(),
+        "the victim's binding Secret was not deleted"
+    );
+    assert!(
+        secrets
+            .get_opt("attacker-binding-r1")
+            .await
+            .unwrap()
+            .is_none(),
+        "the attacker's own previous token was revoked"
+    );
+    let review: Api<TokenReview> = Api::all(ns.client.clone());
+    let r = review
+        .create(
+            &PostParams::default(),
+            &TokenReview {
+                spec: TokenReviewSpec {
+                    token: Some(victim_token),
+                    audiences: None,
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status.and_then(|s| s.authenticated),
+        Some(true),
+        "the victim's token still authenticates"
+    );
+}
