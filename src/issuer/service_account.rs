@@ -154,10 +154,41 @@ impl ServiceAccountIssuer {
         };
         match secrets.create(&PostParams::default(), &binding).await {
             Ok(s) => Ok(s),
-            // Left over from an attempt that died before the token was
-            // delivered: that token (if any) dies with the old binding.
             Err(kube::Error::Api(s)) if s.code == 409 => {
-                self.delete_binding(&req.namespace, &name).await?;
+                // Left over from an attempt that died before the token was
+                // delivered: that token (if any) dies with the old binding.
+                // Only ever a binding THIS AgentToken owns (by UID, deleted
+                // with that UID as a precondition): a Secret someone else put
+                // under the name is never touched.
+                let existing = secrets
+                    .get_opt(&name)
+                    .await
+                    .map_err(|e| unavailable("read the token binding Secret", e))?;
+                let ours = existing.as_ref().and_then(|s| {
+                    let owned =
+                        s.metadata.owner_references.iter().flatten().any(|o| {
+                            o.kind == "AgentToken" && o.uid == req.uid && o.name == req.name
+                        });
+                    let binding = s.type_.as_deref() == Some(BINDING_SECRET_TYPE);
+                    (owned && binding).then(|| s.metadata.uid.clone()).flatten()
+                });
+                let Some(uid) = ours else {
+                    return Err(IssuerError::Invalid(format!(
+                        "Secret {name:?} exists and is not a token binding of this AgentToken; it is never deleted or adopted (delete it, or recreate the AgentToken under another name)"
+                    )));
+                };
+                let dp = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        uid: Some(uid),
+                        resource_version: None,
+                    }),
+                    ..DeleteParams::background()
+                };
+                match secrets.delete(&name, &dp).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(unavailable("delete the token binding Secret", e)),
+                }
                 secrets
                     .create(&PostParams::default(), &binding)
                     .await

@@ -1017,3 +1017,52 @@ async fn tenant_cannot_aim_a_revocation_by_editing_the_secret_record() {
         "the victim's token still authenticates"
     );
 }
+
+/// A tenant squats the name of the binding Secret the operator will create
+/// for its AgentToken's first token: the operator used to delete whatever
+/// Secret had that name. Now it deletes only a binding the AgentToken owns
+/// by UID: the squatted Secret is intact and the AgentToken says why.
+#[tokio::test]
+async fn tenant_secret_under_a_binding_name_is_never_deleted() {
+    let ns = TestNamespace::new("hostile-squat").await;
+    let _op = Operator::start(&ns.name);
+    applied(&ns, SA_ISSUER);
+    let client = tenant(&ns).await;
+    let secrets: Api<Secret> = Api::namespaced(client, &ns.name);
+    let squat: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "bot-binding-r1"},
+        "stringData": {"mine": "keep me"},
+    }))
+    .unwrap();
+    let created = secrets
+        .create(&PostParams::default(), &squat)
+        .await
+        .unwrap();
+    let out = apply_as_tenant(
+        &ns.name,
+        "apiVersion: agenttoken.dev/v1alpha1\nkind: AgentToken\nmetadata: {name: bot}\nspec:\n  issuerRef: {name: sa}\n  serviceAccountName: builder\n  lifetime: 10m\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let api: Api<AgentToken> = ns.api();
+    let message = eventually(Duration::from_secs(45), "refused", || async {
+        api.get("bot")
+            .await
+            .ok()?
+            .status?
+            .last_failure_message
+            .filter(|m| m.contains("never deleted or adopted"))
+    })
+    .await;
+    assert!(message.contains("bot-binding-r1"), "{message}");
+    let still = secrets.get("bot-binding-r1").await.unwrap();
+    assert_eq!(
+        still.uid(),
+        created.uid(),
+        "the tenant's Secret is the same object"
+    );
+    assert!(still.data.unwrap().contains_key("mine"));
+}
