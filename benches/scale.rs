@@ -132,6 +132,9 @@ impl Operator {
             .args(["run", "--namespace", namespace, "--leader-election=false"])
             .args(["--metrics-address", &format!("127.0.0.1:{port}")])
             .args(["--log-level", "warn"])
+            // The webhook stand-ins listen on loopback over plain http behind
+            // namespaced TokenIssuers, which the operator refuses by default.
+            .args(["--issuer-allow-http", "--issuer-allow-cidr=127.0.0.0/8"])
             .env("KUBECONFIG", kubeconfig)
             .stdout(file.try_clone().unwrap())
             .stderr(file)

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use jsonwebtoken::jwk::JwkSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
@@ -166,9 +166,6 @@ spec:
     assert!(!op.logs().contains(&first) && !op.logs().contains("PRIVATE KEY"));
 }
 
-/// The user of `cluster().restricted_kubeconfig`.
-const TENANT_USER: &str = "agenttoken-restricted";
-
 /// The jwt TokenIssuer `agents` and the AgentToken `bot` that uses it.
 const ISSUER: &str = r#"
 apiVersion: agenttoken.dev/v1alpha1
@@ -205,42 +202,10 @@ fn ec_pem() -> String {
     ])
 }
 
-/// A namespace admin: AgentTokens, Secrets and ConfigMaps in `ns`, no
-/// issuers. Returns a client acting as the tenant once RBAC lets it in.
+/// A namespace admin (see `hostile::tenant`): AgentTokens, Secrets and
+/// ConfigMaps in `ns`, no issuers.
 async fn tenant(ns: &TestNamespace) -> Client {
-    applied(
-        ns,
-        &format!(
-            r#"
-apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata: {{name: tenant-admin}}
-rules:
-- apiGroups: [agenttoken.dev]
-  resources: [agenttokens]
-  verbs: ["*"]
-- apiGroups: [""]
-  resources: [secrets, configmaps]
-  verbs: ["*"]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata: {{name: tenant-admin}}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: tenant-admin}}
-subjects:
-- {{apiGroup: rbac.authorization.k8s.io, kind: User, name: {TENANT_USER}}}
-"#
-        ),
-    );
-    let client = support::client_for(&cluster().restricted_kubeconfig).await;
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
-    eventually(
-        Duration::from_secs(30),
-        "the tenant's RoleBinding takes effect",
-        || async { cms.list(&ListParams::default()).await.ok().map(|_| ()) },
-    )
-    .await;
-    client
+    crate::hostile::tenant(ns).await
 }
 
 /// A JWT for `sub` signed with `key` (its thumbprint as `kid`), with the
