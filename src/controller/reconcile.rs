@@ -78,7 +78,9 @@ pub async fn reconcile(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<Action,
             urgency(&at, ctx.clock.now()),
         )
         .await;
-    let result = guarded(reconcile_unguarded(at, ctx.clone())).await;
+    // Boxed: a reconcile waiting for its slot is then a small future; the
+    // reconcile's own (large) state is allocated only once it runs.
+    let result = guarded(Box::pin(reconcile_unguarded(at, ctx.clone()))).await;
     if let Err(Error::Panicked(message)) = &result {
         warn!(error = %message, "reconcile panicked; the object backs off");
         ctx.metrics.observe_reconcile(Duration::ZERO, Some("panic"));
