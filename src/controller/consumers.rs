@@ -456,7 +456,7 @@ const SIGNAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the kubelet gets, after a Pod's annotation changed, to write the
 /// new Secret into the Pod's volume before the signal is sent. Measured on the
 /// local node (tests/e2e/node.rs): well under a second.
-const PROJECTION_SETTLE: Duration = Duration::from_secs(2);
+pub const PROJECTION_SETTLE: Duration = Duration::from_secs(2);
 /// Longest one pass of signals may take (each exec has [`SIGNAL_TIMEOUT`]).
 const SIGNAL_BUDGET: Duration = Duration::from_secs(30);
 

@@ -1580,27 +1580,47 @@ async fn consumers_step(
                 }
             }
             Need::Restart => {
-                let (phase, message) =
-                    consumers::signal(&ctx.client, w, secret_name, &spec, &annotation, revision)
-                        .await;
-                let event = match phase {
-                    ConsumerPhase::Failed => Some((EventType::Warning, "WorkloadSignalFailed")),
-                    ConsumerPhase::Pending => None,
-                    _ => Some((EventType::Normal, "WorkloadRestarted")),
-                };
-                if let Some((kind, reason)) = event {
-                    report.events.push((
-                        kind,
-                        reason,
-                        format!("{} signalled for revision {revision}: {message}", w.key),
-                    ));
-                }
-                let since = if phase == ConsumerPhase::Pending {
-                    restarted_before.unwrap_or(now)
+                // Pods were annotated on an earlier pass: the signal waits
+                // until the kubelet has had PROJECTION_SETTLE to write the new
+                // token into their volumes, however soon this pass came.
+                let settling = before
+                    .filter(|b| b.revision == revision && b.phase == ConsumerPhase::Pending)
+                    .filter(|b| {
+                        b.restarted_at
+                            .as_ref()
+                            .is_some_and(|t| until(t.0, now) < consumers::PROJECTION_SETTLE)
+                    });
+                if let Some(b) = settling {
+                    b.clone()
                 } else {
-                    now
-                };
-                consumers::status_entry(w, revision, Some(since), phase, Some(message))
+                    let (phase, message) = consumers::signal(
+                        &ctx.client,
+                        w,
+                        secret_name,
+                        &spec,
+                        &annotation,
+                        revision,
+                    )
+                    .await;
+                    let event = match phase {
+                        ConsumerPhase::Failed => Some((EventType::Warning, "WorkloadSignalFailed")),
+                        ConsumerPhase::Pending => None,
+                        _ => Some((EventType::Normal, "WorkloadRestarted")),
+                    };
+                    if let Some((kind, reason)) = event {
+                        report.events.push((
+                            kind,
+                            reason,
+                            format!("{} signalled for revision {revision}: {message}", w.key),
+                        ));
+                    }
+                    let since = if phase == ConsumerPhase::Pending {
+                        restarted_before.unwrap_or(now)
+                    } else {
+                        now
+                    };
+                    consumers::status_entry(w, revision, Some(since), phase, Some(message))
+                }
             }
             Need::Observe if strategy == ConsumerStrategy::Signal => match before {
                 Some(b) => b.clone(),
