@@ -1,5 +1,6 @@
-//! Per-issuer request budgets: a token bucket per issuer that callers wait
-//! on, so the operator never exceeds an issuer's `policy.rateLimit`.
+//! Per-issuer request budgets: a token bucket per issuer that callers spend
+//! from or learn when to come back, so the operator never exceeds an
+//! issuer's `policy.rateLimit`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -54,20 +55,22 @@ impl RateLimiters {
             ))
         }
     }
-
-    /// Waits until `key`'s bucket (refilled at `per_second`, holding at most
-    /// `burst`, or `per_second` when `burst` is 0) has a request to spend.
-    pub async fn acquire(&self, key: &str, per_second: f64, burst: u32) {
-        while let Err(wait) = self.try_acquire(key, per_second, burst) {
-            tokio::time::sleep(wait).await;
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    impl RateLimiters {
+        /// Waits until `key`'s bucket has a request to spend (the
+        /// operator never waits: it requeues for what `try_acquire` says).
+        async fn acquire(&self, key: &str, per_second: f64, burst: u32) {
+            while let Err(wait) = self.try_acquire(key, per_second, burst) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn never_exceeds_rate_after_the_burst() {

@@ -898,27 +898,7 @@ spec:
 
 /// `kubectl ARGS -f -` with `yaml` on stdin, as cluster-admin, in `ns`.
 fn kubectl_stdin(ns: Option<&str>, args: &[&str], yaml: &str) -> Output {
-    use std::io::Write;
-    let mut cmd = Command::new(&cluster().kubectl);
-    cmd.arg("--kubeconfig").arg(&cluster().admin_kubeconfig);
-    if let Some(ns) = ns {
-        cmd.args(["-n", ns]);
-    }
-    let mut child = cmd
-        .args(args)
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run kubectl");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    child.wait_with_output().expect("kubectl")
+    crate::support::kubectl_stdin(&cluster().admin_kubeconfig, ns, args, yaml)
 }
 
 /// An issuer of `kind` (TokenIssuer or ClusterTokenIssuer) named `name`

@@ -409,21 +409,35 @@ pub fn apply(ns: &TestNamespace, yaml: &str) -> std::process::Output {
 /// `kubectl apply -f -` with `yaml` in `namespace` as whoever `kubeconfig`
 /// names (for example the restricted user); returns the output.
 pub fn apply_as(kubeconfig: &Path, namespace: &str, yaml: &str) -> std::process::Output {
+    kubectl_stdin(kubeconfig, Some(namespace), &["apply"], yaml)
+}
+
+/// `kubectl [-n NS] ARGS -f -` with `yaml` on stdin; returns the output.
+pub fn kubectl_stdin(
+    kubeconfig: &Path,
+    namespace: Option<&str>,
+    args: &[&str],
+    yaml: &str,
+) -> std::process::Output {
     use std::io::Write;
-    let mut child = Command::new(&cluster().kubectl)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(["-n", namespace, "apply", "-f", "-"])
+    let mut cmd = Command::new(&cluster().kubectl);
+    cmd.arg("--kubeconfig").arg(kubeconfig);
+    if let Some(ns) = namespace {
+        cmd.args(["-n", ns]);
+    }
+    let mut child = cmd
+        .args(args)
+        .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("run kubectl apply");
+        .expect("run kubectl");
     child
         .stdin
         .take()
         .unwrap()
         .write_all(yaml.as_bytes())
         .unwrap();
-    child.wait_with_output().expect("kubectl apply")
+    child.wait_with_output().expect("kubectl")
 }

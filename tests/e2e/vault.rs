@@ -115,6 +115,18 @@ impl OpenBao {
     }
 
     /// Calls the API as root; returns status and JSON.
+    /// Writes the Vault policy `deployer` (read on secret/*).
+    async fn deployer_policy(&self) {
+        let (s, _) = self
+            .call(
+                "PUT",
+                "sys/policies/acl/deployer",
+                Some(json!({"policy": "path \"secret/*\" { capabilities = [\"read\"] }"})),
+            )
+            .await;
+        assert!(s < 300, "create policy: {s}");
+    }
+
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         self.call_as(&self.root, method, path, body).await
     }
@@ -226,14 +238,7 @@ async fn wait_revision_1(ns: &TestNamespace) {
 #[tokio::test]
 async fn openbao_real_server_child_token_with_policies_revoked_by_accessor() {
     let b = OpenBao::start().await;
-    let (s, _) = b
-        .call(
-            "PUT",
-            "sys/policies/acl/deployer",
-            Some(json!({"policy": "path \"secret/*\" { capabilities = [\"read\"] }"})),
-        )
-        .await;
-    assert!(s < 300, "create policy: {s}");
+    b.deployer_policy().await;
     let ns = TestNamespace::new("vault-child").await;
     let op = Operator::start(&ns.name);
     setup(&ns, &b, "", "  scopes: [\"deployer\", \"default\"]\n").await;
@@ -405,14 +410,7 @@ async fn leases(b: &OpenBao) -> Vec<String> {
 #[tokio::test]
 async fn openbao_real_server_tenant_cannot_escape_the_issuer_policy() {
     let b = OpenBao::start().await;
-    let (s, _) = b
-        .call(
-            "PUT",
-            "sys/policies/acl/deployer",
-            Some(json!({"policy": "path \"secret/*\" { capabilities = [\"read\"] }"})),
-        )
-        .await;
-    assert!(s < 300, "create policy: {s}");
+    b.deployer_policy().await;
     let accessors = || async {
         let (s, body) = b.call("LIST", "auth/token/accessors", None).await;
         assert_eq!(s, 200, "list accessors: {body}");
