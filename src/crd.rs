@@ -505,6 +505,11 @@ pub struct AgentTokenStatus {
     /// Values longer than 63 characters are kept as their fingerprint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handled_triggers: Option<HandledTriggers>,
+    /// UID of the Secret in the operator's namespace that keeps, until
+    /// they are revoked, the tokens whose revocation needs the token itself
+    /// (OAuth2 RFC 7009, GitHub App, a webhook without ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keeper_uid: Option<String>,
 }
 
 /// Entries kept in `status.consumers`.
@@ -554,7 +559,7 @@ pub enum RotationReason {
 }
 
 /// One minted token in the revocation ledger.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryEntry {
     /// The token's revision.
@@ -580,10 +585,83 @@ pub struct HistoryEntry {
     /// record, which only the operator writes, never the Secret's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handle: Option<String>,
+    /// Where the token is in its life; `revocation` is its summary.
+    /// Entries written before the ledger had states have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<TokenLife>,
+    /// The issuer that minted it: its revocation goes there and nowhere
+    /// else, whatever `spec.issuerRef` says later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<IssuerRecord>,
+    /// Hash of the spec it was minted for (a change rotates it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_hash: Option<String>,
+    /// End of its grace period as the previous token (state `Grace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_until: Option<Time>,
+    /// Revocation attempts made so far.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: i32,
+    /// When revocation is tried next (`Revoking`, `Failed`); absent when
+    /// no retry can succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<Time>,
+    /// Why it is in its state: the last failure, what makes it `Unknown`,
+    /// why it was retired or abandoned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Who abandoned its revocation (state `Abandoned`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abandoned_by: Option<String>,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+/// A token's place in its life, as the ledger records it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TokenLife {
+    /// A mint was started: a token may exist (recorded before the issuer call).
+    Minting,
+    /// Delivered: the Secret's current token.
+    Live,
+    /// The previous token, still in the Secret until `graceUntil`.
+    Grace,
+    /// Due for revocation; the first attempt has not answered yet.
+    Revoking,
+    /// The issuer confirmed the token is dead.
+    Revoked,
+    /// The issuer cannot revoke; the token dies at `expiresAt`.
+    NotSupported,
+    /// It died at `expiresAt` without a confirmed revocation.
+    Expired,
+    /// Revocation failed (`message`); retried at `nextAttemptAt` while
+    /// retrying can succeed.
+    Failed,
+    /// A token may exist that the operator cannot find or revoke (a crash
+    /// between mint and record); it is valid at most until `expiresAt`.
+    Unknown,
+    /// Its revocation was given up on purpose (`abandonedBy`, `message`).
+    Abandoned,
+}
+
+/// The issuer that minted a token, by identity.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRecord {
+    /// `TokenIssuer` (in the AgentToken's namespace) or `ClusterTokenIssuer`.
+    pub kind: IssuerKind,
+    pub name: String,
+    /// The issuer object's UID: a new issuer of the same name is another issuer.
+    pub uid: String,
+    /// The issuer type: `serviceAccount`, `oauth2`, `vault`, `githubApp`, `webhook`, `jwt`.
+    #[serde(rename = "type")]
+    pub type_: String,
 }
 
 /// Revocation result of a token.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum RevocationState {
     /// The issuer confirmed the token is dead.
     Revoked,
@@ -592,6 +670,7 @@ pub enum RevocationState {
     /// Revocation failed; see Events.
     Failed,
     /// Still in use (current, or previous within its grace period).
+    #[default]
     Pending,
 }
 

@@ -425,6 +425,7 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
                         revocation: RevocationState::Pending,
                         reason: Some(m.reason),
                         handle: Some(t.handle.0.clone()),
+                        ..Default::default()
                     });
                     mark_revoked(&mut status, revision, outcome, now);
                     status.revision = status.revision.max(revision);
@@ -1273,6 +1274,7 @@ fn push_history(status: &mut AgentTokenStatus, slot: &SlotState, reason: Rotatio
         revocation: RevocationState::Pending,
         reason: Some(reason),
         handle: Some(slot.handle.clone()),
+        ..Default::default()
     });
     status.history.sort_by_key(|h| h.revision);
     let excess = status.history.len().saturating_sub(HISTORY_LIMIT);
@@ -1303,6 +1305,7 @@ fn mark_revoked(
                 revocation: outcome,
                 reason: None,
                 handle: None,
+                ..Default::default()
             });
             status.history.sort_by_key(|h| h.revision);
             let excess = status.history.len().saturating_sub(HISTORY_LIMIT);
