@@ -1,19 +1,22 @@
 //! The `agenttoken.dev/revoke` finalizer: an AgentToken that goes takes its
 //! tokens with it. Its Secrets go by owner-reference garbage collection.
 
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
-use secrecy::SecretString;
-use tracing::info;
+use secrecy::ExposeSecret;
+use tracing::{info, warn};
 
+use super::keeper::Keeper;
 use super::secret::{self, Ownership};
-use super::{Context, Error};
-use crate::crd::AgentToken;
-use crate::issuer::RevocationHandle;
+use super::{Context, Error, ledger, revoke};
+use crate::crd::{AgentToken, TokenLife};
 use crate::labels::FINALIZER;
-use k8s_openapi::api::core::v1::Secret;
 
 /// Adds the finalizer if it is missing.
 pub async fn ensure_finalizer(at: &AgentToken, ctx: &Context) -> Result<(), Error> {
@@ -25,7 +28,14 @@ pub async fn ensure_finalizer(at: &AgentToken, ctx: &Context) -> Result<(), Erro
     patch_finalizers(at, ctx, finalizers).await
 }
 
-/// Revokes every token the AgentToken still has, then lets it go.
+/// How long a deleted AgentToken keeps retrying revocations that fail
+/// (an issuer that is down) before it lets go, recording what it gave up.
+pub const DELETION_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Revokes every token the AgentToken still has, then lets it go. Never
+/// waits on work that cannot succeed: an expired token, a token with
+/// nothing left to revoke it by, an issuer that is gone; retries of a
+/// failing issuer last at most [`DELETION_PATIENCE`].
 pub async fn cleanup(at: &AgentToken, ctx: &Context) -> Result<Action, Error> {
     if !at.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
@@ -33,105 +43,147 @@ pub async fn cleanup(at: &AgentToken, ctx: &Context) -> Result<Action, Error> {
     let ns = at.namespace().unwrap_or_default();
     let name = at.name_any();
     let uid = at.uid().unwrap_or_default();
-    let Ok(backend) = super::reconcile_issuer_backend(at, ctx).await else {
-        // Without a reachable issuer kind (issuer deleted first) the tokens
-        // die at their expiry; service-account bindings go with the
-        // AgentToken anyway.
-        return release(at, ctx, &ns, &name, 0).await;
-    };
-    // Each live token of the ledger (status, which only the operator writes;
-    // never the Secret's record) with the token the Secret still holds for
-    // it, if any.
-    let status = at.status.clone().unwrap_or_default();
-    let mut handles: Vec<(String, Option<SecretString>)> = Vec::new();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let live = secrets.get_opt(&at.secret_name()).await?;
-    let owned = matches!(secret::ownership(live.as_ref(), &uid), Ownership::Owned);
-    let state = live
-        .as_ref()
-        .filter(|_| owned)
-        .map(secret::read_state)
-        .unwrap_or_default();
-    let key = at.secret_key();
-    let held = |revision: i64| {
-        let previous_key = format!("{key}{}", secret::PREVIOUS_SUFFIX);
-        if state
-            .current
-            .as_ref()
-            .is_some_and(|c| c.revision == revision)
-        {
-            secret::token_in(live.as_ref(), &key)
-        } else if state
-            .previous
-            .as_ref()
-            .is_some_and(|p| p.revision == revision)
-        {
-            secret::token_in(live.as_ref(), &previous_key)
-        } else {
-            None
-        }
-    };
-    // A token already past its expiry is dead: the finalizer never waits
-    // on a revocation that cannot succeed.
     let now = ctx.clock.now();
-    for h in status
+    let who = revoke::Subject {
+        namespace: &ns,
+        name: &name,
+        uid: &uid,
+    };
+    let mut status = at.status.clone().unwrap_or_default();
+    // The tokens the Secret still holds, believed by fingerprint only.
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let live = secrets
+        .get_opt(&at.secret_name())
+        .await?
+        .filter(|s| matches!(secret::ownership(Some(s), &uid), Ownership::Owned));
+    let key = at.secret_key();
+    for e in status.history.iter_mut() {
+        if ledger::life(e) == TokenLife::Minting {
+            let delivered = !e.fingerprint.is_empty()
+                && secret::token_in(live.as_ref(), &key).is_some_and(|v| {
+                    crate::rotation::fingerprint(v.expose_secret().as_bytes()) == e.fingerprint
+                });
+            if delivered {
+                e.state = Some(TokenLife::Live);
+            }
+        }
+    }
+    let minting: Vec<(i64, bool)> = status
         .history
         .iter()
-        .filter(|h| h.revocation == crate::crd::RevocationState::Pending)
-        .filter(|h| h.expires_at.as_ref().is_none_or(|e| e.0 > now))
+        .filter(|e| ledger::life(e) == TokenLife::Minting)
+        .map(|e| (e.revision, e.handle.is_some()))
+        .collect();
+    for (revision, findable) in minting {
+        ledger::interrupted(&mut status, revision, findable, now);
+    }
+    let mut values = revoke::Values::default();
+    if let Some(c) = ledger::current(&status).map(|e| e.revision) {
+        values.offer(&status, c, secret::token_in(live.as_ref(), &key));
+    }
+    if let Some(p) = ledger::previous(&status).map(|e| e.revision) {
+        let previous_key = format!("{key}{}", secret::PREVIOUS_SUFFIX);
+        values.offer(&status, p, secret::token_in(live.as_ref(), &previous_key));
+    }
+    let open: Vec<i64> = status
+        .history
+        .iter()
+        .filter(|e| matches!(ledger::life(e), TokenLife::Live | TokenLife::Grace))
+        .map(|e| e.revision)
+        .collect();
+    for revision in open {
+        ledger::retire(&mut status, revision, "the AgentToken was deleted", now);
+    }
+    // Binding Secrets this AgentToken owns (by UID) that the ledger does
+    // not list: a mint interrupted before intents were recorded.
+    for (binding, revision) in ctx.bindings_of(&ns, &name, &uid) {
+        if !status.history.iter().any(|h| h.revision == revision) {
+            status.history.push(crate::crd::HistoryEntry {
+                revision,
+                fingerprint: "unknown (never delivered)".into(),
+                handle: Some(binding),
+                state: Some(TokenLife::Revoking),
+                next_attempt_at: Some(Time(now)),
+                ..Default::default()
+            });
+        }
+    }
+    ledger::expire(&mut status, now);
+    // The issuer the AgentToken refers to now, when it still exists; each
+    // entry goes to the issuer recorded with it.
+    let current = super::reconcile_issuer(at, ctx).await?;
+    let mut keeper = if status.keeper_uid.is_some() {
+        Some(Keeper::load(ctx, &uid, status.keeper_uid.as_deref()).await?)
+    } else {
+        None
+    };
+    let events = revoke::pass(
+        ctx,
+        &who,
+        &mut status,
+        current
+            .as_ref()
+            .map(|(record, backend)| revoke::CurrentIssuer {
+                record,
+                backend: backend.as_ref(),
+            }),
+        &values,
+        &mut keeper,
+        now,
+        usize::MAX,
+    )
+    .await?;
+    for (kind, reason, note) in events {
+        ctx.publish(at, kind, reason, note).await;
+    }
+    let waited = at
+        .meta()
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| now.duration_since(t.0))
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or_default();
+    if ledger::open(&status) > 0 && waited < DELETION_PATIENCE {
+        let next = ledger::wake(&status)
+            .map(|w| Duration::try_from(w.duration_since(now)).unwrap_or_default())
+            .unwrap_or(Duration::from_secs(5))
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        super::reconcile::status_write(at, ctx, status, &[]).await?;
+        return Ok(Action::requeue(next));
+    }
+    let gave_up: Vec<i64> = status
+        .history
+        .iter()
+        .filter(|e| ledger::is_open(e))
+        .map(|e| e.revision)
+        .collect();
+    if !gave_up.is_empty() {
+        ctx.publish(
+            at,
+            EventType::Warning,
+            "RevocationFailed",
+            format!(
+                "the AgentToken was deleted and the revocation of revision(s) {gave_up:?} did not succeed within {}s; they stay valid until their expiry",
+                DELETION_PATIENCE.as_secs()
+            ),
+        )
+        .await;
+    }
+    let revoked = status
+        .history
+        .iter()
+        .filter(|e| {
+            e.state == Some(TokenLife::Revoked) && e.revoked_at.as_ref().is_some_and(|t| t.0 == now)
+        })
+        .count();
+    ctx.metrics
+        .revocations_on_delete(&at.spec.issuer_ref.name, revoked, gave_up.len());
+    if let Some(k) = keeper.as_mut()
+        && let Err(e) = k.retain(&[]).await
     {
-        if let Some(handle) =
-            super::reconcile::trusted_handle(&status, &name, backend.kind(), h.revision)
-        {
-            handles.push((handle, held(h.revision)));
-        }
+        warn!(error = %e, "could not delete the keeper; it is left in the operator's namespace");
     }
-    // Binding Secrets this AgentToken owns (by UID) that the ledger does not
-    // list: a token minted just before a crash.
-    if backend.kind() == "serviceAccount" {
-        for (binding, _) in ctx.bindings_of(&ns, &name, &uid) {
-            if !handles.iter().any(|(h, _)| *h == binding) {
-                handles.push((binding, None));
-            }
-        }
-    }
-    {
-        let mut failed = 0;
-        for (handle, token) in &handles {
-            if backend
-                .revoke(&ns, &RevocationHandle(handle.clone()), token.as_ref())
-                .await
-                .is_err()
-            {
-                failed += 1;
-            }
-        }
-        ctx.metrics
-            .revocations_on_delete(backend.kind(), handles.len() - failed, failed);
-        if failed > 0 {
-            ctx.publish(
-                at,
-                EventType::Warning,
-                "RevocationFailed",
-                format!(
-                    "{failed} of {} tokens could not be revoked; retrying before deletion",
-                    handles.len()
-                ),
-            )
-            .await;
-            return Err(Error::RevocationIncomplete(failed));
-        }
-        if !handles.is_empty() {
-            ctx.publish(
-                at,
-                EventType::Normal,
-                "TokenRevoked",
-                format!("{} token(s) revoked on deletion", handles.len()),
-            )
-            .await;
-        }
-    }
-    release(at, ctx, &ns, &name, handles.len()).await
+    release(at, ctx, &ns, &name, revoked).await
 }
 
 /// Drops the finalizer once the tokens are dealt with.

@@ -7,9 +7,12 @@ pub mod consumers;
 pub mod decide;
 pub mod finalize;
 pub mod issuers;
+pub mod keeper;
+pub mod ledger;
 pub mod queue;
 pub mod reconcile;
 pub mod restarts;
+pub mod revoke;
 pub mod secret;
 pub mod selector;
 pub mod status;
@@ -30,7 +33,8 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use crate::crd::{
-    AgentToken, AgentTokenSpec, ClusterTokenIssuer, IssuerKind, TokenIssuer, TokenIssuerSpec,
+    AgentToken, AgentTokenSpec, ClusterTokenIssuer, IssuerKind, IssuerRecord, TokenIssuer,
+    TokenIssuerSpec,
 };
 use crate::http::Readiness;
 use crate::issuer::github_app::GithubAppIssuer;
@@ -261,36 +265,44 @@ impl Context {
     }
 }
 
-/// The issuer backend for an AgentToken being deleted (issuer looked up live).
-pub(crate) async fn reconcile_issuer_backend(
+/// The issuer an AgentToken refers to now, looked up live, with its
+/// identity; `None` when it does not exist (or its kind is unusable).
+pub(crate) async fn reconcile_issuer(
     at: &AgentToken,
     ctx: &Context,
-) -> Result<Box<dyn Issuer>, Error> {
+) -> Result<Option<(IssuerRecord, Box<dyn Issuer>)>, Error> {
     let ns = at.namespace().unwrap_or_default();
     let name = &at.spec.issuer_ref.name;
-    let (spec, issuer_ns) = match at.spec.issuer_ref.kind {
+    let (found, issuer_ns) = match at.spec.issuer_ref.kind {
         IssuerKind::TokenIssuer => (
             Api::<TokenIssuer>::namespaced(ctx.client.clone(), &ns)
                 .get_opt(name)
                 .await?
-                .map(|i| i.spec),
+                .map(|i| (i.spec, i.metadata.uid)),
             Some(ns.as_str()),
         ),
         IssuerKind::ClusterTokenIssuer => (
             Api::<ClusterTokenIssuer>::all(ctx.client.clone())
                 .get_opt(name)
                 .await?
-                .map(|i| i.spec.0),
+                .map(|i| (i.spec.0, i.metadata.uid)),
             None,
         ),
     };
-    match spec {
-        Some(spec) => ctx
-            .issuer_backend(&spec, issuer_ns, name)
-            .map_err(|m| Error::Issuer(IssuerError::Invalid(m))),
-        // A deleted issuer: service-account bindings can still be removed.
-        None => Ok(Box::new(ServiceAccountIssuer::new(ctx.client.clone()))),
-    }
+    let Some((spec, uid)) = found else {
+        return Ok(None);
+    };
+    Ok(ctx.issuer_backend(&spec, issuer_ns, name).ok().map(|b| {
+        (
+            IssuerRecord {
+                kind: at.spec.issuer_ref.kind,
+                name: name.clone(),
+                uid: uid.unwrap_or_default(),
+                type_: b.kind().to_string(),
+            },
+            b,
+        )
+    }))
 }
 
 fn error_policy(at: Arc<AgentToken>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -18,21 +18,22 @@ use tracing::{info, warn};
 
 use super::consumers::{self, Need};
 use super::decide::{self, Decision, Inputs};
+use super::keeper::Keeper;
 use super::queue::Urgency;
 use super::secret::{self, Desired, Ownership, SlotState, TokenState};
 use super::status::{self, ISSUING, READY, Want};
 use super::{Context, Error, FIELD_MANAGER, STATUS_MANAGER};
+use super::{ledger, revoke};
 use crate::crd::{
     AgentToken, AgentTokenStatus, ClusterTokenIssuer, ConsumerPhase, ConsumerStatus,
-    ConsumerStrategy, HandledTriggers, HistoryEntry, IssuerKind, MAX_CONSUMERS_IN_STATUS,
-    RestartPolicy, RevocationState, RotationReason, TokenIssuer, TokenIssuerSpec, trigger_value,
+    ConsumerStrategy, HandledTriggers, HistoryEntry, IssuerKind, IssuerRecord,
+    MAX_CONSUMERS_IN_STATUS, RestartPolicy, RotationReason, TokenIssuer, TokenIssuerSpec,
+    TokenLife, trigger_value,
 };
-use crate::issuer::{Issuer, IssuerError, MintRequest, Revocation, RevocationHandle};
+use crate::issuer::{IssuerError, MintRequest};
 use crate::rotation::{self, CronSchedule, RenewWindow};
 use crate::{labels, policy};
 
-/// Entries kept in `status.history`.
-pub const HISTORY_LIMIT: usize = 10;
 /// An issuer policy's maxLifetime when it sets none.
 pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Lifetime asked for when neither the AgentToken nor the policy names one.
@@ -166,7 +167,7 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
         return super::finalize::cleanup(at, ctx).await;
     }
     if ctx.protected_namespaces.contains(&ns) {
-        return refuse(
+        return fail_closed(
             at,
             ctx,
             Refusal {
@@ -183,10 +184,27 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
     super::finalize::ensure_finalizer(at, ctx).await?;
 
     // Phase: fetch the issuer.
-    let issuer = match fetch_issuer(at, &ns, ctx).await? {
-        Ok(issuer) => issuer,
-        Err(refusal) => return refuse(at, ctx, refusal).await,
+    let (issuer, identity) = match fetch_issuer(at, &ns, ctx).await? {
+        Ok(found) => found,
+        // Fail closed: tokens from an issuer that is gone are revoked.
+        Err(refusal) => return fail_closed(at, ctx, refusal).await,
     };
+    if identity.deleting {
+        return fail_closed(
+            at,
+            ctx,
+            Refusal {
+                reason: "IssuerNotFound",
+                message: format!(
+                    "{} is being deleted: its tokens are revoked and no new one is minted",
+                    issuer.key
+                ),
+                event: Some("IssuerUnavailable"),
+                requeue: None,
+            },
+        )
+        .await;
+    }
     // Phase: validate (pure, plus the namespace's labels for a selector).
     let ns_labels = match issuer
         .spec
@@ -205,6 +223,8 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
         Err(refusal) => {
             if refusal.reason == "PolicyViolation" {
                 ctx.metrics.policy_violation();
+                // Fail closed: a token the policy would refuse now is revoked.
+                return fail_closed(at, ctx, refusal).await;
             }
             return refuse(at, ctx, refusal).await;
         }
@@ -230,9 +250,10 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
         }
     };
 
-    // Phase: read the Secret (only ever ours).
+    // Phase: observe the Secret (only ever ours) and the ledger.
     let secret_name = at.secret_name();
     let key = at.secret_key();
+    let previous_key = format!("{key}{}", secret::PREVIOUS_SUFFIX);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let live = secrets.get_opt(&secret_name).await?;
     let uid = at.uid().ok_or(Error::MissingUid)?;
@@ -252,12 +273,44 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
         )
         .await;
     }
-    let view = secret::view(live.as_ref(), &key);
-    let mut state = live.as_ref().map(secret::read_state).unwrap_or_default();
-
-    // Phase: decide (pure).
     let now = ctx.clock.now();
     let old_status = at.status.clone().unwrap_or_default();
+    let mut status = old_status.clone();
+    status.secret_name = Some(secret_name.clone());
+    let name = at.name_any();
+    let who = revoke::Subject {
+        namespace: &ns,
+        name: &name,
+        uid: &uid,
+    };
+    let record = IssuerRecord {
+        kind: at.spec.issuer_ref.kind,
+        name: at.spec.issuer_ref.name.clone(),
+        uid: identity.uid.clone(),
+        type_: backend.kind().to_string(),
+    };
+    // Mints the last reconcile left unfinished (the operator stopped).
+    recover(&mut status, live.as_ref(), &key, &name, now);
+    adopt_bindings(ctx, &who, &mut status, now);
+    ledger::normalize(&mut status, now);
+    ledger::expire(&mut status, now);
+    // Token values, believed only when their fingerprint is the ledger's.
+    let mut values = revoke::Values::default();
+    let cur_entry = ledger::current(&status).cloned();
+    let prev_entry = ledger::previous(&status).cloned();
+    if let Some(c) = &cur_entry {
+        values.offer(&status, c.revision, secret::token_in(live.as_ref(), &key));
+    }
+    if let Some(p) = &prev_entry {
+        values.offer(
+            &status,
+            p.revision,
+            secret::token_in(live.as_ref(), &previous_key),
+        );
+    }
+    let view = ledger_view(&status, live.is_some(), &values);
+
+    // Phase: decide (pure).
     let spec_hash = spec_hash(at, &effective);
     let window = renew_window(at);
     let cron = match at
@@ -286,12 +339,6 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
     };
     let jitter_key = format!("{uid}/{}", view.current.as_ref().map_or(0, |c| c.revision));
     let annotations = at.annotations();
-    // Trigger values acted on live in status, which tenants cannot write
-    // (the Secret's record is read only by objects from before that).
-    let handled = old_status.handled_triggers.clone().unwrap_or_default();
-    let mut view = view;
-    view.rotate_handled = handled.rotate.clone().or(view.rotate_handled.take());
-    view.revoke_handled = handled.revoke.clone().or(view.revoke_handled.take());
     let rotate_trigger = annotations.get(labels::ROTATE).map(|v| trigger_value(v));
     let revoke_trigger = annotations.get(labels::REVOKE).map(|v| trigger_value(v));
     let recent_mints: Vec<rotation::PastMint> = old_status
@@ -320,23 +367,33 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
         recent_mints: &recent_mints,
     };
     let mut decision = decide::decide(&inputs);
-    // The issuer's rate budget: without one now, the mint waits for it and
-    // frees its worker meanwhile instead of sleeping on it.
-    let mut budget_wait = None;
+    // Held back: revocations that do not complete must not pile up tokens;
+    // no rate budget now; not leader long enough for a whole mint.
+    let mut hold_wait = None;
+    if decision.mint.is_some() && ledger::open(&status) >= ledger::MAX_OPEN {
+        decision.mint = None;
+        hold_wait = Some(Duration::from_secs(30));
+        warn!(namespace = %ns, agenttoken = %name, "too many tokens await revocation; not minting");
+    }
     if decision.mint.is_some()
         && let Err(wait) = ctx.try_budget(&issuer.key, &issuer.spec)
     {
         decision.mint = None;
-        budget_wait = Some(wait);
+        hold_wait = Some(wait);
     }
-
-    let mut status = old_status.clone();
-    status.secret_name = Some(secret_name.clone());
-    let mut events: Vec<(EventType, &'static str, String)> = Vec::new();
-    let tokens = Tokens {
-        current: secret::token_in(live.as_ref(), &key),
-        previous: secret::token_in(live.as_ref(), &format!("{key}{}", secret::PREVIOUS_SUFFIX)),
+    let mint_deadline = match decision.mint {
+        Some(_) => match lease_budget(ctx) {
+            Some(d) => Some(d),
+            None => {
+                decision.mint = None;
+                hold_wait = Some(Duration::from_secs(2));
+                None
+            }
+        },
+        None => None,
     };
+
+    let mut events: Vec<(EventType, &'static str, String)> = Vec::new();
     let writer = SecretWriter {
         at,
         ctx,
@@ -346,19 +403,22 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
         live: live.as_ref(),
         uid: &uid,
     };
+    let mut keeper: Option<Keeper> = None;
 
     let mut report: Option<ConsumerReport> = None;
     if decision.mint.is_none()
-        && let Some(cur) = state.current.clone()
-        && view.current.as_ref().is_some_and(|c| c.data_intact)
-        && consumers_to_check(at, &state, &old_status, cur.revision)
+        && let Some(cur) = &cur_entry
+        && values.get(cur.revision).is_some()
+        && consumers_to_check(at, prev_entry.is_some(), &old_status, cur.revision)
     {
-        report = Some(consumers_step(at, ctx, &ns, &secret_name, &cur, &old_status, now).await);
+        report =
+            Some(consumers_step(at, ctx, &ns, &secret_name, &slot(cur), &old_status, now).await);
     }
 
     let mut mint_failed = None;
+    let mut delivered_now = false;
     if let Some(m) = decision.mint {
-        let Some(revision) = next_revision(ctx, &ns, at, &status, &state) else {
+        let Some(revision) = next_revision(ctx, &ns, at, &status) else {
             return refuse(
                 at,
                 ctx,
@@ -372,9 +432,32 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
             )
             .await;
         };
+        let lifetime = effective.lifetime.unwrap_or(DEFAULT_LIFETIME);
+        let max = issuer_policy(&issuer)
+            .ok()
+            .and_then(|p| p.max_lifetime)
+            .unwrap_or(DEFAULT_MAX_LIFETIME)
+            .max(lifetime);
+        let deadline = mint_deadline.unwrap_or(ISSUER_CALL_DEADLINE);
+        // Intent before effect: after a crash from here on, the ledger
+        // knows a token may exist.
+        let sa_handle = (backend.kind() == "serviceAccount")
+            .then(|| crate::issuer::service_account::binding_name(&name, revision));
+        ledger::intend(
+            &mut status,
+            ledger::Intent {
+                revision,
+                issuer: record.clone(),
+                reason: m.reason,
+                spec_hash: spec_hash.clone(),
+                handle: sa_handle.clone(),
+                valid_until: ledger::after(now, deadline + max, Timestamp::MAX),
+            },
+        );
+        status_write(at, ctx, status.clone(), &[]).await?;
         let request = MintRequest {
             namespace: ns.clone(),
-            name: at.name_any(),
+            name: name.clone(),
             uid: uid.clone(),
             revision,
             scopes: effective.scopes.clone(),
@@ -383,18 +466,21 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
             permissions: at.spec.permissions.clone(),
             repositories: at.spec.repositories.clone(),
             parameters: at.spec.parameters.clone(),
-            lifetime: effective.lifetime.unwrap_or(DEFAULT_LIFETIME),
+            lifetime,
         };
         let started = std::time::Instant::now();
         // Each HTTP call has its own deadline; this bounds the whole mint
-        // (several calls, Kubernetes reads) so a slot is never held longer.
-        let minted = match tokio::time::timeout(ISSUER_CALL_DEADLINE, backend.mint(&request)).await
+        // (and ends it while this replica still holds the leader Lease).
+        let (minted, ambiguous) = match tokio::time::timeout(deadline, backend.mint(&request)).await
         {
-            Ok(r) => r,
-            Err(_) => Err(IssuerError::Unavailable(format!(
-                "the issuer did not finish minting within {}s",
-                ISSUER_CALL_DEADLINE.as_secs()
-            ))),
+            Ok(r) => (r, false),
+            Err(_) => (
+                Err(IssuerError::Unavailable(format!(
+                    "the issuer did not finish minting within {}s",
+                    deadline.as_secs()
+                ))),
+                true,
+            ),
         };
         ctx.metrics.observe_issuer_request(
             backend.kind(),
@@ -402,122 +488,138 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
             minted.is_ok(),
             started.elapsed(),
         );
-        // The grant, not the request, is what must fit the policy: a grant
-        // over maxLifetime (a Vault mount default, an IdP's own lifetime)
-        // is revoked at once, recorded, and never delivered.
         let minted = match minted {
-            Ok(t) => match over_max_lifetime(&issuer, &t) {
-                Some((granted, max)) => {
-                    let outcome =
-                        revoke(ctx, backend.as_ref(), &ns, &t.handle.0, Some(&t.token)).await;
-                    let message = format!(
-                        "the issuer granted {}, over policy.maxLifetime {}: revision {revision} was revoked at once ({outcome:?}) and not delivered",
-                        rotation::format_duration(granted),
-                        rotation::format_duration(max)
-                    );
-                    status.history.retain(|h| h.revision != revision);
-                    status.history.push(HistoryEntry {
-                        revision,
-                        fingerprint: rotation::fingerprint(t.token.expose_secret().as_bytes()),
-                        issued_at: Some(Time(t.issued_at)),
-                        expires_at: Some(Time(t.expires_at)),
-                        revoked_at: None,
-                        revocation: RevocationState::Pending,
-                        reason: Some(m.reason),
-                        handle: Some(t.handle.0.clone()),
-                        ..Default::default()
-                    });
-                    mark_revoked(&mut status, revision, outcome, now);
-                    status.revision = status.revision.max(revision);
-                    events.push((EventType::Warning, "PolicyViolation", message.clone()));
-                    ctx.metrics.policy_violation();
-                    Err(IssuerError::Invalid(message))
+            Ok(t) => {
+                let fp = rotation::fingerprint(t.token.expose_secret().as_bytes());
+                ledger::minted(
+                    &mut status,
+                    revision,
+                    ledger::Minted {
+                        fingerprint: fp,
+                        issued_at: t.issued_at,
+                        expires_at: t.expires_at,
+                        handle: &t.handle.0,
+                    },
+                );
+                values.offer(&status, revision, Some(t.token.clone()));
+                // The grant, not the request, must fit the policy: a grant
+                // over maxLifetime is revoked at once and never delivered.
+                match over_max_lifetime(&issuer, &t) {
+                    Some((granted, max)) => {
+                        let message = format!(
+                            "the issuer granted {}, over policy.maxLifetime {}: revision {revision} is revoked at once and not delivered",
+                            rotation::format_duration(granted),
+                            rotation::format_duration(max)
+                        );
+                        ledger::retire(
+                            &mut status,
+                            revision,
+                            "granted over policy.maxLifetime",
+                            now,
+                        );
+                        events.push((EventType::Warning, "PolicyViolation", message.clone()));
+                        ctx.metrics.policy_violation();
+                        Err(IssuerError::Invalid(message))
+                    }
+                    None => Ok(t),
                 }
-                None => Ok(t),
-            },
-            Err(e) => Err(e),
+            }
+            Err(e) => {
+                if ambiguous || sa_handle.is_some() {
+                    // The issuer may have minted after all.
+                    ledger::interrupted(&mut status, revision, sa_handle.is_some(), now);
+                } else {
+                    status.history.retain(|h| h.revision != revision);
+                }
+                Err(e)
+            }
         };
         match minted {
             Ok(minted) => {
                 let fp = rotation::fingerprint(minted.token.expose_secret().as_bytes());
-                let new_slot = SlotState {
-                    revision,
-                    fingerprint: fp.clone(),
-                    issued_at: minted.issued_at,
-                    expires_at: minted.expires_at,
-                    handle: minted.handle.0.clone(),
-                    spec_hash: spec_hash.clone(),
-                    grace_until: None,
-                };
-                push_history(&mut status, &new_slot, m.reason);
-                let grace = grace_period(at);
-                let (keep, retire) =
-                    plan_slots(&state, &view, m, grace, restarts_consumers(at), now);
-                let mut next_state = TokenState {
-                    current: Some(new_slot.clone()),
-                    previous: keep.clone(),
-                    rotate_handled: rotate_trigger.clone().or(view.rotate_handled.clone()),
-                    revoke_handled: revoke_trigger.clone().or(view.revoke_handled.clone()),
-                };
-                status.handled_triggers = Some(HandledTriggers {
-                    rotate: next_state.rotate_handled.clone(),
-                    revoke: next_state.revoke_handled.clone(),
-                });
-                if keep.is_none() {
-                    next_state.previous = None;
+                let by_token = ledger::Handle::parse(&minted.handle.0, &name, revision)
+                    .is_some_and(|h| h.needs_token());
+                // Recorded (and, when revoking needs it, the token kept)
+                // before the tenant's Secret is written.
+                if by_token {
+                    let mut k = Keeper::load(ctx, &uid, status.keeper_uid.as_deref()).await?;
+                    status.keeper_uid =
+                        Some(k.put((&ns, &name), &uid, revision, &minted.token).await?);
+                    keeper = Some(k);
                 }
-                let previous_token = keep.as_ref().and_then(|_| tokens.current.clone());
-                if let Err(e) = writer
-                    .write(&next_state, Some(&minted.token), previous_token.as_ref())
-                    .await
-                {
-                    // The new token never reached anyone: revoke it now.
-                    let outcome = revoke(
-                        ctx,
-                        backend.as_ref(),
-                        &ns,
-                        &minted.handle.0,
-                        Some(&minted.token),
-                    )
+                if sa_handle.is_none() {
+                    status_write(at, ctx, status.clone(), &[]).await?;
+                }
+                let mut next = status.clone();
+                let grace = grace_period(at);
+                let held_previous = shift_slots(
+                    &mut next,
+                    cur_entry.as_ref(),
+                    prev_entry.as_ref(),
+                    &values,
+                    m,
+                    grace,
+                    restarts_consumers(at),
+                    now,
+                );
+                ledger::delivered(&mut next, revision);
+                next.handled_triggers = Some(HandledTriggers {
+                    rotate: rotate_trigger.clone().or(view.rotate_handled.clone()),
+                    revoke: revoke_trigger.clone().or(view.revoke_handled.clone()),
+                });
+                let previous_token = held_previous.and_then(|r| values.get(r).cloned());
+                let written = writer
+                    .write(&next, Some(&minted.token), previous_token.as_ref())
                     .await;
-                    mark_revoked(&mut status, revision, outcome, now);
+                let written = match written {
+                    Ok(()) => Ok(()),
+                    // A write that failed may still have been applied (a
+                    // timeout after the server took it): look before revoking.
+                    Err(e) => match secrets.get_opt(&secret_name).await {
+                        Ok(Some(s))
+                            if matches!(secret::ownership(Some(&s), &uid), Ownership::Owned)
+                                && secret::token_in(Some(&s), &key).is_some_and(|v| {
+                                    rotation::fingerprint(v.expose_secret().as_bytes()) == fp
+                                }) =>
+                        {
+                            Ok(())
+                        }
+                        _ => Err(e),
+                    },
+                };
+                if let Err(e) = written {
+                    // The new token never reached anyone: revoke it now.
+                    ledger::retire(
+                        &mut status,
+                        revision,
+                        "never delivered: the Secret write failed",
+                        now,
+                    );
+                    let mut ev = revoke::pass(
+                        ctx,
+                        &who,
+                        &mut status,
+                        Some(revoke::CurrentIssuer {
+                            record: &record,
+                            backend: backend.as_ref(),
+                        }),
+                        &values,
+                        &mut keeper,
+                        now,
+                        1,
+                    )
+                    .await
+                    .unwrap_or_default();
+                    events.append(&mut ev);
                     status_write(at, ctx, status, &[]).await.ok();
                     return Err(e);
                 }
-                state = next_state;
-                report =
-                    Some(consumers_step(at, ctx, &ns, &secret_name, &new_slot, &status, now).await);
-                for slot in retire {
-                    let held = tokens.for_revision(&view, slot.revision);
-                    let outcome = match trusted_handle(
-                        &status,
-                        &at.name_any(),
-                        backend.kind(),
-                        slot.revision,
-                    ) {
-                        Some(h) => revoke(ctx, backend.as_ref(), &ns, &h, held).await,
-                        None => untrusted(ctx, backend.kind(), &ns, slot.revision),
-                    };
-                    if outcome == RevocationState::Failed {
-                        events.push((
-                            EventType::Warning,
-                            "RevocationFailed",
-                            format!(
-                                "revision {} ({}) could not be revoked at the issuer",
-                                slot.revision, slot.fingerprint
-                            ),
-                        ));
-                    } else {
-                        events.push((
-                            EventType::Normal,
-                            "TokenRevoked",
-                            format!(
-                                "revision {} ({}) revoked: {outcome:?}",
-                                slot.revision, slot.fingerprint
-                            ),
-                        ));
-                    }
-                    mark_revoked(&mut status, slot.revision, outcome, now);
+                status = next;
+                delivered_now = true;
+                if let Some(cur) = ledger::current(&status) {
+                    report = Some(
+                        consumers_step(at, ctx, &ns, &secret_name, &slot(cur), &status, now).await,
+                    );
                 }
                 status.revision = revision;
                 status.token_fingerprint = Some(fp.clone());
@@ -541,11 +643,11 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
                     ),
                 ));
                 ctx.metrics.rotation(&format!("{:?}", m.reason), true);
-                info!(namespace = %ns, agenttoken = %at.name_any(), revision, fingerprint = %fp, reason = ?m.reason, "token minted");
+                info!(namespace = %ns, agenttoken = %name, revision, fingerprint = %fp, reason = ?m.reason, "token minted");
             }
             Err(e) => {
                 ctx.metrics.rotation(&format!("{:?}", m.reason), false);
-                warn!(namespace = %ns, agenttoken = %at.name_any(), error = %e, "mint failed");
+                warn!(namespace = %ns, agenttoken = %name, error = %e, "mint failed");
                 status.failed_attempts = status.failed_attempts.saturating_add(1);
                 status.last_failure_time = Some(Time(now));
                 status.last_failure_message = Some(e.to_string());
@@ -559,52 +661,22 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
                     reason,
                     format!("could not mint ({:?}): {e}", m.reason),
                 ));
-                // Fail safe: the last good token stays until it expires; an
-                // expired one is removed rather than left stale.
-                if view
-                    .current
-                    .as_ref()
-                    .is_some_and(|c| c.data_intact && now >= c.expires_at)
-                {
-                    writer.write(&state, None, tokens.previous.as_ref()).await?;
-                }
                 mint_failed = Some(e);
             }
         }
-    } else {
-        let mut changed = false;
-        let mut current_token = tokens
-            .current
-            .clone()
-            .filter(|_| view.current.as_ref().is_some_and(|c| c.data_intact));
+    }
+    if !delivered_now {
         // The previous token goes once its grace has passed AND every
-        // consumer has rolled (or its rollout timed out).
+        // consumer has rolled (or its rollout timed out); an expired
+        // current token leaves the Secret rather than stay stale.
         let consumers_settled = report.as_ref().is_none_or(|r| r.settled);
         if decision.retire_previous
             && consumers_settled
-            && let Some(prev) = state.previous.take()
+            && let Some(prev) = &prev_entry
         {
-            let outcome =
-                match trusted_handle(&status, &at.name_any(), backend.kind(), prev.revision) {
-                    Some(h) => {
-                        revoke(ctx, backend.as_ref(), &ns, &h, tokens.previous.as_ref()).await
-                    }
-                    None => untrusted(ctx, backend.kind(), &ns, prev.revision),
-                };
-            mark_revoked(&mut status, prev.revision, outcome, now);
-            events.push((
-                EventType::Normal,
-                "TokenRevoked",
-                format!(
-                    "previous token revision {} ({}) revoked after its grace period: {outcome:?}",
-                    prev.revision, prev.fingerprint
-                ),
-            ));
-            changed = true;
+            ledger::retire(&mut status, prev.revision, "its grace period ended", now);
         }
         if decision.clear_expired {
-            current_token = None;
-            changed = true;
             events.push((
                 EventType::Warning,
                 "TokenExpired",
@@ -612,20 +684,44 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
                     .into(),
             ));
         }
-        let previous_token = state.previous.as_ref().and(tokens.previous.clone());
-        if live.is_some()
-            && (changed
-                || !writer.up_to_date(&state, current_token.as_ref(), previous_token.as_ref()))
-        {
-            writer
-                .write(&state, current_token.as_ref(), previous_token.as_ref())
-                .await?;
+        if live.is_some() {
+            let current_token = ledger::current(&status)
+                .filter(|c| {
+                    !decision.clear_expired && now < c.expires_at.as_ref().map_or(now, |t| t.0)
+                })
+                .and_then(|c| values.get(c.revision).cloned());
+            let previous_token =
+                ledger::previous(&status).and_then(|p| values.get(p.revision).cloned());
+            if !writer.up_to_date(&status, current_token.as_ref(), previous_token.as_ref()) {
+                writer
+                    .write(&status, current_token.as_ref(), previous_token.as_ref())
+                    .await?;
+            }
         }
     }
 
-    // Sweep: every binding not held by the Secret is a token nobody has;
-    // revoke it and record it (the operator may have died after a mint).
-    sweep_orphans(ctx, backend.as_ref(), &ns, at, &state, &mut status, now).await;
+    // The revocation queue: due entries go to the issuer that minted them.
+    ledger::expire(&mut status, now);
+    if keeper.is_none() && revoke::needs_keeper(&status, &who, &values, now) {
+        keeper = Some(Keeper::load(ctx, &uid, status.keeper_uid.as_deref()).await?);
+    }
+    let mut revocation_events = revoke::pass(
+        ctx,
+        &who,
+        &mut status,
+        Some(revoke::CurrentIssuer {
+            record: &record,
+            backend: backend.as_ref(),
+        }),
+        &values,
+        &mut keeper,
+        now,
+        ledger::ATTEMPTS_PER_PASS,
+    )
+    .await?;
+    events.append(&mut revocation_events);
+    tidy_keeper(ctx, &who, &mut status, &mut keeper).await;
+    ledger::prune(&mut status);
 
     if let Some(r) = &report {
         status.consumers = r
@@ -638,15 +734,18 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
     }
 
     // Phase: status.
-    let token_valid = state.current.as_ref().is_some_and(|c| now < c.expires_at)
-        && (decision.mint.is_some() && mint_failed.is_none()
-            || view.current.as_ref().is_some_and(|c| c.data_intact));
-    status.next_rotation_at = match (&mint_failed, decision.mint) {
-        (None, Some(_)) => state.current.as_ref().map(|c| {
+    let current = ledger::current(&status).cloned();
+    let token_valid = current.as_ref().is_some_and(|c| {
+        c.expires_at.as_ref().is_some_and(|e| now < e.0)
+            && (delivered_now || values.get(c.revision).is_some())
+    });
+    status.next_rotation_at = match (&mint_failed, delivered_now) {
+        (None, true) => current.as_ref().map(|c| {
+            let s = slot(c);
             Time(
                 rotation::next_rotation(
-                    c.issued_at,
-                    c.expires_at,
+                    s.issued_at,
+                    s.expires_at,
                     window,
                     &format!("{uid}/{}", c.revision),
                     cron.as_ref(),
@@ -659,9 +758,9 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
     if at.spec.paused {
         status.next_rotation_at = None;
     }
-    if let Some(c) = &state.current {
+    if let Some(c) = &current {
         ctx.metrics
-            .token_expiry(&ns, &at.name_any(), &issuer.key, c.expires_at);
+            .token_expiry(&ns, &name, &issuer.key, slot(c).expires_at);
     }
     let conditions = conditions(
         &status,
@@ -670,61 +769,33 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
         &decision,
         at.spec.paused,
     );
-    status_write(at, ctx, status, &conditions).await?;
+    status_write(at, ctx, status.clone(), &conditions).await?;
     for (kind, reason, note) in events {
         ctx.publish(at, kind, reason, note).await;
     }
 
     // Requeue at the next due time.
-    let wake = match (&mint_failed, decision.mint) {
+    let wake = match (&mint_failed, delivered_now) {
         (Some(_), _) => {
             let attempts = old_status.failed_attempts.saturating_add(1).max(1) as u32;
             Some(rotation::backoff(attempts, &jitter_key))
         }
-        (None, Some(_)) => Some(Duration::from_secs(1)),
+        (None, true) => Some(Duration::from_secs(1)),
         _ => decision.wake_at.map(|w| until(now, w)),
     };
-    let wake = match budget_wait {
-        Some(b) => Some(wake.map_or(b, |w| w.min(b))),
-        None => wake,
+    let soonest = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     };
-    // Consumers still rolling: look again soon (rollouts are polled, not watched,
-    // so the operator does not cache every workload of the cluster).
-    let wake = match report.as_ref().and_then(|r| r.poll) {
-        Some(poll) => Some(wake.map_or(poll, |w| w.min(poll))),
-        None => wake,
-    };
+    let wake = soonest(wake, hold_wait);
+    let wake = soonest(wake, ledger::wake(&status).map(|w| until(now, w)));
+    // Consumers still rolling: look again soon (rollouts are polled, not
+    // watched, so the operator does not cache every workload of the cluster).
+    let wake = soonest(wake, report.as_ref().and_then(|r| r.poll));
     Ok(Action::requeue(
         wake.unwrap_or(MAX_WAKE)
             .clamp(Duration::from_millis(200), MAX_WAKE),
     ))
-}
-
-/// The tokens the live Secret holds (read once, never logged).
-struct Tokens {
-    current: Option<SecretString>,
-    previous: Option<SecretString>,
-}
-
-impl Tokens {
-    /// The held token of `revision`, if the Secret holds it.
-    fn for_revision(&self, view: &decide::SecretView, revision: i64) -> Option<&SecretString> {
-        if view
-            .current
-            .as_ref()
-            .is_some_and(|c| c.revision == revision)
-        {
-            self.current.as_ref()
-        } else if view
-            .previous
-            .as_ref()
-            .is_some_and(|p| p.revision == revision)
-        {
-            self.previous.as_ref()
-        } else {
-            None
-        }
-    }
 }
 
 /// Writes the AgentToken's Secret: created with POST (so a Secret that
@@ -743,11 +814,19 @@ struct SecretWriter<'a> {
 impl SecretWriter<'_> {
     fn render(
         &self,
-        state: &TokenState,
+        status: &AgentTokenStatus,
         current: Option<&SecretString>,
         previous: Option<&SecretString>,
     ) -> Secret {
         let spec = self.at.spec.secret.clone().unwrap_or_default();
+        // The Secret's record says what it holds, for people; the operator
+        // never reads it back (the ledger in status is the record).
+        let state = &TokenState {
+            current: ledger::current(status).map(slot),
+            previous: ledger::previous(status).map(slot),
+            rotate_handled: None,
+            revoke_handled: None,
+        };
         secret::render(&Desired {
             name: self.name,
             namespace: self.ns,
@@ -765,22 +844,22 @@ impl SecretWriter<'_> {
 
     fn up_to_date(
         &self,
-        state: &TokenState,
+        status: &AgentTokenStatus,
         current: Option<&SecretString>,
         previous: Option<&SecretString>,
     ) -> bool {
         self.live
-            .is_some_and(|live| secret::up_to_date(live, &self.render(state, current, previous)))
+            .is_some_and(|live| secret::up_to_date(live, &self.render(status, current, previous)))
     }
 
     async fn write(
         &self,
-        state: &TokenState,
+        status: &AgentTokenStatus,
         current: Option<&SecretString>,
         previous: Option<&SecretString>,
     ) -> Result<(), Error> {
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), self.ns);
-        let mut desired = self.render(state, current, previous);
+        let mut desired = self.render(status, current, previous);
         match self.live {
             None => {
                 let pp = PostParams {
@@ -816,12 +895,18 @@ fn owner_reference(at: &AgentToken, uid: &str) -> OwnerReference {
     }
 }
 
+/// Which issuer object this is: its UID, and whether it is being deleted.
+pub struct IssuerIdentity {
+    pub uid: String,
+    pub deleting: bool,
+}
+
 /// Finds the referenced issuer, or says why the AgentToken cannot be served.
 async fn fetch_issuer(
     at: &AgentToken,
     ns: &str,
     ctx: &Context,
-) -> Result<Result<ResolvedIssuer, Refusal>, Error> {
+) -> Result<Result<(ResolvedIssuer, IssuerIdentity), Refusal>, Error> {
     let name = &at.spec.issuer_ref.name;
     let not_found = |what: String| Refusal {
         reason: "IssuerNotFound",
@@ -834,11 +919,17 @@ async fn fetch_issuer(
             .get_opt(name)
             .await?
         {
-            Some(i) => Ok(ResolvedIssuer {
-                key: format!("TokenIssuer/{ns}/{name}"),
-                spec: i.spec,
-                cluster_scoped: false,
-            }),
+            Some(i) => Ok((
+                ResolvedIssuer {
+                    key: format!("TokenIssuer/{ns}/{name}"),
+                    spec: i.spec,
+                    cluster_scoped: false,
+                },
+                IssuerIdentity {
+                    uid: i.metadata.uid.unwrap_or_default(),
+                    deleting: i.metadata.deletion_timestamp.is_some(),
+                },
+            )),
             None => Err(not_found(format!(
                 "TokenIssuer {name:?} in namespace {ns:?}"
             ))),
@@ -847,11 +938,17 @@ async fn fetch_issuer(
             .get_opt(name)
             .await?
         {
-            Some(i) => Ok(ResolvedIssuer {
-                key: format!("ClusterTokenIssuer/{name}"),
-                spec: i.spec.0,
-                cluster_scoped: true,
-            }),
+            Some(i) => Ok((
+                ResolvedIssuer {
+                    key: format!("ClusterTokenIssuer/{name}"),
+                    spec: i.spec.0,
+                    cluster_scoped: true,
+                },
+                IssuerIdentity {
+                    uid: i.metadata.uid.unwrap_or_default(),
+                    deleting: i.metadata.deletion_timestamp.is_some(),
+                },
+            )),
             None => Err(not_found(format!("ClusterTokenIssuer {name:?}"))),
         },
     })
@@ -1022,6 +1119,108 @@ pub fn issuer_policy(issuer: &ResolvedIssuer) -> Result<policy::Policy, String> 
     })
 }
 
+/// A refusal that also ends the tokens already delivered: the policy no
+/// longer allows them, or their issuer is gone. Each open ledger entry is
+/// revoked (at the issuer recorded with it) and the Secret keeps no token.
+async fn fail_closed(at: &AgentToken, ctx: &Context, r: Refusal) -> Result<Action, Error> {
+    let mut status = at.status.clone().unwrap_or_default();
+    if ledger::open(&status) == 0 {
+        return refuse(at, ctx, r).await;
+    }
+    let ns = at.namespace().unwrap_or_default();
+    let name = at.name_any();
+    let uid = at.uid().ok_or(Error::MissingUid)?;
+    let now = ctx.clock.now();
+    let who = revoke::Subject {
+        namespace: &ns,
+        name: &name,
+        uid: &uid,
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let live = secrets
+        .get_opt(&at.secret_name())
+        .await?
+        .filter(|s| matches!(secret::ownership(Some(s), &uid), Ownership::Owned));
+    let key = at.secret_key();
+    recover(&mut status, live.as_ref(), &key, &name, now);
+    let mut values = revoke::Values::default();
+    if let Some(c) = ledger::current(&status).map(|e| e.revision) {
+        values.offer(&status, c, secret::token_in(live.as_ref(), &key));
+    }
+    if let Some(p) = ledger::previous(&status).map(|e| e.revision) {
+        let previous_key = format!("{key}{}", secret::PREVIOUS_SUFFIX);
+        values.offer(&status, p, secret::token_in(live.as_ref(), &previous_key));
+    }
+    let why = format!("fail closed: {}", r.reason);
+    let delivered: Vec<i64> = status
+        .history
+        .iter()
+        .filter(|e| matches!(ledger::life(e), TokenLife::Live | TokenLife::Grace))
+        .map(|e| e.revision)
+        .collect();
+    for revision in delivered {
+        ledger::retire(&mut status, revision, &why, now);
+    }
+    // The Secret keeps no token the policy refuses.
+    if let Some(l) = &live {
+        let writer = SecretWriter {
+            at,
+            ctx,
+            ns: &ns,
+            name: &at.secret_name(),
+            key: &key,
+            live: Some(l),
+            uid: &uid,
+        };
+        if !writer.up_to_date(&status, None, None) {
+            writer.write(&status, None, None).await?;
+        }
+    }
+    ledger::expire(&mut status, now);
+    let current = super::reconcile_issuer(at, ctx).await?;
+    let mut keeper = match status.keeper_uid.as_deref() {
+        Some(k) => Some(Keeper::load(ctx, &uid, Some(k)).await?),
+        None => None,
+    };
+    let events = revoke::pass(
+        ctx,
+        &who,
+        &mut status,
+        current
+            .as_ref()
+            .map(|(record, backend)| revoke::CurrentIssuer {
+                record,
+                backend: backend.as_ref(),
+            }),
+        &values,
+        &mut keeper,
+        now,
+        ledger::ATTEMPTS_PER_PASS,
+    )
+    .await?;
+    tidy_keeper(ctx, &who, &mut status, &mut keeper).await;
+    ledger::prune(&mut status);
+    status.token_fingerprint = None;
+    status.next_rotation_at = None;
+    let conditions = vec![
+        Want::new(READY, false, r.reason, r.message.clone()),
+        Want::new(ISSUING, false, r.reason, "not issuing until this is fixed"),
+    ];
+    let wake = ledger::wake(&status).map(|w| until(now, w));
+    status_write(at, ctx, status, &conditions).await?;
+    if let Some(reason) = r.event {
+        ctx.publish(at, EventType::Warning, reason, r.message.clone())
+            .await;
+    }
+    for (kind, reason, note) in events {
+        ctx.publish(at, kind, reason, note).await;
+    }
+    Ok(Action::requeue(
+        wake.unwrap_or(MAX_WAKE)
+            .clamp(Duration::from_millis(500), MAX_WAKE),
+    ))
+}
+
 /// Records a refusal in status (and an Event when it is new), then waits.
 async fn refuse(at: &AgentToken, ctx: &Context, r: Refusal) -> Result<Action, Error> {
     let old = at.status.clone().unwrap_or_default();
@@ -1156,206 +1355,203 @@ pub(super) async fn status_write(
     Ok(())
 }
 
-/// Decides what happens to the old slots when a new token is delivered:
-/// `keep` becomes the previous token for its grace period, `retire` is revoked now.
-fn plan_slots(
-    state: &TokenState,
-    view: &decide::SecretView,
+/// Shortest time left on the leader Lease for a mint to start.
+#[allow(dead_code)] // used once leadership reports its time left
+const MIN_MINT_TIME: Duration = Duration::from_secs(10);
+
+/// The deadline a mint may have now: `None` when this replica cannot
+/// finish one while it still leads.
+fn lease_budget(_ctx: &Context) -> Option<Duration> {
+    Some(ISSUER_CALL_DEADLINE)
+}
+
+/// A ledger entry as the slot the Secret's record and consumers use.
+fn slot(e: &HistoryEntry) -> SlotState {
+    let expires_at = e.expires_at.as_ref().map_or(Timestamp::UNIX_EPOCH, |t| t.0);
+    SlotState {
+        revision: e.revision,
+        fingerprint: e.fingerprint.clone(),
+        issued_at: e.issued_at.as_ref().map_or(expires_at, |t| t.0),
+        expires_at,
+        handle: String::new(),
+        spec_hash: e.spec_hash.clone().unwrap_or_default(),
+        grace_until: e.grace_until.as_ref().map(|t| t.0),
+    }
+}
+
+/// What decide sees: the ledger's current and previous tokens, and whether
+/// the Secret still holds exactly the current one.
+fn ledger_view(
+    status: &AgentTokenStatus,
+    exists: bool,
+    values: &revoke::Values,
+) -> decide::SecretView {
+    let handled = status.handled_triggers.clone().unwrap_or_default();
+    decide::SecretView {
+        exists,
+        current: ledger::current(status).map(|c| {
+            let s = slot(c);
+            decide::CurrentToken {
+                revision: s.revision,
+                fingerprint: s.fingerprint,
+                issued_at: s.issued_at,
+                expires_at: s.expires_at,
+                // Entries from before the ledger kept the hash: no rotation
+                // for that alone.
+                spec_hash: c.spec_hash.clone().unwrap_or_default(),
+                data_intact: values.get(c.revision).is_some(),
+            }
+        }),
+        previous: ledger::previous(status).map(|p| {
+            let s = slot(p);
+            decide::PreviousToken {
+                revision: s.revision,
+                fingerprint: s.fingerprint,
+                expires_at: s.expires_at,
+                grace_until: s.grace_until.unwrap_or(s.expires_at),
+            }
+        }),
+        rotate_handled: handled.rotate,
+        revoke_handled: handled.revoke,
+    }
+}
+
+/// Moves the old tokens along when a new one is delivered: the previous
+/// one is retired, the current one keeps a grace period (or is retired at
+/// once). Returns the revision kept as the previous token.
+#[allow(clippy::too_many_arguments)]
+fn shift_slots(
+    status: &mut AgentTokenStatus,
+    current: Option<&HistoryEntry>,
+    previous: Option<&HistoryEntry>,
+    values: &revoke::Values,
     m: decide::Mint,
     grace: Duration,
     hold_for_consumers: bool,
     now: Timestamp,
-) -> (Option<SlotState>, Vec<SlotState>) {
-    let mut retire = Vec::new();
-    // Only one previous slot: an older previous token goes now.
-    if let Some(p) = &state.previous {
-        retire.push(p.clone());
+) -> Option<i64> {
+    if let Some(p) = previous {
+        ledger::retire(status, p.revision, "superseded by a newer token", now);
     }
-    let Some(cur) = state.current.clone() else {
-        return (None, retire);
+    let cur = current?;
+    let expires = slot(cur).expires_at;
+    let why = if m.revoke_current_now {
+        Some("revoked on request (agenttoken.dev/revoke)")
+    } else if values.get(cur.revision).is_none() {
+        Some("its value in the Secret was changed or removed")
+    } else if now >= expires {
+        Some("expired")
+    } else if grace.is_zero() && !hold_for_consumers {
+        Some("replaced; no grace period")
+    } else {
+        None
     };
-    let intact = view.current.as_ref().is_some_and(|c| c.data_intact);
-    let alive = now < cur.expires_at;
-    // With no grace period the previous token is still held while consumers
-    // roll: it goes as soon as they have.
-    if m.revoke_current_now || !intact || !alive || (grace.is_zero() && !hold_for_consumers) {
-        if alive || !intact {
-            retire.push(cur);
-        }
-        return (None, retire);
+    if let Some(why) = why {
+        ledger::retire(status, cur.revision, why, now);
+        return None;
     }
-    let grace_until = now
-        .checked_add(jiff::SignedDuration::try_from(grace).unwrap_or_default())
-        .unwrap_or(cur.expires_at)
-        .min(cur.expires_at);
-    (
-        Some(SlotState {
-            grace_until: Some(grace_until),
-            spec_hash: String::new(),
-            ..cur
-        }),
-        retire,
-    )
+    // With no grace period the previous token is still held while
+    // consumers roll: it goes as soon as they have.
+    ledger::grace(status, cur.revision, ledger::after(now, grace, expires));
+    Some(cur.revision)
 }
 
-async fn revoke(
-    ctx: &Context,
-    backend: &dyn Issuer,
-    ns: &str,
-    handle: &str,
-    token: Option<&SecretString>,
-) -> RevocationState {
-    let started = std::time::Instant::now();
-    let result = match tokio::time::timeout(
-        ISSUER_CALL_DEADLINE,
-        backend.revoke(ns, &RevocationHandle(handle.to_string()), token),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(IssuerError::Unavailable(format!(
-            "the issuer did not finish revoking within {}s",
-            ISSUER_CALL_DEADLINE.as_secs()
-        ))),
-    };
-    ctx.metrics
-        .observe_issuer_request(backend.kind(), "revoke", result.is_ok(), started.elapsed());
-    let state = match result {
-        Ok(Revocation::Revoked) => RevocationState::Revoked,
-        Ok(Revocation::NotSupported) => RevocationState::NotSupported,
-        Err(e) => {
-            warn!(namespace = %ns, handle, error = %e, "revocation failed");
-            RevocationState::Failed
-        }
-    };
-    ctx.metrics
-        .revocation(backend.kind(), &format!("{state:?}"));
-    state
-}
-
-/// The revocation handle of `revision` from the ledger in status (which only
-/// the operator writes), never from the Secret (whose record a namespace
-/// admin can edit to aim a revocation at another team's Vault accessor or
-/// token id). For the serviceAccount kind the handle is recomputed from the
-/// revision (`<agenttoken>-binding-r<revision>`), so entries recorded
-/// before handles were kept in status still revoke.
-pub fn trusted_handle(
-    status: &AgentTokenStatus,
-    agent_token: &str,
-    kind: &str,
-    revision: i64,
-) -> Option<String> {
-    let recorded = status
+/// Mints the last reconcile of this object left unfinished: delivered if
+/// the Secret holds the minted token, else revoked when it can be found,
+/// else `Unknown` until its latest expiry.
+fn recover(
+    status: &mut AgentTokenStatus,
+    live: Option<&Secret>,
+    key: &str,
+    name: &str,
+    now: Timestamp,
+) {
+    let held =
+        secret::token_in(live, key).map(|v| rotation::fingerprint(v.expose_secret().as_bytes()));
+    let minting: Vec<(i64, bool, bool)> = status
         .history
         .iter()
-        .find(|h| h.revision == revision)
-        .and_then(|h| h.handle.clone());
-    recorded.or_else(|| {
-        (kind == "serviceAccount")
-            .then(|| crate::issuer::service_account::binding_name(agent_token, revision))
-    })
-}
-
-/// A token with no trusted record of how to revoke it: not revoked, said so.
-fn untrusted(ctx: &Context, kind: &'static str, ns: &str, revision: i64) -> RevocationState {
-    warn!(namespace = %ns, revision, "no trusted revocation record for this revision; not revoked");
-    ctx.metrics.revocation(kind, "Failed");
-    RevocationState::Failed
-}
-
-fn push_history(status: &mut AgentTokenStatus, slot: &SlotState, reason: RotationReason) {
-    status.history.retain(|h| h.revision != slot.revision);
-    status.history.push(HistoryEntry {
-        revision: slot.revision,
-        fingerprint: slot.fingerprint.clone(),
-        issued_at: Some(Time(slot.issued_at)),
-        expires_at: Some(Time(slot.expires_at)),
-        revoked_at: None,
-        revocation: RevocationState::Pending,
-        reason: Some(reason),
-        handle: Some(slot.handle.clone()),
-        ..Default::default()
-    });
-    status.history.sort_by_key(|h| h.revision);
-    let excess = status.history.len().saturating_sub(HISTORY_LIMIT);
-    status.history.drain(..excess);
-}
-
-fn mark_revoked(
-    status: &mut AgentTokenStatus,
-    revision: i64,
-    outcome: RevocationState,
-    now: Timestamp,
-) {
-    match status.history.iter_mut().find(|h| h.revision == revision) {
-        Some(h) => {
-            h.revocation = outcome;
-            if outcome != RevocationState::Failed {
-                h.revoked_at = Some(Time(now));
-            }
-        }
-        None => {
-            // A token minted but never delivered (the operator stopped in between).
-            status.history.push(HistoryEntry {
-                revision,
-                fingerprint: "unknown (never delivered)".into(),
-                issued_at: None,
-                expires_at: None,
-                revoked_at: (outcome != RevocationState::Failed).then_some(Time(now)),
-                revocation: outcome,
-                reason: None,
-                handle: None,
-                ..Default::default()
-            });
-            status.history.sort_by_key(|h| h.revision);
-            let excess = status.history.len().saturating_sub(HISTORY_LIMIT);
-            status.history.drain(..excess);
+        .filter(|e| ledger::life(e) == TokenLife::Minting)
+        .map(|e| {
+            let delivered = !e.fingerprint.is_empty() && held.as_deref() == Some(&e.fingerprint);
+            (e.revision, delivered, e.handle.is_some())
+        })
+        .collect();
+    for (revision, delivered, findable) in minting {
+        if delivered {
+            ledger::delivered(status, revision);
+        } else {
+            info!(agenttoken = %name, revision, findable, "a mint was interrupted");
+            ledger::interrupted(status, revision, findable, now);
         }
     }
 }
 
-/// Revokes binding objects of this AgentToken that no delivered token uses.
-async fn sweep_orphans(
+/// Binding Secrets this AgentToken owns (by UID) that the ledger does not
+/// list: a mint interrupted before its intent was recorded (an older
+/// operator). They are queued for revocation.
+fn adopt_bindings(
     ctx: &Context,
-    backend: &dyn Issuer,
-    ns: &str,
-    at: &AgentToken,
-    state: &TokenState,
+    who: &revoke::Subject<'_>,
     status: &mut AgentTokenStatus,
     now: Timestamp,
 ) {
-    let held: Vec<&str> = [state.current.as_ref(), state.previous.as_ref()]
-        .into_iter()
-        .flatten()
-        .map(|s| s.handle.as_str())
-        .collect();
     let ceiling = revision_ceiling(status);
-    for (name, revision) in ctx.bindings_of(ns, &at.name_any(), &at.uid().unwrap_or_default()) {
+    for (binding, revision) in ctx.bindings_of(who.namespace, who.name, who.uid) {
         // A revision far past what status knows is a forged label, not a
         // token of ours: never recorded, never acted on.
-        if revision > ceiling {
+        if revision > ceiling || status.history.iter().any(|h| h.revision == revision) {
             continue;
         }
-        // Held, or already revoked (the cache has not seen the deletion yet).
-        let revoked = status.history.iter().any(|h| {
-            h.revision == revision
-                && matches!(
-                    h.revocation,
-                    RevocationState::Revoked | RevocationState::NotSupported
-                )
+        status.history.push(HistoryEntry {
+            revision,
+            fingerprint: "unknown (never delivered)".into(),
+            handle: Some(binding),
+            state: Some(TokenLife::Revoking),
+            next_attempt_at: Some(Time(now)),
+            message: Some("a binding no Secret holds".into()),
+            ..Default::default()
         });
-        if held.contains(&name.as_str()) || revoked {
-            continue;
-        }
-        let outcome = revoke(ctx, backend, ns, &name, None).await;
-        info!(namespace = %ns, agenttoken = %at.name_any(), revision, "revoked a token that no Secret holds");
-        mark_revoked(status, revision, outcome, now);
+        status.history.sort_by_key(|h| h.revision);
     }
 }
 
-/// How far past status a revision read from the Secret or a binding may
-/// be and still be believed (each crash between a mint and the status
-/// write can leave one revision unrecorded; a forged label can say anything).
+/// Drops kept tokens that are no longer needed, and the keeper with the
+/// last of them. A failure only delays that to a later pass.
+async fn tidy_keeper(
+    ctx: &Context,
+    who: &revoke::Subject<'_>,
+    status: &mut AgentTokenStatus,
+    keeper: &mut Option<Keeper>,
+) {
+    if status.keeper_uid.is_none() {
+        return;
+    }
+    let needed = revoke::kept_needed(status, who);
+    if keeper.is_none() {
+        match Keeper::load(ctx, who.uid, status.keeper_uid.as_deref()).await {
+            Ok(k) => *keeper = Some(k),
+            Err(e) => {
+                warn!(error = %e, "could not read the keeper");
+                return;
+            }
+        }
+    }
+    let Some(k) = keeper.as_mut() else { return };
+    if k.revisions().iter().all(|r| needed.contains(r)) && !k.revisions().is_empty() {
+        return;
+    }
+    match k.retain(&needed).await {
+        Ok(true) => {}
+        Ok(false) => status.keeper_uid = None,
+        Err(e) => warn!(error = %e, "could not tidy the keeper"),
+    }
+}
+
+/// How far past status a revision read from a binding may be and still be
+/// believed (each crash between a mint and the status write could leave
+/// one revision unrecorded before intents were; a forged label can say
+/// anything).
 const REVISION_SLACK: i64 = 16;
 
 /// The highest revision status records (status.revision and history).
@@ -1367,33 +1563,27 @@ fn known_revision(status: &AgentTokenStatus) -> i64 {
         .fold(status.revision.max(0), i64::max)
 }
 
-/// The highest revision read from a Secret or a binding that is believed.
+/// The highest revision read from a binding that is believed.
 fn revision_ceiling(status: &AgentTokenStatus) -> i64 {
     known_revision(status).saturating_add(REVISION_SLACK)
 }
 
 /// The next revision: above every revision this AgentToken minted (status,
-/// history, and within [`REVISION_SLACK`] of them the Secret and its own
-/// bindings). `None` only if status itself is at `i64::MAX`.
+/// history, and within [`REVISION_SLACK`] of them its own bindings).
+/// `None` only if status itself is at `i64::MAX`.
 fn next_revision(
     ctx: &Context,
     ns: &str,
     at: &AgentToken,
     status: &AgentTokenStatus,
-    state: &TokenState,
 ) -> Option<i64> {
     let known = known_revision(status);
     let ceiling = revision_ceiling(status);
     let uid = at.uid().unwrap_or_default();
-    let seen = [state.current.as_ref(), state.previous.as_ref()]
+    let seen = ctx
+        .bindings_of(ns, &at.name_any(), &uid)
         .into_iter()
-        .flatten()
-        .map(|s| s.revision)
-        .chain(
-            ctx.bindings_of(ns, &at.name_any(), &uid)
-                .into_iter()
-                .map(|(_, r)| r),
-        )
+        .map(|(_, r)| r)
         .filter(|r| *r <= ceiling)
         .fold(known, i64::max);
     seen.checked_add(1)
@@ -1467,12 +1657,12 @@ fn restarts_consumers(at: &AgentToken) -> bool {
 /// delivered (a previous token is held, or status says a rollout is unsettled).
 fn consumers_to_check(
     at: &AgentToken,
-    state: &secret::TokenState,
+    has_previous: bool,
     status: &AgentTokenStatus,
     revision: i64,
 ) -> bool {
     restarts_consumers(at)
-        && (state.previous.is_some()
+        && (has_previous
             || status
                 .consumers
                 .iter()

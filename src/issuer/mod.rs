@@ -67,12 +67,15 @@ impl std::fmt::Debug for MintedToken {
 pub struct RevocationHandle(pub String);
 
 /// How a revocation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Revocation {
     /// The issuer confirmed the token is dead (or it was already gone).
     Revoked,
     /// This issuer cannot revoke; the token dies at its expiry.
     NotSupported,
+    /// The issuer answered without confirming: it does not know the token
+    /// (a 404 for its id). Not counted as revoked.
+    Unconfirmed(String),
 }
 
 /// Why an issuer call failed. Messages never contain a token or a secret.

@@ -201,7 +201,11 @@ impl WebhookIssuer {
         )
         .await?;
         match reply.status {
-            200..=299 | 404 | 410 => Ok(Revocation::Revoked),
+            200..=299 => Ok(Revocation::Revoked),
+            404 | 410 => Ok(Revocation::Unconfirmed(format!(
+                "the issuer answered HTTP {} for this token: it does not know it, so its revocation is not confirmed",
+                reply.status
+            ))),
             _ => Err(IssuerError::Unavailable(format!(
                 "revocation refused: {}",
                 reply.describe()

@@ -1,0 +1,299 @@
+//! The revocation queue's worker: every ledger entry in `Revoking` or
+//! `Failed` whose attempt is due is sent to the issuer that minted it (by
+//! UID, never the one `spec.issuerRef` names now), with the token itself
+//! only when its fingerprint is the ledger's. The outcome goes back into
+//! the ledger; a failure is retried with backoff until the token expires.
+//! This runs on every reconcile and on deletion, independent of rotation.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use kube::api::Api;
+use kube::runtime::events::EventType;
+use secrecy::{ExposeSecret, SecretString};
+use tracing::{info, instrument, warn};
+
+use super::keeper::Keeper;
+use super::ledger::{self, Handle, Outcome};
+use super::{Context, Error};
+use crate::crd::{
+    AgentTokenStatus, ClusterTokenIssuer, IssuerKind, IssuerRecord, TokenIssuer, TokenLife,
+};
+use crate::issuer::service_account::ServiceAccountIssuer;
+use crate::issuer::{Issuer, IssuerError, Revocation, RevocationHandle};
+use crate::rotation::fingerprint;
+
+/// Longest one revocation may take, all its calls together.
+pub const REVOKE_DEADLINE: Duration = Duration::from_secs(90);
+
+/// The issuer the AgentToken refers to now, when it resolved.
+pub struct CurrentIssuer<'a> {
+    pub record: &'a IssuerRecord,
+    pub backend: &'a dyn Issuer,
+}
+
+/// Token values at hand, by revision: just minted, or read from the
+/// tenant's Secret and verified against the ledger's fingerprint.
+#[derive(Default)]
+pub struct Values(BTreeMap<i64, SecretString>);
+
+impl Values {
+    /// Adds `value` for `revision` only if its fingerprint is the ledger's.
+    pub fn offer(&mut self, status: &AgentTokenStatus, revision: i64, value: Option<SecretString>) {
+        let Some(value) = value else { return };
+        let matches = status.history.iter().any(|e| {
+            e.revision == revision
+                && !e.fingerprint.is_empty()
+                && fingerprint(value.expose_secret().as_bytes()) == e.fingerprint
+        });
+        if matches {
+            self.0.insert(revision, value);
+        }
+    }
+
+    pub fn get(&self, revision: i64) -> Option<&SecretString> {
+        self.0.get(&revision)
+    }
+}
+
+/// Everything a pass needs about the AgentToken.
+pub struct Subject<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+}
+
+/// Runs due revocations (at most `limit`), recording each outcome in
+/// `status`; returns Events to publish.
+#[allow(clippy::too_many_arguments)]
+#[instrument(skip_all, fields(namespace = %who.namespace, agenttoken = %who.name))]
+pub async fn pass(
+    ctx: &Context,
+    who: &Subject<'_>,
+    status: &mut AgentTokenStatus,
+    current: Option<CurrentIssuer<'_>>,
+    values: &Values,
+    keeper: &mut Option<Keeper>,
+    now: Timestamp,
+    limit: usize,
+) -> Result<Vec<(EventType, &'static str, String)>, Error> {
+    let mut events = Vec::new();
+    let mut backends: BTreeMap<String, Result<Box<dyn Issuer>, String>> = BTreeMap::new();
+    for revision in ledger::due(status, now).into_iter().take(limit) {
+        let Some(entry) = status
+            .history
+            .iter()
+            .find(|e| e.revision == revision)
+            .cloned()
+        else {
+            continue;
+        };
+        let recorded_type = entry.issuer.as_ref().map(|i| i.type_.as_str());
+        let current_type = current.as_ref().map(|c| c.record.type_.as_str());
+        let handle = ledger::handle_of(&entry, who.name, recorded_type.or(current_type));
+        let (outcome, kind) = match handle {
+            None => (
+                Outcome::Impossible("no revocation handle was recorded for this token".into()),
+                recorded_type.unwrap_or("unknown").to_string(),
+            ),
+            Some(Handle::Jwt) => (Outcome::NotSupported, "jwt".to_string()),
+            Some(handle) => {
+                let kind = handle.issuer_type().to_string();
+                let outcome = attempt(
+                    ctx,
+                    who,
+                    &entry,
+                    &handle,
+                    &current,
+                    values,
+                    keeper,
+                    &mut backends,
+                )
+                .await?;
+                (outcome, kind)
+            }
+        };
+        let fp = entry.fingerprint.clone();
+        match &outcome {
+            Outcome::Revoked => events.push((
+                EventType::Normal,
+                "TokenRevoked",
+                format!("revision {revision} ({fp}) revoked at the issuer"),
+            )),
+            Outcome::NotSupported => {}
+            Outcome::Unconfirmed(m) | Outcome::Impossible(m) | Outcome::Retry(m) => {
+                warn!(revision, error = %m, "revocation failed");
+                events.push((
+                    EventType::Warning,
+                    "RevocationFailed",
+                    format!("revision {revision} ({fp}) could not be revoked: {m}"),
+                ));
+            }
+        }
+        ledger::record(status, revision, outcome, now);
+        let state = status
+            .history
+            .iter()
+            .find(|e| e.revision == revision)
+            .and_then(|e| e.state)
+            .unwrap_or(TokenLife::Failed);
+        ctx.metrics.revocation(&kind, &format!("{state:?}"));
+        info!(revision, state = ?state, "revocation attempt recorded");
+    }
+    Ok(events)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    ctx: &Context,
+    who: &Subject<'_>,
+    entry: &crate::crd::HistoryEntry,
+    handle: &Handle,
+    current: &Option<CurrentIssuer<'_>>,
+    values: &Values,
+    keeper: &mut Option<Keeper>,
+    backends: &mut BTreeMap<String, Result<Box<dyn Issuer>, String>>,
+) -> Result<Outcome, Error> {
+    // The token itself, only if its fingerprint is the ledger's.
+    let mut token = None;
+    if handle.needs_token() {
+        token = values.get(entry.revision).cloned();
+        if token.is_none()
+            && let Some(k) = keeper.as_ref()
+        {
+            token = k
+                .get(entry.revision)
+                .filter(|v| fingerprint(v.expose_secret().as_bytes()) == entry.fingerprint);
+        }
+        if token.is_none() {
+            return Ok(Outcome::Impossible(
+                "revoking it needs the token itself, which is no longer held".into(),
+            ));
+        }
+    }
+    let sa;
+    let backend: &dyn Issuer = match handle {
+        Handle::Binding(_) => {
+            sa = ServiceAccountIssuer::new(ctx.client.clone());
+            &sa
+        }
+        _ => {
+            let resolved = match (&entry.issuer, current) {
+                (Some(rec), Some(c)) if rec.uid == c.record.uid => Ok(c.backend),
+                (Some(rec), _) => {
+                    let key = format!("{:?}/{}/{}", rec.kind, rec.name, rec.uid);
+                    if !backends.contains_key(&key) {
+                        let b = minting_issuer(ctx, who.namespace, rec).await?;
+                        backends.insert(key.clone(), b);
+                    }
+                    match backends.get(&key) {
+                        Some(Ok(b)) => Ok(b.as_ref()),
+                        Some(Err(m)) => Err(m.clone()),
+                        None => Err("the issuer could not be resolved".into()),
+                    }
+                }
+                // An entry from before issuers were recorded: the current
+                // issuer, only if it is of the handle's type.
+                (None, Some(c)) => Ok(c.backend),
+                (None, None) => Err("the issuer that minted it is not known".into()),
+            };
+            match resolved {
+                Ok(b) => b,
+                Err(m) => return Ok(Outcome::Impossible(m)),
+            }
+        }
+    };
+    if backend.kind() != handle.issuer_type() {
+        return Ok(Outcome::Impossible(format!(
+            "its handle is for a {} issuer, not the {} issuer it would be sent to",
+            handle.issuer_type(),
+            backend.kind()
+        )));
+    }
+    let stored = entry.handle.clone().unwrap_or_else(|| match handle {
+        Handle::Binding(b) => b.clone(),
+        _ => String::new(),
+    });
+    let started = std::time::Instant::now();
+    let result = match tokio::time::timeout(
+        REVOKE_DEADLINE,
+        backend.revoke(who.namespace, &RevocationHandle(stored), token.as_ref()),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(IssuerError::Unavailable(format!(
+            "the issuer did not finish revoking within {}s",
+            REVOKE_DEADLINE.as_secs()
+        ))),
+    };
+    ctx.metrics
+        .observe_issuer_request(backend.kind(), "revoke", result.is_ok(), started.elapsed());
+    Ok(match result {
+        Ok(Revocation::Revoked) => Outcome::Revoked,
+        Ok(Revocation::NotSupported) => Outcome::NotSupported,
+        Ok(Revocation::Unconfirmed(m)) => Outcome::Unconfirmed(m),
+        Err(e) => Outcome::Retry(e.to_string()),
+    })
+}
+
+/// The backend of the issuer recorded in a ledger entry, if that very
+/// object (same UID) still exists.
+async fn minting_issuer(
+    ctx: &Context,
+    ns: &str,
+    rec: &IssuerRecord,
+) -> Result<Result<Box<dyn Issuer>, String>, Error> {
+    let found = match rec.kind {
+        IssuerKind::TokenIssuer => Api::<TokenIssuer>::namespaced(ctx.client.clone(), ns)
+            .get_opt(&rec.name)
+            .await?
+            .filter(|i| i.metadata.uid.as_deref() == Some(rec.uid.as_str()))
+            .map(|i| (i.spec, Some(ns))),
+        IssuerKind::ClusterTokenIssuer => Api::<ClusterTokenIssuer>::all(ctx.client.clone())
+            .get_opt(&rec.name)
+            .await?
+            .filter(|i| i.metadata.uid.as_deref() == Some(rec.uid.as_str()))
+            .map(|i| (i.spec.0, None)),
+    };
+    Ok(match found {
+        Some((spec, issuer_ns)) => ctx.issuer_backend(&spec, issuer_ns, &rec.name),
+        None => Err(format!(
+            "the {:?} {:?} that minted it no longer exists; it dies at its expiry",
+            rec.kind, rec.name
+        )),
+    })
+}
+
+/// Whether any due entry needs a token value not already at hand (so the
+/// keeper must be read).
+pub fn needs_keeper(
+    status: &AgentTokenStatus,
+    who: &Subject<'_>,
+    values: &Values,
+    now: Timestamp,
+) -> bool {
+    ledger::due(status, now).into_iter().any(|r| {
+        values.get(r).is_none()
+            && status.history.iter().any(|e| {
+                e.revision == r
+                    && ledger::handle_of(e, who.name, e.issuer.as_ref().map(|i| i.type_.as_str()))
+                        .is_some_and(|h| h.needs_token())
+            })
+    })
+}
+
+/// Revisions whose kept token is still needed: open entries revoked by token.
+pub fn kept_needed(status: &AgentTokenStatus, who: &Subject<'_>) -> Vec<i64> {
+    status
+        .history
+        .iter()
+        .filter(|e| ledger::is_open(e))
+        .filter(|e| {
+            ledger::handle_of(e, who.name, e.issuer.as_ref().map(|i| i.type_.as_str()))
+                .is_some_and(|h| h.needs_token())
+        })
+        .map(|e| e.revision)
+        .collect()
+}
