@@ -15,10 +15,10 @@ use agent_token_operator::crd::{AgentToken, RevocationState, TokenIssuer};
 use crate::support::{Operator, TestNamespace, apply, eventually, random_suffix, repo_root};
 
 /// A running oidc-provider with two clients (Basic and Post authentication).
-struct Provider {
+pub(crate) struct Provider {
     child: Child,
     port: u16,
-    basic: (String, String),
+    pub basic: (String, String),
     post: (String, String),
 }
 
@@ -61,7 +61,7 @@ fn npm_install() {
     *done = true;
 }
 
-fn start_provider(token_ttl: u64) -> Provider {
+pub(crate) fn start_provider(token_ttl: u64) -> Provider {
     npm_install();
     let basic = (format!("basic-{}", random_suffix()), secret_value());
     let post = (format!("post-{}", random_suffix()), secret_value());
@@ -107,7 +107,7 @@ impl Provider {
 }
 
 /// Asks the provider's introspection endpoint whether `token` is active.
-async fn introspect(p: &Provider, token: &str) -> serde_json::Value {
+pub(crate) async fn introspect(p: &Provider, token: &str) -> serde_json::Value {
     let resp = reqwest::Client::new()
         .post(p.url("/token/introspection"))
         .basic_auth(&p.basic.0, Some(&p.basic.1))
@@ -123,7 +123,29 @@ async fn introspect(p: &Provider, token: &str) -> serde_json::Value {
     resp.json().await.expect("introspection JSON")
 }
 
-fn issuer_yaml(p: &Provider, method: &str, client_id: &str) -> String {
+/// A token the Basic client gets from the provider itself (client
+/// credentials), outside the operator: someone else's live token.
+pub(crate) async fn client_credentials(p: &Provider, scope: &str) -> String {
+    let resp = reqwest::Client::new()
+        .post(p.url("/token"))
+        .basic_auth(&p.basic.0, Some(&p.basic.1))
+        .form(&[("grant_type", "client_credentials"), ("scope", scope)])
+        .send()
+        .await
+        .expect("token request");
+    assert!(
+        resp.status().is_success(),
+        "token request: {}",
+        resp.status()
+    );
+    let body: serde_json::Value = resp.json().await.expect("token JSON");
+    body["access_token"]
+        .as_str()
+        .expect("an access_token")
+        .to_string()
+}
+
+pub(crate) fn issuer_yaml(p: &Provider, method: &str, client_id: &str) -> String {
     format!(
         r#"
 apiVersion: agenttoken.dev/v1alpha1
@@ -145,7 +167,7 @@ spec:
     )
 }
 
-async fn client_secret(ns: &TestNamespace, value: &str) {
+pub(crate) async fn client_secret(ns: &TestNamespace, value: &str) {
     let api: Api<Secret> = ns.api();
     let s: Secret = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "idp-client"},
@@ -155,7 +177,7 @@ async fn client_secret(ns: &TestNamespace, value: &str) {
     api.create(&Default::default(), &s).await.unwrap();
 }
 
-const AGENT_TOKEN: &str = r#"
+pub(crate) const AGENT_TOKEN: &str = r#"
 apiVersion: agenttoken.dev/v1alpha1
 kind: AgentToken
 metadata: {name: bot}
@@ -185,7 +207,7 @@ async fn wait_at<F: Fn(&AgentToken) -> bool>(ns: &TestNamespace, what: &str, f: 
     .await
 }
 
-async fn token_in_secret(ns: &TestNamespace) -> String {
+pub(crate) async fn token_in_secret(ns: &TestNamespace) -> String {
     let s: Secret = ns.api().get("bot").await.unwrap();
     String::from_utf8(s.data.unwrap()["token"].0.clone()).unwrap()
 }

@@ -1,8 +1,10 @@
 //! The webhook issuer against a local STAND-IN minting service (no real
 //! product defines this API: it is whatever the user's service speaks),
 //! written here with axum: it checks the Authorization header, records the
-//! request bodies, mints random tokens with ids, revokes by id, and can be
-//! told to misbehave (garbage JSON, 503 with Retry-After, no expiry).
+//! request bodies, mints random tokens with ids, revokes by id (or by the
+//! token value when no id is sent), and can be told to misbehave (garbage
+//! JSON, 503 with Retry-After, no expiry; for revocation: 503, or 404 while
+//! the token stays active). [`StandIn`] is the handle other test modules use.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,13 +30,49 @@ enum Mode {
     NoExpiry,
 }
 
+/// How the stand-in answers revoke requests.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(crate) enum RevokeMode {
+    /// Revokes the token (by id, else by value): 200, or 404 if unknown.
+    Normal,
+    /// 503 without touching the token.
+    Unavailable,
+    /// 404 for every request, while the token stays active.
+    NotFound,
+}
+
+/// One revoke request the stand-in received: which of its tokens it named
+/// (by id, or the id of the token whose value was sent) and the answer.
+/// The token value itself is never kept here.
+#[derive(Clone, Debug)]
+pub(crate) struct RevokeRequest {
+    /// The `id` field, if the request had one.
+    pub id: Option<String>,
+    /// The id of the stand-in's token whose value the `token` field held.
+    pub token_of: Option<String>,
+    /// Whether a `token` field was sent that is none of the stand-in's tokens.
+    pub foreign_token: bool,
+    pub status: u16,
+}
+
+impl RevokeRequest {
+    /// Whether this request was about the stand-in's token `id`.
+    pub fn names(&self, id: &str) -> bool {
+        self.id.as_deref() == Some(id) || self.token_of.as_deref() == Some(id)
+    }
+}
+
 struct Service {
     auth: String,
     mode: Mode,
+    revoke_mode: RevokeMode,
+    /// Seconds of life each minted token gets.
+    ttl: u64,
     /// id -> (token, active)
     tokens: HashMap<String, (String, bool)>,
     bodies: Vec<serde_json::Value>,
     requests: usize,
+    revokes: Vec<RevokeRequest>,
 }
 
 type Shared = Arc<Mutex<Service>>;
@@ -72,7 +110,8 @@ async fn mint(
         Mode::Normal => {}
     }
     s.tokens.insert(id.clone(), (token.clone(), true));
-    Json(serde_json::json!({"data": {"token": token, "ttl": 900, "id": id}})).into_response()
+    let ttl = s.ttl;
+    Json(serde_json::json!({"data": {"token": token, "ttl": ttl, "id": id}})).into_response()
 }
 
 async fn revoke(
@@ -84,23 +123,47 @@ async fn revoke(
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(s.auth.as_str()) {
         return StatusCode::UNAUTHORIZED;
     }
-    let id = body["id"].as_str().unwrap_or_default().to_string();
-    match s.tokens.get_mut(&id) {
-        Some(t) => {
-            t.1 = false;
-            StatusCode::OK
-        }
-        None => StatusCode::NOT_FOUND,
-    }
+    let id = body["id"].as_str().map(String::from);
+    let sent = body["token"].as_str();
+    let token_of = sent.and_then(|v| {
+        s.tokens
+            .iter()
+            .find(|(_, (t, _))| t == v)
+            .map(|(id, _)| id.clone())
+    });
+    let foreign_token = sent.is_some() && token_of.is_none();
+    // Revoke by id; without an id, by the token value.
+    let target = id.clone().or_else(|| token_of.clone()).unwrap_or_default();
+    let status = match s.revoke_mode {
+        RevokeMode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        RevokeMode::NotFound => StatusCode::NOT_FOUND,
+        RevokeMode::Normal => match s.tokens.get_mut(&target) {
+            Some(t) => {
+                t.1 = false;
+                StatusCode::OK
+            }
+            None => StatusCode::NOT_FOUND,
+        },
+    };
+    s.revokes.push(RevokeRequest {
+        id,
+        token_of,
+        foreign_token,
+        status: status.as_u16(),
+    });
+    status
 }
 
 async fn start() -> (Shared, u16) {
     let shared: Shared = Arc::new(Mutex::new(Service {
         auth: format!("Bearer {}", random_suffix() + &random_suffix()),
         mode: Mode::Normal,
+        revoke_mode: RevokeMode::Normal,
+        ttl: 900,
         tokens: HashMap::new(),
         bodies: Vec::new(),
         requests: 0,
+        revokes: Vec::new(),
     }));
     let app = Router::new()
         .route(
@@ -113,6 +176,78 @@ async fn start() -> (Shared, u16) {
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await });
     (shared, port)
+}
+
+/// A running stand-in, for tests in other modules: its state is read
+/// through methods that never hand out a token value except by id.
+pub(crate) struct StandIn {
+    svc: Shared,
+    pub port: u16,
+}
+
+impl StandIn {
+    pub async fn start() -> Self {
+        let (svc, port) = start().await;
+        StandIn { svc, port }
+    }
+
+    /// `http://127.0.0.1:<port><path>` (`/mint`, `/revoke`).
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The Authorization header value the stand-in expects.
+    pub fn authorization(&self) -> String {
+        self.svc.lock().unwrap().auth.clone()
+    }
+
+    pub fn set_revoke_mode(&self, mode: RevokeMode) {
+        self.svc.lock().unwrap().revoke_mode = mode;
+    }
+
+    /// Mint requests answer 503 (Retry-After: 1) while `unavailable`.
+    pub fn set_mint_unavailable(&self, unavailable: bool) {
+        self.svc.lock().unwrap().mode = if unavailable {
+            Mode::Unavailable
+        } else {
+            Mode::Normal
+        };
+    }
+
+    /// Seconds of life the next minted tokens get (900 by default).
+    pub fn set_ttl(&self, seconds: u64) {
+        self.svc.lock().unwrap().ttl = seconds;
+    }
+
+    /// The id of the stand-in's token with this value.
+    pub fn id_of(&self, token: &str) -> Option<String> {
+        let s = self.svc.lock().unwrap();
+        s.tokens
+            .iter()
+            .find(|(_, (t, _))| t == token)
+            .map(|(id, _)| id.clone())
+    }
+
+    /// Whether the token `id` is still active (`None`: never minted).
+    pub fn active(&self, id: &str) -> Option<bool> {
+        self.svc.lock().unwrap().tokens.get(id).map(|t| t.1)
+    }
+
+    /// How many of its tokens are still active.
+    pub fn live(&self) -> usize {
+        self.svc
+            .lock()
+            .unwrap()
+            .tokens
+            .values()
+            .filter(|t| t.1)
+            .count()
+    }
+
+    /// Every revoke request received so far.
+    pub fn revokes(&self) -> Vec<RevokeRequest> {
+        self.svc.lock().unwrap().revokes.clone()
+    }
 }
 
 async fn setup(ns: &TestNamespace, svc: &Shared, port: u16) {
