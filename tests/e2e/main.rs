@@ -9,6 +9,7 @@ mod github_app;
 mod helm;
 mod hostile;
 mod jwt;
+mod ledger;
 mod node;
 mod oauth2;
 mod plugin;
