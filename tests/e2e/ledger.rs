@@ -507,6 +507,58 @@ async fn oidc_provider_deleted_secret_does_not_lose_the_old_token() {
     }
 }
 
+/// Case 6, the other way to lose a Secret: `spec.secret.name` is renamed.
+/// The issuer reads no id, so only the token value can revoke it; the
+/// token the old Secret held is still revoked at the stand-in when it is
+/// retired (here by a forced rotation), and the ledger says so.
+#[tokio::test]
+async fn webhook_stand_in_renamed_secret_does_not_lose_the_old_token() {
+    let mint = StandIn::start().await;
+    let ns = TestNamespace::new("ledger-rename").await;
+    let (_home, _unblock, _op) = operator(&ns, "rename").await;
+    webhook_issuer(&ns, "minter", &mint, false).await;
+    applied(&ns, &agent_token("minter", "0s"));
+    let api: Api<AgentToken> = ns.api();
+    wait_at(&api, "revision 1", 45, |at| revision(at) >= 1).await;
+    let first = secret_value(&ns, "bot", "token").await.unwrap();
+    let id = mint.id_of(&first).expect("minted by the stand-in");
+
+    let tenant = tenant(&ns).await;
+    let tenant_ats: Api<AgentToken> = Api::namespaced(tenant, &ns.name);
+    let patch = json!({"spec": {"secret": {"name": "bot-renamed"}}});
+    tenant_ats
+        .patch("bot", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("the tenant renames the Secret");
+    rotate(&tenant_ats, "after-rename").await;
+    let at = wait_at(
+        &api,
+        "a token in the renamed Secret, and revision 1 out of Pending",
+        60,
+        |at| {
+            revision(at) >= 2
+                && at.status.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("bot-renamed")
+                && entry(at, 1).is_some_and(|h| h.revocation != RevocationState::Pending)
+        },
+    )
+    .await;
+    assert_eq!(
+        mint.active(&id),
+        Some(false),
+        "the token the old Secret held is still active at the stand-in; ledger: {}",
+        ledger(&at)
+    );
+    let h = entry(&at, 1).unwrap();
+    assert_eq!(h.revocation, RevocationState::Revoked, "{}", ledger(&at));
+    assert_eq!(h.state, Some(TokenLife::Revoked), "{}", ledger(&at));
+    let current = secret_value(&ns, "bot-renamed", "token")
+        .await
+        .expect("the renamed Secret holds a token");
+    let current_id = mint.id_of(&current).expect("minted by the stand-in");
+    assert_ne!(current_id, id);
+    assert_eq!(mint.active(&current_id), Some(true), "{}", ledger(&at));
+}
+
 /// Case 7: issuerRef moves from stand-in A to stand-in B. The old token is
 /// revoked at A, the issuer the ledger records for it; B never gets a
 /// revoke request (not even by an id that happens to be one of its own).
