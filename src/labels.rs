@@ -23,3 +23,6 @@ pub const REVOKE: &str = "agenttoken.dev/revoke";
 pub const RESTART: &str = "agenttoken.dev/restart";
 /// Finalizer that revokes an AgentToken's tokens before it goes.
 pub const FINALIZER: &str = "agenttoken.dev/revoke";
+/// Finalizer on TokenIssuers and ClusterTokenIssuers: an issuer stays until
+/// the tokens it minted are revoked (or dead), so revocation can reach it.
+pub const ISSUER_FINALIZER: &str = "agenttoken.dev/outlive-tokens";

@@ -6,15 +6,19 @@ use std::time::Duration;
 
 use futures::{Future, StreamExt};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use super::status::{self, READY, Want};
-use super::{Context, Error, STATUS_MANAGER};
-use crate::crd::{ClusterTokenIssuer, TokenIssuer, TokenIssuerSpec, TokenIssuerStatus};
+use super::{Context, Error, STATUS_MANAGER, ledger};
+use crate::crd::{
+    AgentToken, ClusterTokenIssuer, IssuerKind, TokenIssuer, TokenIssuerSpec, TokenIssuerStatus,
+};
+use crate::labels;
+use tracing::info;
 
 /// How often an issuer's health is looked at again with nothing changing.
 const RECHECK: Duration = Duration::from_secs(300);
@@ -55,12 +59,14 @@ pub fn readiness(spec: &TokenIssuerSpec, backend: Result<(), Unready>) -> Want {
 trait IssuerObject:
     Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
 {
+    const KIND: IssuerKind;
     fn spec(&self) -> &TokenIssuerSpec;
     fn conditions(&self) -> Vec<Condition>;
     fn api(&self, ctx: &Context) -> Api<Self>;
 }
 
 impl IssuerObject for TokenIssuer {
+    const KIND: IssuerKind = IssuerKind::TokenIssuer;
     fn spec(&self) -> &TokenIssuerSpec {
         &self.spec
     }
@@ -73,6 +79,7 @@ impl IssuerObject for TokenIssuer {
 }
 
 impl IssuerObject for ClusterTokenIssuer {
+    const KIND: IssuerKind = IssuerKind::ClusterTokenIssuer;
     fn spec(&self) -> &TokenIssuerSpec {
         &self.spec
     }
@@ -92,6 +99,18 @@ async fn reconcile<K: IssuerObject>(issuer: Arc<K>, ctx: Arc<Context>) -> Result
         .is_some_and(|ns| ctx.protected_namespaces.contains(&ns))
     {
         return Ok(Action::await_change());
+    }
+    if issuer.meta().deletion_timestamp.is_some() {
+        return release_when_unused(&*issuer, &ctx).await;
+    }
+    if !issuer
+        .finalizers()
+        .iter()
+        .any(|f| f == labels::ISSUER_FINALIZER)
+    {
+        let mut finalizers = issuer.finalizers().to_vec();
+        finalizers.push(labels::ISSUER_FINALIZER.to_string());
+        patch_finalizers(&*issuer, &ctx, finalizers).await?;
     }
     let backend = match ctx.issuer_backend(
         issuer.spec(),
@@ -141,6 +160,78 @@ async fn reconcile<K: IssuerObject>(issuer: Arc<K>, ctx: Arc<Context>) -> Result
     } else {
         RECHECK_UNREADY
     }))
+}
+
+/// An issuer being deleted stays until no AgentToken holds an open ledger
+/// entry minted by it (this very object, by UID): their revocations need it.
+async fn release_when_unused<K: IssuerObject>(issuer: &K, ctx: &Context) -> Result<Action, Error> {
+    if !issuer
+        .finalizers()
+        .iter()
+        .any(|f| f == labels::ISSUER_FINALIZER)
+    {
+        return Ok(Action::await_change());
+    }
+    let uid = issuer.meta().uid.clone().unwrap_or_default();
+    let name = issuer.name_any();
+    let scopes: Vec<Api<AgentToken>> = match (K::KIND, issuer.namespace()) {
+        (IssuerKind::TokenIssuer, Some(ns)) => vec![Api::namespaced(ctx.client.clone(), &ns)],
+        _ if ctx.watched_namespaces.is_empty() => vec![Api::all(ctx.client.clone())],
+        _ => ctx
+            .watched_namespaces
+            .iter()
+            .map(|ns| Api::namespaced(ctx.client.clone(), ns))
+            .collect(),
+    };
+    let mut holders = 0usize;
+    for api in scopes {
+        for at in api.list(&ListParams::default()).await? {
+            let refers = at.spec.issuer_ref.kind == K::KIND && at.spec.issuer_ref.name == name;
+            let holds = at.status.iter().flat_map(|s| &s.history).any(|e| {
+                ledger::is_open(e)
+                    && match &e.issuer {
+                        Some(rec) => rec.uid == uid,
+                        None => refers,
+                    }
+            });
+            if holds {
+                holders += 1;
+            }
+        }
+    }
+    if holders > 0 {
+        info!(issuer = %name, holders, "deleting: waiting for the tokens it minted to be revoked");
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    let finalizers: Vec<String> = issuer
+        .finalizers()
+        .iter()
+        .filter(|f| *f != labels::ISSUER_FINALIZER)
+        .cloned()
+        .collect();
+    patch_finalizers(issuer, ctx, finalizers).await?;
+    Ok(Action::await_change())
+}
+
+/// A JSON merge patch of the finalizers with the resourceVersion: a
+/// concurrent change fails with a conflict and is retried.
+async fn patch_finalizers<K: IssuerObject>(
+    issuer: &K,
+    ctx: &Context,
+    finalizers: Vec<String>,
+) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": issuer.meta().resource_version}
+    });
+    issuer
+        .api(ctx)
+        .patch(
+            &issuer.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
 }
 
 fn error_policy<K: IssuerObject>(_: Arc<K>, _: &Error, _: Arc<Context>) -> Action {

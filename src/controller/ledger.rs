@@ -131,7 +131,8 @@ pub fn life(e: &HistoryEntry) -> TokenLife {
     })
 }
 
-/// The `revocation` summary of a state (the older contract).
+/// The `revocation` summary of a state (the older contract); a `Failed`
+/// entry that is retried says `Pending` until its revocation is final.
 pub fn summary(l: TokenLife) -> RevocationState {
     match l {
         TokenLife::Minting
@@ -276,7 +277,7 @@ pub fn record(status: &mut AgentTokenStatus, revision: i64, outcome: Outcome, no
         Outcome::Revoked => {
             set(e, TokenLife::Revoked);
             e.revoked_at = Some(Time(now));
-            e.message = None;
+            // The message keeps why it was retired.
         }
         Outcome::NotSupported => {
             set(e, TokenLife::NotSupported);
@@ -288,6 +289,8 @@ pub fn record(status: &mut AgentTokenStatus, revision: i64, outcome: Outcome, no
         }
         Outcome::Retry(m) => {
             set(e, TokenLife::Failed);
+            // Not final while retries go on.
+            e.revocation = RevocationState::Pending;
             let wait = rotation::backoff(e.attempts.max(1) as u32, &format!("r{revision}"));
             e.next_attempt_at = now
                 .checked_add(SignedDuration::try_from(wait).unwrap_or_default())
@@ -343,6 +346,11 @@ pub fn expire(status: &mut AgentTokenStatus, now: Timestamp) {
         if past && waiting {
             let was = life(e);
             set(e, TokenLife::Expired);
+            // Died on its own: after failed attempts, or unaccounted for,
+            // that is a failed revocation; otherwise it simply expired.
+            if e.attempts > 0 || was == TokenLife::Unknown {
+                e.revocation = RevocationState::Failed;
+            }
             e.next_attempt_at = None;
             e.grace_until = None;
             if matches!(was, TokenLife::Revoking | TokenLife::Failed) {
@@ -366,12 +374,14 @@ pub fn due(status: &AgentTokenStatus, now: Timestamp) -> Vec<i64> {
         .collect()
 }
 
-/// The earliest time the ledger needs a look: a retry, a grace end, an expiry.
+/// The earliest time the ledger needs a look: a retry, a grace end, the
+/// expiry of a token awaiting revocation or unaccounted for. (The current
+/// token's own timing is rotation's.)
 pub fn wake(status: &AgentTokenStatus) -> Option<Timestamp> {
     status
         .history
         .iter()
-        .filter(|e| is_open(e) || life(e) == TokenLife::Unknown)
+        .filter(|e| (is_open(e) && life(e) != TokenLife::Live) || life(e) == TokenLife::Unknown)
         .flat_map(|e| {
             [
                 e.next_attempt_at.as_ref().map(|t| t.0),
@@ -593,7 +603,7 @@ mod tests {
             (
                 Outcome::Retry("503".into()),
                 TokenLife::Failed,
-                RevocationState::Failed,
+                RevocationState::Pending,
                 true,
                 false,
             ),

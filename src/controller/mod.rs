@@ -151,6 +151,8 @@ pub struct Context {
     pub tenant_egress: Egress,
     /// Namespaces never served (`Config::protected_namespaces`).
     pub protected_namespaces: Vec<String>,
+    /// The namespaces watched (`Config::namespaces`; empty: all).
+    pub watched_namespaces: Vec<String>,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -397,6 +399,7 @@ pub async fn run(
         queue: queue::FairQueue::new(usize::from(config.concurrency.max(1))),
         tenant_egress: config.tenant_egress.clone(),
         protected_namespaces: config.protected_namespaces.clone(),
+        watched_namespaces: config.namespaces.clone(),
         failures: Mutex::new(HashMap::new()),
     });
 

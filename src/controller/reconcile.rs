@@ -525,10 +525,12 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
                 }
             }
             Err(e) => {
-                if ambiguous || sa_handle.is_some() {
-                    // The issuer may have minted after all.
+                if ambiguous {
+                    // Cut off mid-call: the issuer may have minted after all.
                     ledger::interrupted(&mut status, revision, sa_handle.is_some(), now);
                 } else {
+                    // The issuer answered: nothing was minted (a binding
+                    // left behind is found by its owner UID and revoked).
                     status.history.retain(|h| h.revision != revision);
                 }
                 Err(e)
@@ -877,7 +879,32 @@ impl SecretWriter<'_> {
             Some(live) => {
                 desired.metadata.uid = live.metadata.uid.clone();
                 let pp = PatchParams::apply(FIELD_MANAGER).force();
-                api.patch(self.name, &pp, &Patch::Apply(&desired)).await?;
+                let applied = api.patch(self.name, &pp, &Patch::Apply(&desired)).await?;
+                // Keys the operator wrote when it created the Secret (a POST,
+                // not an apply) stay after an apply that omits them: remove
+                // the operator's own keys it no longer wants explicitly.
+                let spec = self.at.spec.secret.clone().unwrap_or_default();
+                let ours = [
+                    self.key.to_string(),
+                    format!("{}{}", self.key, secret::PREVIOUS_SUFFIX),
+                    secret::EXPIRES_AT_KEY.to_string(),
+                ]
+                .into_iter()
+                .chain(spec.extra_keys.keys().cloned());
+                let want = desired.data.clone().unwrap_or_default();
+                let have = applied.data.clone().unwrap_or_default();
+                let stale: serde_json::Map<String, serde_json::Value> = ours
+                    .filter(|k| have.contains_key(k) && !want.contains_key(k))
+                    .map(|k| (k, serde_json::Value::Null))
+                    .collect();
+                if !stale.is_empty() {
+                    let patch = serde_json::json!({
+                        "metadata": {"uid": live.metadata.uid},
+                        "data": stale,
+                    });
+                    api.patch(self.name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await?;
+                }
                 Ok(())
             }
         }

@@ -172,11 +172,23 @@ async fn attempt(
             ));
         }
     }
-    let sa;
     let backend: &dyn Issuer = match handle {
-        Handle::Binding(_) => {
-            sa = ServiceAccountIssuer::new(ctx.client.clone());
-            &sa
+        Handle::Binding(binding) => {
+            let started = std::time::Instant::now();
+            let result = ServiceAccountIssuer::new(ctx.client.clone())
+                .revoke_binding(who.namespace, binding, who.uid)
+                .await;
+            ctx.metrics.observe_issuer_request(
+                "serviceAccount",
+                "revoke",
+                result.is_ok(),
+                started.elapsed(),
+            );
+            return Ok(match result {
+                Ok(_) => Outcome::Revoked,
+                Err(e @ IssuerError::Invalid(_)) => Outcome::Impossible(e.to_string()),
+                Err(e) => Outcome::Retry(e.to_string()),
+            });
         }
         _ => {
             let resolved = match (&entry.issuer, current) {

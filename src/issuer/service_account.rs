@@ -97,7 +97,9 @@ impl ServiceAccountIssuer {
             Ok(tr) => tr.status,
             Err(e) => {
                 // Nothing was minted: drop the binding again.
-                let _ = self.delete_binding(&req.namespace, &binding_name).await;
+                let _ = self
+                    .revoke_binding(&req.namespace, &binding_name, &req.uid)
+                    .await;
                 return Err(match &e {
                     kube::Error::Api(s) if s.code == 400 || s.code == 422 => {
                         IssuerError::Invalid(format!(
@@ -115,7 +117,9 @@ impl ServiceAccountIssuer {
             Ok(t) => t,
             Err(e) => {
                 // A token dead at birth is not delivered: drop its binding.
-                let _ = self.delete_binding(&req.namespace, &binding_name).await;
+                let _ = self
+                    .revoke_binding(&req.namespace, &binding_name, &req.uid)
+                    .await;
                 return Err(e);
             }
         };
@@ -198,15 +202,45 @@ impl ServiceAccountIssuer {
         }
     }
 
-    async fn delete_binding(&self, namespace: &str, name: &str) -> Result<(), IssuerError> {
+    /// Revokes a token by deleting its binding Secret, only if that Secret
+    /// is a binding owned by the AgentToken with `owner_uid` (deleted with
+    /// its UID as a precondition). A binding already gone is revoked: the
+    /// token was bound to that very object.
+    pub async fn revoke_binding(
+        &self,
+        namespace: &str,
+        name: &str,
+        owner_uid: &str,
+    ) -> Result<Revocation, IssuerError> {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let Some(existing) = secrets
+            .get_opt(name)
+            .await
+            .map_err(|e| unavailable("read the token binding Secret", e))?
+        else {
+            return Ok(Revocation::Revoked);
+        };
+        let owned = existing
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.kind == "AgentToken" && o.uid == owner_uid);
+        if !owned || existing.type_.as_deref() != Some(BINDING_SECRET_TYPE) {
+            return Err(IssuerError::Invalid(format!(
+                "Secret {name:?} is not a token binding of this AgentToken; it is never deleted"
+            )));
+        }
         let dp = DeleteParams {
-            preconditions: None::<Preconditions>,
+            preconditions: Some(Preconditions {
+                uid: existing.metadata.uid.clone(),
+                resource_version: None,
+            }),
             ..DeleteParams::background()
         };
         match secrets.delete(name, &dp).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Ok(_) => Ok(Revocation::Revoked),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(Revocation::Revoked),
             Err(e) => Err(unavailable("delete the token binding Secret", e)),
         }
     }
@@ -227,9 +261,14 @@ impl Issuer for ServiceAccountIssuer {
         handle: &'a RevocationHandle,
         _token: Option<&'a SecretString>,
     ) -> BoxFuture<'a, Result<Revocation, IssuerError>> {
+        // A binding is deleted only after its owner is checked, which
+        // needs the AgentToken's UID: see `revoke_binding`.
+        let _ = (namespace, handle);
         async move {
-            self.delete_binding(namespace, &handle.0).await?;
-            Ok(Revocation::Revoked)
+            Err(IssuerError::Invalid(
+                "serviceAccount tokens are revoked through revoke_binding, with their owner's UID"
+                    .into(),
+            ))
         }
         .boxed()
     }

@@ -119,6 +119,33 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
+        // The test's operator is gone by now: finalizers it would have
+        // removed would leave the namespace Terminating for good (and a
+        // pile of those slows the control plane for the tests after).
+        let kc = &cluster().admin_kubeconfig;
+        let out = kubectl_as(
+            kc,
+            Some(&self.name),
+            &[
+                "get",
+                "agenttokens.agenttoken.dev,tokenissuers.agenttoken.dev",
+                "-o",
+                "name",
+            ],
+        );
+        for obj in String::from_utf8_lossy(&out.stdout).lines() {
+            let _ = kubectl_as(
+                kc,
+                Some(&self.name),
+                &[
+                    "patch",
+                    obj,
+                    "--type=merge",
+                    "-p",
+                    r#"{"metadata":{"finalizers":null}}"#,
+                ],
+            );
+        }
         // Drop cannot await; kubectl deletes without waiting, and the
         // namespace controller removes what the test left inside.
         let _ = kubectl_as(
