@@ -12,6 +12,7 @@
 //! - [`controller`]: watches, reconcile phases, status, Events.
 //! - [`issuer`]: token sources, one file per kind behind one trait.
 //! - [`labels`]: label, annotation and finalizer names.
+//! - [`leadership`]: leader election, and how long this replica may still lead.
 //! - [`reference`]: the field reference generated from the CRDs.
 
 pub mod controller;
@@ -21,6 +22,7 @@ pub mod events;
 pub mod http;
 pub mod issuer;
 pub mod labels;
+pub mod leadership;
 pub mod policy;
 pub mod ratelimit;
 pub mod reference;

@@ -5,13 +5,13 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{error, info, warn};
 
 use agent_token_operator::controller::{self, Config, DEFAULT_CONCURRENCY};
 use agent_token_operator::crd;
 use agent_token_operator::http::{self, Readiness};
 use agent_token_operator::issuer::web::{self, Egress};
+use agent_token_operator::leadership::{Leadership, LeaseConfig};
 use agent_token_operator::telemetry::{self, LogFormat, Metrics};
 
 #[derive(Parser)]
@@ -61,6 +61,13 @@ struct RunArgs {
     /// Name of the leader-election Lease.
     #[arg(long, env = "LEASE_NAME", default_value = "agent-token-operator")]
     lease_name: String,
+    /// How long the leader's claim lasts after each renewal (whole
+    /// seconds, 5s to 1h). It also bounds every issuer call: a call gets
+    /// at most this minus a safety margin (a fifth, at least 2s), so a
+    /// longer Lease allows slower issuers, and a crashed leader is
+    /// replaced this much later.
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = parse_lease_duration)]
+    lease_duration: std::time::Duration,
     /// This replica's identity (default: the host name and a random suffix).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -108,6 +115,14 @@ struct RunArgs {
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     agent_token_operator::duration::parse(s)
         .map_err(|e| format!("{s:?} is not a duration like 30s, 5m or 1h: {e}"))
+}
+
+fn parse_lease_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d < std::time::Duration::from_secs(5) || d > std::time::Duration::from_secs(3600) {
+        return Err(format!("{s:?} is not between 5s and 1h"));
+    }
+    Ok(d)
 }
 
 #[tokio::main]
@@ -184,50 +199,57 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown(),
     ));
 
-    let mut lease_task = None;
-    if args.leader_election {
-        let manager = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
-            .with_namespace(&args.lease_namespace)
-            .with_identity(&identity)
-            .with_duration(15)
-            .with_grace(5)
-            .build()
-            .await
-            .context("set up leader election")?;
-        let (mut leader, task) = manager.watch().await;
+    let mut election = None;
+    let leadership = if args.leader_election {
+        let (leadership, elector) = Leadership::elect(
+            client.clone(),
+            LeaseConfig {
+                namespace: args.lease_namespace.clone(),
+                name: args.lease_name.clone(),
+                identity: identity.clone(),
+                duration: args.lease_duration,
+            },
+        )
+        .await
+        .context("set up leader election")?;
+        // The elector gives the Lease up only when told, after the
+        // controllers stopped: nothing may act as leader after that.
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let elector = tokio::spawn(elector.run(async move {
+            let _ = release_rx.await;
+        }));
         info!(identity, lease = %args.lease_name, "waiting to become leader");
         // A standby is healthy and ready to take over: report ready, or a
         // Deployment rollout (maxUnavailable 0) would wait forever on it.
         readiness.set(true);
-        let became = tokio::select! {
-            r = leader.wait_for(|l| *l) => Some(r.map(|_| ())),
-            _ = shutdown() => None,
-        };
-        match became {
-            Some(r) => {
-                r.context("leader election stopped")?;
-                // Not ready again until this replica's caches have synced.
-                readiness.set(false);
-            }
-            None => {
-                drop(leader);
-                let _ = task.await;
+        tokio::select! {
+            _ = leadership.elected() => {}
+            _ = shutdown() => {
+                let _ = release_tx.send(());
+                let _ = elector.await;
                 return Ok(());
             }
         }
+        // Not ready again until this replica's caches have synced.
+        readiness.set(false);
         info!(identity, "became leader");
-        // Losing the lease stops the controllers: a replica that is not the
-        // leader must never mint.
+        // Losing the Lease, or running out of term without a renewal,
+        // stops the controllers: a replica that is not the leader must
+        // never mint (and no mint outlives the term: Leadership::budget).
         let stop_tx = stop_tx.clone();
-        let mut watch_leader = leader.clone();
-        let watcher = tokio::spawn(async move {
-            if watch_leader.wait_for(|l| !*l).await.is_ok() {
+        let watcher = tokio::spawn({
+            let leadership = leadership.clone();
+            async move {
+                leadership.lost().await;
                 error!("lost leadership; stopping");
                 let _ = stop_tx.send(true);
             }
         });
-        lease_task = Some((leader, watcher, task));
-    }
+        election = Some((watcher, release_tx, elector));
+        leadership
+    } else {
+        Leadership::unelected()
+    };
 
     let config = Config {
         namespaces: {
@@ -257,14 +279,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             max_in_flight: args.max_concurrent_restarts.max(1),
             rollout_timeout: args.rollout_timeout,
         },
+        leadership,
     };
     controller::run(client, config, metrics, readiness, shutdown()).await;
-    if let Some((leader, watcher, task)) = lease_task {
-        // Closing the channel ends the lease task, which releases the lease
-        // so the next replica takes over without waiting for it to expire.
+    if let Some((watcher, release_tx, elector)) = election {
+        // Every reconcile has ended: give the Lease up so the next replica
+        // takes over without waiting for it to lapse.
         watcher.abort();
-        drop(leader);
-        let _ = tokio::time::timeout(controller::SHUTDOWN_GRACE, task).await;
+        let _ = release_tx.send(());
+        let _ = tokio::time::timeout(controller::SHUTDOWN_GRACE, elector).await;
     }
     match server.await {
         Ok(Ok(())) => {}

@@ -109,6 +109,8 @@ pub struct Config {
     pub tenant_egress: Egress,
     /// Namespaces never served ([`protected_namespaces`]).
     pub protected_namespaces: Vec<String>,
+    /// Whether, and how long, this replica may act as leader.
+    pub leadership: crate::leadership::Leadership,
 }
 
 /// The namespaces the operator never serves unless told to: the cluster's
@@ -153,6 +155,9 @@ pub struct Context {
     pub protected_namespaces: Vec<String>,
     /// The namespaces watched (`Config::namespaces`; empty: all).
     pub watched_namespaces: Vec<String>,
+    /// Whether, and how long, this replica may act as leader: an issuer
+    /// call gets at most [`Leadership::budget`](crate::leadership::Leadership::budget).
+    pub leadership: crate::leadership::Leadership,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -400,6 +405,7 @@ pub async fn run(
         tenant_egress: config.tenant_egress.clone(),
         protected_namespaces: config.protected_namespaces.clone(),
         watched_namespaces: config.namespaces.clone(),
+        leadership: config.leadership.clone(),
         failures: Mutex::new(HashMap::new()),
     });
 
