@@ -10,6 +10,7 @@ mod helm;
 mod hostile;
 mod jwt;
 mod ledger;
+mod leadership;
 mod node;
 mod oauth2;
 mod plugin;
