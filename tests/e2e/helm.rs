@@ -1131,7 +1131,7 @@ async fn restrict_namespaced_issuers_admits_only_service_account_issuers_even_fo
 }
 
 /// `helm uninstall RELEASE -n NAMESPACE` when dropped.
-struct Uninstall(String, String);
+pub(crate) struct Uninstall(pub(crate) String, pub(crate) String);
 
 impl Drop for Uninstall {
     fn drop(&mut self) {

@@ -278,11 +278,12 @@ async fn node_signal_sends_sighup_and_the_same_process_reads_the_new_token() {
     );
 }
 
-#[tokio::test]
-async fn node_helm_install_runs_the_operator_as_a_pod_that_mints() {
-    node();
-    let ops = TestNamespace::new("node-helm-ops").await;
-    let team = TestNamespace::new("node-helm-team").await;
+/// Imports the operator's image into the node and `helm install`s the chart
+/// into `ops`, serving `team`, with `replicas` Pods. The Pods use the
+/// host's network (Pods have loopback-range addresses that reach nothing)
+/// and the API server's loopback address. Returns the release and the
+/// chart's full name (Deployment, Lease, ServiceAccount).
+fn install_operator(ops: &TestNamespace, team: &TestNamespace, replicas: u32) -> (String, String) {
     crate::support::install_crds();
     let image = "agenttoken.local/agent-token-operator:e2e";
     let status = Command::new(repo_root().join("e2e/cluster"))
@@ -294,9 +295,6 @@ async fn node_helm_install_runs_the_operator_as_a_pod_that_mints() {
         .status()
         .expect("run e2e/cluster node-image");
     assert!(status.success(), "importing the operator image failed");
-
-    // The Pod uses the host's network (Pods have loopback-range addresses
-    // that reach nothing) and the API server's loopback address.
     let server = api_server();
     let api_port = server.rsplit(':').next().unwrap().to_string();
     let release = format!("ato-{}", &ops.name[ops.name.len() - 6..]);
@@ -304,6 +302,7 @@ async fn node_helm_install_runs_the_operator_as_a_pod_that_mints() {
     let watch = format!("watchNamespaces={{{}}}", team.name);
     let metrics = format!("metrics.port={metrics_port}");
     let port_env = format!("extraEnv[1].value={api_port}");
+    let replicas = format!("replicaCount={replicas}");
     ok(
         helm(&[
             "install",
@@ -321,7 +320,7 @@ async fn node_helm_install_runs_the_operator_as_a_pod_that_mints() {
             "--set",
             "image.pullPolicy=Never",
             "--set",
-            "replicaCount=1",
+            &replicas,
             "--set",
             "hostNetwork=true",
             "--set",
@@ -338,6 +337,15 @@ async fn node_helm_install_runs_the_operator_as_a_pod_that_mints() {
         "helm install",
     );
     let fullname = format!("{release}-agent-token-operator");
+    (release, fullname)
+}
+
+#[tokio::test]
+async fn node_helm_install_runs_the_operator_as_a_pod_that_mints() {
+    node();
+    let ops = TestNamespace::new("node-helm-ops").await;
+    let team = TestNamespace::new("node-helm-team").await;
+    let (release, fullname) = install_operator(&ops, &team, 1);
 
     // The chart's Deployment becomes available: its Pod passed /readyz.
     let deployments: Api<Deployment> = ops.api();
@@ -476,4 +484,308 @@ spec:
         !log.contains("SIG"),
         "no signal reached the bystander: {log}"
     );
+}
+
+/// An AgentToken that rotates without restarting anything and revokes the
+/// old token at once (each revocation deletes the old binding Secret).
+fn quiet_agent_token(name: &str) -> String {
+    format!(
+        r#"
+apiVersion: agenttoken.dev/v1alpha1
+kind: AgentToken
+metadata: {{name: {name}}}
+spec:
+  issuerRef: {{name: sa}}
+  serviceAccountName: builder
+  lifetime: 10m
+  previousTokenGracePeriod: 0s
+  consumers: {{restart: None}}
+"#
+    )
+}
+
+/// Two operator Pods, `<fullname>-a` and `-b`, made from the chart's Pod
+/// template (its ServiceAccount, RBAC, leader election on), each on its own
+/// metrics port: on the host's network one port serves one Pod. Bare Pods,
+/// so a deleted one is not replaced. The chart's Deployment is scaled to 0.
+async fn two_operator_pods(ops: &TestNamespace, fullname: &str) -> [String; 2] {
+    let deployments: Api<Deployment> = ops.api();
+    deployments
+        .patch(
+            fullname,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"replicas": 0}})),
+        )
+        .await
+        .expect("scale the chart's Deployment to 0");
+    let template = deployments
+        .get(fullname)
+        .await
+        .expect("the chart's Deployment")
+        .spec
+        .unwrap()
+        .template;
+    let pods: Api<Pod> = ops.api();
+    let mut names = Vec::new();
+    for suffix in ["a", "b"] {
+        let name = format!("{fullname}-{suffix}");
+        let mut spec = template.spec.clone().expect("a Pod template");
+        let port = free_port();
+        let c = &mut spec.containers[0];
+        for arg in c.args.iter_mut().flatten() {
+            if arg.starts_with("--metrics-address=") {
+                *arg = format!("--metrics-address=0.0.0.0:{port}");
+            }
+        }
+        for p in c.ports.iter_mut().flatten() {
+            p.container_port = i32::from(port);
+            p.host_port = None;
+        }
+        spec.termination_grace_period_seconds = Some(30);
+        let pod = Pod {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some([("app".to_string(), format!("{fullname}-ha"))].into()),
+                ..Default::default()
+            },
+            spec: Some(spec),
+            status: None,
+        };
+        pods.create(&Default::default(), &pod)
+            .await
+            .expect("create an operator Pod");
+        names.push(name);
+    }
+    [names[0].clone(), names[1].clone()]
+}
+
+async fn lease_holder(ops: &TestNamespace, lease: &str) -> Option<String> {
+    let leases: Api<Lease> = ops.api();
+    leases.get(lease).await.ok()?.spec?.holder_identity
+}
+
+async fn revisions(ns: &TestNamespace, names: &[String]) -> Vec<i64> {
+    let api: Api<AgentToken> = ns.api();
+    let mut out = Vec::new();
+    for n in names {
+        out.push(
+            api.get(n)
+                .await
+                .ok()
+                .and_then(|a| a.status)
+                .map_or(0, |s| s.revision),
+        );
+    }
+    out
+}
+
+/// Two operator replicas run as Pods on the node with leader election.
+/// While several AgentTokens are forced to rotate again and again, the
+/// leader Pod is deleted: the standby takes the Lease over and the
+/// rotations go on. No revision is minted twice: a mint by the
+/// serviceAccount issuer creates the binding Secret
+/// `<agenttoken>-binding-r<revision>` (a second mint of one revision
+/// deletes and recreates it), so every creation is watched and each name
+/// must have been created exactly once, for exactly the revisions the
+/// ledger (`status.history`) records, with distinct fingerprints.
+#[tokio::test]
+async fn node_leader_pod_deleted_during_rotations_hands_over_without_minting_a_revision_twice() {
+    use futures::StreamExt;
+    use kube::runtime::watcher;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::{Arc, Mutex};
+
+    const TOKENS: usize = 4;
+    const ROUNDS: i64 = 6;
+    const HANDOVER_ROUND: i64 = 3;
+
+    node();
+    let ops = TestNamespace::new("node-ha-ops").await;
+    let team = TestNamespace::new("node-ha-team").await;
+    let (release, fullname) = install_operator(&ops, &team, 1);
+    let _uninstall = crate::helm::Uninstall(release, ops.name.clone());
+    let [pod_a, pod_b] = two_operator_pods(&ops, &fullname).await;
+    let (leader, standby) = eventually(
+        Duration::from_secs(120),
+        "one of the two operator Pods holds the Lease, the other runs",
+        || async {
+            let holder = lease_holder(&ops, &fullname).await?;
+            let other = if holder == pod_a {
+                pod_b.clone()
+            } else if holder == pod_b {
+                pod_a.clone()
+            } else {
+                return None;
+            };
+            let pods: Api<Pod> = ops.api();
+            let running = pods.get(&other).await.ok()?.status?.phase? == "Running";
+            running.then_some((holder, other))
+        },
+    )
+    .await;
+
+    // Every binding Secret created in the team's namespace, by name: the
+    // UIDs seen (a name created twice has two).
+    let created: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
+    let (synced_tx, synced_rx) = tokio::sync::oneshot::channel();
+    let watch = tokio::spawn({
+        let created = created.clone();
+        let secrets: Api<Secret> = team.api();
+        async move {
+            let mut synced_tx = Some(synced_tx);
+            let config = watcher::Config::default().labels("agenttoken.dev/role=token-binding");
+            let mut events = std::pin::pin!(watcher(secrets, config));
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
+                        created
+                            .lock()
+                            .unwrap()
+                            .entry(s.name_any())
+                            .or_default()
+                            .insert(s.uid().unwrap_or_default());
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(tx) = synced_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+    synced_rx.await.expect("the binding watch started");
+
+    applied(&team, SA_ISSUER);
+    let names: Vec<String> = (0..TOKENS).map(|i| format!("bot-{i}")).collect();
+    for n in &names {
+        applied(&team, &quiet_agent_token(n));
+    }
+    // A round that does not settle stops the rounds; the checks below
+    // then say first whether a revision was minted twice.
+    let mut stalled = None;
+    if !all_at_least(&team, &names, 1, Duration::from_secs(60)).await {
+        stalled = Some("the first tokens".to_string());
+    }
+    let ats: Api<AgentToken> = team.api();
+    for round in 1..=ROUNDS {
+        if stalled.is_some() {
+            break;
+        }
+        for n in &names {
+            let patch = serde_json::json!({"metadata": {"annotations": {
+                "agenttoken.dev/rotate": format!("round-{round}")
+            }}});
+            ats.patch(n, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .expect("annotate");
+        }
+        if round == HANDOVER_ROUND {
+            // Mid-way, with this round's rotations in flight: the leader
+            // Pod goes, as in a node drain or a rollout.
+            let pods: Api<Pod> = ops.api();
+            pods.delete(&leader, &Default::default())
+                .await
+                .expect("delete the leader Pod");
+        }
+        if !all_at_least(&team, &names, round + 1, Duration::from_secs(120)).await {
+            stalled = Some(format!("round {round}"));
+        }
+        if round == HANDOVER_ROUND {
+            let holder = lease_holder(&ops, &fullname).await.unwrap_or_default();
+            eprintln!("round {round}: the Lease is held by {holder:?}");
+        }
+    }
+
+    // Give a late duplicate, had there been one, time to show.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    watch.abort();
+    let created = created.lock().unwrap().clone();
+    let twice: Vec<(&String, &BTreeSet<String>)> =
+        created.iter().filter(|(_, uids)| uids.len() > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "binding Secrets created more than once, i.e. revisions minted twice: {twice:?}"
+    );
+    assert_eq!(stalled, None, "rotations stalled");
+
+    // The standby took over (the rounds after the deletion were its own).
+    assert_eq!(
+        lease_holder(&ops, &fullname).await.as_deref(),
+        Some(standby.as_str()),
+        "the standby holds the Lease"
+    );
+    let log = pod_log(&ops, &standby).await;
+    assert!(log.contains("became leader"), "the standby led: {log}");
+    let pods: Api<Pod> = ops.api();
+    assert!(
+        pods.get_opt(&leader)
+            .await
+            .unwrap()
+            .is_none_or(|p| p.metadata.deletion_timestamp.is_some()),
+        "the old leader Pod is going"
+    );
+
+    // The ledger and the bindings agree: one mint per revision.
+    let mut counted = 0;
+    for at in ats.list(&ListParams::default()).await.unwrap() {
+        let name = at.name_any();
+        let st = at.status.unwrap();
+        assert_eq!(st.revision, ROUNDS + 1, "{name}: one revision per rotation");
+        let revs: Vec<i64> = st.history.iter().map(|h| h.revision).collect();
+        assert!(
+            revs.windows(2).all(|w| w[0] < w[1]) || revs.windows(2).all(|w| w[0] > w[1]),
+            "{name}: the ledger's revisions are strictly ordered: {revs:?}"
+        );
+        let mut sorted = revs.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            (1..=ROUNDS + 1).collect::<Vec<_>>(),
+            "{name}: one ledger entry per revision"
+        );
+        let fingerprints: BTreeSet<&str> =
+            st.history.iter().map(|h| h.fingerprint.as_str()).collect();
+        assert_eq!(
+            fingerprints.len(),
+            st.history.len(),
+            "{name}: every revision is another token"
+        );
+        for rev in 1..=ROUNDS + 1 {
+            let binding = format!("{name}-binding-r{rev}");
+            let uids = created.get(&binding).cloned().unwrap_or_default();
+            assert_eq!(
+                uids.len(),
+                1,
+                "{binding}: revision {rev} of {name} was minted exactly once (creations seen: {uids:?})"
+            );
+            counted += 1;
+        }
+    }
+    assert_eq!(
+        created.len(),
+        counted,
+        "no binding beyond the revisions the ledger records: {:?}",
+        created.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(counted, TOKENS * (ROUNDS as usize + 1));
+}
+
+/// Whether every AgentToken in `names` reaches at least `revision` within
+/// `timeout` (at least: the checks after tell a revision minted twice).
+async fn all_at_least(
+    ns: &TestNamespace,
+    names: &[String],
+    revision: i64,
+    timeout: Duration,
+) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if revisions(ns, names).await.iter().all(|r| *r >= revision) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
 }
