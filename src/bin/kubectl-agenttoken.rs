@@ -1,4 +1,5 @@
-//! `kubectl agenttoken`: see, rotate, revoke and plan AgentTokens.
+//! `kubectl agenttoken`: see, rotate, revoke and plan AgentTokens, read
+//! their revocation ledger, and abandon a revocation on purpose.
 //!
 //! Install by putting `kubectl-agenttoken` on `PATH`; kubectl finds it as a
 //! plugin. It never reads a token: everything it shows comes from status.
@@ -10,8 +11,9 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use jiff::Timestamp;
+use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, ResourceExt};
 use serde::Serialize;
@@ -19,14 +21,15 @@ use serde::Serialize;
 use agent_token_operator::controller::consumers;
 use agent_token_operator::controller::reconcile::{self, ResolvedIssuer};
 use agent_token_operator::crd::{
-    AgentToken, ClusterTokenIssuer, ConsumerStrategy, IssuerKind, RestartPolicy, TokenIssuer,
+    AgentToken, ClusterTokenIssuer, ConsumerStrategy, HistoryEntry, IssuerKind, RestartPolicy,
+    RevocationState, TokenIssuer, TokenLife,
 };
 use agent_token_operator::rotation::{self, CronSchedule};
 
 #[derive(Parser)]
 #[command(
     name = "kubectl-agenttoken",
-    about = "See, rotate, revoke and plan AgentTokens"
+    about = "See, rotate, revoke and plan AgentTokens; read and settle their revocation ledger"
 )]
 struct Cli {
     /// Namespace (default: the kubeconfig context's, else "default").
@@ -41,7 +44,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// A table of AgentTokens: expiry, next rotation, last rotation reason, consumers.
+    /// A table of AgentTokens: expiry, next rotation, last rotation reason,
+    /// consumers, revocations still open or stuck.
     Status {
         /// Only this AgentToken.
         name: Option<String>,
@@ -55,6 +59,27 @@ enum Cmd {
     Rotate { name: String },
     /// The token is compromised: rotate and revoke the old one at once.
     Revoke { name: String },
+    /// The revocation ledger of one AgentToken: each revision's state,
+    /// revocation attempts, next attempt and message, and a summary of the
+    /// revocations still open (being retried) or stuck (needing a person).
+    History {
+        name: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Give up on revoking one revision, on purpose (say its issuer is gone
+    /// for good): the ledger entry becomes Abandoned, with who (your user
+    /// name) and why. This writes the AgentToken's status, which only
+    /// platform admins may: a namespace admin cannot hide a revocation.
+    Abandon {
+        name: String,
+        /// The revision whose revocation to give up.
+        #[arg(long)]
+        revision: i64,
+        /// Why, for the record (the entry's message).
+        #[arg(long)]
+        reason: String,
+    },
     /// What the operator would do for a manifest: effective scopes and
     /// lifetime after policy, next rotation, workloads that would restart.
     Plan {
@@ -85,6 +110,10 @@ struct StatusRow {
     next_rotation_at: Option<String>,
     last_rotation_reason: Option<String>,
     consumers: Vec<String>,
+    /// Revisions whose revocation is being retried.
+    open_revocations: Vec<i64>,
+    /// Revisions whose revocation needs a person.
+    stuck_revocations: Vec<i64>,
 }
 
 #[derive(Serialize)]
@@ -124,6 +153,12 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Rotate { name } => trigger(&client, &ns, &name, "agenttoken.dev/rotate").await,
         Cmd::Revoke { name } => trigger(&client, &ns, &name, "agenttoken.dev/revoke").await,
         Cmd::Plan { filename, output } => plan(&client, &ns, &filename, output).await,
+        Cmd::History { name, output } => history(&client, &ns, &name, output).await,
+        Cmd::Abandon {
+            name,
+            revision,
+            reason,
+        } => abandon(&client, &ns, &name, revision, &reason).await,
     }
 }
 
@@ -195,6 +230,13 @@ async fn status(
         .map(|at| {
             let st = at.status.clone().unwrap_or_default();
             let ready = st.conditions.iter().find(|c| c.type_ == "Ready");
+            let pending = |want: Pending| -> Vec<i64> {
+                st.history
+                    .iter()
+                    .filter(|e| pending_revocation(e) == Some(want))
+                    .map(|e| e.revision)
+                    .collect()
+            };
             StatusRow {
                 namespace: at.namespace().unwrap_or_default(),
                 name: at.name_any(),
@@ -209,6 +251,8 @@ async fn status(
                     .iter()
                     .map(|c| format!("{}/{} r{} {:?}", c.kind, c.name, c.revision, c.phase))
                     .collect(),
+                open_revocations: pending(Pending::Open),
+                stuck_revocations: pending(Pending::Stuck),
             }
         })
         .collect();
@@ -245,6 +289,12 @@ async fn status(
                 } else {
                     r.consumers.join(", ")
                 },
+                match (r.open_revocations.len(), r.stuck_revocations.len()) {
+                    (0, 0) => "-".into(),
+                    (open, 0) => format!("{open} open"),
+                    (0, stuck) => format!("{stuck} stuck"),
+                    (open, stuck) => format!("{open} open, {stuck} stuck"),
+                },
             ]
         })
         .collect();
@@ -258,6 +308,7 @@ async fn status(
             "NEXT ROTATION",
             "LAST REASON",
             "CONSUMERS",
+            "REVOCATIONS",
         ],
         &cells,
     );
@@ -278,6 +329,399 @@ async fn trigger(client: &Client, ns: &str, name: &str, annotation: &str) -> any
     };
     println!("agenttoken/{name} annotated {annotation}={value}: {verb} requested");
     Ok(())
+}
+
+/// A revocation that is not over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pending {
+    /// Under way: `Revoking`, or `Failed` with a next attempt.
+    Open,
+    /// Needs a person: `Failed` with no retry that can succeed, or
+    /// `Unknown` (a token may exist that the operator cannot find).
+    Stuck,
+}
+
+fn pending_revocation(e: &HistoryEntry) -> Option<Pending> {
+    match e.state {
+        Some(TokenLife::Revoking) => Some(Pending::Open),
+        Some(TokenLife::Failed) if e.next_attempt_at.is_some() => Some(Pending::Open),
+        Some(TokenLife::Failed | TokenLife::Unknown) => Some(Pending::Stuck),
+        Some(_) => None,
+        // Written before the ledger had states: a failure was not retried.
+        None if e.revocation == RevocationState::Failed => Some(Pending::Stuck),
+        None => None,
+    }
+}
+
+/// An entry's state; for entries written before the ledger had states,
+/// their revocation summary.
+fn state_name(e: &HistoryEntry) -> String {
+    match e.state {
+        Some(s) => format!("{s:?}"),
+        None => format!("{:?} (revocation)", e.revocation),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LedgerView {
+    namespace: String,
+    name: String,
+    /// The current revision.
+    revision: i64,
+    /// Newest first.
+    entries: Vec<LedgerRow>,
+    /// Revisions whose revocation is being retried.
+    open: Vec<i64>,
+    /// Revisions whose revocation needs a person.
+    stuck: Vec<i64>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LedgerRow {
+    revision: i64,
+    state: String,
+    fingerprint: String,
+    issuer: Option<String>,
+    issued_at: Option<String>,
+    expires_at: Option<String>,
+    attempts: i32,
+    next_attempt_at: Option<String>,
+    message: Option<String>,
+    abandoned_by: Option<String>,
+    revocation: String,
+}
+
+fn ledger_view(at: &AgentToken) -> LedgerView {
+    let st = at.status.clone().unwrap_or_default();
+    let mut history = st.history.clone();
+    history.sort_by_key(|e| std::cmp::Reverse(e.revision));
+    let which = |want: Pending| -> Vec<i64> {
+        history
+            .iter()
+            .filter(|e| pending_revocation(e) == Some(want))
+            .map(|e| e.revision)
+            .collect()
+    };
+    LedgerView {
+        namespace: at.namespace().unwrap_or_default(),
+        name: at.name_any(),
+        revision: st.revision,
+        open: which(Pending::Open),
+        stuck: which(Pending::Stuck),
+        entries: history
+            .iter()
+            .map(|e| LedgerRow {
+                revision: e.revision,
+                state: state_name(e),
+                fingerprint: e.fingerprint.clone(),
+                issuer: e
+                    .issuer
+                    .as_ref()
+                    .map(|i| format!("{:?}/{} ({})", i.kind, i.name, i.type_)),
+                issued_at: e.issued_at.as_ref().map(|t| t.0.to_string()),
+                expires_at: e.expires_at.as_ref().map(|t| t.0.to_string()),
+                attempts: e.attempts,
+                next_attempt_at: e.next_attempt_at.as_ref().map(|t| t.0.to_string()),
+                message: e.message.clone(),
+                abandoned_by: e.abandoned_by.clone(),
+                revocation: format!("{:?}", e.revocation),
+            })
+            .collect(),
+    }
+}
+
+/// "Revocations: 1 open (r2 Failed, next attempt in 4m); 1 stuck (r4 Unknown)."
+fn revocation_summary(view: &LedgerView, now: Timestamp) -> String {
+    let describe = |revisions: &[i64]| -> Vec<String> {
+        revisions
+            .iter()
+            .filter_map(|r| view.entries.iter().find(|e| e.revision == *r))
+            .map(|e| match &e.next_attempt_at {
+                Some(t) => format!(
+                    "r{} {}, next attempt {}",
+                    e.revision,
+                    e.state,
+                    t.parse::<Timestamp>()
+                        .map_or(t.clone(), |t| relative(t, now))
+                ),
+                None => format!("r{} {}", e.revision, e.state),
+            })
+            .collect()
+    };
+    let part = |n: usize, what: &str, list: Vec<String>| {
+        if n == 0 {
+            format!("none {what}")
+        } else {
+            format!("{n} {what} ({})", list.join("; "))
+        }
+    };
+    format!(
+        "Revocations: {}, {}.",
+        part(view.open.len(), "open", describe(&view.open)),
+        part(view.stuck.len(), "stuck", describe(&view.stuck)),
+    )
+}
+
+/// At most `max` characters, marked when cut.
+fn cut(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+        out.push('…');
+        out
+    }
+}
+
+async fn history(client: &Client, ns: &str, name: &str, output: Output) -> anyhow::Result<()> {
+    let api: Api<AgentToken> = Api::namespaced(client.clone(), ns);
+    let at = api
+        .get(name)
+        .await
+        .with_context(|| format!("AgentToken {name:?} in namespace {ns:?}"))?;
+    let view = ledger_view(&at);
+    if output != Output::Table {
+        return print(&view, output);
+    }
+    println!(
+        "agenttoken/{} in {}: revision {}",
+        view.name, view.namespace, view.revision
+    );
+    if view.entries.is_empty() {
+        println!("No tokens in the ledger yet.");
+        return Ok(());
+    }
+    let now = Timestamp::now();
+    let when = |t: &Option<String>| {
+        t.as_deref()
+            .and_then(|s| s.parse::<Timestamp>().ok())
+            .map_or("-".into(), |t| relative(t, now))
+    };
+    let cells: Vec<Vec<String>> = view
+        .entries
+        .iter()
+        .map(|e| {
+            let message = match (&e.message, &e.abandoned_by) {
+                (Some(m), Some(by)) => format!("{} (abandoned by {by})", cut(m, 100)),
+                (None, Some(by)) => format!("(abandoned by {by})"),
+                (Some(m), None) => cut(m, 100),
+                (None, None) => "-".into(),
+            };
+            vec![
+                e.revision.to_string(),
+                e.state.clone(),
+                e.fingerprint.clone(),
+                e.issuer.clone().unwrap_or("-".into()),
+                when(&e.expires_at),
+                e.attempts.to_string(),
+                when(&e.next_attempt_at),
+                message,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "REVISION",
+            "STATE",
+            "FINGERPRINT",
+            "ISSUER",
+            "EXPIRES",
+            "ATTEMPTS",
+            "NEXT ATTEMPT",
+            "MESSAGE",
+        ],
+        &cells,
+    );
+    println!("{}", revocation_summary(&view, now));
+    Ok(())
+}
+
+/// Field manager of the plugin's status writes.
+const PLUGIN_MANAGER: &str = "kubectl-agenttoken";
+/// Times `abandon` reads, writes and verifies before it gives up.
+const ABANDON_ATTEMPTS: u32 = 5;
+/// Longest `--reason` kept.
+const MAX_REASON: usize = 1024;
+
+/// What an entry was before it was abandoned.
+#[derive(Debug, PartialEq)]
+struct Abandoned {
+    state: String,
+    attempts: i64,
+    expires_at: Option<String>,
+}
+
+/// Marks ledger entry `revision` in `status` (the AgentToken's status as
+/// JSON, so fields this plugin does not know survive) `Abandoned` by
+/// `user` for `reason`, and drops its next attempt. Refuses entries whose
+/// revocation is over (Revoked, NotSupported, Expired, Abandoned) and those
+/// that are not being revoked (Minting, Live, Grace).
+fn abandon_entry(
+    status: &mut serde_json::Value,
+    revision: i64,
+    user: &str,
+    reason: &str,
+) -> Result<Abandoned, String> {
+    let entries = status
+        .get_mut("history")
+        .and_then(|h| h.as_array_mut())
+        .filter(|h| !h.is_empty())
+        .ok_or("its ledger (status.history) is empty")?;
+    let known: Vec<i64> = entries
+        .iter()
+        .filter_map(|e| e.get("revision")?.as_i64())
+        .collect();
+    let entry = entries
+        .iter_mut()
+        .find(|e| e.get("revision").and_then(|r| r.as_i64()) == Some(revision))
+        .ok_or_else(|| format!("its ledger has no revision {revision} (it has {known:?})"))?;
+    let field = |k: &str| entry.get(k).and_then(|v| v.as_str()).map(String::from);
+    let state = match field("state") {
+        Some(s) => s,
+        // Written before the ledger had states: the revocation summary.
+        None => match field("revocation").as_deref() {
+            Some("Revoked") => "Revoked".into(),
+            Some("NotSupported") => "NotSupported".into(),
+            Some("Failed") => "Failed".into(),
+            _ => "Live".into(),
+        },
+    };
+    match state.as_str() {
+        "Revoked" | "NotSupported" | "Expired" | "Abandoned" => {
+            return Err(format!(
+                "revision {revision} is {state}: its revocation is over, there is nothing to abandon"
+            ));
+        }
+        "Minting" | "Live" | "Grace" => {
+            return Err(format!(
+                "revision {revision} is {state}: it is not being revoked, so there is nothing to abandon (to replace a token now: kubectl agenttoken revoke)"
+            ));
+        }
+        _ => {}
+    }
+    let before = Abandoned {
+        attempts: entry.get("attempts").and_then(|a| a.as_i64()).unwrap_or(0),
+        expires_at: field("expiresAt"),
+        state,
+    };
+    let obj = entry
+        .as_object_mut()
+        .ok_or_else(|| format!("revision {revision}'s entry is not an object"))?;
+    obj.insert("state".into(), "Abandoned".into());
+    obj.insert("abandonedBy".into(), user.into());
+    obj.insert("message".into(), reason.into());
+    obj.remove("nextAttemptAt");
+    Ok(before)
+}
+
+/// Whether `status` records `revision` as abandoned by `user` for `reason`.
+fn abandon_stuck(status: &serde_json::Value, revision: i64, user: &str, reason: &str) -> bool {
+    status
+        .get("history")
+        .and_then(|h| h.as_array())
+        .into_iter()
+        .flatten()
+        .find(|e| e.get("revision").and_then(|r| r.as_i64()) == Some(revision))
+        .is_some_and(|e| {
+            e.get("state").and_then(|v| v.as_str()) == Some("Abandoned")
+                && e.get("abandonedBy").and_then(|v| v.as_str()) == Some(user)
+                && e.get("message").and_then(|v| v.as_str()) == Some(reason)
+                && e.get("nextAttemptAt").is_none_or(|v| v.is_null())
+        })
+}
+
+/// The caller's user name, as the API server sees it (`kubectl auth whoami`).
+async fn whoami(client: &Client) -> anyhow::Result<String> {
+    let review = Api::<SelfSubjectReview>::all(client.clone())
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .context("ask the API server who you are (SelfSubjectReview)")?;
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .filter(|u| !u.is_empty())
+        .context("the API server did not say who you are (SelfSubjectReview has no user name)")
+}
+
+async fn abandon(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    revision: i64,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let reason = reason.trim();
+    if reason.is_empty() {
+        bail!("--reason must say why the revocation is given up");
+    }
+    if reason.chars().count() > MAX_REASON {
+        bail!("--reason is longer than {MAX_REASON} characters");
+    }
+    let user = whoami(client).await?;
+    let resource = ApiResource::erase::<AgentToken>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
+    let what = format!("agenttoken/{name} in namespace {ns:?}");
+    let mut last = String::new();
+    for attempt in 1..=ABANDON_ATTEMPTS {
+        if attempt > 1 {
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+        }
+        let at = api.get(name).await.with_context(|| what.clone())?;
+        let version = at
+            .metadata
+            .resource_version
+            .clone()
+            .context("the AgentToken has no resourceVersion")?;
+        let mut status = at
+            .data
+            .get("status")
+            .cloned()
+            .unwrap_or(serde_json::json!({}));
+        let before = abandon_entry(&mut status, revision, &user, reason)
+            .map_err(|why| anyhow::anyhow!("{what}: {why}"))?;
+        // A merge patch replaces the whole history list: the
+        // resourceVersion makes it apply only to the ledger just read.
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": version},
+            "status": {"history": status["history"]},
+        });
+        let params = PatchParams {
+            field_manager: Some(PLUGIN_MANAGER.into()),
+            ..Default::default()
+        };
+        match api.patch_status(name, &params, &Patch::Merge(&patch)).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                last = "the AgentToken changed while it was being written".into();
+                continue;
+            }
+            Err(kube::Error::Api(s)) if s.code == 403 => bail!(
+                "{what}: forbidden: abandoning a revocation writes agenttokens/status, which only platform admins may (namespace admins cannot, so a revocation cannot be hidden by a tenant). The API server said: {}",
+                s.message
+            ),
+            Err(e) => return Err(e).with_context(|| format!("{what}: write status")),
+        }
+        // Read back: did it stick, or did a concurrent status write undo it?
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = api.get(name).await.with_context(|| what.clone())?;
+        let status = now.data.get("status").cloned().unwrap_or_default();
+        if abandon_stuck(&status, revision, &user, reason) {
+            let expiry = before
+                .expires_at
+                .map(|t| format!("; the token may stay valid until it expires at {t}"))
+                .unwrap_or_default();
+            println!(
+                "{what}: revocation of revision {revision} abandoned by {user} (it was {}, after {} attempt(s)){expiry}",
+                before.state, before.attempts
+            );
+            return Ok(());
+        }
+        last = "the entry was written back by someone else (the operator?) right after".into();
+    }
+    bail!("{what}: revision {revision} was not abandoned after {ABANDON_ATTEMPTS} attempts: {last}")
 }
 
 async fn plan(client: &Client, ns: &str, file: &str, output: Output) -> anyhow::Result<()> {
@@ -441,4 +885,144 @@ async fn plan_one(client: &Client, ns: &str, at: &AgentToken) -> anyhow::Result<
             .collect();
     }
     Ok(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn status() -> serde_json::Value {
+        json!({
+            "revision": 5,
+            "history": [
+                {"revision": 5, "fingerprint": "sha256:5", "revocation": "Pending", "state": "Live"},
+                {"revision": 4, "fingerprint": "sha256:4", "revocation": "Failed", "state": "Failed",
+                 "attempts": 3, "nextAttemptAt": "2030-01-01T00:00:00Z", "message": "issuer unreachable",
+                 "expiresAt": "2030-01-01T01:00:00Z", "futureField": {"kept": true}},
+                {"revision": 3, "fingerprint": "sha256:3", "revocation": "Revoked", "state": "Revoked"},
+                {"revision": 2, "fingerprint": "sha256:2", "revocation": "Failed"},
+                {"revision": 1, "fingerprint": "sha256:1", "revocation": "Revoked"}
+            ]
+        })
+    }
+
+    #[test]
+    fn abandoning_sets_state_who_and_why_and_drops_the_next_attempt() {
+        let mut st = status();
+        let before = abandon_entry(&mut st, 4, "alice", "issuer decommissioned").unwrap();
+        assert_eq!(
+            before,
+            Abandoned {
+                state: "Failed".into(),
+                attempts: 3,
+                expires_at: Some("2030-01-01T01:00:00Z".into()),
+            }
+        );
+        let e = &st["history"][1];
+        assert_eq!(e["state"], "Abandoned");
+        assert_eq!(e["abandonedBy"], "alice");
+        assert_eq!(e["message"], "issuer decommissioned");
+        assert!(e.get("nextAttemptAt").is_none());
+        // Everything else stays, fields this plugin does not know included.
+        assert_eq!(e["attempts"], 3);
+        assert_eq!(e["futureField"], json!({"kept": true}));
+        let mut untouched = status();
+        untouched["history"][1] = e.clone();
+        assert_eq!(st, untouched, "no other entry changed");
+        assert!(abandon_stuck(&st, 4, "alice", "issuer decommissioned"));
+        assert!(!abandon_stuck(&st, 4, "bob", "issuer decommissioned"));
+        assert!(!abandon_stuck(
+            &status(),
+            4,
+            "alice",
+            "issuer decommissioned"
+        ));
+    }
+
+    #[test]
+    fn over_or_unstarted_revocations_are_refused() {
+        let refused = |rev| abandon_entry(&mut status(), rev, "alice", "why").unwrap_err();
+        assert!(
+            refused(3).contains("revision 3 is Revoked"),
+            "{}",
+            refused(3)
+        );
+        assert!(
+            refused(1).contains("is Revoked"),
+            "legacy entry: {}",
+            refused(1)
+        );
+        assert!(refused(5).contains("is Live: it is not being revoked"));
+        assert!(refused(9).contains("no revision 9 (it has [5, 4, 3, 2, 1])"));
+        let mut again = status();
+        abandon_entry(&mut again, 4, "alice", "why").unwrap();
+        let twice = abandon_entry(&mut again, 4, "bob", "why").unwrap_err();
+        assert!(twice.contains("revision 4 is Abandoned"), "{twice}");
+        for state in ["NotSupported", "Expired", "Minting", "Grace"] {
+            let mut st = status();
+            st["history"][1]["state"] = state.into();
+            assert!(abandon_entry(&mut st, 4, "a", "b").is_err(), "{state}");
+        }
+        for state in ["Revoking", "Failed", "Unknown"] {
+            let mut st = status();
+            st["history"][1]["state"] = state.into();
+            assert!(abandon_entry(&mut st, 4, "a", "b").is_ok(), "{state}");
+        }
+        // A legacy Failed entry (no state) may be abandoned.
+        assert!(abandon_entry(&mut status(), 2, "a", "b").is_ok());
+        let err = abandon_entry(&mut json!({}), 1, "a", "b").unwrap_err();
+        assert!(err.contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn the_ledger_view_tells_open_from_stuck_revocations() {
+        let mut st = status();
+        st["history"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"revision": 0, "fingerprint": "sha256:0", "revocation": "Pending", "state": "Unknown"}));
+        st["history"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"revision": -1, "fingerprint": "sha256:x", "revocation": "Failed", "state": "Revoking"}));
+        let at: AgentToken = serde_json::from_value(json!({
+            "apiVersion": "agenttoken.dev/v1alpha1",
+            "kind": "AgentToken",
+            "metadata": {"name": "bot", "namespace": "team"},
+            "spec": {"issuerRef": {"name": "sa"}},
+            "status": st,
+        }))
+        .unwrap();
+        let view = ledger_view(&at);
+        assert_eq!(
+            view.entries.iter().map(|e| e.revision).collect::<Vec<_>>(),
+            [5, 4, 3, 2, 1, 0, -1],
+            "newest first"
+        );
+        assert_eq!(view.open, [4, -1]);
+        assert_eq!(view.stuck, [2, 0]);
+        assert_eq!(view.entries[3].state, "Failed (revocation)");
+        let now: Timestamp = "2029-12-31T23:56:00Z".parse().unwrap();
+        assert_eq!(
+            revocation_summary(&view, now),
+            "Revocations: 2 open (r4 Failed, next attempt in 4m; r-1 Revoking), 2 stuck (r2 Failed (revocation); r0 Unknown)."
+        );
+        let mut done = at.clone();
+        done.status
+            .as_mut()
+            .unwrap()
+            .history
+            .retain(|e| e.revision == 5);
+        assert_eq!(
+            revocation_summary(&ledger_view(&done), now),
+            "Revocations: none open, none stuck."
+        );
+    }
+
+    #[test]
+    fn long_messages_are_cut_in_tables() {
+        assert_eq!(cut("short", 10), "short");
+        assert_eq!(cut("0123456789abc", 10), "012345678…");
+    }
 }
