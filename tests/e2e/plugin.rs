@@ -1,6 +1,7 @@
-//! The kubectl plugin (`kubectl agenttoken status|rotate|revoke|plan`) run
-//! through the real kubectl against the local control plane, and the
-//! operator watching a list of namespaces.
+//! The kubectl plugin (`kubectl agenttoken
+//! status|rotate|revoke|plan|history|abandon`) run through the real kubectl
+//! against the local control plane, and the operator watching a list of
+//! namespaces.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -47,6 +48,16 @@ fn at(name: &str, lifetime: &str) -> String {
 
 /// Runs `kubectl agenttoken ARGS` with the plugin found on PATH, as users do.
 fn plugin(ns: &TestNamespace, args: &[&str], stdin: Option<&str>) -> Output {
+    plugin_as(&cluster().admin_kubeconfig, ns, args, stdin)
+}
+
+/// `kubectl agenttoken ARGS` as whoever `kubeconfig` names.
+fn plugin_as(
+    kubeconfig: &std::path::Path,
+    ns: &TestNamespace,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Output {
     let plugin_dir = PathBuf::from(env!("CARGO_BIN_EXE_kubectl-agenttoken"))
         .parent()
         .unwrap()
@@ -61,7 +72,7 @@ fn plugin(ns: &TestNamespace, args: &[&str], stdin: Option<&str>) -> Output {
         .args(["-n", &ns.name])
         .args(args)
         .env("PATH", path)
-        .env("KUBECONFIG", &cluster().admin_kubeconfig);
+        .env("KUBECONFIG", kubeconfig);
     match stdin {
         None => cmd.output().expect("run kubectl agenttoken"),
         Some(input) => {
@@ -249,4 +260,177 @@ async fn every_example_is_accepted_by_the_api_server() {
         seen += 1;
     }
     assert!(seen >= 3, "examples found: {seen}");
+}
+
+/// `abandon` writes the status subresource: the restricted tenant (who may
+/// do anything to AgentTokens but not their status) is refused by the API
+/// server and the ledger is unchanged; a cluster admin abandons a failed
+/// revocation, which `history` then shows with who and why. Terminal
+/// entries are refused. No operator runs, and the AgentToken's issuer does
+/// not exist: the ledger is written as admin, so nothing else writes it.
+#[tokio::test]
+async fn kubectl_agenttoken_abandon_is_for_platform_admins_and_history_shows_it() {
+    use agent_token_operator::crd::TokenLife;
+    use kube::api::{Patch, PatchParams};
+
+    let ns = TestNamespace::new("plugin-abandon").await;
+    crate::support::install_crds();
+    let _tenant = crate::hostile::tenant(&ns).await;
+    let admin = String::from_utf8(
+        ns.kubectl(&[
+            "auth",
+            "whoami",
+            "-o",
+            "jsonpath={.status.userInfo.username}",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    assert!(!admin.is_empty(), "the admin's user name");
+    assert!(
+        apply(
+            &ns,
+            "apiVersion: agenttoken.dev/v1alpha1\nkind: AgentToken\nmetadata: {name: bot}\nspec:\n  issuerRef: {name: gone}\n  serviceAccountName: builder\n  lifetime: 1h\n"
+        )
+        .status
+        .success()
+    );
+    let api: Api<AgentToken> = ns.api();
+    // 10m30s ahead: "in 10m…" however long the steps before the view take.
+    let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(630);
+    let later = jiff::Timestamp::now() + jiff::SignedDuration::from_mins(50);
+    let ledger = serde_json::json!({"status": {"revision": 3, "history": [
+        {"revision": 3, "fingerprint": "sha256:3333333333333333", "revocation": "Pending",
+         "state": "Live", "expiresAt": later.to_string()},
+        {"revision": 2, "fingerprint": "sha256:2222222222222222", "revocation": "Failed",
+         "state": "Failed", "attempts": 4, "nextAttemptAt": soon.to_string(),
+         "message": "issuer unreachable: connection refused",
+         "expiresAt": later.to_string(),
+         "issuer": {"kind": "TokenIssuer", "name": "gone", "uid": "0000-gone", "type": "webhook"}},
+        {"revision": 1, "fingerprint": "sha256:1111111111111111", "revocation": "Revoked",
+         "state": "Revoked"}
+    ]}});
+    api.patch_status("bot", &PatchParams::default(), &Patch::Merge(&ledger))
+        .await
+        .expect("write the ledger as admin");
+    let before = api.get("bot").await.unwrap().status.unwrap();
+
+    // The ledger view: state, attempts, next attempt, message; r2 is open.
+    let table = ok(&plugin(&ns, &["history", "bot"], None));
+    let header = table.lines().nth(1).unwrap_or_default();
+    for col in ["REVISION", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "MESSAGE"] {
+        assert!(header.contains(col), "{table}");
+    }
+    let row = |table: &str, rev: &str| -> String {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(rev))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let r2 = row(&table, "2");
+    for want in [
+        "Failed",
+        " 4 ",
+        "in 10m",
+        "issuer unreachable: connection refused",
+    ] {
+        assert!(r2.contains(want), "{want:?} in {r2:?}\n{table}");
+    }
+    assert!(
+        table.contains("Revocations: 1 open (r2 Failed, next attempt in 10m"),
+        "{table}"
+    );
+    let view: serde_json::Value =
+        serde_json::from_str(&ok(&plugin(&ns, &["history", "bot", "-o", "json"], None))).unwrap();
+    assert_eq!(view["open"], serde_json::json!([2]));
+    assert_eq!(view["stuck"], serde_json::json!([]));
+    assert_eq!(view["entries"][1]["attempts"], 4);
+    let status_table = ok(&plugin(&ns, &["status", "bot"], None));
+    assert!(
+        status_table.contains("REVOCATIONS") && status_table.contains("1 open"),
+        "{status_table}"
+    );
+
+    // The tenant: the API server refuses the status write; nothing changed.
+    let refused = plugin_as(
+        &cluster().restricted_kubeconfig,
+        &ns,
+        &["abandon", "bot", "--revision", "2", "--reason", "hide it"],
+        None,
+    );
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(
+        said.contains(r#"cannot patch resource "agenttokens/status""#),
+        "refused by the API server's RBAC: {said}"
+    );
+    assert_eq!(
+        api.get("bot").await.unwrap().status.unwrap(),
+        before,
+        "the tenant changed nothing"
+    );
+
+    // An admin: a revocation that is over cannot be abandoned...
+    let over = plugin(
+        &ns,
+        &["abandon", "bot", "--revision", "1", "--reason", "x"],
+        None,
+    );
+    assert!(!over.status.success());
+    let said = String::from_utf8_lossy(&over.stderr);
+    assert!(said.contains("revision 1 is Revoked"), "{said}");
+    // ... a failing one can.
+    let reason = "issuer decommissioned; the token expires within the hour";
+    let out = ok(&plugin(
+        &ns,
+        &["abandon", "bot", "--revision", "2", "--reason", reason],
+        None,
+    ));
+    assert!(
+        out.contains(&format!("abandoned by {admin}")) && out.contains("it was Failed"),
+        "{out}"
+    );
+    let after = api.get("bot").await.unwrap().status.unwrap();
+    let entry = |st: &agent_token_operator::crd::AgentTokenStatus, rev: i64| {
+        st.history
+            .iter()
+            .find(|e| e.revision == rev)
+            .cloned()
+            .unwrap()
+    };
+    let r2 = entry(&after, 2);
+    assert_eq!(r2.state, Some(TokenLife::Abandoned));
+    assert_eq!(r2.abandoned_by.as_deref(), Some(admin.as_str()));
+    assert_eq!(r2.message.as_deref(), Some(reason));
+    assert_eq!(r2.next_attempt_at, None);
+    let was = entry(&before, 2);
+    assert_eq!(
+        (r2.attempts, &r2.fingerprint, &r2.issuer, &r2.expires_at),
+        (was.attempts, &was.fingerprint, &was.issuer, &was.expires_at),
+        "the rest of the entry is kept"
+    );
+    for rev in [1, 3] {
+        assert_eq!(entry(&after, rev), entry(&before, rev), "r{rev} untouched");
+    }
+
+    // The view shows it, and nothing is open any more.
+    let table = ok(&plugin(&ns, &["history", "bot"], None));
+    let r2 = row(&table, "2");
+    assert!(
+        r2.contains("Abandoned") && r2.contains(&format!("(abandoned by {admin})")),
+        "{table}"
+    );
+    assert!(
+        table.contains("Revocations: none open, none stuck."),
+        "{table}"
+    );
+    // Once abandoned, it stays so.
+    let again = plugin(
+        &ns,
+        &["abandon", "bot", "--revision", "2", "--reason", "again"],
+        None,
+    );
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("revision 2 is Abandoned"));
 }
