@@ -66,7 +66,7 @@ struct RunArgs {
     /// at most this minus a safety margin (a fifth, at least 2s), so a
     /// longer Lease allows slower issuers, and a crashed leader is
     /// replaced this much later.
-    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = parse_lease_duration)]
+    #[arg(long, env = "LEASE_DURATION", default_value = "60s", value_parser = parse_lease_duration)]
     lease_duration: std::time::Duration,
     /// This replica's identity (default: the host name and a random suffix).
     #[arg(long, env = "POD_NAME")]

@@ -611,6 +611,8 @@ fn abandon_entry(
         .ok_or_else(|| format!("revision {revision}'s entry is not an object"))?;
     obj.insert("state".into(), "Abandoned".into());
     obj.insert("abandonedBy".into(), user.into());
+    // The older summary: an abandoned revocation did not succeed.
+    obj.insert("revocation".into(), "Failed".into());
     obj.insert("message".into(), reason.into());
     obj.remove("nextAttemptAt");
     Ok(before)

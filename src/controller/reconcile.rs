@@ -771,10 +771,12 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
         &decision,
         at.spec.paused,
     );
-    status_write(at, ctx, status.clone(), &conditions).await?;
+    // Events first: whoever sees the status also finds the Events that
+    // explain it (what they say has happened either way).
     for (kind, reason, note) in events {
         ctx.publish(at, kind, reason, note).await;
     }
+    status_write(at, ctx, status.clone(), &conditions).await?;
 
     // Requeue at the next due time.
     let wake = match (&mint_failed, delivered_now) {
@@ -1234,14 +1236,21 @@ async fn fail_closed(at: &AgentToken, ctx: &Context, r: Refusal) -> Result<Actio
         Want::new(ISSUING, false, r.reason, "not issuing until this is fixed"),
     ];
     let wake = ledger::wake(&status).map(|w| until(now, w));
-    status_write(at, ctx, status, &conditions).await?;
-    if let Some(reason) = r.event {
+    let was = at
+        .status
+        .as_ref()
+        .and_then(|s| status::find(&s.conditions, READY))
+        .map(|c| c.reason.clone());
+    if was.as_deref() != Some(r.reason)
+        && let Some(reason) = r.event
+    {
         ctx.publish(at, EventType::Warning, reason, r.message.clone())
             .await;
     }
     for (kind, reason, note) in events {
         ctx.publish(at, kind, reason, note).await;
     }
+    status_write(at, ctx, status, &conditions).await?;
     Ok(Action::requeue(
         wake.unwrap_or(MAX_WAKE)
             .clamp(Duration::from_millis(500), MAX_WAKE),
@@ -1258,13 +1267,13 @@ async fn refuse(at: &AgentToken, ctx: &Context, r: Refusal) -> Result<Action, Er
     ];
     let mut st = old.clone();
     st.next_rotation_at = None;
-    status_write(at, ctx, st, &conditions).await?;
     if was.as_deref() != Some(r.reason)
         && let Some(reason) = r.event
     {
         ctx.publish(at, EventType::Warning, reason, r.message.clone())
             .await;
     }
+    status_write(at, ctx, st, &conditions).await?;
     Ok(match r.requeue {
         Some(d) => Action::requeue(d),
         // Issuer and spec changes trigger a reconcile; look again hourly anyway.
@@ -1382,14 +1391,16 @@ pub(super) async fn status_write(
     Ok(())
 }
 
-/// Shortest time left on the leader Lease for a mint to start.
-#[allow(dead_code)] // used once leadership reports its time left
-const MIN_MINT_TIME: Duration = Duration::from_secs(10);
+/// Shortest time left on the leader Lease for a mint to start: a mint
+/// never outlasts this replica's leadership (the standby cannot take the
+/// Lease before that time has run out), so two replicas never mint the
+/// same revision.
+const MIN_MINT_TIME: Duration = Duration::from_secs(5);
 
 /// The deadline a mint may have now: `None` when this replica cannot
 /// finish one while it still leads.
-fn lease_budget(_ctx: &Context) -> Option<Duration> {
-    Some(ISSUER_CALL_DEADLINE)
+fn lease_budget(ctx: &Context) -> Option<Duration> {
+    ctx.leadership.budget(ISSUER_CALL_DEADLINE, MIN_MINT_TIME)
 }
 
 /// A ledger entry as the slot the Secret's record and consumers use.
