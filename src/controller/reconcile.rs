@@ -1912,4 +1912,241 @@ mod tests {
         // And an ordinary result passes through.
         assert!(guarded(async { Ok(Action::await_change()) }).await.is_ok());
     }
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_900_000_000 + s).unwrap()
+    }
+
+    /// A ledger with `current` Live (issued at 0, expiring at 3600) and,
+    /// when given, `previous` in Grace.
+    fn ledger_with(current: Option<i64>, previous: Option<i64>) -> AgentTokenStatus {
+        let mut s = AgentTokenStatus::default();
+        for (r, life) in [(previous, TokenLife::Grace), (current, TokenLife::Live)] {
+            if let Some(r) = r {
+                s.history.push(HistoryEntry {
+                    revision: r,
+                    fingerprint: rotation::fingerprint(format!("tok-{r}").as_bytes()),
+                    issued_at: Some(Time(t(0))),
+                    expires_at: Some(Time(t(3600))),
+                    handle: Some(format!("webhook-id:{r}")),
+                    state: Some(life),
+                    grace_until: (life == TokenLife::Grace).then(|| Time(t(600))),
+                    ..Default::default()
+                });
+            }
+        }
+        s
+    }
+
+    fn held(s: &AgentTokenStatus, revisions: &[i64]) -> revoke::Values {
+        let mut v = revoke::Values::default();
+        for r in revisions {
+            v.offer(s, *r, Some(SecretString::from(format!("tok-{r}"))));
+        }
+        v
+    }
+
+    #[test]
+    fn old_tokens_on_delivery_table() {
+        let mint = |revoke_now| decide::Mint {
+            reason: RotationReason::Scheduled,
+            revoke_current_now: revoke_now,
+        };
+        let ten_min = Duration::from_secs(600);
+        // (case, held, revoke now, grace, hold for consumers, now,
+        //  kept as previous, state of 2, state of 1)
+        let rows: [(
+            &str,
+            &[i64],
+            bool,
+            Duration,
+            bool,
+            i64,
+            Option<i64>,
+            TokenLife,
+            TokenLife,
+        ); 6] = [
+            (
+                "grace keeps the current",
+                &[2],
+                false,
+                ten_min,
+                false,
+                100,
+                Some(2),
+                TokenLife::Grace,
+                TokenLife::Revoking,
+            ),
+            (
+                "revoke trigger",
+                &[2],
+                true,
+                ten_min,
+                false,
+                100,
+                None,
+                TokenLife::Revoking,
+                TokenLife::Revoking,
+            ),
+            (
+                "edited value",
+                &[],
+                false,
+                ten_min,
+                false,
+                100,
+                None,
+                TokenLife::Revoking,
+                TokenLife::Revoking,
+            ),
+            (
+                "expired current",
+                &[2],
+                false,
+                ten_min,
+                false,
+                3600,
+                None,
+                TokenLife::Revoking,
+                TokenLife::Revoking,
+            ),
+            (
+                "no grace",
+                &[2],
+                false,
+                Duration::ZERO,
+                false,
+                100,
+                None,
+                TokenLife::Revoking,
+                TokenLife::Revoking,
+            ),
+            (
+                "no grace, consumers roll",
+                &[2],
+                false,
+                Duration::ZERO,
+                true,
+                100,
+                Some(2),
+                TokenLife::Grace,
+                TokenLife::Revoking,
+            ),
+        ];
+        for (case, held_revs, now_, grace, hold, at, kept, two, one) in rows {
+            let mut s = ledger_with(Some(2), Some(1));
+            let values = held(&s, held_revs);
+            let cur = ledger::current(&s).cloned();
+            let prev = ledger::previous(&s).cloned();
+            let got = shift_slots(
+                &mut s,
+                cur.as_ref(),
+                prev.as_ref(),
+                &values,
+                mint(now_),
+                grace,
+                hold,
+                t(at),
+            );
+            assert_eq!(got, kept, "{case}");
+            let state = |r: i64| {
+                s.history
+                    .iter()
+                    .find(|e| e.revision == r)
+                    .and_then(|e| e.state)
+            };
+            assert_eq!(state(2), Some(two), "{case}");
+            assert_eq!(state(1), Some(one), "{case}");
+            if let Some(k) = kept {
+                let until = s
+                    .history
+                    .iter()
+                    .find(|e| e.revision == k)
+                    .unwrap()
+                    .grace_until
+                    .clone()
+                    .unwrap()
+                    .0;
+                assert!(
+                    until <= t(3600) && until >= t(at),
+                    "{case}: grace within the token's life"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_interrupted_mint_is_delivered_revoked_or_unknown() {
+        let secret_with = |value: &str| Secret {
+            data: Some(
+                [(
+                    "token".to_string(),
+                    k8s_openapi::ByteString(value.as_bytes().to_vec()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let minting = |handle: Option<&str>, fp: &str| HistoryEntry {
+            revision: 3,
+            fingerprint: fp.into(),
+            handle: handle.map(String::from),
+            expires_at: Some(Time(t(7200))),
+            state: Some(TokenLife::Minting),
+            ..Default::default()
+        };
+        let fp = rotation::fingerprint(b"tok-3");
+        // (case, entry, Secret holds, state after)
+        let rows = [
+            (
+                "in the Secret",
+                minting(Some("webhook-id:3"), &fp),
+                Some("tok-3"),
+                TokenLife::Live,
+            ),
+            (
+                "minted, not delivered",
+                minting(Some("webhook-id:3"), &fp),
+                Some("tok-2"),
+                TokenLife::Revoking,
+            ),
+            (
+                "binding known before the mint",
+                minting(Some("bot-binding-r3"), ""),
+                None,
+                TokenLife::Revoking,
+            ),
+            (
+                "nothing to find it by",
+                minting(None, ""),
+                Some("tok-2"),
+                TokenLife::Unknown,
+            ),
+        ];
+        for (case, entry, held, want) in rows {
+            let mut s = AgentTokenStatus::default();
+            s.history.push(entry);
+            let live = held.map(secret_with);
+            recover(&mut s, live.as_ref(), "token", "bot", t(10));
+            assert_eq!(s.history[0].state, Some(want), "{case}");
+        }
+    }
+
+    #[test]
+    fn the_view_believes_the_secret_only_by_fingerprint() {
+        let s = ledger_with(Some(2), Some(1));
+        let intact = ledger_view(&s, true, &held(&s, &[2, 1]));
+        assert!(intact.current.as_ref().unwrap().data_intact);
+        assert_eq!(intact.previous.as_ref().unwrap().grace_until, t(600));
+        let edited = ledger_view(&s, true, &held(&s, &[]));
+        assert!(!edited.current.unwrap().data_intact);
+        // A value that is not the ledger's is never offered.
+        let mut v = revoke::Values::default();
+        v.offer(
+            &s,
+            2,
+            Some(SecretString::from("someone-else's".to_string())),
+        );
+        assert!(v.get(2).is_none());
+    }
 }
