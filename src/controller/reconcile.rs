@@ -1947,6 +1947,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::type_complexity)] // one tuple per table row
     fn old_tokens_on_delivery_table() {
         let mint = |revoke_now| decide::Mint {
             reason: RotationReason::Scheduled,
