@@ -176,8 +176,11 @@ pub async fn cleanup(at: &AgentToken, ctx: &Context) -> Result<Action, Error> {
             e.state == Some(TokenLife::Revoked) && e.revoked_at.as_ref().is_some_and(|t| t.0 == now)
         })
         .count();
+    let kind = current
+        .as_ref()
+        .map_or("unknown", |(record, _)| record.type_.as_str());
     ctx.metrics
-        .revocations_on_delete(&at.spec.issuer_ref.name, revoked, gave_up.len());
+        .revocations_on_delete(kind, revoked, gave_up.len());
     if let Some(k) = keeper.as_mut()
         && let Err(e) = k.retain(&[]).await
     {
