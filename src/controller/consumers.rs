@@ -368,13 +368,16 @@ pub fn need(
                 Some(v) if *v == current => Need::Observe,
                 Some(_) => Need::Restart,
                 // Never restarted by us: restart only if it predates the token.
-                None if w.created.is_some_and(|c| c < issued_at) => Need::Restart,
+                // Both times are read back from the API at whole seconds:
+                // created in the token's second counts as before it (one
+                // restart too many beats a workload left on an old token).
+                None if w.created.is_some_and(|c| c <= issued_at) => Need::Restart,
                 None => Need::UpToDate,
             }
         }
         ConsumerStrategy::Signal => match done_before {
             Some(c) if c.revision == revision && c.phase.settled() => Need::Observe,
-            _ if w.created.is_some_and(|c| c < issued_at) => Need::Restart,
+            _ if w.created.is_some_and(|c| c <= issued_at) => Need::Restart,
             _ => Need::UpToDate,
         },
     }
@@ -994,6 +997,9 @@ mod tests {
         let rr = ConsumerStrategy::RolloutRestart;
         // Older than the token and never annotated: restart.
         assert_eq!(need(&w, rr, &key, 1, issued, None), Need::Restart);
+        // Created in the token's second (status keeps whole seconds): restart.
+        let same_second = w.created.unwrap();
+        assert_eq!(need(&w, rr, &key, 1, same_second, None), Need::Restart);
         // Created after the token: it has it already.
         let early: Timestamp = "2025-12-01T00:00:00Z".parse().unwrap();
         assert_eq!(need(&w, rr, &key, 1, early, None), Need::UpToDate);

@@ -1759,14 +1759,16 @@ async fn consumers_step(
             .filter(|c| c.revision == revision || !c.phase.settled())
             .and_then(|c| c.restarted_at.as_ref())
             .map(|t| t.0);
-        let entry = match consumers::need(
+        let need = consumers::need(
             w,
             strategy,
             &annotation,
             revision,
             current.issued_at,
             before,
-        ) {
+        );
+        tracing::debug!(workload = %w.key, revision, ?need, "consumer");
+        let entry = match need {
             Need::UpToDate => {
                 consumers::status_entry(w, revision, None, ConsumerPhase::UpToDate, None)
             }
