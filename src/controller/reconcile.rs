@@ -183,29 +183,119 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
     }
     super::finalize::ensure_finalizer(at, ctx).await?;
 
-    // Phase: fetch the issuer.
-    let (issuer, identity) = match fetch_issuer(at, &ns, ctx).await? {
-        Ok(found) => found,
-        // Fail closed: tokens from an issuer that is gone are revoked.
-        Err(refusal) => return fail_closed(at, ctx, refusal).await,
+    // observe -> plan (pure) -> act -> report.
+    let mut o = match observe(at, ctx, ns).await? {
+        Observation::Seen(o) => *o,
+        Observation::Refused(r) => return refuse(at, ctx, r).await,
+        // Fail closed: tokens the policy refuses now, or from an issuer that
+        // is gone, are revoked.
+        Observation::Closed(r) => return fail_closed(at, ctx, r).await,
     };
-    if identity.deleting {
-        return fail_closed(
+    let plan = plan(&o.inputs(), ledger::open(&o.status));
+    let acted = match act(at, ctx, &mut o, &plan).await? {
+        Ok(acted) => acted,
+        Err(r) => return refuse(at, ctx, r).await,
+    };
+    report(at, ctx, o, acted).await
+}
+
+/// One read of the world for a reconcile: the issuer, the policy's
+/// effective request, the Secret (believed only when owned, its values only
+/// by fingerprint) and the ledger brought up to date.
+struct Observed {
+    ns: String,
+    name: String,
+    uid: String,
+    issuer: ResolvedIssuer,
+    record: IssuerRecord,
+    backend: Box<dyn crate::issuer::Issuer>,
+    effective: policy::Effective,
+    secret_name: String,
+    key: String,
+    live: Option<Secret>,
+    now: Timestamp,
+    old_status: AgentTokenStatus,
+    /// The ledger after settling interrupted mints and expiries.
+    status: AgentTokenStatus,
+    values: revoke::Values,
+    view: decide::SecretView,
+    current: Option<HistoryEntry>,
+    previous: Option<HistoryEntry>,
+    spec_hash: String,
+    window: RenewWindow,
+    cron: Option<CronSchedule>,
+    jitter_key: String,
+    rotate_trigger: Option<String>,
+    revoke_trigger: Option<String>,
+    recent_mints: Vec<rotation::PastMint>,
+    paused: bool,
+}
+
+impl Observed {
+    fn who(&self) -> revoke::Subject<'_> {
+        revoke::Subject {
+            namespace: &self.ns,
+            name: &self.name,
+            uid: &self.uid,
+        }
+    }
+
+    fn inputs(&self) -> Inputs<'_> {
+        Inputs {
+            now: self.now,
+            spec_hash: &self.spec_hash,
+            paused: self.paused,
+            window: self.window,
+            cron: self.cron.as_ref(),
+            jitter_key: &self.jitter_key,
+            rotate_trigger: self.rotate_trigger.as_deref(),
+            revoke_trigger: self.revoke_trigger.as_deref(),
+            secret: &self.view,
+            last_revision: self.old_status.revision,
+            failed_attempts: self.old_status.failed_attempts.max(0) as u32,
+            last_failure: self.old_status.last_failure_time.as_ref().map(|t| t.0),
+            recent_mints: &self.recent_mints,
+        }
+    }
+
+    fn writer<'a>(&'a self, at: &'a AgentToken, ctx: &'a Context) -> SecretWriter<'a> {
+        SecretWriter {
             at,
             ctx,
-            Refusal {
-                reason: "IssuerNotFound",
-                message: format!(
-                    "{} is being deleted: its tokens are revoked and no new one is minted",
-                    issuer.key
-                ),
-                event: Some("IssuerUnavailable"),
-                requeue: None,
-            },
-        )
-        .await;
+            ns: &self.ns,
+            name: &self.secret_name,
+            key: &self.key,
+            live: self.live.as_ref(),
+            uid: &self.uid,
+        }
     }
-    // Phase: validate (pure, plus the namespace's labels for a selector).
+}
+
+enum Observation {
+    Seen(Box<Observed>),
+    /// Not served; what was delivered stays.
+    Refused(Refusal),
+    /// Not served, and what was delivered is revoked.
+    Closed(Refusal),
+}
+
+async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observation, Error> {
+    let (issuer, identity) = match fetch_issuer(at, &ns, ctx).await? {
+        Ok(found) => found,
+        Err(refusal) => return Ok(Observation::Closed(refusal)),
+    };
+    if identity.deleting {
+        return Ok(Observation::Closed(Refusal {
+            reason: "IssuerNotFound",
+            message: format!(
+                "{} is being deleted: its tokens are revoked and no new one is minted",
+                issuer.key
+            ),
+            event: Some("IssuerUnavailable"),
+            requeue: None,
+        }));
+    }
+    // Validate (pure, plus the namespace's labels for a selector).
     let ns_labels = match issuer
         .spec
         .policy
@@ -220,14 +310,11 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
     };
     let effective = match validate(at, &ns, &issuer, &ns_labels) {
         Ok(e) => e,
-        Err(refusal) => {
-            if refusal.reason == "PolicyViolation" {
-                ctx.metrics.policy_violation();
-                // Fail closed: a token the policy would refuse now is revoked.
-                return fail_closed(at, ctx, refusal).await;
-            }
-            return refuse(at, ctx, refusal).await;
+        Err(refusal) if refusal.reason == "PolicyViolation" => {
+            ctx.metrics.policy_violation();
+            return Ok(Observation::Closed(refusal));
         }
+        Err(refusal) => return Ok(Observation::Refused(refusal)),
     };
     let backend = match ctx.issuer_backend(
         &issuer.spec,
@@ -236,83 +323,14 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
     ) {
         Ok(b) => b,
         Err(message) => {
-            return refuse(
-                at,
-                ctx,
-                Refusal {
-                    reason: "IssuerNotReady",
-                    message,
-                    event: Some("IssuerUnavailable"),
-                    requeue: None,
-                },
-            )
-            .await;
+            return Ok(Observation::Refused(Refusal {
+                reason: "IssuerNotReady",
+                message,
+                event: Some("IssuerUnavailable"),
+                requeue: None,
+            }));
         }
     };
-
-    // Phase: observe the Secret (only ever ours) and the ledger.
-    let secret_name = at.secret_name();
-    let key = at.secret_key();
-    let previous_key = format!("{key}{}", secret::PREVIOUS_SUFFIX);
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let live = secrets.get_opt(&secret_name).await?;
-    let uid = at.uid().ok_or(Error::MissingUid)?;
-    if let Ownership::NotOwned = secret::ownership(live.as_ref(), &uid) {
-        return refuse(
-            at,
-            ctx,
-            Refusal {
-                reason: "SecretNotOwned",
-                message: format!(
-                    "Secret {secret_name:?} exists and was not created by this AgentToken; it is never \
-                     overwritten or adopted: delete it or choose another spec.secret.name"
-                ),
-                event: Some("SecretNotOwned"),
-                requeue: Some(Duration::from_secs(60)),
-            },
-        )
-        .await;
-    }
-    let now = ctx.clock.now();
-    let old_status = at.status.clone().unwrap_or_default();
-    let mut status = old_status.clone();
-    status.secret_name = Some(secret_name.clone());
-    let name = at.name_any();
-    let who = revoke::Subject {
-        namespace: &ns,
-        name: &name,
-        uid: &uid,
-    };
-    let record = IssuerRecord {
-        kind: at.spec.issuer_ref.kind,
-        name: at.spec.issuer_ref.name.clone(),
-        uid: identity.uid.clone(),
-        type_: backend.kind().to_string(),
-    };
-    // Mints the last reconcile left unfinished (the operator stopped).
-    recover(&mut status, live.as_ref(), &key, &name, now);
-    adopt_bindings(ctx, &who, &mut status, now);
-    ledger::normalize(&mut status, now);
-    ledger::expire(&mut status, now);
-    // Token values, believed only when their fingerprint is the ledger's.
-    let mut values = revoke::Values::default();
-    let cur_entry = ledger::current(&status).cloned();
-    let prev_entry = ledger::previous(&status).cloned();
-    if let Some(c) = &cur_entry {
-        values.offer(&status, c.revision, secret::token_in(live.as_ref(), &key));
-    }
-    if let Some(p) = &prev_entry {
-        values.offer(
-            &status,
-            p.revision,
-            secret::token_in(live.as_ref(), &previous_key),
-        );
-    }
-    let view = ledger_view(&status, live.is_some(), &values);
-
-    // Phase: decide (pure).
-    let spec_hash = spec_hash(at, &effective);
-    let window = renew_window(at);
     let cron = match at
         .spec
         .rotation
@@ -322,26 +340,74 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
         Some(s) => match CronSchedule::parse(s) {
             Ok(c) => Some(c),
             Err(e) => {
-                return refuse(
-                    at,
-                    ctx,
-                    Refusal {
-                        reason: "InvalidSpec",
-                        message: format!("spec.rotation.schedule: {e}"),
-                        event: None,
-                        requeue: None,
-                    },
-                )
-                .await;
+                return Ok(Observation::Refused(Refusal {
+                    reason: "InvalidSpec",
+                    message: format!("spec.rotation.schedule: {e}"),
+                    event: None,
+                    requeue: None,
+                }));
             }
         },
         None => None,
     };
-    let jitter_key = format!("{uid}/{}", view.current.as_ref().map_or(0, |c| c.revision));
+
+    // The Secret: only ever ours.
+    let secret_name = at.secret_name();
+    let key = at.secret_key();
+    let live = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&secret_name)
+        .await?;
+    let uid = at.uid().ok_or(Error::MissingUid)?;
+    if let Ownership::NotOwned = secret::ownership(live.as_ref(), &uid) {
+        return Ok(Observation::Refused(Refusal {
+            reason: "SecretNotOwned",
+            message: format!(
+                "Secret {secret_name:?} exists and was not created by this AgentToken; it is never \
+                 overwritten or adopted: delete it or choose another spec.secret.name"
+            ),
+            event: Some("SecretNotOwned"),
+            requeue: Some(Duration::from_secs(60)),
+        }));
+    }
+
+    // The ledger: mints the last reconcile left unfinished (the operator
+    // stopped), bindings no entry lists, expiries.
+    let now = ctx.clock.now();
+    let name = at.name_any();
+    let old_status = at.status.clone().unwrap_or_default();
+    let mut status = old_status.clone();
+    status.secret_name = Some(secret_name.clone());
+    recover(&mut status, live.as_ref(), &key, &name, now);
+    adopt_bindings(
+        ctx,
+        &revoke::Subject {
+            namespace: &ns,
+            name: &name,
+            uid: &uid,
+        },
+        &mut status,
+        now,
+    );
+    ledger::normalize(&mut status, now);
+    ledger::expire(&mut status, now);
+    // Token values, believed only when their fingerprint is the ledger's.
+    let mut values = revoke::Values::default();
+    let current = ledger::current(&status).cloned();
+    let previous = ledger::previous(&status).cloned();
+    if let Some(c) = &current {
+        values.offer(&status, c.revision, secret::token_in(live.as_ref(), &key));
+    }
+    if let Some(p) = &previous {
+        let previous_key = format!("{key}{}", secret::PREVIOUS_SUFFIX);
+        values.offer(
+            &status,
+            p.revision,
+            secret::token_in(live.as_ref(), &previous_key),
+        );
+    }
+    let view = ledger_view(&status, live.is_some(), &values);
     let annotations = at.annotations();
-    let rotate_trigger = annotations.get(labels::ROTATE).map(|v| trigger_value(v));
-    let revoke_trigger = annotations.get(labels::REVOKE).map(|v| trigger_value(v));
-    let recent_mints: Vec<rotation::PastMint> = old_status
+    let recent_mints = old_status
         .history
         .iter()
         .filter_map(|h| {
@@ -351,381 +417,495 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
             })
         })
         .collect();
-    let inputs = Inputs {
-        now,
-        spec_hash: &spec_hash,
-        paused: at.spec.paused,
-        window,
-        cron: cron.as_ref(),
-        jitter_key: &jitter_key,
-        rotate_trigger: rotate_trigger.as_deref(),
-        revoke_trigger: revoke_trigger.as_deref(),
-        secret: &view,
-        last_revision: old_status.revision,
-        failed_attempts: old_status.failed_attempts.max(0) as u32,
-        last_failure: old_status.last_failure_time.as_ref().map(|t| t.0),
-        recent_mints: &recent_mints,
+    let record = IssuerRecord {
+        kind: at.spec.issuer_ref.kind,
+        name: at.spec.issuer_ref.name.clone(),
+        uid: identity.uid,
+        type_: backend.kind().to_string(),
     };
-    let mut decision = decide::decide(&inputs);
-    // Held back: revocations that do not complete must not pile up tokens;
-    // no rate budget now; not leader long enough for a whole mint.
-    let mut hold_wait = None;
-    if decision.mint.is_some() && ledger::open(&status) >= ledger::MAX_OPEN {
+    Ok(Observation::Seen(Box::new(Observed {
+        spec_hash: spec_hash(at, &effective),
+        window: renew_window(at),
+        jitter_key: format!("{uid}/{}", view.current.as_ref().map_or(0, |c| c.revision)),
+        rotate_trigger: annotations.get(labels::ROTATE).map(|v| trigger_value(v)),
+        revoke_trigger: annotations.get(labels::REVOKE).map(|v| trigger_value(v)),
+        ns,
+        name,
+        uid,
+        issuer,
+        record,
+        backend,
+        effective,
+        secret_name,
+        key,
+        live,
+        now,
+        old_status,
+        status,
+        values,
+        view,
+        current,
+        previous,
+        cron,
+        recent_mints,
+        paused: at.spec.paused,
+    })))
+}
+
+/// What a reconcile does, from its observation alone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// Mint (and why), retire the previous token, clear an expired one,
+    /// when to look again.
+    pub decision: Decision,
+    /// A wanted mint held back: too many tokens still await revocation.
+    pub backlog: bool,
+}
+
+/// Pure: decide, then hold a mint back while [`ledger::MAX_OPEN`] tokens
+/// await revocation (revocations that do not complete must not pile up
+/// live tokens).
+pub fn plan(inputs: &Inputs<'_>, open_entries: usize) -> Plan {
+    let mut decision = decide::decide(inputs);
+    let backlog = decision.mint.is_some() && open_entries >= ledger::MAX_OPEN;
+    if backlog {
         decision.mint = None;
-        hold_wait = Some(Duration::from_secs(30));
-        warn!(namespace = %ns, agenttoken = %name, "too many tokens await revocation; not minting");
+    }
+    Plan { decision, backlog }
+}
+
+/// What acting did, for the report.
+struct Acted {
+    decision: Decision,
+    events: Vec<(EventType, &'static str, String)>,
+    consumers: Option<ConsumerReport>,
+    mint_failed: Option<IssuerError>,
+    delivered: bool,
+    /// Look again by then: a held mint (budget, leadership, backlog).
+    hold_wait: Option<Duration>,
+}
+
+/// Runs the plan: admits a mint (rate budget, leadership), mints and
+/// delivers, retires and clears, then works the revocation queue.
+async fn act(
+    at: &AgentToken,
+    ctx: &Context,
+    o: &mut Observed,
+    plan: &Plan,
+) -> Result<Result<Acted, Refusal>, Error> {
+    let mut decision = plan.decision.clone();
+    let mut hold_wait = plan.backlog.then_some(Duration::from_secs(30));
+    if plan.backlog {
+        warn!(namespace = %o.ns, agenttoken = %o.name, "too many tokens await revocation; not minting");
     }
     if decision.mint.is_some()
-        && let Err(wait) = ctx.try_budget(&issuer.key, &issuer.spec)
+        && let Err(wait) = ctx.try_budget(&o.issuer.key, &o.issuer.spec)
     {
         decision.mint = None;
         hold_wait = Some(wait);
     }
-    let mint_deadline = match decision.mint {
-        Some(_) => match lease_budget(ctx) {
-            Some(d) => Some(d),
+    let mut deadline = ISSUER_CALL_DEADLINE;
+    if decision.mint.is_some() {
+        match lease_budget(ctx) {
+            Some(d) => deadline = d,
             None => {
                 decision.mint = None;
                 hold_wait = Some(Duration::from_secs(2));
-                None
             }
-        },
-        None => None,
-    };
-
-    let mut events: Vec<(EventType, &'static str, String)> = Vec::new();
-    let writer = SecretWriter {
-        at,
-        ctx,
-        ns: &ns,
-        name: &secret_name,
-        key: &key,
-        live: live.as_ref(),
-        uid: &uid,
+        }
+    }
+    let mut acted = Acted {
+        decision,
+        events: Vec::new(),
+        consumers: None,
+        mint_failed: None,
+        delivered: false,
+        hold_wait,
     };
     let mut keeper: Option<Keeper> = None;
 
-    let mut report: Option<ConsumerReport> = None;
-    if decision.mint.is_none()
-        && let Some(cur) = &cur_entry
-        && values.get(cur.revision).is_some()
-        && consumers_to_check(at, prev_entry.is_some(), &old_status, cur.revision)
+    if acted.decision.mint.is_none()
+        && let Some(cur) = &o.current
+        && o.values.get(cur.revision).is_some()
+        && consumers_to_check(at, o.previous.is_some(), &o.old_status, cur.revision)
     {
-        report =
-            Some(consumers_step(at, ctx, &ns, &secret_name, &slot(cur), &old_status, now).await);
-    }
-
-    let mut mint_failed = None;
-    let mut delivered_now = false;
-    if let Some(m) = decision.mint {
-        let Some(revision) = next_revision(ctx, &ns, at, &status) else {
-            return refuse(
+        acted.consumers = Some(
+            consumers_step(
                 at,
                 ctx,
-                Refusal {
-                    reason: "InvalidSpec",
-                    message: "status.revision is at its maximum: no further token can be numbered"
-                        .into(),
-                    event: None,
-                    requeue: None,
-                },
+                &o.ns,
+                &o.secret_name,
+                &slot(cur),
+                &o.old_status,
+                o.now,
             )
-            .await;
-        };
-        let lifetime = effective.lifetime.unwrap_or(DEFAULT_LIFETIME);
-        let max = issuer_policy(&issuer)
-            .ok()
-            .and_then(|p| p.max_lifetime)
-            .unwrap_or(DEFAULT_MAX_LIFETIME)
-            .max(lifetime);
-        let deadline = mint_deadline.unwrap_or(ISSUER_CALL_DEADLINE);
-        // Intent before effect: after a crash from here on, the ledger
-        // knows a token may exist.
-        let sa_handle = (backend.kind() == "serviceAccount")
-            .then(|| crate::issuer::service_account::binding_name(&name, revision));
-        ledger::intend(
-            &mut status,
-            ledger::Intent {
-                revision,
-                issuer: record.clone(),
-                reason: m.reason,
-                spec_hash: spec_hash.clone(),
-                handle: sa_handle.clone(),
-                valid_until: ledger::after(now, deadline + max, Timestamp::MAX),
-            },
+            .await,
         );
-        status_write(at, ctx, status.clone(), &[]).await?;
-        let request = MintRequest {
-            namespace: ns.clone(),
-            name: name.clone(),
-            uid: uid.clone(),
-            revision,
-            scopes: effective.scopes.clone(),
-            audiences: at.spec.audiences.clone(),
-            service_account_name: at.spec.service_account_name.clone(),
-            permissions: at.spec.permissions.clone(),
-            repositories: at.spec.repositories.clone(),
-            parameters: at.spec.parameters.clone(),
-            lifetime,
-        };
-        let started = std::time::Instant::now();
-        // Each HTTP call has its own deadline; this bounds the whole mint
-        // (and ends it while this replica still holds the leader Lease).
-        let (minted, ambiguous) = match tokio::time::timeout(deadline, backend.mint(&request)).await
-        {
-            Ok(r) => (r, false),
-            Err(_) => (
-                Err(IssuerError::Unavailable(format!(
-                    "the issuer did not finish minting within {}s",
-                    deadline.as_secs()
-                ))),
-                true,
-            ),
-        };
-        ctx.metrics.observe_issuer_request(
-            backend.kind(),
-            "mint",
-            minted.is_ok(),
-            started.elapsed(),
-        );
-        let minted = match minted {
-            Ok(t) => {
-                let fp = rotation::fingerprint(t.token.expose_secret().as_bytes());
-                ledger::minted(
-                    &mut status,
-                    revision,
-                    ledger::Minted {
-                        fingerprint: fp,
-                        issued_at: t.issued_at,
-                        expires_at: t.expires_at,
-                        handle: &t.handle.0,
-                    },
-                );
-                values.offer(&status, revision, Some(t.token.clone()));
-                // The grant, not the request, must fit the policy: a grant
-                // over maxLifetime is revoked at once and never delivered.
-                match over_max_lifetime(&issuer, &t) {
-                    Some((granted, max)) => {
-                        let message = format!(
-                            "the issuer granted {}, over policy.maxLifetime {}: revision {revision} is revoked at once and not delivered",
-                            rotation::format_duration(granted),
-                            rotation::format_duration(max)
-                        );
-                        ledger::retire(
-                            &mut status,
-                            revision,
-                            "granted over policy.maxLifetime",
-                            now,
-                        );
-                        events.push((EventType::Warning, "PolicyViolation", message.clone()));
-                        ctx.metrics.policy_violation();
-                        Err(IssuerError::Invalid(message))
-                    }
-                    None => Ok(t),
-                }
-            }
-            Err(e) => {
-                if ambiguous {
-                    // Cut off mid-call: the issuer may have minted after all.
-                    ledger::interrupted(&mut status, revision, sa_handle.is_some(), now);
-                } else {
-                    // The issuer answered: nothing was minted (a binding
-                    // left behind is found by its owner UID and revoked).
-                    status.history.retain(|h| h.revision != revision);
-                }
-                Err(e)
-            }
-        };
-        match minted {
-            Ok(minted) => {
-                let fp = rotation::fingerprint(minted.token.expose_secret().as_bytes());
-                let by_token = ledger::Handle::parse(&minted.handle.0, &name, revision)
-                    .is_some_and(|h| h.needs_token());
-                // Recorded (and, when revoking needs it, the token kept)
-                // before the tenant's Secret is written.
-                if by_token {
-                    let mut k = Keeper::load(ctx, &uid, status.keeper_uid.as_deref()).await?;
-                    status.keeper_uid =
-                        Some(k.put((&ns, &name), &uid, revision, &minted.token).await?);
-                    keeper = Some(k);
-                }
-                if sa_handle.is_none() {
-                    status_write(at, ctx, status.clone(), &[]).await?;
-                }
-                let mut next = status.clone();
-                let grace = grace_period(at);
-                let held_previous = shift_slots(
-                    &mut next,
-                    cur_entry.as_ref(),
-                    prev_entry.as_ref(),
-                    &values,
-                    m,
-                    grace,
-                    restarts_consumers(at),
-                    now,
-                );
-                ledger::delivered(&mut next, revision);
-                next.handled_triggers = Some(HandledTriggers {
-                    rotate: rotate_trigger.clone().or(view.rotate_handled.clone()),
-                    revoke: revoke_trigger.clone().or(view.revoke_handled.clone()),
-                });
-                let previous_token = held_previous.and_then(|r| values.get(r).cloned());
-                let written = writer
-                    .write(&next, Some(&minted.token), previous_token.as_ref())
-                    .await;
-                let written = match written {
-                    Ok(()) => Ok(()),
-                    // A write that failed may still have been applied (a
-                    // timeout after the server took it): look before revoking.
-                    Err(e) => match secrets.get_opt(&secret_name).await {
-                        Ok(Some(s))
-                            if matches!(secret::ownership(Some(&s), &uid), Ownership::Owned)
-                                && secret::token_in(Some(&s), &key).is_some_and(|v| {
-                                    rotation::fingerprint(v.expose_secret().as_bytes()) == fp
-                                }) =>
-                        {
-                            Ok(())
-                        }
-                        _ => Err(e),
-                    },
-                };
-                if let Err(e) = written {
-                    // The new token never reached anyone: revoke it now.
-                    ledger::retire(
-                        &mut status,
-                        revision,
-                        "never delivered: the Secret write failed",
-                        now,
-                    );
-                    let mut ev = revoke::pass(
-                        ctx,
-                        &who,
-                        &mut status,
-                        Some(revoke::CurrentIssuer {
-                            record: &record,
-                            backend: backend.as_ref(),
-                        }),
-                        &values,
-                        &mut keeper,
-                        now,
-                        1,
-                    )
-                    .await
-                    .unwrap_or_default();
-                    events.append(&mut ev);
-                    status_write(at, ctx, status, &[]).await.ok();
-                    return Err(e);
-                }
-                status = next;
-                delivered_now = true;
-                if let Some(cur) = ledger::current(&status) {
-                    report = Some(
-                        consumers_step(at, ctx, &ns, &secret_name, &slot(cur), &status, now).await,
-                    );
-                }
-                status.revision = revision;
-                status.token_fingerprint = Some(fp.clone());
-                status.issued_at = Some(Time(minted.issued_at));
-                status.expires_at = Some(Time(minted.expires_at));
-                status.last_rotation_reason = Some(m.reason);
-                status.failed_attempts = 0;
-                status.last_failure_message = None;
-                status.last_failure_time = None;
-                let (reason, verb) = if m.reason == RotationReason::Initial {
-                    ("TokenIssued", "issued")
-                } else {
-                    ("TokenRotated", "rotated")
-                };
-                events.push((
-                    EventType::Normal,
-                    reason,
-                    format!(
-                        "token revision {revision} ({fp}) {verb} ({:?}), expires at {}",
-                        m.reason, minted.expires_at
-                    ),
-                ));
-                ctx.metrics.rotation(&format!("{:?}", m.reason), true);
-                info!(namespace = %ns, agenttoken = %name, revision, fingerprint = %fp, reason = ?m.reason, "token minted");
-            }
-            Err(e) => {
-                ctx.metrics.rotation(&format!("{:?}", m.reason), false);
-                warn!(namespace = %ns, agenttoken = %name, error = %e, "mint failed");
-                status.failed_attempts = status.failed_attempts.saturating_add(1);
-                status.last_failure_time = Some(Time(now));
-                status.last_failure_message = Some(e.to_string());
-                let reason = if e.is_transient() {
-                    "IssuerUnavailable"
-                } else {
-                    "RotationFailed"
-                };
-                events.push((
-                    EventType::Warning,
-                    reason,
-                    format!("could not mint ({:?}): {e}", m.reason),
-                ));
-                mint_failed = Some(e);
-            }
-        }
     }
-    if !delivered_now {
+
+    if let Some(m) = acted.decision.mint
+        && let Err(r) = mint_and_deliver(at, ctx, o, m, deadline, &mut acted, &mut keeper).await?
+    {
+        return Ok(Err(r));
+    }
+    if !acted.delivered {
         // The previous token goes once its grace has passed AND every
         // consumer has rolled (or its rollout timed out); an expired
         // current token leaves the Secret rather than stay stale.
-        let consumers_settled = report.as_ref().is_none_or(|r| r.settled);
-        if decision.retire_previous
-            && consumers_settled
-            && let Some(prev) = &prev_entry
+        let settled = acted.consumers.as_ref().is_none_or(|r| r.settled);
+        if acted.decision.retire_previous
+            && settled
+            && let Some(prev) = &o.previous
         {
-            ledger::retire(&mut status, prev.revision, "its grace period ended", now);
+            ledger::retire(
+                &mut o.status,
+                prev.revision,
+                "its grace period ended",
+                o.now,
+            );
         }
-        if decision.clear_expired {
-            events.push((
+        if acted.decision.clear_expired {
+            acted.events.push((
                 EventType::Warning,
                 "TokenExpired",
                 "the token expired before a new one could be minted; removed from the Secret"
                     .into(),
             ));
         }
-        if live.is_some() {
-            let current_token = ledger::current(&status)
-                .filter(|c| {
-                    !decision.clear_expired && now < c.expires_at.as_ref().map_or(now, |t| t.0)
-                })
-                .and_then(|c| values.get(c.revision).cloned());
+        if o.live.is_some() {
+            let now = o.now;
+            let clear = acted.decision.clear_expired;
+            let current_token = ledger::current(&o.status)
+                .filter(|c| !clear && now < c.expires_at.as_ref().map_or(now, |t| t.0))
+                .and_then(|c| o.values.get(c.revision).cloned());
             let previous_token =
-                ledger::previous(&status).and_then(|p| values.get(p.revision).cloned());
-            if !writer.up_to_date(&status, current_token.as_ref(), previous_token.as_ref()) {
+                ledger::previous(&o.status).and_then(|p| o.values.get(p.revision).cloned());
+            let writer = o.writer(at, ctx);
+            if !writer.up_to_date(&o.status, current_token.as_ref(), previous_token.as_ref()) {
                 writer
-                    .write(&status, current_token.as_ref(), previous_token.as_ref())
+                    .write(&o.status, current_token.as_ref(), previous_token.as_ref())
                     .await?;
             }
         }
     }
 
     // The revocation queue: due entries go to the issuer that minted them.
-    ledger::expire(&mut status, now);
-    if keeper.is_none() && revoke::needs_keeper(&status, &who, &values, now) {
-        keeper = Some(Keeper::load(ctx, &uid, status.keeper_uid.as_deref()).await?);
+    let mut status = std::mem::take(&mut o.status);
+    ledger::expire(&mut status, o.now);
+    if keeper.is_none() && revoke::needs_keeper(&status, &o.who(), &o.values, o.now) {
+        keeper = Some(Keeper::load(ctx, &o.uid, status.keeper_uid.as_deref()).await?);
     }
     let mut revocation_events = revoke::pass(
         ctx,
-        &who,
+        &o.who(),
         &mut status,
         Some(revoke::CurrentIssuer {
-            record: &record,
-            backend: backend.as_ref(),
+            record: &o.record,
+            backend: o.backend.as_ref(),
         }),
-        &values,
+        &o.values,
         &mut keeper,
-        now,
+        o.now,
         ledger::ATTEMPTS_PER_PASS,
     )
     .await?;
-    events.append(&mut revocation_events);
-    tidy_keeper(ctx, &who, &mut status, &mut keeper).await;
+    acted.events.append(&mut revocation_events);
+    tidy_keeper(ctx, &o.who(), &mut status, &mut keeper).await;
     ledger::prune(&mut status);
+    o.status = status;
+    Ok(Ok(acted))
+}
 
-    if let Some(r) = &report {
+/// Mints one token and delivers it: the intent is recorded before the
+/// issuer call, the issuer's answer (and, when revoking needs it, the
+/// token in the keeper) before the Secret is written, and a token that
+/// never reached the Secret is revoked.
+async fn mint_and_deliver(
+    at: &AgentToken,
+    ctx: &Context,
+    o: &mut Observed,
+    m: decide::Mint,
+    deadline: Duration,
+    acted: &mut Acted,
+    keeper: &mut Option<Keeper>,
+) -> Result<Result<(), Refusal>, Error> {
+    let now = o.now;
+    let Some(revision) = next_revision(ctx, &o.ns, at, &o.status) else {
+        return Ok(Err(Refusal {
+            reason: "InvalidSpec",
+            message: "status.revision is at its maximum: no further token can be numbered".into(),
+            event: None,
+            requeue: None,
+        }));
+    };
+    let lifetime = o.effective.lifetime.unwrap_or(DEFAULT_LIFETIME);
+    let max = issuer_policy(&o.issuer)
+        .ok()
+        .and_then(|p| p.max_lifetime)
+        .unwrap_or(DEFAULT_MAX_LIFETIME)
+        .max(lifetime);
+    // Intent before effect: after a crash from here on, the ledger knows a
+    // token may exist.
+    let sa_handle = (o.backend.kind() == "serviceAccount")
+        .then(|| crate::issuer::service_account::binding_name(&o.name, revision));
+    ledger::intend(
+        &mut o.status,
+        ledger::Intent {
+            revision,
+            issuer: o.record.clone(),
+            reason: m.reason,
+            spec_hash: o.spec_hash.clone(),
+            handle: sa_handle.clone(),
+            valid_until: ledger::after(now, deadline + max, Timestamp::MAX),
+        },
+    );
+    status_write(at, ctx, o.status.clone(), &[]).await?;
+    let request = MintRequest {
+        namespace: o.ns.clone(),
+        name: o.name.clone(),
+        uid: o.uid.clone(),
+        revision,
+        scopes: o.effective.scopes.clone(),
+        audiences: at.spec.audiences.clone(),
+        service_account_name: at.spec.service_account_name.clone(),
+        permissions: at.spec.permissions.clone(),
+        repositories: at.spec.repositories.clone(),
+        parameters: at.spec.parameters.clone(),
+        lifetime,
+    };
+    let started = std::time::Instant::now();
+    // Each HTTP call has its own deadline; this bounds the whole mint (and
+    // ends it while this replica still holds the leader Lease).
+    let (minted, ambiguous) = match tokio::time::timeout(deadline, o.backend.mint(&request)).await {
+        Ok(r) => (r, false),
+        Err(_) => (
+            Err(IssuerError::Unavailable(format!(
+                "the issuer did not finish minting within {}s",
+                deadline.as_secs()
+            ))),
+            true,
+        ),
+    };
+    ctx.metrics
+        .observe_issuer_request(o.backend.kind(), "mint", minted.is_ok(), started.elapsed());
+    let minted = match minted {
+        Ok(t) => {
+            ledger::minted(
+                &mut o.status,
+                revision,
+                ledger::Minted {
+                    fingerprint: rotation::fingerprint(t.token.expose_secret().as_bytes()),
+                    issued_at: t.issued_at,
+                    expires_at: t.expires_at,
+                    handle: &t.handle.0,
+                },
+            );
+            o.values.offer(&o.status, revision, Some(t.token.clone()));
+            // The grant, not the request, must fit the policy: a grant over
+            // maxLifetime is revoked at once and never delivered.
+            match over_max_lifetime(&o.issuer, &t) {
+                Some((granted, max)) => {
+                    let message = format!(
+                        "the issuer granted {}, over policy.maxLifetime {}: revision {revision} is revoked at once and not delivered",
+                        rotation::format_duration(granted),
+                        rotation::format_duration(max)
+                    );
+                    ledger::retire(
+                        &mut o.status,
+                        revision,
+                        "granted over policy.maxLifetime",
+                        now,
+                    );
+                    acted
+                        .events
+                        .push((EventType::Warning, "PolicyViolation", message.clone()));
+                    ctx.metrics.policy_violation();
+                    Err(IssuerError::Invalid(message))
+                }
+                None => Ok(t),
+            }
+        }
+        Err(e) => {
+            if ambiguous {
+                // Cut off mid-call: the issuer may have minted after all.
+                ledger::interrupted(&mut o.status, revision, sa_handle.is_some(), now);
+            } else {
+                // The issuer answered: nothing was minted (a binding left
+                // behind is found by its owner UID and revoked).
+                o.status.history.retain(|h| h.revision != revision);
+            }
+            Err(e)
+        }
+    };
+    let minted = match minted {
+        Ok(minted) => minted,
+        Err(e) => {
+            ctx.metrics.rotation(&format!("{:?}", m.reason), false);
+            warn!(namespace = %o.ns, agenttoken = %o.name, error = %e, "mint failed");
+            o.status.failed_attempts = o.status.failed_attempts.saturating_add(1);
+            o.status.last_failure_time = Some(Time(now));
+            o.status.last_failure_message = Some(e.to_string());
+            let reason = if e.is_transient() {
+                "IssuerUnavailable"
+            } else {
+                "RotationFailed"
+            };
+            acted.events.push((
+                EventType::Warning,
+                reason,
+                format!("could not mint ({:?}): {e}", m.reason),
+            ));
+            acted.mint_failed = Some(e);
+            return Ok(Ok(()));
+        }
+    };
+    let fp = rotation::fingerprint(minted.token.expose_secret().as_bytes());
+    let by_token =
+        ledger::Handle::parse(&minted.handle.0, &o.name, revision).is_some_and(|h| h.needs_token());
+    // Recorded (and, when revoking needs it, the token kept) before the
+    // tenant's Secret is written.
+    if by_token {
+        let mut k = Keeper::load(ctx, &o.uid, o.status.keeper_uid.as_deref()).await?;
+        o.status.keeper_uid = Some(
+            k.put((&o.ns, &o.name), &o.uid, revision, &minted.token)
+                .await?,
+        );
+        *keeper = Some(k);
+    }
+    if sa_handle.is_none() {
+        status_write(at, ctx, o.status.clone(), &[]).await?;
+    }
+    let mut next = o.status.clone();
+    let held_previous = shift_slots(
+        &mut next,
+        o.current.as_ref(),
+        o.previous.as_ref(),
+        &o.values,
+        m,
+        grace_period(at),
+        restarts_consumers(at),
+        now,
+    );
+    ledger::delivered(&mut next, revision);
+    next.handled_triggers = Some(HandledTriggers {
+        rotate: o.rotate_trigger.clone().or(o.view.rotate_handled.clone()),
+        revoke: o.revoke_trigger.clone().or(o.view.revoke_handled.clone()),
+    });
+    let previous_token = held_previous.and_then(|r| o.values.get(r).cloned());
+    let written = o
+        .writer(at, ctx)
+        .write(&next, Some(&minted.token), previous_token.as_ref())
+        .await;
+    let written = match written {
+        Ok(()) => Ok(()),
+        // A write that failed may still have been applied (a timeout after
+        // the server took it): look before revoking.
+        Err(e) => match Api::<Secret>::namespaced(ctx.client.clone(), &o.ns)
+            .get_opt(&o.secret_name)
+            .await
+        {
+            Ok(Some(s))
+                if matches!(secret::ownership(Some(&s), &o.uid), Ownership::Owned)
+                    && secret::token_in(Some(&s), &o.key).is_some_and(|v| {
+                        rotation::fingerprint(v.expose_secret().as_bytes()) == fp
+                    }) =>
+            {
+                Ok(())
+            }
+            _ => Err(e),
+        },
+    };
+    if let Err(e) = written {
+        // The new token never reached anyone: revoke it now.
+        ledger::retire(
+            &mut o.status,
+            revision,
+            "never delivered: the Secret write failed",
+            now,
+        );
+        let mut status = std::mem::take(&mut o.status);
+        let mut ev = revoke::pass(
+            ctx,
+            &o.who(),
+            &mut status,
+            Some(revoke::CurrentIssuer {
+                record: &o.record,
+                backend: o.backend.as_ref(),
+            }),
+            &o.values,
+            keeper,
+            now,
+            1,
+        )
+        .await
+        .unwrap_or_default();
+        acted.events.append(&mut ev);
+        status_write(at, ctx, status, &[]).await.ok();
+        return Err(e);
+    }
+    o.status = next;
+    acted.delivered = true;
+    if let Some(cur) = ledger::current(&o.status) {
+        acted.consumers =
+            Some(consumers_step(at, ctx, &o.ns, &o.secret_name, &slot(cur), &o.status, now).await);
+    }
+    let status = &mut o.status;
+    status.revision = revision;
+    status.token_fingerprint = Some(fp.clone());
+    status.issued_at = Some(Time(minted.issued_at));
+    status.expires_at = Some(Time(minted.expires_at));
+    status.last_rotation_reason = Some(m.reason);
+    status.failed_attempts = 0;
+    status.last_failure_message = None;
+    status.last_failure_time = None;
+    let (reason, verb) = if m.reason == RotationReason::Initial {
+        ("TokenIssued", "issued")
+    } else {
+        ("TokenRotated", "rotated")
+    };
+    acted.events.push((
+        EventType::Normal,
+        reason,
+        format!(
+            "token revision {revision} ({fp}) {verb} ({:?}), expires at {}",
+            m.reason, minted.expires_at
+        ),
+    ));
+    ctx.metrics.rotation(&format!("{:?}", m.reason), true);
+    info!(namespace = %o.ns, agenttoken = %o.name, revision, fingerprint = %fp, reason = ?m.reason, "token minted");
+    Ok(Ok(()))
+}
+
+/// Status, conditions and Events from what happened, then when to look again.
+async fn report(
+    at: &AgentToken,
+    ctx: &Context,
+    o: Observed,
+    acted: Acted,
+) -> Result<Action, Error> {
+    let Observed {
+        ns,
+        name,
+        uid,
+        issuer,
+        now,
+        old_status,
+        mut status,
+        values,
+        window,
+        cron,
+        jitter_key,
+        ..
+    } = o;
+    let Acted {
+        decision,
+        mut events,
+        consumers,
+        mint_failed,
+        delivered,
+        hold_wait,
+    } = acted;
+    if let Some(r) = &consumers {
         status.consumers = r
             .entries
             .iter()
@@ -734,14 +914,12 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
             .collect();
         events.extend(r.events.iter().cloned());
     }
-
-    // Phase: status.
     let current = ledger::current(&status).cloned();
     let token_valid = current.as_ref().is_some_and(|c| {
         c.expires_at.as_ref().is_some_and(|e| now < e.0)
-            && (delivered_now || values.get(c.revision).is_some())
+            && (delivered || values.get(c.revision).is_some())
     });
-    status.next_rotation_at = match (&mint_failed, delivered_now) {
+    status.next_rotation_at = match (&mint_failed, delivered) {
         (None, true) => current.as_ref().map(|c| {
             let s = slot(c);
             Time(
@@ -776,10 +954,11 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
     for (kind, reason, note) in events {
         ctx.publish(at, kind, reason, note).await;
     }
-    status_write(at, ctx, status.clone(), &conditions).await?;
+    let ledger_wake = ledger::wake(&status).map(|w| until(now, w));
+    status_write(at, ctx, status, &conditions).await?;
 
     // Requeue at the next due time.
-    let wake = match (&mint_failed, delivered_now) {
+    let wake = match (&mint_failed, delivered) {
         (Some(_), _) => {
             let attempts = old_status.failed_attempts.saturating_add(1).max(1) as u32;
             Some(rotation::backoff(attempts, &jitter_key))
@@ -792,10 +971,10 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
         (a, b) => a.or(b),
     };
     let wake = soonest(wake, hold_wait);
-    let wake = soonest(wake, ledger::wake(&status).map(|w| until(now, w)));
+    let wake = soonest(wake, ledger_wake);
     // Consumers still rolling: look again soon (rollouts are polled, not
     // watched, so the operator does not cache every workload of the cluster).
-    let wake = soonest(wake, report.as_ref().and_then(|r| r.poll));
+    let wake = soonest(wake, consumers.as_ref().and_then(|r| r.poll));
     Ok(Action::requeue(
         wake.unwrap_or(MAX_WAKE)
             .clamp(Duration::from_millis(200), MAX_WAKE),
@@ -2151,5 +2330,43 @@ mod tests {
             Some(SecretString::from("someone-else's".to_string())),
         );
         assert!(v.get(2).is_none());
+    }
+
+    #[test]
+    fn plan_holds_a_mint_back_while_revocations_pile_up() {
+        let view = decide::SecretView::default();
+        let inputs = Inputs {
+            now: t(0),
+            spec_hash: "h",
+            paused: false,
+            window: RenewWindow::Percentage(33),
+            cron: None,
+            jitter_key: "k",
+            rotate_trigger: None,
+            revoke_trigger: None,
+            secret: &view,
+            last_revision: 0,
+            failed_attempts: 0,
+            last_failure: None,
+            recent_mints: &[],
+        };
+        // (open ledger entries, mints, held back)
+        for (open, mints, backlog) in [
+            (0, true, false),
+            (ledger::MAX_OPEN - 1, true, false),
+            (ledger::MAX_OPEN, false, true),
+            (ledger::MAX_OPEN + 5, false, true),
+        ] {
+            let p = plan(&inputs, open);
+            assert_eq!(p.decision.mint.is_some(), mints, "{open}");
+            assert_eq!(p.backlog, backlog, "{open}");
+        }
+        // Nothing wanted: no backlog to report.
+        let paused = Inputs {
+            paused: true,
+            last_revision: 1,
+            ..inputs
+        };
+        assert!(!plan(&paused, ledger::MAX_OPEN).backlog);
     }
 }
