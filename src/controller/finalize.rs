@@ -13,6 +13,7 @@ use secrecy::ExposeSecret;
 use tracing::{info, warn};
 
 use super::keeper::Keeper;
+use super::reason::Reason;
 use super::secret::{self, Ownership};
 use super::{Context, Error, ledger, revoke};
 use crate::crd::{AgentToken, TokenLife};
@@ -161,7 +162,7 @@ pub async fn cleanup(at: &AgentToken, ctx: &Context) -> Result<Action, Error> {
         ctx.publish(
             at,
             EventType::Warning,
-            "RevocationFailed",
+            Reason::RevocationFailed,
             format!(
                 "the AgentToken was deleted and the revocation of revision(s) {gave_up:?} did not succeed within {}s; they stay valid until their expiry",
                 DELETION_PATIENCE.as_secs()

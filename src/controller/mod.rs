@@ -10,6 +10,7 @@ pub mod issuers;
 pub mod keeper;
 pub mod ledger;
 pub mod queue;
+pub mod reason;
 pub mod reconcile;
 pub mod restarts;
 pub mod revoke;
@@ -258,16 +259,22 @@ impl Context {
     }
 
     /// Publishes an Event on the AgentToken. Notes never contain a token.
-    pub async fn publish(&self, at: &AgentToken, type_: EventType, reason: &str, note: String) {
+    pub async fn publish(
+        &self,
+        at: &AgentToken,
+        type_: EventType,
+        reason: reason::Reason,
+        note: String,
+    ) {
         let event = Event {
             type_,
-            reason: reason.into(),
+            reason: reason.as_str().into(),
             note: Some(note),
-            action: reason.into(),
+            action: reason.as_str().into(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &at.object_ref(&())).await {
-            warn!(error = %e, reason, "could not publish event");
+            warn!(error = %e, %reason, "could not publish event");
         }
     }
 }

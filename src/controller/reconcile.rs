@@ -20,6 +20,7 @@ use super::consumers::{self, Need};
 use super::decide::{self, Decision, Inputs};
 use super::keeper::Keeper;
 use super::queue::Urgency;
+use super::reason::Reason;
 use super::secret::{self, Desired, Ownership, SlotState, TokenState};
 use super::status::{self, ISSUING, READY, Want};
 use super::{Context, Error, FIELD_MANAGER, STATUS_MANAGER};
@@ -62,10 +63,10 @@ impl ResolvedIssuer {
 
 /// Why the AgentToken is not served, with the condition reason and Event.
 pub struct Refusal {
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
     /// Event to emit (Warning) when the condition first appears.
-    event: Option<&'static str>,
+    event: Option<Reason>,
     requeue: Option<Duration>,
 }
 
@@ -171,11 +172,11 @@ async fn reconcile_inner(at: &AgentToken, ctx: &Context) -> Result<Action, Error
             at,
             ctx,
             Refusal {
-                reason: "NamespaceNotServed",
+                reason: Reason::NamespaceNotServed,
                 message: format!(
                     "namespace {ns:?} is protected: the operator serves kube-system, kube-public, kube-node-lease and its own namespace only when told to (--serve-protected-namespaces)"
                 ),
-                event: Some("PolicyViolation"),
+                event: Some(Reason::PolicyViolation),
                 requeue: None,
             },
         )
@@ -286,12 +287,12 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
     };
     if identity.deleting {
         return Ok(Observation::Closed(Refusal {
-            reason: "IssuerNotFound",
+            reason: Reason::IssuerNotFound,
             message: format!(
                 "{} is being deleted: its tokens are revoked and no new one is minted",
                 issuer.key
             ),
-            event: Some("IssuerUnavailable"),
+            event: Some(Reason::IssuerUnavailable),
             requeue: None,
         }));
     }
@@ -310,7 +311,7 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
     };
     let effective = match validate(at, &ns, &issuer, &ns_labels) {
         Ok(e) => e,
-        Err(refusal) if refusal.reason == "PolicyViolation" => {
+        Err(refusal) if refusal.reason == Reason::PolicyViolation => {
             ctx.metrics.policy_violation();
             return Ok(Observation::Closed(refusal));
         }
@@ -324,9 +325,9 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
         Ok(b) => b,
         Err(message) => {
             return Ok(Observation::Refused(Refusal {
-                reason: "IssuerNotReady",
+                reason: Reason::IssuerNotReady,
                 message,
-                event: Some("IssuerUnavailable"),
+                event: Some(Reason::IssuerUnavailable),
                 requeue: None,
             }));
         }
@@ -341,7 +342,7 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
             Ok(c) => Some(c),
             Err(e) => {
                 return Ok(Observation::Refused(Refusal {
-                    reason: "InvalidSpec",
+                    reason: Reason::InvalidSpec,
                     message: format!("spec.rotation.schedule: {e}"),
                     event: None,
                     requeue: None,
@@ -360,12 +361,12 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
     let uid = at.uid().ok_or(Error::MissingUid)?;
     if let Ownership::NotOwned = secret::ownership(live.as_ref(), &uid) {
         return Ok(Observation::Refused(Refusal {
-            reason: "SecretNotOwned",
+            reason: Reason::SecretNotOwned,
             message: format!(
                 "Secret {secret_name:?} exists and was not created by this AgentToken; it is never \
                  overwritten or adopted: delete it or choose another spec.secret.name"
             ),
-            event: Some("SecretNotOwned"),
+            event: Some(Reason::SecretNotOwned),
             requeue: Some(Duration::from_secs(60)),
         }));
     }
@@ -477,7 +478,7 @@ pub fn plan(inputs: &Inputs<'_>, open_entries: usize) -> Plan {
 /// What acting did, for the report.
 struct Acted {
     decision: Decision,
-    events: Vec<(EventType, &'static str, String)>,
+    events: Vec<(EventType, Reason, String)>,
     consumers: Option<ConsumerReport>,
     mint_failed: Option<IssuerError>,
     delivered: bool,
@@ -567,7 +568,7 @@ async fn act(
         if acted.decision.clear_expired {
             acted.events.push((
                 EventType::Warning,
-                "TokenExpired",
+                Reason::TokenExpired,
                 "the token expired before a new one could be minted; removed from the Secret"
                     .into(),
             ));
@@ -632,7 +633,7 @@ async fn mint_and_deliver(
     let now = o.now;
     let Some(revision) = next_revision(ctx, &o.ns, at, &o.status) else {
         return Ok(Err(Refusal {
-            reason: "InvalidSpec",
+            reason: Reason::InvalidSpec,
             message: "status.revision is at its maximum: no further token can be numbered".into(),
             event: None,
             requeue: None,
@@ -716,9 +717,11 @@ async fn mint_and_deliver(
                         "granted over policy.maxLifetime",
                         now,
                     );
-                    acted
-                        .events
-                        .push((EventType::Warning, "PolicyViolation", message.clone()));
+                    acted.events.push((
+                        EventType::Warning,
+                        Reason::PolicyViolation,
+                        message.clone(),
+                    ));
                     ctx.metrics.policy_violation();
                     Err(IssuerError::Invalid(message))
                 }
@@ -746,9 +749,9 @@ async fn mint_and_deliver(
             o.status.last_failure_time = Some(Time(now));
             o.status.last_failure_message = Some(e.to_string());
             let reason = if e.is_transient() {
-                "IssuerUnavailable"
+                Reason::IssuerUnavailable
             } else {
-                "RotationFailed"
+                Reason::RotationFailed
             };
             acted.events.push((
                 EventType::Warning,
@@ -859,9 +862,9 @@ async fn mint_and_deliver(
     status.last_failure_message = None;
     status.last_failure_time = None;
     let (reason, verb) = if m.reason == RotationReason::Initial {
-        ("TokenIssued", "issued")
+        (Reason::TokenIssued, "issued")
     } else {
-        ("TokenRotated", "rotated")
+        (Reason::TokenRotated, "rotated")
     };
     acted.events.push((
         EventType::Normal,
@@ -1117,9 +1120,9 @@ async fn fetch_issuer(
 ) -> Result<Result<(ResolvedIssuer, IssuerIdentity), Refusal>, Error> {
     let name = &at.spec.issuer_ref.name;
     let not_found = |what: String| Refusal {
-        reason: "IssuerNotFound",
+        reason: Reason::IssuerNotFound,
         message: format!("{what} does not exist"),
-        event: Some("IssuerUnavailable"),
+        event: Some(Reason::IssuerUnavailable),
         requeue: None,
     };
     Ok(match at.spec.issuer_ref.kind {
@@ -1171,13 +1174,13 @@ pub fn validate(
     ns_labels: &BTreeMap<String, String>,
 ) -> Result<policy::Effective, Refusal> {
     let violation = |message: String| Refusal {
-        reason: "PolicyViolation",
+        reason: Reason::PolicyViolation,
         message,
-        event: Some("PolicyViolation"),
+        event: Some(Reason::PolicyViolation),
         requeue: None,
     };
     let invalid = |message: String| Refusal {
-        reason: "InvalidSpec",
+        reason: Reason::InvalidSpec,
         message,
         event: None,
         requeue: None,
@@ -1185,9 +1188,9 @@ pub fn validate(
     at.spec.check().map_err(invalid)?;
     let pol = issuer.spec.policy.clone().unwrap_or_default();
     let p = issuer_policy(issuer).map_err(|message| Refusal {
-        reason: "IssuerNotReady",
+        reason: Reason::IssuerNotReady,
         message,
-        event: Some("IssuerUnavailable"),
+        event: Some(Reason::IssuerUnavailable),
         requeue: None,
     })?;
     if issuer.cluster_scoped
@@ -1201,9 +1204,9 @@ pub fn validate(
     }
     let Some(kind) = policy_kind(&issuer.spec) else {
         return Err(Refusal {
-            reason: "IssuerNotReady",
+            reason: Reason::IssuerNotReady,
             message: "the issuer sets no issuer kind".into(),
-            event: Some("IssuerUnavailable"),
+            event: Some(Reason::IssuerUnavailable),
             requeue: None,
         });
     };
@@ -1420,7 +1423,7 @@ async fn fail_closed(at: &AgentToken, ctx: &Context, r: Refusal) -> Result<Actio
         .as_ref()
         .and_then(|s| status::find(&s.conditions, READY))
         .map(|c| c.reason.clone());
-    if was.as_deref() != Some(r.reason)
+    if was.as_deref() != Some(r.reason.as_str())
         && let Some(reason) = r.event
     {
         ctx.publish(at, EventType::Warning, reason, r.message.clone())
@@ -1446,7 +1449,7 @@ async fn refuse(at: &AgentToken, ctx: &Context, r: Refusal) -> Result<Action, Er
     ];
     let mut st = old.clone();
     st.next_rotation_at = None;
-    if was.as_deref() != Some(r.reason)
+    if was.as_deref() != Some(r.reason.as_str())
         && let Some(reason) = r.event
     {
         ctx.publish(at, EventType::Warning, reason, r.message.clone())
@@ -1471,28 +1474,28 @@ fn conditions(
         Want::new(
             READY,
             true,
-            "TokenValid",
+            Reason::TokenValid,
             format!("revision {} is in the Secret", status.revision),
         )
     } else if let Some(e) = mint_failed {
-        Want::new(READY, false, "RotationFailed", e.to_string())
+        Want::new(READY, false, Reason::RotationFailed, e.to_string())
     } else if status.failed_attempts > 0
         && let Some(m) = &status.last_failure_message
     {
         // Backing off between attempts: keep saying why there is no token.
-        Want::new(READY, false, "RotationFailed", m.clone())
+        Want::new(READY, false, Reason::RotationFailed, m.clone())
     } else if paused {
         Want::new(
             READY,
             false,
-            "Paused",
+            Reason::Paused,
             "spec.paused is true and no valid token is delivered",
         )
     } else {
         Want::new(
             READY,
             false,
-            "TokenExpired",
+            Reason::TokenExpired,
             "no valid token is in the Secret",
         )
     };
@@ -1501,16 +1504,16 @@ fn conditions(
             ISSUING,
             true,
             if e.is_transient() {
-                "IssuerUnavailable"
+                Reason::IssuerUnavailable
             } else {
-                "MintFailed"
+                Reason::MintFailed
             },
             format!("attempt {} failed: {e}", status.failed_attempts),
         ),
         (None, Some(until)) => Want::new(
             ISSUING,
             true,
-            "BackingOff",
+            Reason::BackingOff,
             format!(
                 "attempt {} failed ({}); next attempt at {until}",
                 status.failed_attempts,
@@ -1523,7 +1526,7 @@ fn conditions(
         (None, None) if decision.floor_until.is_some() => Want::new(
             ISSUING,
             true,
-            "Throttled",
+            Reason::Throttled,
             format!(
                 "a new token is due, but this AgentToken has minted often: the next mint waits until {} (per-AgentToken mint floor)",
                 decision
@@ -1532,8 +1535,8 @@ fn conditions(
                     .unwrap_or_default()
             ),
         ),
-        (None, None) if paused => Want::new(ISSUING, false, "Paused", "rotation is paused"),
-        (None, None) => Want::new(ISSUING, false, "Idle", "no mint in progress"),
+        (None, None) if paused => Want::new(ISSUING, false, Reason::Paused, "rotation is paused"),
+        (None, None) => Want::new(ISSUING, false, Reason::Idle, "no mint in progress"),
     };
     vec![ready, issuing]
 }
@@ -1855,7 +1858,7 @@ struct ConsumerReport {
     /// Every consumer has the current revision (or will not get it): the
     /// previous token may be revoked.
     settled: bool,
-    events: Vec<(EventType, &'static str, String)>,
+    events: Vec<(EventType, Reason, String)>,
     /// When to look again while something is in progress.
     poll: Option<Duration>,
 }
@@ -1915,7 +1918,7 @@ async fn consumers_step(
             report.entries = old.consumers.clone();
             report.events.push((
                 EventType::Warning,
-                "ConsumersUnknown",
+                Reason::ConsumersUnknown,
                 format!("could not list the workloads that use the Secret: {e}"),
             ));
             return report;
@@ -1963,7 +1966,7 @@ async fn consumers_step(
                     if before.is_none_or(|b| b.phase != ConsumerPhase::TimedOut) {
                         report.events.push((
                             EventType::Warning,
-                            "RolloutTimedOut",
+                            Reason::RolloutTimedOut,
                             format!(
                                 "{}: restart queued since {since}, not applied within {}",
                                 w.key,
@@ -2015,9 +2018,11 @@ async fn consumers_step(
                     )
                     .await;
                     let event = match phase {
-                        ConsumerPhase::Failed => Some((EventType::Warning, "WorkloadSignalFailed")),
+                        ConsumerPhase::Failed => {
+                            Some((EventType::Warning, Reason::WorkloadSignalFailed))
+                        }
                         ConsumerPhase::Pending => None,
-                        _ => Some((EventType::Normal, "WorkloadRestarted")),
+                        _ => Some((EventType::Normal, Reason::WorkloadRestarted)),
                     };
                     if let Some((kind, reason)) = event {
                         report.events.push((
@@ -2048,7 +2053,7 @@ async fn consumers_step(
                 {
                     report.events.push((
                         EventType::Warning,
-                        "RolloutTimedOut",
+                        Reason::RolloutTimedOut,
                         format!("{}: {}", w.key, message.clone().unwrap_or_default()),
                     ));
                 }

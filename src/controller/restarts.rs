@@ -284,7 +284,7 @@ impl Restarter {
     async fn event(&self, on: &ObjectReference, note: String) {
         let event = Event {
             type_: EventType::Normal,
-            reason: "WorkloadRestarted".into(),
+            reason: super::reason::Reason::WorkloadRestarted.as_str().into(),
             note: Some(note),
             action: "Restart".into(),
             secondary: None,

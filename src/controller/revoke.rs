@@ -16,6 +16,7 @@ use tracing::{info, instrument, warn};
 
 use super::keeper::Keeper;
 use super::ledger::{self, Handle, Outcome};
+use super::reason::Reason;
 use super::{Context, Error};
 use crate::crd::{
     AgentTokenStatus, ClusterTokenIssuer, IssuerKind, IssuerRecord, TokenIssuer, TokenLife,
@@ -77,7 +78,7 @@ pub async fn pass(
     keeper: &mut Option<Keeper>,
     now: Timestamp,
     limit: usize,
-) -> Result<Vec<(EventType, &'static str, String)>, Error> {
+) -> Result<Vec<(EventType, Reason, String)>, Error> {
     let mut events = Vec::new();
     let mut backends: BTreeMap<String, Result<Box<dyn Issuer>, String>> = BTreeMap::new();
     for revision in ledger::due(status, now).into_iter().take(limit) {
@@ -118,7 +119,7 @@ pub async fn pass(
         match &outcome {
             Outcome::Revoked => events.push((
                 EventType::Normal,
-                "TokenRevoked",
+                Reason::TokenRevoked,
                 format!("revision {revision} ({fp}) revoked at the issuer"),
             )),
             Outcome::NotSupported => {}
@@ -126,7 +127,7 @@ pub async fn pass(
                 warn!(revision, error = %m, "revocation failed");
                 events.push((
                     EventType::Warning,
-                    "RevocationFailed",
+                    Reason::RevocationFailed,
                     format!("revision {revision} ({fp}) could not be revoked: {m}"),
                 ));
             }

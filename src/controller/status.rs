@@ -22,13 +22,13 @@ impl Want {
     pub fn new(
         type_: &'static str,
         status: bool,
-        reason: &str,
+        reason: impl AsRef<str>,
         message: impl Into<String>,
     ) -> Self {
         Want {
             type_,
             status,
-            reason: reason.into(),
+            reason: reason.as_ref().to_string(),
             message: message.into(),
         }
     }
