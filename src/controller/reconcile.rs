@@ -611,7 +611,7 @@ async fn act(
     )
     .await?;
     acted.events.append(&mut revocation_events);
-    tidy_keeper(ctx, &o.who(), &mut status, &mut keeper).await;
+    tidy_keeper(ctx, &o.who(), &o.old_status, &mut status, &mut keeper).await;
     ledger::prune(&mut status);
     o.status = status;
     Ok(Ok(acted))
@@ -1409,7 +1409,8 @@ async fn fail_closed(at: &AgentToken, ctx: &Context, r: Refusal) -> Result<Actio
         ledger::ATTEMPTS_PER_PASS,
     )
     .await?;
-    tidy_keeper(ctx, &who, &mut status, &mut keeper).await;
+    let before = at.status.clone().unwrap_or_default();
+    tidy_keeper(ctx, &who, &before, &mut status, &mut keeper).await;
     ledger::prune(&mut status);
     status.token_fingerprint = None;
     status.next_rotation_at = None;
@@ -1741,6 +1742,7 @@ fn adopt_bindings(
 async fn tidy_keeper(
     ctx: &Context,
     who: &revoke::Subject<'_>,
+    before: &AgentTokenStatus,
     status: &mut AgentTokenStatus,
     keeper: &mut Option<Keeper>,
 ) {
@@ -1748,6 +1750,11 @@ async fn tidy_keeper(
         return;
     }
     let needed = revoke::kept_needed(status, who);
+    // Unchanged since the last pass and not read this time: nothing to drop
+    // (no read of the keeper on every reconcile).
+    if keeper.is_none() && needed == revoke::kept_needed(before, who) {
+        return;
+    }
     if keeper.is_none() {
         match Keeper::load(ctx, who.uid, status.keeper_uid.as_deref()).await {
             Ok(k) => *keeper = Some(k),
