@@ -62,14 +62,51 @@ impl RevokeRequest {
     }
 }
 
+/// What the stand-in knows of a token it minted, besides its value: whom
+/// the mint request named (the default body carries namespace, name and
+/// revision) and when the token expires.
+#[derive(Clone, Debug)]
+struct MintRecord {
+    namespace: Option<String>,
+    name: Option<String>,
+    revision: Option<i64>,
+    expires_at: jiff::Timestamp,
+}
+
+/// A token the stand-in issued, as tests may see it: its fingerprint
+/// (never the value), whom it was minted for, and whether it is still
+/// active (not revoked, not expired).
+#[derive(Clone, Debug)]
+pub(crate) struct Issued {
+    pub id: String,
+    pub fingerprint: String,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub revision: Option<i64>,
+    pub revoked: bool,
+    pub expires_at: jiff::Timestamp,
+}
+
+impl Issued {
+    /// Neither revoked nor expired at `now`.
+    pub fn active(&self, now: jiff::Timestamp) -> bool {
+        !self.revoked && now < self.expires_at
+    }
+}
+
 struct Service {
     auth: String,
     mode: Mode,
     revoke_mode: RevokeMode,
     /// Seconds of life each minted token gets.
     ttl: u64,
+    /// Longest wait between minting a token and answering (a slow
+    /// service: a client that goes away meanwhile never gets the token).
+    answer_delay: Duration,
     /// id -> (token, active)
     tokens: HashMap<String, (String, bool)>,
+    /// id -> whom and how long
+    records: HashMap<String, MintRecord>,
     bodies: Vec<serde_json::Value>,
     requests: usize,
     revokes: Vec<RevokeRequest>,
@@ -82,36 +119,76 @@ async fn mint(
     headers: HeaderMap,
     Json(body): Json<serde_json::Value>,
 ) -> Response {
+    let (reply, delay) = mint_now(&s, &headers, body);
+    // The token exists from here on, answered or not.
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    reply
+}
+
+fn mint_now(s: &Shared, headers: &HeaderMap, body: serde_json::Value) -> (Response, Duration) {
     let mut s = s.lock().unwrap();
     s.requests += 1;
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(s.auth.as_str()) {
         return (
-            StatusCode::UNAUTHORIZED,
-            Json(serde_json::json!({"error": "unauthorized"})),
-        )
-            .into_response();
+            (
+                StatusCode::UNAUTHORIZED,
+                Json(serde_json::json!({"error": "unauthorized"})),
+            )
+                .into_response(),
+            Duration::ZERO,
+        );
     }
+    let record = MintRecord {
+        namespace: body["namespace"].as_str().map(String::from),
+        name: body["name"].as_str().map(String::from),
+        revision: body["revision"].as_i64(),
+        expires_at: jiff::Timestamp::now() + jiff::SignedDuration::from_secs(s.ttl as i64),
+    };
     s.bodies.push(body);
     let id = format!("tok-{}", s.tokens.len() + 1);
     let token = format!("wh-{}-{}", random_suffix(), random_suffix());
     match s.mode {
-        Mode::Garbage => return (StatusCode::OK, "<html>token=leaked?</html>").into_response(),
+        Mode::Garbage => {
+            return (
+                (StatusCode::OK, "<html>token=leaked?</html>").into_response(),
+                Duration::ZERO,
+            );
+        }
         Mode::Unavailable => {
             return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                [("retry-after", "1")],
-                "busy",
-            )
-                .into_response();
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [("retry-after", "1")],
+                    "busy",
+                )
+                    .into_response(),
+                Duration::ZERO,
+            );
         }
         Mode::NoExpiry => {
-            return Json(serde_json::json!({"data": {"token": token, "id": id}})).into_response();
+            return (
+                Json(serde_json::json!({"data": {"token": token, "id": id}})).into_response(),
+                Duration::ZERO,
+            );
         }
         Mode::Normal => {}
     }
     s.tokens.insert(id.clone(), (token.clone(), true));
+    s.records.insert(id.clone(), record);
     let ttl = s.ttl;
-    Json(serde_json::json!({"data": {"token": token, "ttl": ttl, "id": id}})).into_response()
+    let delay = if s.answer_delay.is_zero() {
+        Duration::ZERO
+    } else {
+        use rand::Rng;
+        let max = s.answer_delay.as_millis() as u64;
+        Duration::from_millis(rand::rng().random_range(0..=max))
+    };
+    (
+        Json(serde_json::json!({"data": {"token": token, "ttl": ttl, "id": id}})).into_response(),
+        delay,
+    )
 }
 
 async fn revoke(
@@ -160,7 +237,9 @@ async fn start() -> (Shared, u16) {
         mode: Mode::Normal,
         revoke_mode: RevokeMode::Normal,
         ttl: 900,
+        answer_delay: Duration::ZERO,
         tokens: HashMap::new(),
+        records: HashMap::new(),
         bodies: Vec::new(),
         requests: 0,
         revokes: Vec::new(),
@@ -217,6 +296,35 @@ impl StandIn {
     /// Seconds of life the next minted tokens get (900 by default).
     pub fn set_ttl(&self, seconds: u64) {
         self.svc.lock().unwrap().ttl = seconds;
+    }
+
+    /// Each mint waits up to `max` (at random) after minting before it
+    /// answers: a client that dies meanwhile never learns of the token.
+    pub fn set_answer_delay(&self, max: Duration) {
+        self.svc.lock().unwrap().answer_delay = max;
+    }
+
+    /// Every token it minted (fingerprints, never values), oldest first.
+    pub fn issued(&self) -> Vec<Issued> {
+        let s = self.svc.lock().unwrap();
+        let mut all: Vec<Issued> = s
+            .tokens
+            .iter()
+            .filter_map(|(id, (token, active))| {
+                let r = s.records.get(id)?;
+                Some(Issued {
+                    id: id.clone(),
+                    fingerprint: agent_token_operator::rotation::fingerprint(token.as_bytes()),
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                    revision: r.revision,
+                    revoked: !active,
+                    expires_at: r.expires_at,
+                })
+            })
+            .collect();
+        all.sort_by_key(|i| i.id[4..].parse::<u64>().unwrap_or(0));
+        all
     }
 
     /// The id of the stand-in's token with this value.
