@@ -52,10 +52,10 @@ fn bao() -> PathBuf {
     bin
 }
 
-struct OpenBao {
+pub(crate) struct OpenBao {
     child: Child,
-    addr: String,
-    root: String,
+    pub addr: String,
+    pub root: String,
 }
 
 impl Drop for OpenBao {
@@ -71,8 +71,15 @@ impl OpenBao {
     /// port picked as free can be taken by another test before the server
     /// binds it); the last health-check error is printed.
     async fn start() -> Self {
+        Self::start_with_config("").await
+    }
+
+    /// Starts a dev server with `config` (HCL, e.g. a declarative audit
+    /// device; `{port}` in it is replaced by the server's port) added to
+    /// the dev configuration.
+    pub(crate) async fn start_with_config(config: &str) -> Self {
         for attempt in 1..=3 {
-            let b = Self::spawn();
+            let b = Self::spawn(config);
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             let mut last = String::new();
             while std::time::Instant::now() < deadline {
@@ -91,7 +98,7 @@ impl OpenBao {
         panic!("OpenBao dev server did not become healthy in 3 attempts");
     }
 
-    fn spawn() -> Self {
+    fn spawn(config: &str) -> Self {
         let port = free_port();
         let root = format!("root-{}{}", random_suffix(), random_suffix());
         let logs = repo_root().join("target/e2e-logs");
@@ -99,10 +106,16 @@ impl OpenBao {
         // The dev server's log shows no token: it prints the root token only
         // when it generated one, and we pass ours in.
         let log = std::fs::File::create(logs.join(format!("openbao-{port}.log"))).unwrap();
-        let child = Command::new(bao())
-            .args(["server", "-dev"])
+        let mut cmd = Command::new(bao());
+        cmd.args(["server", "-dev"])
             .arg(format!("-dev-root-token-id={root}"))
-            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+            .arg(format!("-dev-listen-address=127.0.0.1:{port}"));
+        if !config.is_empty() {
+            let file = logs.join(format!("openbao-{port}.hcl"));
+            std::fs::write(&file, config.replace("{port}", &port.to_string())).unwrap();
+            cmd.arg(format!("-config={}", file.display()));
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -127,7 +140,7 @@ impl OpenBao {
         assert!(s < 300, "create policy: {s}");
     }
 
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub(crate) async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         self.call_as(&self.root, method, path, body).await
     }
 
