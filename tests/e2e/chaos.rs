@@ -1,0 +1,1445 @@
+//! Chaos (issue 17): the operator is killed (SIGKILL) at random moments
+//! while AgentTokens are minted and rotated, for each issuer kind. Once a
+//! last operator has run until quiet, every token the ISSUER says it issued
+//! is in an AgentToken's Secret (current key or `.previous`), revoked at the
+//! issuer, or covered by an `Unknown` ledger entry (a token the operator
+//! could not find, valid at most until the entry's `expiresAt`). Leaked
+//! (active at the issuer, in no Secret, not `Unknown`) must be 0. The
+//! ledger is read all along: it never says `Revoked` of a token the issuer
+//! still honours, and no revision carries two fingerprints or is minted
+//! twice at the issuer.
+//!
+//! The issuers' own records are the truth:
+//! - the webhook STAND-IN knows every token it minted, for whom (its mint
+//!   body names namespace, AgentToken and revision) and whether it is
+//!   revoked or expired. It answers a mint after a random delay, so kills
+//!   land between "minted" and "the operator heard of it";
+//! - serviceAccount (real TokenRequest): each token is bound to a binding
+//!   Secret and dies with it. The test watches binding Secrets (each holds
+//!   at most one token; one deleted is a token revoked), reads from each
+//!   delivered token's claims which binding it is bound to, and asks
+//!   TokenReview at the end;
+//! - the real OpenBao: a declarative file audit device (accessors in clear,
+//!   token values HMAC'd) records every child token created, with the
+//!   metadata the operator gives it (AgentToken, revision); the token store
+//!   says which are still alive.
+//!
+//! The short version runs in `make test`; `make chaos` runs the long one.
+//! Knobs (environment): CHAOS_AGENTTOKENS (per issuer kind, default 20),
+//! CHAOS_KILLS (5), CHAOS_SEED (random; printed), CHAOS_CHURN_SECS (5 per
+//! kill), CHAOS_SETTLE_SECS. The seed fixes the test's own choices (when to
+//! kill, how long the operator stays down, which AgentToken to rotate); the
+//! operator's and the control plane's timing are not seeded.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+use agent_token_operator::controller::ledger::life;
+use agent_token_operator::crd::{AgentToken, HistoryEntry, TokenLife};
+use agent_token_operator::labels;
+use agent_token_operator::rotation::fingerprint;
+
+use crate::support::{Operator, SA_ISSUER, TestNamespace, applied, repo_root};
+use crate::vault::OpenBao;
+use crate::webhook::StandIn;
+
+/// How big a run is and how it is paced.
+struct Plan {
+    agenttokens: usize,
+    kills: usize,
+    seed: u64,
+    /// How long AgentTokens are rotated while the operator is killed.
+    churn: Duration,
+    /// How long the last operator may take to reach quiet (and, later, to
+    /// finish deleting every AgentToken).
+    settle: Duration,
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    Some(
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+    )
+}
+
+impl Plan {
+    fn new(kind: &str) -> Plan {
+        let agenttokens = env_u64("CHAOS_AGENTTOKENS").unwrap_or(20) as usize;
+        let kills = env_u64("CHAOS_KILLS").unwrap_or(5) as usize;
+        let seed = env_u64("CHAOS_SEED").unwrap_or_else(|| rand::rng().random());
+        let churn = Duration::from_secs(env_u64("CHAOS_CHURN_SECS").unwrap_or(5 * kills as u64));
+        let settle = Duration::from_secs(
+            env_u64("CHAOS_SETTLE_SECS").unwrap_or(90 + agenttokens as u64 / 2),
+        );
+        println!(
+            "chaos {kind}: seed {seed} (CHAOS_SEED={seed} repeats the test's choices), \
+             {agenttokens} AgentTokens, {kills} kills over {}s",
+            churn.as_secs()
+        );
+        Plan {
+            agenttokens,
+            kills,
+            seed,
+            churn,
+            settle,
+        }
+    }
+}
+
+/// The least time the last operator runs before the tally counts.
+const MIN_LAST_RUN: Duration = Duration::from_secs(5);
+
+/// What the ledger was seen to say, over every read of the run.
+#[derive(Default)]
+struct Observed {
+    /// (AgentToken, revision) -> every fingerprint the ledger gave it.
+    fingerprints: BTreeMap<(String, i64), BTreeSet<String>>,
+    /// (AgentToken, revision) -> the entry as first seen `Revoked`.
+    revoked: BTreeMap<(String, i64), HistoryEntry>,
+    reads: usize,
+}
+
+impl Observed {
+    fn see(&mut self, ats: &[AgentToken]) {
+        self.reads += 1;
+        for at in ats {
+            let name = at.name_any();
+            for e in at.status.iter().flat_map(|s| &s.history) {
+                let key = (name.clone(), e.revision);
+                // Entries adopted from a binding have no fingerprint of a
+                // token, only words saying so.
+                if e.fingerprint.starts_with("sha256:") {
+                    self.fingerprints
+                        .entry(key.clone())
+                        .or_default()
+                        .insert(e.fingerprint.clone());
+                }
+                if life(e) == TokenLife::Revoked {
+                    self.revoked.entry(key).or_insert_with(|| e.clone());
+                }
+            }
+        }
+    }
+
+    /// Revisions the ledger gave more than one fingerprint.
+    fn two_fingerprints(&self) -> Vec<String> {
+        self.fingerprints
+            .iter()
+            .filter(|(_, fps)| fps.len() > 1)
+            .map(|((name, rev), fps)| format!("{name} r{rev}: {fps:?}"))
+            .collect()
+    }
+}
+
+/// One read of the AgentTokens and their Secrets.
+struct Snapshot {
+    ats: Vec<AgentToken>,
+    /// AgentToken name -> its Secret.
+    secrets: HashMap<String, Secret>,
+}
+
+/// Which key of the Secret a token is in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Slot {
+    Current,
+    Previous,
+}
+
+impl Snapshot {
+    async fn read(ns: &TestNamespace) -> Option<Snapshot> {
+        let ats = ns
+            .api::<AgentToken>()
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items;
+        let all: HashMap<String, Secret> = ns
+            .api::<Secret>()
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .map(|s| (s.name_any(), s))
+            .collect();
+        let secrets = ats
+            .iter()
+            .filter_map(|at| Some((at.name_any(), all.get(&at.secret_name())?.clone())))
+            .collect();
+        Some(Snapshot { ats, secrets })
+    }
+
+    fn at(&self, name: &str) -> Option<&AgentToken> {
+        self.ats.iter().find(|a| a.name_any() == name)
+    }
+
+    fn entry(&self, name: &str, revision: i64) -> Option<&HistoryEntry> {
+        self.at(name)?
+            .status
+            .as_ref()?
+            .history
+            .iter()
+            .find(|e| e.revision == revision)
+    }
+
+    /// The tokens in AgentToken `name`'s Secret (values stay in memory,
+    /// never printed).
+    fn tokens(&self, name: &str) -> Vec<(Slot, String)> {
+        let Some(at) = self.at(name) else {
+            return Vec::new();
+        };
+        let Some(data) = self.secrets.get(name).and_then(|s| s.data.as_ref()) else {
+            return Vec::new();
+        };
+        let key = at.secret_key();
+        [
+            (Slot::Current, key.clone()),
+            (Slot::Previous, format!("{key}.previous")),
+        ]
+        .into_iter()
+        .filter_map(|(slot, k)| {
+            let v = String::from_utf8(data.get(&k)?.0.clone()).ok()?;
+            (!v.is_empty()).then_some((slot, v))
+        })
+        .collect()
+    }
+
+    /// AgentToken name -> fingerprints of the tokens its Secret holds.
+    fn fingerprints(&self) -> HashMap<String, BTreeSet<String>> {
+        self.ats
+            .iter()
+            .map(|at| {
+                let name = at.name_any();
+                let fps = self
+                    .tokens(&name)
+                    .iter()
+                    .map(|(_, v)| fingerprint(v.as_bytes()))
+                    .collect();
+                (name, fps)
+            })
+            .collect()
+    }
+
+    /// Why the AgentTokens are not quiet yet (empty: quiet): each has a
+    /// token, Ready=True, and no mint or revocation in flight.
+    fn unquiet(&self, expected: usize) -> Vec<String> {
+        let mut why = Vec::new();
+        if self.ats.len() != expected {
+            why.push(format!(
+                "{} AgentTokens, {expected} expected",
+                self.ats.len()
+            ));
+        }
+        for at in &self.ats {
+            let name = at.name_any();
+            let Some(st) = at.status.as_ref() else {
+                why.push(format!("{name}: no status"));
+                continue;
+            };
+            if st.revision < 1 {
+                why.push(format!("{name}: no token yet"));
+            }
+            let ready = st.conditions.iter().find(|c| c.type_ == "Ready");
+            if ready.is_none_or(|c| c.status != "True") {
+                why.push(format!(
+                    "{name}: Ready={}",
+                    ready.map_or("none".into(), |c| format!("{} {}", c.status, c.reason))
+                ));
+            }
+            for e in &st.history {
+                let l = life(e);
+                if matches!(l, TokenLife::Minting | TokenLife::Revoking)
+                    || (l == TokenLife::Failed && e.next_attempt_at.is_some())
+                {
+                    why.push(format!("{name} r{}: {l:?}", e.revision));
+                }
+            }
+        }
+        why
+    }
+
+    /// The ledger and the Secret agree: the Secret's current token is the
+    /// ledger's `Live` one (and `status.tokenFingerprint`), its previous
+    /// token the `Grace` one.
+    fn disagreements(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for at in &self.ats {
+            let name = at.name_any();
+            let Some(st) = at.status.as_ref() else {
+                continue;
+            };
+            let top = |l: TokenLife| {
+                st.history
+                    .iter()
+                    .filter(|e| life(e) == l)
+                    .max_by_key(|e| e.revision)
+            };
+            let held: HashMap<_, _> = self
+                .tokens(&name)
+                .into_iter()
+                .map(|(slot, v)| (format!("{slot:?}"), fingerprint(v.as_bytes())))
+                .collect();
+            let live = top(TokenLife::Live).map(|e| e.fingerprint.clone());
+            let grace = top(TokenLife::Grace).map(|e| e.fingerprint.clone());
+            if held.get("Current") != live.as_ref() {
+                out.push(format!(
+                    "{name}: the Secret's token is {:?}, the ledger's Live entry {live:?}",
+                    held.get("Current")
+                ));
+            }
+            if live.is_some() && st.token_fingerprint != live {
+                out.push(format!(
+                    "{name}: status.tokenFingerprint {:?}, the Live entry {live:?}",
+                    st.token_fingerprint
+                ));
+            }
+            if held.get("Previous") != grace.as_ref() {
+                out.push(format!(
+                    "{name}: the Secret's previous token is {:?}, the ledger's Grace entry {grace:?}",
+                    held.get("Previous")
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// An entry that accounts for a token the operator could not find:
+/// `Unknown`, or `Expired` after being `Unknown`.
+fn covers_unknown(e: &HistoryEntry) -> bool {
+    match life(e) {
+        TokenLife::Unknown => true,
+        TokenLife::Expired => e
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("stopped during this mint")),
+        _ => false,
+    }
+}
+
+/// A ledger entry in a line (fingerprints, never tokens).
+fn describe(e: Option<&HistoryEntry>) -> String {
+    match e {
+        None => "no entry".into(),
+        Some(e) => format!(
+            "r{} {:?} {} handle={:?} expiresAt={:?} attempts={} message={:?}",
+            e.revision,
+            life(e),
+            e.fingerprint,
+            e.handle,
+            e.expires_at.as_ref().map(|t| t.0.to_string()),
+            e.attempts,
+            e.message
+        ),
+    }
+}
+
+/// What an issuer's records say about the tokens it issued.
+#[derive(Default)]
+struct Tally {
+    issued: usize,
+    in_secrets: usize,
+    revoked: usize,
+    unknown: usize,
+    /// Died on their own (past their expiry at the issuer).
+    expired: usize,
+    /// Active at the issuer, in no Secret, not accounted `Unknown`.
+    leaked: Vec<String>,
+    /// Anything else that must not hold once quiet.
+    problems: Vec<String>,
+    /// Revisions (AgentToken, revision) whose token is `Unknown`.
+    unknown_keys: BTreeSet<(String, i64)>,
+}
+
+/// An issuer kind under chaos: its own view of what it issued.
+trait Issuer {
+    /// The test names say what is real: "webhook stand-in", ...
+    fn kind(&self) -> &'static str;
+    /// The issuer's records against a snapshot of AgentTokens and Secrets.
+    async fn account(&mut self, snap: &Snapshot) -> Tally;
+    /// Entries the ledger showed `Revoked` whose token the issuer still
+    /// honours (or that name a token other than the entry's).
+    async fn revoked_but_active(
+        &mut self,
+        revoked: &BTreeMap<(String, i64), HistoryEntry>,
+    ) -> Vec<String>;
+    /// Revisions the issuer minted more than one token for.
+    async fn minted_twice(&mut self) -> Vec<String>;
+    /// Checks of the tokens in Secrets that cost a call each (done once).
+    async fn delivered_work(&mut self, snap: &Snapshot) -> Vec<String>;
+    /// Tokens still active once every AgentToken is deleted, outside `unknown`.
+    async fn active_after_deletion(&mut self, unknown: &BTreeSet<(String, i64)>) -> Vec<String>;
+}
+
+/// One chaos run in its own namespace, with the operator's namespace apart.
+struct Run {
+    // Dropped in this order: the operator first, then the namespaces.
+    op: Option<Operator>,
+    observer: Option<tokio::task::JoinHandle<()>>,
+    ns: TestNamespace,
+    home: TestNamespace,
+    plan: Plan,
+    rng: StdRng,
+    started: Instant,
+    starts: usize,
+    kills: usize,
+    rotations: usize,
+    observed: Arc<Mutex<Observed>>,
+    names: Vec<String>,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Some(o) = self.observer.take() {
+            o.abort();
+        }
+    }
+}
+
+impl Run {
+    async fn new(kind: &str, prefix: &str) -> Run {
+        let plan = Plan::new(kind);
+        let ns = TestNamespace::new(prefix).await;
+        let home = TestNamespace::new("chaos-op").await;
+        let rng = StdRng::seed_from_u64(plan.seed);
+        let names = (0..plan.agenttokens)
+            .map(|i| format!("at-{i:03}"))
+            .collect();
+        Run {
+            op: None,
+            observer: None,
+            ns,
+            home,
+            plan,
+            rng,
+            started: Instant::now(),
+            starts: 0,
+            kills: 0,
+            rotations: 0,
+            observed: Arc::default(),
+            names,
+        }
+    }
+
+    fn start_operator(&mut self) {
+        self.op = Some(Operator::start_with(
+            &self.ns.name,
+            &format!("chaos-{}", self.starts),
+            &[
+                "--leader-election=false",
+                "--lease-namespace",
+                &self.home.name,
+            ],
+        ));
+        self.starts += 1;
+    }
+
+    /// Reads the ledger twice a second from now on.
+    fn observe(&mut self) {
+        let api: Api<AgentToken> = self.ns.api();
+        let observed = self.observed.clone();
+        self.observer = Some(tokio::spawn(async move {
+            loop {
+                if let Ok(list) = api.list(&ListParams::default()).await {
+                    observed.lock().unwrap().see(&list.items);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }));
+    }
+
+    /// The AgentTokens: `spec(i)` is each one's spec; every other one keeps
+    /// its previous token for 5 s after a rotation, the rest 0 s.
+    fn create(&self, spec: impl Fn(usize) -> Value) {
+        let docs: Vec<String> = self
+            .names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let mut s = spec(i);
+                s["previousTokenGracePeriod"] = json!(if i % 2 == 0 { "0s" } else { "5s" });
+                json!({
+                    "apiVersion": "agenttoken.dev/v1alpha1",
+                    "kind": "AgentToken",
+                    "metadata": {"name": name},
+                    "spec": s,
+                })
+                .to_string()
+            })
+            .collect();
+        applied(&self.ns, &docs.join("\n---\n"));
+    }
+
+    fn secs(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Forces rotations at random while the operator is killed K times at
+    /// random moments (the first during the first mints) and started again.
+    async fn churn(&mut self) {
+        let api: Api<AgentToken> = self.ns.api();
+        let avg = self.plan.churn.as_secs_f64() / self.plan.kills.max(1) as f64;
+        let per_tick = self.plan.agenttokens.div_ceil(40).max(1);
+        for k in 0..self.plan.kills {
+            let run_for = if k == 0 {
+                self.rng.random_range(0.2..2.5)
+            } else {
+                self.rng.random_range(0.2 * avg..1.8 * avg)
+            };
+            let until = Instant::now() + Duration::from_secs_f64(run_for);
+            while Instant::now() < until {
+                for _ in 0..per_tick {
+                    let i = self.rng.random_range(0..self.names.len());
+                    self.rotations += 1;
+                    let value = format!("chaos-{}", self.rotations);
+                    let patch = json!({"metadata": {"annotations": {labels::ROTATE: value}}});
+                    api.patch(
+                        &self.names[i],
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                    .expect("annotate rotate");
+                }
+                let pause = self.rng.random_range(50..400);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            if let Some(op) = self.op.as_mut() {
+                op.kill();
+            }
+            self.kills += 1;
+            let down = self.rng.random_range(0..1500);
+            println!(
+                "  kill {} at {:.1}s (operator down {down} ms)",
+                self.kills,
+                self.secs()
+            );
+            tokio::time::sleep(Duration::from_millis(down)).await;
+            self.start_operator();
+        }
+    }
+
+    /// Lets the last operator run until the AgentTokens are quiet and the
+    /// issuer's records account for every token; panics with the evidence
+    /// when that does not happen within the plan's settle time.
+    async fn settle<I: Issuer>(&mut self, issuer: &mut I) -> (Snapshot, Tally) {
+        let since = Instant::now();
+        let deadline = since + self.plan.settle;
+        let mut good_before = false;
+        loop {
+            let snap = match Snapshot::read(&self.ns).await {
+                Some(s) => s,
+                None => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            self.observed.lock().unwrap().see(&snap.ats);
+            let unquiet = snap.unquiet(self.plan.agenttokens);
+            let mut tally = issuer.account(&snap).await;
+            if unquiet.is_empty() {
+                tally.problems.extend(snap.disagreements());
+            }
+            let good = unquiet.is_empty() && tally.leaked.is_empty() && tally.problems.is_empty();
+            // The last operator has had time to look at everything, and
+            // two reads in a row agree.
+            if good && since.elapsed() >= MIN_LAST_RUN && good_before {
+                println!(
+                    "  quiet and accounted for {:.1}s after the last start",
+                    since.elapsed().as_secs_f64()
+                );
+                return (snap, tally);
+            }
+            good_before = good;
+            if Instant::now() >= deadline {
+                self.report(issuer.kind(), &tally);
+                panic!(
+                    "chaos {} (seed {}): not settled {}s after the last start.\n\
+                     not quiet ({}): {:#?}\nleaked ({}): {:#?}\nproblems ({}): {:#?}\n\
+                     operator logs: target/e2e-logs/{}-chaos-*.log",
+                    issuer.kind(),
+                    self.plan.seed,
+                    self.plan.settle.as_secs(),
+                    unquiet.len(),
+                    unquiet.iter().take(20).collect::<Vec<_>>(),
+                    tally.leaked.len(),
+                    tally.leaked.iter().take(20).collect::<Vec<_>>(),
+                    tally.problems.len(),
+                    tally.problems.iter().take(20).collect::<Vec<_>>(),
+                    self.ns.name,
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    fn report(&self, kind: &str, t: &Tally) {
+        println!(
+            "chaos {kind}: seed {} | {} AgentTokens | kills {} | rotations asked {} | issued {} | \
+             in Secrets {} | revoked {} | unknown {} | expired {} | leaked {} | wall {:.1}s",
+            self.plan.seed,
+            self.plan.agenttokens,
+            self.kills,
+            self.rotations,
+            t.issued,
+            t.in_secrets,
+            t.revoked,
+            t.unknown,
+            t.expired,
+            t.leaked.len(),
+            self.secs()
+        );
+    }
+
+    /// The whole run for one issuer kind: operator, AgentTokens, churn with
+    /// kills, settle, the ledger's claims against the issuer, and finally
+    /// every AgentToken deleted with the operator running.
+    async fn drive<I: Issuer>(&mut self, issuer: &mut I, spec: impl Fn(usize) -> Value) {
+        self.start_operator();
+        self.observe();
+        self.create(spec);
+        self.churn().await;
+        let (snap, tally) = self.settle(issuer).await;
+        if let Some(o) = self.observer.take() {
+            o.abort();
+        }
+        self.report(issuer.kind(), &tally);
+        let observed = std::mem::take(&mut *self.observed.lock().unwrap());
+        println!(
+            "  ledger read {} times; {} revisions seen with a fingerprint, {} seen Revoked",
+            observed.reads,
+            observed.fingerprints.len(),
+            observed.revoked.len()
+        );
+        assert!(
+            tally.issued >= self.plan.agenttokens,
+            "the issuer issued {} tokens for {} AgentTokens",
+            tally.issued,
+            self.plan.agenttokens
+        );
+        let mut failures = Vec::new();
+        let two = observed.two_fingerprints();
+        if !two.is_empty() {
+            failures.push(format!(
+                "revisions with two fingerprints in the ledger: {two:#?}"
+            ));
+        }
+        let twice = issuer.minted_twice().await;
+        if !twice.is_empty() {
+            failures.push(format!("revisions minted twice at the issuer: {twice:#?}"));
+        }
+        let lies = issuer.revoked_but_active(&observed.revoked).await;
+        if !lies.is_empty() {
+            failures.push(format!(
+                "the ledger says Revoked, the issuer says active: {lies:#?}"
+            ));
+        }
+        let undelivered = issuer.delivered_work(&snap).await;
+        if !undelivered.is_empty() {
+            failures.push(format!(
+                "tokens in Secrets the issuer does not honour: {undelivered:#?}"
+            ));
+        }
+
+        // Every AgentToken deleted while the operator runs: its finalizer
+        // revokes what it holds; only Unknown tokens may stay active.
+        let out = self.ns.kubectl(&[
+            "delete",
+            "agenttokens.agenttoken.dev",
+            "--all",
+            "--wait=false",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let api: Api<AgentToken> = self.ns.api();
+        let deadline = Instant::now() + self.plan.settle;
+        loop {
+            let left = api
+                .list(&ListParams::default())
+                .await
+                .map_or(usize::MAX, |l| l.items.len());
+            if left == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                failures.push(format!(
+                    "{left} AgentTokens still there {}s after their deletion",
+                    self.plan.settle.as_secs()
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let after = issuer.active_after_deletion(&tally.unknown_keys).await;
+        if !after.is_empty() {
+            failures.push(format!(
+                "active at the issuer after every AgentToken was deleted (not Unknown): {after:#?}"
+            ));
+        }
+        println!("  done at {:.1}s", self.secs());
+        assert!(
+            failures.is_empty(),
+            "chaos {} (seed {}):\n{}\noperator logs: target/e2e-logs/{}-chaos-*.log",
+            issuer.kind(),
+            self.plan.seed,
+            failures.join("\n"),
+            self.ns.name
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// webhook stand-in
+
+struct WebhookStandIn {
+    stand_in: StandIn,
+    ns: String,
+}
+
+impl WebhookStandIn {
+    fn ours(&self) -> Vec<crate::webhook::Issued> {
+        self.stand_in
+            .issued()
+            .into_iter()
+            .filter(|t| t.namespace.as_deref() == Some(self.ns.as_str()))
+            .collect()
+    }
+}
+
+impl Issuer for WebhookStandIn {
+    fn kind(&self) -> &'static str {
+        "webhook stand-in"
+    }
+
+    async fn account(&mut self, snap: &Snapshot) -> Tally {
+        let now = Timestamp::now();
+        let held = snap.fingerprints();
+        let mut t = Tally::default();
+        for tok in self.ours() {
+            t.issued += 1;
+            let name = tok.name.clone().unwrap_or_default();
+            let rev = tok.revision.unwrap_or(0);
+            if held
+                .get(&name)
+                .is_some_and(|f| f.contains(&tok.fingerprint))
+            {
+                t.in_secrets += 1;
+                if tok.revoked {
+                    t.problems.push(format!(
+                        "{name} r{rev} ({}): revoked at the stand-in, still in its Secret",
+                        tok.fingerprint
+                    ));
+                }
+            } else if tok.revoked {
+                t.revoked += 1;
+            } else if !tok.active(now) {
+                t.expired += 1;
+            } else {
+                match snap.entry(&name, rev) {
+                    Some(e) if covers_unknown(e) => {
+                        t.unknown += 1;
+                        t.unknown_keys.insert((name.clone(), rev));
+                        if e.expires_at.as_ref().is_none_or(|x| x.0 < tok.expires_at) {
+                            t.problems.push(format!(
+                                "{name} r{rev}: Unknown until {:?}, the stand-in's token lives until {}",
+                                e.expires_at.as_ref().map(|x| x.0.to_string()),
+                                tok.expires_at
+                            ));
+                        }
+                    }
+                    e => t.leaked.push(format!(
+                        "{}/{name} r{rev} ({}, stand-in id {}): active at the stand-in, in no Secret; ledger: {}",
+                        self.ns,
+                        tok.fingerprint,
+                        tok.id,
+                        describe(e)
+                    )),
+                }
+            }
+        }
+        t
+    }
+
+    async fn revoked_but_active(
+        &mut self,
+        revoked: &BTreeMap<(String, i64), HistoryEntry>,
+    ) -> Vec<String> {
+        let now = Timestamp::now();
+        let by_id: HashMap<String, crate::webhook::Issued> =
+            self.ours().into_iter().map(|t| (t.id.clone(), t)).collect();
+        let mut out = Vec::new();
+        for ((name, rev), e) in revoked {
+            let id = e
+                .handle
+                .as_deref()
+                .and_then(|h| h.strip_prefix("webhook-id:"));
+            match id.and_then(|id| by_id.get(id)) {
+                Some(tok) if tok.active(now) => out.push(format!(
+                    "{name} r{rev} ({}): the stand-in's {} is active",
+                    e.fingerprint, tok.id
+                )),
+                Some(tok) if tok.fingerprint != e.fingerprint => out.push(format!(
+                    "{name} r{rev}: the ledger's fingerprint {} is not that of the token its handle names ({} {})",
+                    e.fingerprint, tok.id, tok.fingerprint
+                )),
+                Some(_) => {}
+                None => out.push(format!(
+                    "{name} r{rev}: Revoked with handle {:?}, which names no token of the stand-in",
+                    e.handle
+                )),
+            }
+        }
+        out
+    }
+
+    async fn minted_twice(&mut self) -> Vec<String> {
+        let mut by_rev: BTreeMap<(String, i64), Vec<String>> = BTreeMap::new();
+        for t in self.ours() {
+            by_rev
+                .entry((t.name.unwrap_or_default(), t.revision.unwrap_or(0)))
+                .or_default()
+                .push(t.id);
+        }
+        by_rev
+            .into_iter()
+            .filter(|(_, ids)| ids.len() > 1)
+            .map(|((name, rev), ids)| format!("{name} r{rev}: {ids:?}"))
+            .collect()
+    }
+
+    async fn delivered_work(&mut self, snap: &Snapshot) -> Vec<String> {
+        let now = Timestamp::now();
+        let active: BTreeSet<String> = self
+            .ours()
+            .into_iter()
+            .filter(|t| t.active(now))
+            .map(|t| t.fingerprint)
+            .collect();
+        let mut out = Vec::new();
+        for at in &snap.ats {
+            let name = at.name_any();
+            for (slot, v) in snap.tokens(&name) {
+                let fp = fingerprint(v.as_bytes());
+                if !active.contains(&fp) {
+                    out.push(format!("{name} {slot:?} {fp}: not active at the stand-in"));
+                }
+            }
+        }
+        out
+    }
+
+    async fn active_after_deletion(&mut self, unknown: &BTreeSet<(String, i64)>) -> Vec<String> {
+        let now = Timestamp::now();
+        self.ours()
+            .into_iter()
+            .filter(|t| t.active(now))
+            .filter(|t| {
+                !unknown.contains(&(t.name.clone().unwrap_or_default(), t.revision.unwrap_or(0)))
+            })
+            .map(|t| {
+                format!(
+                    "{:?} r{:?} ({}, id {})",
+                    t.name, t.revision, t.fingerprint, t.id
+                )
+            })
+            .collect()
+    }
+}
+
+/// A webhook TokenIssuer `minter` for the stand-in: ids (revoked by id),
+/// the default body (namespace, name, revision), maxLifetime 10m.
+async fn webhook_issuer(ns: &TestNamespace, stand_in: &StandIn) {
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "minter-auth"},
+        "stringData": {"authorization": stand_in.authorization()},
+    }))
+    .unwrap();
+    ns.api::<Secret>()
+        .create(&PostParams::default(), &s)
+        .await
+        .unwrap();
+    let issuer = json!({
+        "apiVersion": "agenttoken.dev/v1alpha1",
+        "kind": "TokenIssuer",
+        "metadata": {"name": "minter"},
+        "spec": {
+            "webhook": {
+                "url": stand_in.url("/mint"),
+                "authorizationSecretRef": {"name": "minter-auth", "key": "authorization"},
+                "result": {"tokenPath": "$.data.token", "expiresInPath": "$.data.ttl", "idPath": "$.data.id"},
+                "revokeURL": stand_in.url("/revoke"),
+            },
+            "policy": {"allowedScopes": ["read"], "maxLifetime": "10m"},
+        },
+    });
+    applied(ns, &issuer.to_string());
+}
+
+/// The webhook stand-in grants 5 minutes and answers each mint up to 1 s
+/// after minting it (a slow service), so kills often fall between the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_webhook_stand_in_sigkill_during_mints_and_rotations_leaks_nothing() {
+    let stand_in = StandIn::start().await;
+    stand_in.set_ttl(300);
+    stand_in.set_answer_delay(Duration::from_secs(1));
+    let mut run = Run::new("webhook stand-in", "chaos-webhook").await;
+    webhook_issuer(&run.ns, &stand_in).await;
+    let mut issuer = WebhookStandIn {
+        stand_in,
+        ns: run.ns.name.clone(),
+    };
+    run.drive(
+        &mut issuer,
+        |_| json!({"issuerRef": {"name": "minter"}, "scopes": ["read"], "lifetime": "5m"}),
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// serviceAccount (real TokenRequest)
+
+/// A binding Secret: name, AgentToken, revision.
+type Binding = (String, String, i64);
+
+struct ServiceAccountTokens {
+    client: Client,
+    ns: String,
+    /// Every binding Secret ever seen, by UID.
+    seen: Arc<Mutex<BTreeMap<String, Binding>>>,
+    watch: tokio::task::JoinHandle<()>,
+    /// The last list of binding Secrets, by UID.
+    present: BTreeMap<String, Binding>,
+}
+
+impl Drop for ServiceAccountTokens {
+    fn drop(&mut self) {
+        self.watch.abort();
+    }
+}
+
+fn binding_of(s: &Secret) -> Option<(String, Binding)> {
+    let l = s.metadata.labels.as_ref()?;
+    Some((
+        s.metadata.uid.clone()?,
+        (
+            s.name_any(),
+            l.get(labels::NAME)?.clone(),
+            l.get(labels::REVISION)?.parse().ok()?,
+        ),
+    ))
+}
+
+const BINDINGS: &str = "agenttoken.dev/role=token-binding";
+
+impl ServiceAccountTokens {
+    /// Starts watching binding Secrets in `ns` (before any exists).
+    async fn watch(ns: &TestNamespace) -> Self {
+        let api: Api<Secret> = ns.api();
+        let seen: Arc<Mutex<BTreeMap<String, Binding>>> = Arc::default();
+        let into = seen.clone();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let watch = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            let mut events = watcher(api, watcher::Config::default().labels(BINDINGS))
+                .default_backoff()
+                .boxed();
+            while let Some(ev) = events.next().await {
+                match ev {
+                    Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
+                        if let Some((uid, b)) = binding_of(&s) {
+                            into.lock().unwrap().insert(uid, b);
+                        }
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        ready_rx.await.expect("the binding watch started");
+        ServiceAccountTokens {
+            client: ns.client.clone(),
+            ns: ns.name.clone(),
+            seen,
+            watch,
+            present: BTreeMap::new(),
+        }
+    }
+
+    async fn list(&self) -> Option<BTreeMap<String, Binding>> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+        let list = api
+            .list(&ListParams::default().labels(BINDINGS))
+            .await
+            .ok()?;
+        Some(list.items.iter().filter_map(binding_of).collect())
+    }
+}
+
+/// The UID of the binding Secret a ServiceAccount token is bound to, from
+/// its claims (read, not verified: TokenReview verifies).
+fn bound_to(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    claims["kubernetes.io"]["secret"]["uid"]
+        .as_str()
+        .map(String::from)
+}
+
+impl Issuer for ServiceAccountTokens {
+    fn kind(&self) -> &'static str {
+        "serviceAccount"
+    }
+
+    async fn account(&mut self, snap: &Snapshot) -> Tally {
+        let mut t = Tally::default();
+        let Some(present) = self.list().await else {
+            t.problems.push("could not list binding Secrets".into());
+            return t;
+        };
+        let mut seen = self.seen.lock().unwrap().clone();
+        seen.extend(present.clone());
+        // Binding UID -> the Secret (and key) holding a token bound to it.
+        let mut delivered: HashMap<String, String> = HashMap::new();
+        for at in &snap.ats {
+            let name = at.name_any();
+            for (slot, v) in snap.tokens(&name) {
+                match bound_to(&v) {
+                    Some(uid) => {
+                        if !present.contains_key(&uid) {
+                            t.problems.push(format!(
+                                "{name} {slot:?} ({}): its binding Secret is gone, the token is revoked",
+                                fingerprint(v.as_bytes())
+                            ));
+                        }
+                        delivered.insert(uid, format!("{name} {slot:?}"));
+                    }
+                    None => t
+                        .problems
+                        .push(format!("{name} {slot:?}: not a token bound to a Secret")),
+                }
+            }
+        }
+        for (uid, (binding, name, rev)) in &seen {
+            t.issued += 1;
+            if !present.contains_key(uid) {
+                t.revoked += 1;
+            } else if delivered.contains_key(uid) {
+                t.in_secrets += 1;
+            } else {
+                match snap.entry(name, *rev) {
+                    Some(e) if covers_unknown(e) => {
+                        t.unknown += 1;
+                        t.unknown_keys.insert((name.clone(), *rev));
+                    }
+                    e => t.leaked.push(format!(
+                        "{}/{name} r{rev}: binding {binding} (uid {uid}) still exists, so its token is valid, and no Secret holds a token bound to it; ledger: {}",
+                        self.ns,
+                        describe(e)
+                    )),
+                }
+            }
+        }
+        self.present = present;
+        t
+    }
+
+    async fn revoked_but_active(
+        &mut self,
+        revoked: &BTreeMap<(String, i64), HistoryEntry>,
+    ) -> Vec<String> {
+        let present = self.list().await.unwrap_or_default();
+        let names: BTreeMap<&str, &str> = present
+            .iter()
+            .map(|(uid, (n, _, _))| (n.as_str(), uid.as_str()))
+            .collect();
+        revoked
+            .iter()
+            .filter_map(|((name, rev), e)| {
+                let binding = e.handle.clone().unwrap_or_else(|| {
+                    agent_token_operator::issuer::service_account::binding_name(name, *rev)
+                });
+                names.get(binding.as_str()).map(|uid| {
+                    format!(
+                        "{name} r{rev} ({}): binding {binding} (uid {uid}) still exists",
+                        e.fingerprint
+                    )
+                })
+            })
+            .collect()
+    }
+
+    async fn minted_twice(&mut self) -> Vec<String> {
+        // A binding name seen under two UIDs was created twice for one
+        // revision; each binding holds at most one token, and a binding
+        // without a token (its TokenRequest never ran) looks the same, so
+        // this is reported, not failed.
+        let seen = self.seen.lock().unwrap().clone();
+        let mut by_name: BTreeMap<String, usize> = BTreeMap::new();
+        for (name, _, _) in seen.values() {
+            *by_name.entry(name.clone()).or_default() += 1;
+        }
+        let twice: Vec<_> = by_name.iter().filter(|(_, n)| **n > 1).collect();
+        if !twice.is_empty() {
+            println!("  binding Secrets created more than once: {twice:?}");
+        }
+        Vec::new()
+    }
+
+    async fn delivered_work(&mut self, snap: &Snapshot) -> Vec<String> {
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let mut out = Vec::new();
+        for at in &snap.ats {
+            let name = at.name_any();
+            for (slot, v) in snap.tokens(&name) {
+                let tr = TokenReview {
+                    spec: TokenReviewSpec {
+                        token: Some(v.clone()),
+                        audiences: None,
+                    },
+                    ..Default::default()
+                };
+                let ok = api
+                    .create(&PostParams::default(), &tr)
+                    .await
+                    .ok()
+                    .and_then(|r| r.status)
+                    .and_then(|s| s.authenticated)
+                    == Some(true);
+                if !ok {
+                    out.push(format!(
+                        "{name} {slot:?} ({}): TokenReview does not authenticate it",
+                        fingerprint(v.as_bytes())
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    async fn active_after_deletion(&mut self, _unknown: &BTreeSet<(String, i64)>) -> Vec<String> {
+        // Bindings are owned by their AgentToken: garbage collection takes
+        // what the finalizer left, so nothing is asked of them here.
+        Vec::new()
+    }
+}
+
+/// Real TokenRequests for one ServiceAccount; a token lives while its
+/// binding Secret does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_service_account_sigkill_during_token_requests_leaks_nothing() {
+    let mut run = Run::new("serviceAccount", "chaos-sa").await;
+    applied(&run.ns, SA_ISSUER);
+    let mut issuer = ServiceAccountTokens::watch(&run.ns).await;
+    run.drive(&mut issuer, |_| {
+        json!({"issuerRef": {"name": "sa"}, "serviceAccountName": "builder", "lifetime": "10m"})
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// real OpenBao
+
+/// A child token as the audit log recorded its creation.
+#[derive(Clone, Debug)]
+struct Created {
+    accessor: String,
+    name: String,
+    revision: i64,
+    expires_at: Timestamp,
+}
+
+struct OpenBaoTokens {
+    bao: OpenBao,
+    audit: PathBuf,
+    ns: String,
+    /// Token fingerprint -> accessor, for tokens found in Secrets.
+    accessors: HashMap<String, String>,
+}
+
+impl OpenBaoTokens {
+    /// Child tokens created for this namespace's AgentTokens, from the
+    /// audit log (accessors in clear; token values are HMAC'd there).
+    fn created(&self) -> Vec<Created> {
+        let text = std::fs::read_to_string(&self.audit).unwrap_or_default();
+        let prefix = format!("{}/", self.ns);
+        text.lines()
+            .filter(|l| l.contains("auth/token/create"))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["type"] == "response" && v["request"]["path"] == "auth/token/create")
+            .filter_map(|v| {
+                let auth = &v["response"]["auth"];
+                let name = auth["metadata"]["agenttoken"]
+                    .as_str()?
+                    .strip_prefix(&prefix)?
+                    .to_string();
+                let at: Timestamp = v["time"].as_str()?.parse().ok()?;
+                let ttl = auth["token_ttl"].as_i64()?;
+                Some(Created {
+                    accessor: auth["accessor"].as_str()?.to_string(),
+                    name,
+                    revision: auth["metadata"]["revision"].as_str()?.parse().ok()?,
+                    expires_at: at + jiff::SignedDuration::from_secs(ttl),
+                })
+            })
+            .collect()
+    }
+
+    /// Accessors of every token alive in the token store.
+    async fn alive(&self) -> Option<BTreeSet<String>> {
+        let (s, body) = self.bao.call("LIST", "auth/token/accessors", None).await;
+        (s == 200).then(|| {
+            body["data"]["keys"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|k| k.as_str().map(String::from))
+                .collect()
+        })
+    }
+
+    /// The accessor of a token value (looked up once per token).
+    async fn accessor_of(&mut self, token: &str) -> Option<String> {
+        let fp = fingerprint(token.as_bytes());
+        if let Some(a) = self.accessors.get(&fp) {
+            return Some(a.clone());
+        }
+        let (s, body) = self
+            .bao
+            .call("POST", "auth/token/lookup", Some(json!({"token": token})))
+            .await;
+        let a = (s == 200)
+            .then(|| body["data"]["accessor"].as_str().map(String::from))
+            .flatten()?;
+        self.accessors.insert(fp, a.clone());
+        Some(a)
+    }
+}
+
+impl Issuer for OpenBaoTokens {
+    fn kind(&self) -> &'static str {
+        "OpenBao"
+    }
+
+    async fn account(&mut self, snap: &Snapshot) -> Tally {
+        let mut t = Tally::default();
+        let now = Timestamp::now();
+        let Some(alive) = self.alive().await else {
+            t.problems.push("could not list OpenBao's accessors".into());
+            return t;
+        };
+        let mut delivered: BTreeSet<String> = BTreeSet::new();
+        for at in &snap.ats {
+            let name = at.name_any();
+            for (slot, v) in snap.tokens(&name) {
+                match self.accessor_of(&v).await {
+                    Some(a) => {
+                        delivered.insert(a);
+                    }
+                    None => t.problems.push(format!(
+                        "{name} {slot:?} ({}): OpenBao does not know this token (dead)",
+                        fingerprint(v.as_bytes())
+                    )),
+                }
+            }
+        }
+        for c in self.created() {
+            t.issued += 1;
+            if delivered.contains(&c.accessor) {
+                t.in_secrets += 1;
+            } else if !alive.contains(&c.accessor) {
+                if now < c.expires_at {
+                    t.revoked += 1;
+                } else {
+                    t.expired += 1;
+                }
+            } else {
+                match snap.entry(&c.name, c.revision) {
+                    Some(e) if covers_unknown(e) => {
+                        t.unknown += 1;
+                        t.unknown_keys.insert((c.name.clone(), c.revision));
+                        if e.expires_at.as_ref().is_none_or(|x| x.0 < c.expires_at) {
+                            t.problems.push(format!(
+                                "{} r{}: Unknown until {:?}, OpenBao's token lives until {}",
+                                c.name,
+                                c.revision,
+                                e.expires_at.as_ref().map(|x| x.0.to_string()),
+                                c.expires_at
+                            ));
+                        }
+                    }
+                    e => t.leaked.push(format!(
+                        "{}/{} r{} (accessor {}): alive in OpenBao, in no Secret; ledger: {}",
+                        self.ns,
+                        c.name,
+                        c.revision,
+                        c.accessor,
+                        describe(e)
+                    )),
+                }
+            }
+        }
+        t
+    }
+
+    async fn revoked_but_active(
+        &mut self,
+        revoked: &BTreeMap<(String, i64), HistoryEntry>,
+    ) -> Vec<String> {
+        let alive = self.alive().await.unwrap_or_default();
+        let created: HashMap<String, Created> = self
+            .created()
+            .into_iter()
+            .map(|c| (c.accessor.clone(), c))
+            .collect();
+        let mut out = Vec::new();
+        for ((name, rev), e) in revoked {
+            let accessor = e
+                .handle
+                .as_deref()
+                .and_then(|h| h.strip_prefix("vault-accessor:"));
+            match accessor {
+                Some(a) if alive.contains(a) => out.push(format!(
+                    "{name} r{rev} ({}): accessor {a} is alive",
+                    e.fingerprint
+                )),
+                Some(a) => {
+                    if let Some(c) = created.get(a)
+                        && (c.name != *name || c.revision != *rev)
+                    {
+                        out.push(format!(
+                            "{name} r{rev}: its handle names the token of {} r{}",
+                            c.name, c.revision
+                        ));
+                    }
+                }
+                None => out.push(format!(
+                    "{name} r{rev}: Revoked with handle {:?}, not an accessor",
+                    e.handle
+                )),
+            }
+        }
+        out
+    }
+
+    async fn minted_twice(&mut self) -> Vec<String> {
+        let mut by_rev: BTreeMap<(String, i64), Vec<String>> = BTreeMap::new();
+        for c in self.created() {
+            by_rev
+                .entry((c.name, c.revision))
+                .or_default()
+                .push(c.accessor);
+        }
+        by_rev
+            .into_iter()
+            .filter(|(_, a)| a.len() > 1)
+            .map(|((name, rev), a)| format!("{name} r{rev}: accessors {a:?}"))
+            .collect()
+    }
+
+    async fn delivered_work(&mut self, snap: &Snapshot) -> Vec<String> {
+        let alive = self.alive().await.unwrap_or_default();
+        let mut out = Vec::new();
+        for at in &snap.ats {
+            let name = at.name_any();
+            for (slot, v) in snap.tokens(&name) {
+                match self.accessor_of(&v).await {
+                    Some(a) if alive.contains(&a) => {}
+                    _ => out.push(format!(
+                        "{name} {slot:?} ({}): not alive in OpenBao",
+                        fingerprint(v.as_bytes())
+                    )),
+                }
+            }
+        }
+        out
+    }
+
+    async fn active_after_deletion(&mut self, unknown: &BTreeSet<(String, i64)>) -> Vec<String> {
+        let alive = self.alive().await.unwrap_or_default();
+        self.created()
+            .into_iter()
+            .filter(|c| alive.contains(&c.accessor))
+            .filter(|c| !unknown.contains(&(c.name.clone(), c.revision)))
+            .map(|c| format!("{} r{} (accessor {})", c.name, c.revision, c.accessor))
+            .collect()
+    }
+}
+
+/// Real child tokens of a real OpenBao (dev server, from PyPI), created
+/// with the operator's root token; 5-minute lifetimes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_openbao_sigkill_during_child_token_mints_leaks_nothing() {
+    let logs = repo_root().join("target/e2e-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let audit_dir = logs.join(format!("openbao-audit-{}", crate::support::random_suffix()));
+    std::fs::create_dir_all(&audit_dir).unwrap();
+    let audit = audit_dir.join("audit.log");
+    // Accessors in clear (they are handles, not credentials); token values
+    // stay HMAC'd in the log.
+    let config = format!(
+        "audit \"file\" \"chaos\" {{\n  options {{\n    file_path = \"{}\"\n    hmac_accessor = \"false\"\n  }}\n}}\n",
+        audit.display()
+    );
+    let bao = OpenBao::start_with_config(&config).await;
+    let mut run = Run::new("OpenBao", "chaos-bao").await;
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "bao-token"},
+        "stringData": {"token": bao.root},
+    }))
+    .unwrap();
+    run.ns
+        .api::<Secret>()
+        .create(&PostParams::default(), &s)
+        .await
+        .unwrap();
+    let issuer = json!({
+        "apiVersion": "agenttoken.dev/v1alpha1",
+        "kind": "TokenIssuer",
+        "metadata": {"name": "bao"},
+        "spec": {
+            "vault": {
+                "address": bao.addr,
+                "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}},
+            },
+            "policy": {"allowedScopes": ["default"], "maxLifetime": "10m"},
+        },
+    });
+    applied(&run.ns, &issuer.to_string());
+    let mut issuer = OpenBaoTokens {
+        bao,
+        audit,
+        ns: run.ns.name.clone(),
+        accessors: HashMap::new(),
+    };
+    run.drive(
+        &mut issuer,
+        |_| json!({"issuerRef": {"name": "bao"}, "scopes": ["default"], "lifetime": "5m"}),
+    )
+    .await;
+}
