@@ -381,8 +381,10 @@ trait Issuer {
     ) -> Vec<String>;
     /// Revisions the issuer minted more than one token for.
     async fn minted_twice(&mut self) -> Vec<String>;
-    /// Checks of the tokens in Secrets that cost a call each (done once).
-    async fn delivered_work(&mut self, snap: &Snapshot) -> Vec<String>;
+    /// Tokens in the snapshot's Secrets that the issuer does not honour
+    /// (asking costs a call each, so this is done once):
+    /// (AgentToken, fingerprint, why).
+    async fn not_honoured(&mut self, snap: &Snapshot) -> Vec<(String, String, String)>;
     /// Tokens still active once every AgentToken is deleted, outside `unknown`.
     async fn active_after_deletion(&mut self, unknown: &BTreeSet<(String, i64)>) -> Vec<String>;
 }
@@ -538,10 +540,11 @@ impl Run {
     /// Lets the last operator run until the AgentTokens are quiet and the
     /// issuer's records account for every token; panics with the evidence
     /// when that does not happen within the plan's settle time.
-    async fn settle<I: Issuer>(&mut self, issuer: &mut I) -> (Snapshot, Tally) {
+    async fn settle<I: Issuer>(&mut self, issuer: &mut I) -> Tally {
         let since = Instant::now();
         let deadline = since + self.plan.settle;
         let mut good_before = false;
+        let mut next_note = Duration::from_secs(10);
         loop {
             let snap = match Snapshot::read(&self.ns).await {
                 Some(s) => s,
@@ -564,9 +567,21 @@ impl Run {
                     "  quiet and accounted for {:.1}s after the last start",
                     since.elapsed().as_secs_f64()
                 );
-                return (snap, tally);
+                return tally;
             }
             good_before = good;
+            if since.elapsed() >= next_note {
+                next_note += Duration::from_secs(10);
+                println!(
+                    "  settling, {:.0}s: {} not quiet {:?}, {} leaked, {} problems {:?}",
+                    since.elapsed().as_secs_f64(),
+                    unquiet.len(),
+                    unquiet.first(),
+                    tally.leaked.len(),
+                    tally.problems.len(),
+                    tally.problems.first()
+                );
+            }
             if Instant::now() >= deadline {
                 self.report(issuer.kind(), &tally);
                 panic!(
@@ -615,7 +630,7 @@ impl Run {
         self.observe();
         self.create(spec);
         self.churn().await;
-        let (snap, tally) = self.settle(issuer).await;
+        let tally = self.settle(issuer).await;
         if let Some(o) = self.observer.take() {
             o.abort();
         }
@@ -650,7 +665,22 @@ impl Run {
                 "the ledger says Revoked, the issuer says active: {lies:#?}"
             ));
         }
-        let undelivered = issuer.delivered_work(&snap).await;
+        // A token leaves the Secret before it is revoked: one the issuer
+        // refuses that is still in the Secret once asked was refused while
+        // delivered (a previous token whose grace ended meanwhile is not).
+        let before = Snapshot::read(&self.ns)
+            .await
+            .expect("read the AgentTokens");
+        let refused = issuer.not_honoured(&before).await;
+        let after = Snapshot::read(&self.ns)
+            .await
+            .expect("read the AgentTokens");
+        let held = after.fingerprints();
+        let undelivered: Vec<String> = refused
+            .into_iter()
+            .filter(|(at, fp, _)| held.get(at).is_some_and(|f| f.contains(fp)))
+            .map(|(_, _, why)| why)
+            .collect();
         if !undelivered.is_empty() {
             failures.push(format!(
                 "tokens in Secrets the issuer does not honour: {undelivered:#?}"
@@ -826,7 +856,7 @@ impl Issuer for WebhookStandIn {
             .collect()
     }
 
-    async fn delivered_work(&mut self, snap: &Snapshot) -> Vec<String> {
+    async fn not_honoured(&mut self, snap: &Snapshot) -> Vec<(String, String, String)> {
         let now = Timestamp::now();
         let active: BTreeSet<String> = self
             .ours()
@@ -840,7 +870,8 @@ impl Issuer for WebhookStandIn {
             for (slot, v) in snap.tokens(&name) {
                 let fp = fingerprint(v.as_bytes());
                 if !active.contains(&fp) {
-                    out.push(format!("{name} {slot:?} {fp}: not active at the stand-in"));
+                    let why = format!("{name} {slot:?} {fp}: not active at the stand-in");
+                    out.push((name.clone(), fp, why));
                 }
             }
         }
@@ -1111,7 +1142,7 @@ impl Issuer for ServiceAccountTokens {
         Vec::new()
     }
 
-    async fn delivered_work(&mut self, snap: &Snapshot) -> Vec<String> {
+    async fn not_honoured(&mut self, snap: &Snapshot) -> Vec<(String, String, String)> {
         let api: Api<TokenReview> = Api::all(self.client.clone());
         let mut out = Vec::new();
         for at in &snap.ats {
@@ -1132,10 +1163,10 @@ impl Issuer for ServiceAccountTokens {
                     .and_then(|s| s.authenticated)
                     == Some(true);
                 if !ok {
-                    out.push(format!(
-                        "{name} {slot:?} ({}): TokenReview does not authenticate it",
-                        fingerprint(v.as_bytes())
-                    ));
+                    let fp = fingerprint(v.as_bytes());
+                    let why =
+                        format!("{name} {slot:?} ({fp}): TokenReview does not authenticate it");
+                    out.push((name.clone(), fp, why));
                 }
             }
         }
@@ -1362,7 +1393,7 @@ impl Issuer for OpenBaoTokens {
             .collect()
     }
 
-    async fn delivered_work(&mut self, snap: &Snapshot) -> Vec<String> {
+    async fn not_honoured(&mut self, snap: &Snapshot) -> Vec<(String, String, String)> {
         let alive = self.alive().await.unwrap_or_default();
         let mut out = Vec::new();
         for at in &snap.ats {
@@ -1370,10 +1401,11 @@ impl Issuer for OpenBaoTokens {
             for (slot, v) in snap.tokens(&name) {
                 match self.accessor_of(&v).await {
                     Some(a) if alive.contains(&a) => {}
-                    _ => out.push(format!(
-                        "{name} {slot:?} ({}): not alive in OpenBao",
-                        fingerprint(v.as_bytes())
-                    )),
+                    _ => {
+                        let fp = fingerprint(v.as_bytes());
+                        let why = format!("{name} {slot:?} ({fp}): not alive in OpenBao");
+                        out.push((name.clone(), fp, why));
+                    }
                 }
             }
         }
