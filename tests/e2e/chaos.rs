@@ -185,6 +185,17 @@ impl Snapshot {
         Some(Snapshot { ats, secrets })
     }
 
+    /// [`Snapshot::read`], retried for up to 30 s.
+    async fn read_soon(ns: &TestNamespace) -> Snapshot {
+        for _ in 0..30 {
+            if let Some(s) = Snapshot::read(ns).await {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        panic!("could not read the AgentTokens and Secrets for 30 s");
+    }
+
     fn at(&self, name: &str) -> Option<&AgentToken> {
         self.ats.iter().find(|a| a.name_any() == name)
     }
@@ -511,13 +522,18 @@ impl Run {
                     self.rotations += 1;
                     let value = format!("chaos-{}", self.rotations);
                     let patch = json!({"metadata": {"annotations": {labels::ROTATE: value}}});
-                    api.patch(
-                        &self.names[i],
-                        &PatchParams::default(),
-                        &Patch::Merge(&patch),
-                    )
-                    .await
-                    .expect("annotate rotate");
+                    // A busy control plane may refuse one; the next tick
+                    // asks again.
+                    if let Err(e) = api
+                        .patch(
+                            &self.names[i],
+                            &PatchParams::default(),
+                            &Patch::Merge(&patch),
+                        )
+                        .await
+                    {
+                        println!("  rotate {}: {e}", self.names[i]);
+                    }
                 }
                 let pause = self.rng.random_range(50..400);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -668,13 +684,9 @@ impl Run {
         // A token leaves the Secret before it is revoked: one the issuer
         // refuses that is still in the Secret once asked was refused while
         // delivered (a previous token whose grace ended meanwhile is not).
-        let before = Snapshot::read(&self.ns)
-            .await
-            .expect("read the AgentTokens");
+        let before = Snapshot::read_soon(&self.ns).await;
         let refused = issuer.not_honoured(&before).await;
-        let after = Snapshot::read(&self.ns)
-            .await
-            .expect("read the AgentTokens");
+        let after = Snapshot::read_soon(&self.ns).await;
         let held = after.fingerprints();
         let undelivered: Vec<String> = refused
             .into_iter()
