@@ -5,9 +5,12 @@
 //! issuer, or covered by an `Unknown` ledger entry (a token the operator
 //! could not find, valid at most until the entry's `expiresAt`). Leaked
 //! (active at the issuer, in no Secret, not `Unknown`) must be 0. The
-//! ledger is read all along: it never says `Revoked` of a token the issuer
-//! still honours, and no revision carries two fingerprints or is minted
-//! twice at the issuer.
+//! ledger is read all along and must say which token is which: it never
+//! says `Revoked` of a token the issuer still honours, it calls `Revoked`
+//! every token the issuer revoked, the Secret's tokens are its `Live` and
+//! `Grace` ones, and no revision carries two fingerprints or is minted
+//! twice at the issuer. Once every AgentToken is deleted (operator
+//! running), only `Unknown` tokens may still be active.
 //!
 //! The issuers' own records are the truth:
 //! - the webhook STAND-IN knows every token it minted, for whom (its mint
@@ -390,6 +393,12 @@ trait Issuer {
         &mut self,
         revoked: &BTreeMap<(String, i64), HistoryEntry>,
     ) -> Vec<String>;
+    /// Tokens the issuer revoked (not expired) that the ledger was never
+    /// seen to call `Revoked`: the ledger must say which token is dead.
+    async fn revoked_unrecorded(
+        &mut self,
+        revoked: &BTreeMap<(String, i64), HistoryEntry>,
+    ) -> Vec<String>;
     /// Revisions the issuer minted more than one token for.
     async fn minted_twice(&mut self) -> Vec<String>;
     /// Tokens in the snapshot's Secrets that the issuer does not honour
@@ -651,6 +660,21 @@ impl Run {
             o.abort();
         }
         self.report(issuer.kind(), &tally);
+        // Every token the issuer revoked, the ledger called Revoked (over
+        // all reads). Status is written just after the issuer answers, and
+        // a trigger left from the churn may still rotate: a gap is asked
+        // about again before it counts.
+        let mut unrecorded = Vec::new();
+        for _ in 0..5 {
+            let snap = Snapshot::read_soon(&self.ns).await;
+            self.observed.lock().unwrap().see(&snap.ats);
+            let revoked = self.observed.lock().unwrap().revoked.clone();
+            unrecorded = issuer.revoked_unrecorded(&revoked).await;
+            if unrecorded.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
         let observed = std::mem::take(&mut *self.observed.lock().unwrap());
         println!(
             "  ledger read {} times; {} revisions seen with a fingerprint, {} seen Revoked",
@@ -674,6 +698,11 @@ impl Run {
         let twice = issuer.minted_twice().await;
         if !twice.is_empty() {
             failures.push(format!("revisions minted twice at the issuer: {twice:#?}"));
+        }
+        if !unrecorded.is_empty() {
+            failures.push(format!(
+                "revoked at the issuer, never Revoked in the ledger: {unrecorded:#?}"
+            ));
         }
         let lies = issuer.revoked_but_active(&observed.revoked).await;
         if !lies.is_empty() {
@@ -851,6 +880,30 @@ impl Issuer for WebhookStandIn {
             }
         }
         out
+    }
+
+    async fn revoked_unrecorded(
+        &mut self,
+        revoked: &BTreeMap<(String, i64), HistoryEntry>,
+    ) -> Vec<String> {
+        self.ours()
+            .into_iter()
+            .filter(|t| t.revoked)
+            .filter_map(|t| {
+                let key = (t.name.clone().unwrap_or_default(), t.revision.unwrap_or(0));
+                let said = revoked.get(&key);
+                (said.map(|e| &e.fingerprint) != Some(&t.fingerprint)).then(|| {
+                    format!(
+                        "{} r{} ({}, stand-in id {}): the ledger's Revoked entry: {}",
+                        key.0,
+                        key.1,
+                        t.fingerprint,
+                        t.id,
+                        describe(said)
+                    )
+                })
+            })
+            .collect()
     }
 
     async fn minted_twice(&mut self) -> Vec<String> {
@@ -1061,11 +1114,13 @@ impl Issuer for ServiceAccountTokens {
 
     async fn account(&mut self, snap: &Snapshot) -> Tally {
         let mut t = Tally::default();
+        // Seen first, present second: a binding created in between is not
+        // taken for deleted.
+        let mut seen = self.seen.lock().unwrap().clone();
         let Some(present) = self.list().await else {
             t.problems.push("could not list binding Secrets".into());
             return t;
         };
-        let mut seen = self.seen.lock().unwrap().clone();
         seen.extend(present.clone());
         // Binding UID -> the Secret (and key) holding a token bound to it.
         let mut delivered: HashMap<String, String> = HashMap::new();
@@ -1133,6 +1188,28 @@ impl Issuer for ServiceAccountTokens {
                         e.fingerprint
                     )
                 })
+            })
+            .collect()
+    }
+
+    async fn revoked_unrecorded(
+        &mut self,
+        revoked: &BTreeMap<(String, i64), HistoryEntry>,
+    ) -> Vec<String> {
+        let seen = self.seen.lock().unwrap().clone();
+        let present = self.list().await.unwrap_or_default();
+        // A binding created twice under one name (a mint that failed and
+        // was tried again) has only one revision to be recorded under.
+        let mut uids_per_name: BTreeMap<&str, usize> = BTreeMap::new();
+        for (name, _, _) in seen.values() {
+            *uids_per_name.entry(name.as_str()).or_default() += 1;
+        }
+        seen.iter()
+            .filter(|(uid, _)| !present.contains_key(*uid))
+            .filter(|(_, (binding, _, _))| uids_per_name.get(binding.as_str()) == Some(&1))
+            .filter(|(_, (_, name, rev))| !revoked.contains_key(&(name.clone(), *rev)))
+            .map(|(uid, (binding, name, rev))| {
+                format!("{name} r{rev}: binding {binding} (uid {uid}) was deleted")
             })
             .collect()
     }
@@ -1292,6 +1369,9 @@ impl Issuer for OpenBaoTokens {
     async fn account(&mut self, snap: &Snapshot) -> Tally {
         let mut t = Tally::default();
         let now = Timestamp::now();
+        // Created first, alive second: a token created in between is not
+        // taken for dead.
+        let created = self.created();
         let Some(alive) = self.alive().await else {
             t.problems.push("could not list OpenBao's accessors".into());
             return t;
@@ -1311,7 +1391,7 @@ impl Issuer for OpenBaoTokens {
                 }
             }
         }
-        for c in self.created() {
+        for c in created {
             t.issued += 1;
             if delivered.contains(&c.accessor) {
                 t.in_secrets += 1;
@@ -1388,6 +1468,36 @@ impl Issuer for OpenBaoTokens {
             }
         }
         out
+    }
+
+    async fn revoked_unrecorded(
+        &mut self,
+        revoked: &BTreeMap<(String, i64), HistoryEntry>,
+    ) -> Vec<String> {
+        let now = Timestamp::now();
+        // Created first, alive second: a token created in between is not
+        // taken for dead.
+        let created = self.created();
+        let Some(alive) = self.alive().await else {
+            return vec!["could not list OpenBao's accessors".into()];
+        };
+        created
+            .into_iter()
+            .filter(|c| !alive.contains(&c.accessor) && now < c.expires_at)
+            .filter_map(|c| {
+                let said = revoked.get(&(c.name.clone(), c.revision));
+                let handle = format!("vault-accessor:{}", c.accessor);
+                (said.and_then(|e| e.handle.as_ref()) != Some(&handle)).then(|| {
+                    format!(
+                        "{} r{} (accessor {}): the ledger's Revoked entry: {}",
+                        c.name,
+                        c.revision,
+                        c.accessor,
+                        describe(said)
+                    )
+                })
+            })
+            .collect()
     }
 
     async fn minted_twice(&mut self) -> Vec<String> {
