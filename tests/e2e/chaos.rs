@@ -21,7 +21,9 @@
 //!   Secret and dies with it. The test watches binding Secrets (each holds
 //!   at most one token; one deleted is a token revoked), reads from each
 //!   delivered token's claims which binding it is bound to, and asks
-//!   TokenReview at the end;
+//!   TokenReview at the end. It also reads every Secret twice a second: no
+//!   Secret may hold a token whose binding is gone, and it counts (without
+//!   failing) delivered tokens the ledger never named by fingerprint;
 //! - the real OpenBao: a declarative file audit device (accessors in clear,
 //!   token values HMAC'd) records every child token created, with the
 //!   metadata the operator gives it (AgentToken, revision); the token store
@@ -405,6 +407,12 @@ trait Issuer {
     /// (asking costs a call each, so this is done once):
     /// (AgentToken, fingerprint, why).
     async fn not_honoured(&mut self, snap: &Snapshot) -> Vec<(String, String, String)>;
+    /// What else this issuer watched during the run, against what the
+    /// ledger was seen to say: (lines printed with the counts, failures).
+    /// Asked once, after settling, before the AgentTokens are deleted.
+    fn watched(&mut self, _observed: &Observed) -> (Vec<String>, Vec<String>) {
+        (Vec::new(), Vec::new())
+    }
     /// Tokens still active once every AgentToken is deleted, outside `unknown`.
     async fn active_after_deletion(&mut self, unknown: &BTreeSet<(String, i64)>) -> Vec<String>;
 }
@@ -688,7 +696,10 @@ impl Run {
             tally.issued,
             self.plan.agenttokens
         );
-        let mut failures = Vec::new();
+        let (notes, mut failures) = issuer.watched(&observed);
+        for n in notes {
+            println!("  {n}");
+        }
         let two = observed.two_fingerprints();
         if !two.is_empty() {
             failures.push(format!(
@@ -1022,13 +1033,26 @@ struct ServiceAccountTokens {
     /// Every binding Secret ever seen, by UID.
     seen: Arc<Mutex<BTreeMap<String, Binding>>>,
     watch: tokio::task::JoinHandle<()>,
-    /// The last list of binding Secrets, by UID.
-    present: BTreeMap<String, Binding>,
+    /// Reads the Secrets twice a second (see [`ServiceAccountTokens::sample`]).
+    sampler: tokio::task::JoinHandle<()>,
+    sampled: Arc<Mutex<Sampled>>,
+}
+
+/// What the Secrets were seen to hold.
+#[derive(Default)]
+struct Sampled {
+    /// (AgentToken, revision of the binding its token is bound to) ->
+    /// fingerprints seen in its Secret.
+    delivered: BTreeMap<(String, i64), BTreeSet<String>>,
+    /// "Secret key fingerprint" of each token seen in its Secret while its
+    /// binding was already deleted (a revoked token handed to consumers).
+    dead: BTreeSet<String>,
 }
 
 impl Drop for ServiceAccountTokens {
     fn drop(&mut self) {
         self.watch.abort();
+        self.sampler.abort();
     }
 }
 
@@ -1075,12 +1099,60 @@ impl ServiceAccountTokens {
             }
         });
         ready_rx.await.expect("the binding watch started");
+        let sampled: Arc<Mutex<Sampled>> = Arc::default();
+        let sampler = tokio::spawn(Self::sample(ns.api(), sampled.clone()));
         ServiceAccountTokens {
             client: ns.client.clone(),
             ns: ns.name.clone(),
             seen,
             watch,
-            present: BTreeMap::new(),
+            sampler,
+            sampled,
+        }
+    }
+
+    /// Reads every Secret twice a second, in one list (one
+    /// resourceVersion): which token each AgentToken's Secret holds, by the
+    /// binding it is bound to, and whether that binding still exists. The
+    /// operator writes the Secret before it deletes a binding, so no read
+    /// shows a Secret's token bound to a binding that is gone.
+    async fn sample(api: Api<Secret>, into: Arc<Mutex<Sampled>>) {
+        use agent_token_operator::issuer::service_account::BINDING_SECRET_TYPE;
+        loop {
+            if let Ok(list) = api.list(&ListParams::default()).await {
+                let bindings: HashMap<String, i64> = list
+                    .items
+                    .iter()
+                    .filter(|s| s.type_.as_deref() == Some(BINDING_SECRET_TYPE))
+                    .filter_map(binding_of)
+                    .map(|(uid, (_, _, rev))| (uid, rev))
+                    .collect();
+                let mut into = into.lock().unwrap();
+                for s in &list.items {
+                    for (k, v) in s.data.iter().flatten() {
+                        if k != "token" && k != "token.previous" {
+                            continue;
+                        }
+                        let Ok(v) = std::str::from_utf8(&v.0) else {
+                            continue;
+                        };
+                        let Some(uid) = bound_to(v) else { continue };
+                        let fp = fingerprint(v.as_bytes());
+                        match bindings.get(&uid) {
+                            Some(rev) => {
+                                into.delivered
+                                    .entry((s.name_any(), *rev))
+                                    .or_default()
+                                    .insert(fp);
+                            }
+                            None => {
+                                into.dead.insert(format!("{} {k} {fp}", s.name_any()));
+                            }
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
@@ -1163,7 +1235,6 @@ impl Issuer for ServiceAccountTokens {
                 }
             }
         }
-        self.present = present;
         t
     }
 
@@ -1260,6 +1331,45 @@ impl Issuer for ServiceAccountTokens {
             }
         }
         out
+    }
+
+    fn watched(&mut self, observed: &Observed) -> (Vec<String>, Vec<String>) {
+        self.sampler.abort();
+        let sampled = self.sampled.lock().unwrap();
+        let mut failures = Vec::new();
+        if !sampled.dead.is_empty() {
+            failures.push(format!(
+                "Secrets seen holding a token whose binding was deleted (a revoked token handed to consumers): {:#?}",
+                sampled.dead
+            ));
+        }
+        // The ledger says which token a delivered revision was: a token
+        // seen in a Secret whose fingerprint the ledger never showed for
+        // its revision is one the ledger cannot name. Counted, not failed:
+        // today a serviceAccount token delivered just before a crash is
+        // revoked as an interrupted mint and never named (no leak; the
+        // issue-17 report has the evidence). Make it a failure once fixed.
+        let unnamed: Vec<String> = sampled
+            .delivered
+            .iter()
+            .flat_map(|((name, rev), fps)| {
+                let known = observed.fingerprints.get(&(name.clone(), *rev));
+                fps.iter()
+                    .filter(move |fp| known.is_none_or(|k| !k.contains(*fp)))
+                    .map(move |fp| format!("{name} r{rev} {fp}"))
+            })
+            .collect();
+        let notes = vec![format!(
+            "{} revisions seen delivered in Secrets; tokens seen in a Secret whose fingerprint the ledger never showed for their revision: {}{}",
+            sampled.delivered.len(),
+            unnamed.len(),
+            if unnamed.is_empty() {
+                String::new()
+            } else {
+                format!(" {:?}", unnamed.iter().take(10).collect::<Vec<_>>())
+            }
+        )];
+        (notes, failures)
     }
 
     async fn active_after_deletion(&mut self, _unknown: &BTreeSet<(String, i64)>) -> Vec<String> {
