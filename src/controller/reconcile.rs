@@ -775,9 +775,11 @@ async fn mint_and_deliver(
         );
         *keeper = Some(k);
     }
-    if sa_handle.is_none() {
-        status_write(at, ctx, o.status.clone(), &[]).await?;
-    }
+    // Every kind, serviceAccount too: after a crash between the Secret
+    // write and the final status, the next reconcile recognises the
+    // delivered token by this fingerprint instead of revoking it as an
+    // interrupted mint.
+    status_write(at, ctx, o.status.clone(), &[]).await?;
     let mut next = o.status.clone();
     let held_previous = shift_slots(
         &mut next,

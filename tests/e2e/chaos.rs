@@ -22,8 +22,8 @@
 //!   at most one token; one deleted is a token revoked), reads from each
 //!   delivered token's claims which binding it is bound to, and asks
 //!   TokenReview at the end. It also reads every Secret twice a second: no
-//!   Secret may hold a token whose binding is gone, and it counts (without
-//!   failing) delivered tokens the ledger never named by fingerprint;
+//!   Secret may hold a token whose binding is gone, nor a token the ledger
+//!   never named by fingerprint;
 //! - the real OpenBao: a declarative file audit device (accessors in clear,
 //!   token values HMAC'd) records every child token created, with the
 //!   metadata the operator gives it (AgentToken, revision); the token store
@@ -1345,10 +1345,8 @@ impl Issuer for ServiceAccountTokens {
         }
         // The ledger says which token a delivered revision was: a token
         // seen in a Secret whose fingerprint the ledger never showed for
-        // its revision is one the ledger cannot name. Counted, not failed:
-        // today a serviceAccount token delivered just before a crash is
-        // revoked as an interrupted mint and never named (no leak; the
-        // issue-17 report has the evidence). Make it a failure once fixed.
+        // its revision is one the ledger cannot name (a delivered token
+        // revoked as an interrupted mint after a crash did this).
         let unnamed: Vec<String> = sampled
             .delivered
             .iter()
@@ -1359,6 +1357,11 @@ impl Issuer for ServiceAccountTokens {
                     .map(move |fp| format!("{name} r{rev} {fp}"))
             })
             .collect();
+        if !unnamed.is_empty() {
+            failures.push(format!(
+                "tokens seen in a Secret whose fingerprint the ledger never showed for their revision: {unnamed:#?}"
+            ));
+        }
         let notes = vec![format!(
             "{} revisions seen delivered in Secrets; tokens seen in a Secret whose fingerprint the ledger never showed for their revision: {}{}",
             sampled.delivered.len(),
