@@ -123,8 +123,8 @@ impl Leadership {
     /// How long this replica may still act as leader, judged from its last
     /// successful Lease renewal (the moment the write was sent, plus the
     /// Lease duration, minus [`safety_margin`]); `None` when it is not the
-    /// leader. Never more than the Lease duration minus the margin (12 s
-    /// with the default 15 s Lease); renewals every fifth of the duration
+    /// leader. Never more than the Lease duration minus the margin (48 s
+    /// with the default 60 s Lease); renewals every fifth of the duration
     /// keep it above three fifths of the duration minus the margin while
     /// the API answers. Unelected: `Duration::MAX`.
     pub fn time_left(&self) -> Option<Duration> {

@@ -689,6 +689,24 @@ async fn mint_and_deliver(
     };
     ctx.metrics
         .observe_issuer_request(o.backend.kind(), "mint", minted.is_ok(), started.elapsed());
+    // A replica frozen past its Lease (a paused VM, SIGSTOP) can see the
+    // answer arrive after a standby took over: the ledger is the new
+    // leader's now. Revoke what this call minted (a serviceAccount binding
+    // the new leader revokes from the intent) and write nothing; the new
+    // leader reads the intent as an interrupted mint.
+    if let Ok(t) = &minted
+        && !ctx.leadership.is_leader()
+    {
+        let gone = tokio::time::timeout(
+            revoke::REVOKE_DEADLINE,
+            o.backend.revoke(&o.ns, &t.handle, Some(&t.token)),
+        )
+        .await;
+        warn!(namespace = %o.ns, agenttoken = %o.name, revision, revoked = matches!(gone, Ok(Ok(_))), "leadership was lost during a mint; its token is revoked, not recorded");
+        return Err(Error::Issuer(IssuerError::Unavailable(
+            "leadership was lost during the mint".into(),
+        )));
+    }
     let minted = match minted {
         Ok(t) => {
             ledger::minted(
