@@ -71,6 +71,9 @@ pub enum Error {
     SecretAppeared(String),
     #[error("{0} token(s) could not be revoked")]
     RevocationIncomplete(usize),
+    /// This replica no longer holds the leader Lease: it writes nothing.
+    #[error("this replica is no longer the leader")]
+    NotLeader,
     /// A bug met data it did not expect. The object backs off; the process
     /// and every other object go on.
     #[error("reconcile panicked: {0}")]
@@ -86,6 +89,7 @@ impl Error {
             Error::MissingNamespace | Error::MissingUid => "invalid_object",
             Error::SecretAppeared(_) => "secret_conflict",
             Error::RevocationIncomplete(_) => "revocation",
+            Error::NotLeader => "not_leader",
             Error::Panicked(_) => "panic",
         }
     }

@@ -694,18 +694,16 @@ async fn mint_and_deliver(
     // leader's now. Revoke what this call minted (a serviceAccount binding
     // the new leader revokes from the intent) and write nothing; the new
     // leader reads the intent as an interrupted mint.
-    if let Ok(t) = &minted
-        && !ctx.leadership.is_leader()
-    {
-        let gone = tokio::time::timeout(
-            revoke::REVOKE_DEADLINE,
-            o.backend.revoke(&o.ns, &t.handle, Some(&t.token)),
-        )
-        .await;
-        warn!(namespace = %o.ns, agenttoken = %o.name, revision, revoked = matches!(gone, Ok(Ok(_))), "leadership was lost during a mint; its token is revoked, not recorded");
-        return Err(Error::Issuer(IssuerError::Unavailable(
-            "leadership was lost during the mint".into(),
-        )));
+    if !ctx.leadership.is_leader() {
+        if let Ok(t) = &minted {
+            let gone = tokio::time::timeout(
+                revoke::REVOKE_DEADLINE,
+                o.backend.revoke(&o.ns, &t.handle, Some(&t.token)),
+            )
+            .await;
+            warn!(namespace = %o.ns, agenttoken = %o.name, revision, revoked = matches!(gone, Ok(Ok(_))), "leadership was lost during a mint; its token is revoked, not recorded");
+        }
+        return Err(Error::NotLeader);
     }
     let minted = match minted {
         Ok(t) => {
@@ -1064,6 +1062,9 @@ impl SecretWriter<'_> {
         current: Option<&SecretString>,
         previous: Option<&SecretString>,
     ) -> Result<(), Error> {
+        if !self.ctx.leadership.is_leader() {
+            return Err(Error::NotLeader);
+        }
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), self.ns);
         let mut desired = self.render(status, current, previous);
         match self.live {
@@ -1577,6 +1578,12 @@ pub(super) async fn status_write(
     }
     if status == old {
         return Ok(());
+    }
+    // Only the leader writes the ledger: a reconcile still running on a
+    // replica that lost the Lease (a freeze, a partition) would overwrite
+    // what the new leader recorded.
+    if !ctx.leadership.is_leader() {
+        return Err(Error::NotLeader);
     }
     let api: Api<AgentToken> =
         Api::namespaced(ctx.client.clone(), &at.namespace().unwrap_or_default());

@@ -810,3 +810,105 @@ async fn webhook_stand_in_finalizer_completes_after_the_tenant_deleted_the_secre
         "tokens minted for the deleted AgentToken still active"
     );
 }
+
+/// Case 11: a leader frozen mid-mint (SIGSTOP, as a paused VM) past its
+/// Lease. The standby takes over and mints the next revision; when the old
+/// leader wakes with the issuer's answer, it is no longer leader: it
+/// revokes what it minted and writes nothing, so the ledger and the Secret
+/// stay the new leader's. (Before, the woken replica delivered its token
+/// over the new leader's and wrote its status.)
+#[tokio::test]
+async fn webhook_stand_in_leader_frozen_during_a_mint_revokes_its_token_and_writes_nothing() {
+    let ns = TestNamespace::new("ledger-frozen").await;
+    let home = TestNamespace::new("ledger-op").await;
+    let _unblock = Unblock(ns.name.clone());
+    let stand_in = StandIn::start().await;
+    let args = [
+        "--leader-election=true",
+        "--lease-duration=10s",
+        "--lease-namespace",
+        home.name.as_str(),
+        "--lease-name",
+        "frozen",
+    ];
+    let mut first = Operator::start_with(&ns.name, "first", &args);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = home.api();
+    eventually(
+        Duration::from_secs(30),
+        "the first replica leads",
+        || async {
+            leases
+                .get_opt("frozen")
+                .await
+                .ok()??
+                .spec?
+                .holder_identity
+                .filter(|h| !h.is_empty())
+        },
+    )
+    .await;
+    // The first mint is answered 3s after the token exists.
+    stand_in.set_fixed_answer_delay(Duration::from_secs(3));
+    webhook_issuer(&ns, "minter", &stand_in, true).await;
+    applied(&ns, &agent_token("minter", "0s"));
+    eventually(
+        Duration::from_secs(30),
+        "the stand-in minted revision 1",
+        || async { (!stand_in.issued().is_empty()).then_some(()) },
+    )
+    .await;
+    first.signal("STOP");
+    let frozen_id = stand_in.issued()[0].id.clone();
+    stand_in.set_answer_delay(Duration::ZERO);
+    let mut second = Operator::start_with(&ns.name, "second", &args);
+    let api: Api<AgentToken> = ns.api();
+    let at = wait_at(&api, "the standby delivered revision 2", 60, |at| {
+        revision(at) == 2 && entry(at, 2).is_some_and(|e| e.state == Some(TokenLife::Live))
+    })
+    .await;
+    let r1 = entry(&at, 1).cloned();
+    first.signal("CONT");
+    // The woken replica stops (it lost the Lease) without writing: if it
+    // got the issuer's answer it revoked the token; if its deadline cut
+    // the call first, the new leader's ledger says Unknown for revision 1.
+    let stopped_by = Instant::now() + Duration::from_secs(30);
+    while !first.exited() {
+        assert!(
+            Instant::now() < stopped_by,
+            "the frozen replica did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let at = api.get("bot").await.unwrap();
+    let r1_state = entry(&at, 1).and_then(|e| e.state);
+    assert!(
+        stand_in.active(&frozen_id) == Some(false)
+            || matches!(r1_state, Some(TokenLife::Unknown | TokenLife::Expired)),
+        "the frozen replica's token is neither revoked nor accounted Unknown: {}",
+        ledger(&at)
+    );
+    assert_eq!(revision(&at), 2, "{}", ledger(&at));
+    let live = entry(&at, 2).unwrap();
+    assert_eq!(live.state, Some(TokenLife::Live), "{}", ledger(&at));
+    let secret = ns.api::<Secret>().get("bot").await.unwrap();
+    let held = secret.data.unwrap()["token"].0.clone();
+    assert_eq!(
+        agent_token_operator::rotation::fingerprint(&held),
+        live.fingerprint,
+        "the Secret holds the new leader's token: {}",
+        ledger(&at)
+    );
+    // Revision 1: the new leader read the intent as an interrupted mint;
+    // it never became Live.
+    let r1_now = entry(&at, 1);
+    assert!(
+        r1_now.is_none_or(|e| e.state != Some(TokenLife::Live)),
+        "{}",
+        ledger(&at)
+    );
+    assert!(
+        r1.as_ref().is_none_or(|e| e.state != Some(TokenLife::Live)),
+        "before the wake-up: {r1:?}"
+    );
+    second.stop();
+}

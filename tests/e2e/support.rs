@@ -338,6 +338,15 @@ impl Operator {
     }
 
     /// Kills the operator at once (SIGKILL), as a crash would.
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the operator process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -103,6 +103,8 @@ struct Service {
     /// Longest wait between minting a token and answering (a slow
     /// service: a client that goes away meanwhile never gets the token).
     answer_delay: Duration,
+    /// Answer after exactly `answer_delay` instead of a random part of it.
+    fixed_delay: bool,
     /// id -> (token, active)
     tokens: HashMap<String, (String, bool)>,
     /// id -> whom and how long
@@ -180,6 +182,8 @@ fn mint_now(s: &Shared, headers: &HeaderMap, body: serde_json::Value) -> (Respon
     let ttl = s.ttl;
     let delay = if s.answer_delay.is_zero() {
         Duration::ZERO
+    } else if s.fixed_delay {
+        s.answer_delay
     } else {
         use rand::Rng;
         let max = s.answer_delay.as_millis() as u64;
@@ -238,6 +242,7 @@ async fn start() -> (Shared, u16) {
         revoke_mode: RevokeMode::Normal,
         ttl: 900,
         answer_delay: Duration::ZERO,
+        fixed_delay: false,
         tokens: HashMap::new(),
         records: HashMap::new(),
         bodies: Vec::new(),
@@ -301,7 +306,16 @@ impl StandIn {
     /// Each mint waits up to `max` (at random) after minting before it
     /// answers: a client that dies meanwhile never learns of the token.
     pub fn set_answer_delay(&self, max: Duration) {
-        self.svc.lock().unwrap().answer_delay = max;
+        let mut s = self.svc.lock().unwrap();
+        s.answer_delay = max;
+        s.fixed_delay = false;
+    }
+
+    /// Each mint answers exactly `delay` after minting.
+    pub fn set_fixed_answer_delay(&self, delay: Duration) {
+        let mut s = self.svc.lock().unwrap();
+        s.answer_delay = delay;
+        s.fixed_delay = true;
     }
 
     /// Every token it minted (fingerprints, never values), oldest first.
