@@ -130,6 +130,12 @@ impl Operator {
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_agent-token-operator"))
             .args(["run", "--namespace", namespace, "--leader-election=false"])
+            // Its own namespace (where it keeps tokens revoked by value):
+            // the bench cluster has only the watched ones.
+            .args([
+                "--lease-namespace",
+                namespace.split(',').next().unwrap_or(namespace),
+            ])
             .args(["--metrics-address", &format!("127.0.0.1:{port}")])
             .args(["--log-level", "warn"])
             // The webhook stand-ins listen on loopback over plain http behind

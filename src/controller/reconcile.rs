@@ -784,12 +784,35 @@ async fn mint_and_deliver(
     // Recorded (and, when revoking needs it, the token kept) before the
     // tenant's Secret is written.
     if by_token {
-        let mut k = Keeper::load(ctx, &o.uid, o.status.keeper_uid.as_deref()).await?;
-        o.status.keeper_uid = Some(
-            k.put((&o.ns, &o.name), &o.uid, revision, &minted.token)
-                .await?,
-        );
-        *keeper = Some(k);
+        let kept = match Keeper::load(ctx, &o.uid, o.status.keeper_uid.as_deref()).await {
+            Ok(mut k) => {
+                let put = k
+                    .put((&o.ns, &o.name), &o.uid, revision, &minted.token)
+                    .await;
+                *keeper = Some(k);
+                put
+            }
+            Err(e) => Err(e),
+        };
+        match kept {
+            Ok(uid) => o.status.keeper_uid = Some(uid),
+            Err(e) => {
+                // Not delivered without a way to revoke it later: revoke it
+                // now, while its value is at hand.
+                warn!(namespace = %o.ns, agenttoken = %o.name, error = %e, "could not keep the token for its revocation");
+                return revoke_undelivered(
+                    at,
+                    ctx,
+                    o,
+                    revision,
+                    "never delivered: it could not be kept for its revocation",
+                    acted,
+                    keeper,
+                    e,
+                )
+                .await;
+            }
+        }
     }
     // Every kind, serviceAccount too: after a crash between the Secret
     // write and the final status, the next reconcile recognises the
@@ -838,31 +861,17 @@ async fn mint_and_deliver(
     };
     if let Err(e) = written {
         // The new token never reached anyone: revoke it now.
-        ledger::retire(
-            &mut o.status,
+        return revoke_undelivered(
+            at,
+            ctx,
+            o,
             revision,
             "never delivered: the Secret write failed",
-            now,
-        );
-        let mut status = std::mem::take(&mut o.status);
-        let mut ev = revoke::pass(
-            ctx,
-            &o.who(),
-            &mut status,
-            Some(revoke::CurrentIssuer {
-                record: &o.record,
-                backend: o.backend.as_ref(),
-            }),
-            &o.values,
+            acted,
             keeper,
-            now,
-            1,
+            e,
         )
-        .await
-        .unwrap_or_default();
-        acted.events.append(&mut ev);
-        status_write(at, ctx, status, &[]).await.ok();
-        return Err(e);
+        .await;
     }
     o.status = next;
     acted.delivered = true;
@@ -895,6 +904,43 @@ async fn mint_and_deliver(
     ctx.metrics.rotation(&format!("{:?}", m.reason), true);
     info!(namespace = %o.ns, agenttoken = %o.name, revision, fingerprint = %fp, reason = ?m.reason, "token minted");
     Ok(Ok(()))
+}
+
+/// A token minted and not delivered: revoked at once (its value is at
+/// hand), recorded, and the reconcile fails with `error`.
+#[allow(clippy::too_many_arguments)]
+async fn revoke_undelivered(
+    at: &AgentToken,
+    ctx: &Context,
+    o: &mut Observed,
+    revision: i64,
+    why: &str,
+    acted: &mut Acted,
+    keeper: &mut Option<Keeper>,
+    error: Error,
+) -> Result<Result<(), Refusal>, Error> {
+    ledger::retire(&mut o.status, revision, why, o.now);
+    let mut status = std::mem::take(&mut o.status);
+    let ev = revoke::pass(
+        ctx,
+        &o.who(),
+        &mut status,
+        Some(revoke::CurrentIssuer {
+            record: &o.record,
+            backend: o.backend.as_ref(),
+        }),
+        &o.values,
+        keeper,
+        o.now,
+        1,
+    )
+    .await
+    .unwrap_or_default();
+    for (kind, reason, note) in ev.into_iter().chain(acted.events.drain(..)) {
+        ctx.publish(at, kind, reason, note).await;
+    }
+    status_write(at, ctx, status, &[]).await.ok();
+    Err(error)
 }
 
 /// Status, conditions and Events from what happened, then when to look again.

@@ -912,3 +912,45 @@ async fn webhook_stand_in_leader_frozen_during_a_mint_revokes_its_token_and_writ
     );
     second.stop();
 }
+
+/// A token whose revocation needs its value is never delivered unless it
+/// was kept first: with the operator's own namespace missing (so no
+/// keeper can be written), each minted token is revoked at once and the
+/// Secret gets none.
+#[tokio::test]
+async fn webhook_stand_in_token_that_cannot_be_kept_is_revoked_not_delivered() {
+    let ns = TestNamespace::new("ledger-nokeep").await;
+    let _unblock = Unblock(ns.name.clone());
+    let stand_in = StandIn::start().await;
+    let missing = format!("no-such-ns-{}", crate::support::random_suffix());
+    let _op = Operator::start_with(
+        &ns.name,
+        "solo",
+        &["--leader-election=false", "--lease-namespace", &missing],
+    );
+    webhook_issuer(&ns, "minter", &stand_in, false).await;
+    applied(&ns, &agent_token("minter", "0s"));
+    let api: Api<AgentToken> = ns.api();
+    let at = wait_at(&api, "a mint revoked for want of a keeper", 60, |at| {
+        at.status.as_ref().is_some_and(|s| {
+            s.history.iter().any(|e| {
+                e.state == Some(TokenLife::Revoked)
+                    && e.message.as_deref().is_some_and(|m| m.contains("kept"))
+            })
+        })
+    })
+    .await;
+    let issued = stand_in.issued();
+    assert!(!issued.is_empty());
+    // Every token minted so far is revoked, or is the one being minted now.
+    let active: Vec<_> = issued.iter().filter(|i| !i.revoked).collect();
+    assert!(active.len() <= 1, "{active:?}; ledger: {}", ledger(&at));
+    let secret = ns.api::<Secret>().get_opt("bot").await.unwrap();
+    assert!(
+        secret
+            .and_then(|s| s.data)
+            .is_none_or(|d| !d.contains_key("token")),
+        "a token was delivered without being kept"
+    );
+    assert_eq!(revision(&at), 0, "{}", ledger(&at));
+}
