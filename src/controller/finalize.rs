@@ -9,7 +9,6 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
-use secrecy::ExposeSecret;
 use tracing::{info, warn};
 
 use super::keeper::Keeper;
@@ -58,34 +57,8 @@ pub async fn cleanup(at: &AgentToken, ctx: &Context) -> Result<Action, Error> {
         .await?
         .filter(|s| matches!(secret::ownership(Some(s), &uid), Ownership::Owned));
     let key = at.secret_key();
-    for e in status.history.iter_mut() {
-        if ledger::life(e) == TokenLife::Minting {
-            let delivered = !e.fingerprint.is_empty()
-                && secret::token_in(live.as_ref(), &key).is_some_and(|v| {
-                    crate::rotation::fingerprint(v.expose_secret().as_bytes()) == e.fingerprint
-                });
-            if delivered {
-                e.state = Some(TokenLife::Live);
-            }
-        }
-    }
-    let minting: Vec<(i64, bool)> = status
-        .history
-        .iter()
-        .filter(|e| ledger::life(e) == TokenLife::Minting)
-        .map(|e| (e.revision, e.handle.is_some()))
-        .collect();
-    for (revision, findable) in minting {
-        ledger::interrupted(&mut status, revision, findable, now);
-    }
-    let mut values = revoke::Values::default();
-    if let Some(c) = ledger::current(&status).map(|e| e.revision) {
-        values.offer(&status, c, secret::token_in(live.as_ref(), &key));
-    }
-    if let Some(p) = ledger::previous(&status).map(|e| e.revision) {
-        let previous_key = format!("{key}{}", secret::PREVIOUS_SUFFIX);
-        values.offer(&status, p, secret::token_in(live.as_ref(), &previous_key));
-    }
+    super::reconcile::recover(&mut status, live.as_ref(), &key, &name, now);
+    let values = super::reconcile::held_values(&status, live.as_ref(), &key);
     let open: Vec<i64> = status
         .history
         .iter()

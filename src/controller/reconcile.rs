@@ -392,20 +392,9 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
     ledger::normalize(&mut status, now);
     ledger::expire(&mut status, now);
     // Token values, believed only when their fingerprint is the ledger's.
-    let mut values = revoke::Values::default();
+    let values = held_values(&status, live.as_ref(), &key);
     let current = ledger::current(&status).cloned();
     let previous = ledger::previous(&status).cloned();
-    if let Some(c) = &current {
-        values.offer(&status, c.revision, secret::token_in(live.as_ref(), &key));
-    }
-    if let Some(p) = &previous {
-        let previous_key = format!("{key}{}", secret::PREVIOUS_SUFFIX);
-        values.offer(
-            &status,
-            p.revision,
-            secret::token_in(live.as_ref(), &previous_key),
-        );
-    }
     let view = ledger_view(&status, live.is_some(), &values);
     let annotations = at.annotations();
     let recent_mints = old_status
@@ -1421,14 +1410,7 @@ async fn fail_closed(at: &AgentToken, ctx: &Context, r: Refusal) -> Result<Actio
         .filter(|s| matches!(secret::ownership(Some(s), &uid), Ownership::Owned));
     let key = at.secret_key();
     recover(&mut status, live.as_ref(), &key, &name, now);
-    let mut values = revoke::Values::default();
-    if let Some(c) = ledger::current(&status).map(|e| e.revision) {
-        values.offer(&status, c, secret::token_in(live.as_ref(), &key));
-    }
-    if let Some(p) = ledger::previous(&status).map(|e| e.revision) {
-        let previous_key = format!("{key}{}", secret::PREVIOUS_SUFFIX);
-        values.offer(&status, p, secret::token_in(live.as_ref(), &previous_key));
-    }
+    let values = held_values(&status, live.as_ref(), &key);
     let why = format!("fail closed: {}", r.reason);
     let delivered: Vec<i64> = status
         .history
@@ -1750,10 +1732,28 @@ fn shift_slots(
     Some(cur.revision)
 }
 
+/// The tokens the owned Secret holds for the ledger's current and previous
+/// entries, each believed only when its fingerprint is the ledger's.
+pub(super) fn held_values(
+    status: &AgentTokenStatus,
+    live: Option<&Secret>,
+    key: &str,
+) -> revoke::Values {
+    let mut values = revoke::Values::default();
+    if let Some(c) = ledger::current(status) {
+        values.offer(status, c.revision, secret::token_in(live, key));
+    }
+    if let Some(p) = ledger::previous(status) {
+        let previous_key = format!("{key}{}", secret::PREVIOUS_SUFFIX);
+        values.offer(status, p.revision, secret::token_in(live, &previous_key));
+    }
+    values
+}
+
 /// Mints the last reconcile of this object left unfinished: delivered if
 /// the Secret holds the minted token, else revoked when it can be found,
 /// else `Unknown` until its latest expiry.
-fn recover(
+pub(super) fn recover(
     status: &mut AgentTokenStatus,
     live: Option<&Secret>,
     key: &str,
