@@ -57,7 +57,14 @@ pub async fn cleanup(at: &AgentToken, ctx: &Context) -> Result<Action, Error> {
         .await?
         .filter(|s| matches!(secret::ownership(Some(s), &uid), Ownership::Owned));
     let key = at.secret_key();
-    super::reconcile::recover(&mut status, live.as_ref(), &key, &name, now);
+    super::reconcile::recover(
+        &mut status,
+        live.as_ref(),
+        &key,
+        &name,
+        super::reconcile::grace_period(at),
+        now,
+    );
     let values = super::reconcile::held_values(&status, live.as_ref(), &key);
     let open: Vec<i64> = status
         .history

@@ -226,6 +226,25 @@ pub fn delivered(status: &mut AgentTokenStatus, revision: i64) {
     }
 }
 
+/// Points the status summary (`revision`, `tokenFingerprint`, `issuedAt`,
+/// `expiresAt`, `lastRotationReason`) at the current token and clears the
+/// failure count: what every delivery ends with.
+pub fn summarize(status: &mut AgentTokenStatus) {
+    let Some(c) = current(status).cloned() else {
+        return;
+    };
+    status.revision = c.revision;
+    status.token_fingerprint = Some(c.fingerprint);
+    status.issued_at = c.issued_at;
+    status.expires_at = c.expires_at;
+    if c.reason.is_some() {
+        status.last_rotation_reason = c.reason;
+    }
+    status.failed_attempts = 0;
+    status.last_failure_message = None;
+    status.last_failure_time = None;
+}
+
 /// The token of `revision` stays in the Secret as the previous one until `until`.
 pub fn grace(status: &mut AgentTokenStatus, revision: i64, until: Timestamp) {
     if let Some(e) = entry_mut(status, revision) {

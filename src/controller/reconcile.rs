@@ -378,7 +378,14 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
     let old_status = at.status.clone().unwrap_or_default();
     let mut status = old_status.clone();
     status.secret_name = Some(secret_name.clone());
-    recover(&mut status, live.as_ref(), &key, &name, now);
+    recover(
+        &mut status,
+        live.as_ref(),
+        &key,
+        &name,
+        grace_period(at),
+        now,
+    );
     adopt_bindings(
         ctx,
         &revoke::Subject {
@@ -868,15 +875,7 @@ async fn mint_and_deliver(
         acted.consumers =
             Some(consumers_step(at, ctx, &o.ns, &o.secret_name, &slot(cur), &o.status, now).await);
     }
-    let status = &mut o.status;
-    status.revision = revision;
-    status.token_fingerprint = Some(fp.clone());
-    status.issued_at = Some(Time(minted.issued_at));
-    status.expires_at = Some(Time(minted.expires_at));
-    status.last_rotation_reason = Some(m.reason);
-    status.failed_attempts = 0;
-    status.last_failure_message = None;
-    status.last_failure_time = None;
+    ledger::summarize(&mut o.status);
     let (reason, verb) = if m.reason == RotationReason::Initial {
         (Reason::TokenIssued, "issued")
     } else {
@@ -1409,7 +1408,14 @@ async fn fail_closed(at: &AgentToken, ctx: &Context, r: Refusal) -> Result<Actio
         .await?
         .filter(|s| matches!(secret::ownership(Some(s), &uid), Ownership::Owned));
     let key = at.secret_key();
-    recover(&mut status, live.as_ref(), &key, &name, now);
+    recover(
+        &mut status,
+        live.as_ref(),
+        &key,
+        &name,
+        grace_period(at),
+        now,
+    );
     let values = held_values(&status, live.as_ref(), &key);
     let why = format!("fail closed: {}", r.reason);
     let delivered: Vec<i64> = status
@@ -1753,15 +1759,25 @@ pub(super) fn held_values(
 /// Mints the last reconcile of this object left unfinished: delivered if
 /// the Secret holds the minted token, else revoked when it can be found,
 /// else `Unknown` until its latest expiry.
+///
+/// Delivered means the operator stopped between the Secret write and the
+/// status write that records it. The token it replaced is then in its
+/// grace period if the Secret's previous key holds it (until `grace` after
+/// the new token was issued, as the mint would have set), else retired;
+/// and the status summary (`revision`, `tokenFingerprint`, times) names
+/// the delivered token, as after any mint.
 pub(super) fn recover(
     status: &mut AgentTokenStatus,
     live: Option<&Secret>,
     key: &str,
     name: &str,
+    grace: Duration,
     now: Timestamp,
 ) {
-    let held =
-        secret::token_in(live, key).map(|v| rotation::fingerprint(v.expose_secret().as_bytes()));
+    let fingerprint_in = |k: &str| {
+        secret::token_in(live, k).map(|v| rotation::fingerprint(v.expose_secret().as_bytes()))
+    };
+    let held = fingerprint_in(key);
     let minting: Vec<(i64, bool, bool)> = status
         .history
         .iter()
@@ -1772,12 +1788,29 @@ pub(super) fn recover(
         })
         .collect();
     for (revision, delivered, findable) in minting {
-        if delivered {
-            ledger::delivered(status, revision);
-        } else {
+        if !delivered {
             info!(agenttoken = %name, revision, findable, "a mint was interrupted");
             ledger::interrupted(status, revision, findable, now);
+            continue;
         }
+        info!(agenttoken = %name, revision, "a mint was interrupted after its delivery; recorded as delivered");
+        let replaced = ledger::current(status)
+            .filter(|c| c.revision < revision)
+            .cloned();
+        ledger::delivered(status, revision);
+        if let Some(old) = replaced {
+            let previous_key = format!("{key}{}", secret::PREVIOUS_SUFFIX);
+            let issued = ledger::current(status)
+                .and_then(|c| c.issued_at.as_ref())
+                .map_or(now, |t| t.0);
+            if fingerprint_in(&previous_key).as_deref() == Some(old.fingerprint.as_str()) {
+                let expires = slot(&old).expires_at;
+                ledger::grace(status, old.revision, ledger::after(issued, grace, expires));
+            } else {
+                ledger::retire(status, old.revision, "superseded by a newer token", now);
+            }
+        }
+        ledger::summarize(status);
     }
 }
 
@@ -1902,7 +1935,7 @@ pub fn renew_window(at: &AgentToken) -> RenewWindow {
     }
 }
 
-fn grace_period(at: &AgentToken) -> Duration {
+pub(super) fn grace_period(at: &AgentToken) -> Duration {
     at.spec
         .previous_token_grace_period
         .as_ref()
@@ -2394,8 +2427,92 @@ mod tests {
             let mut s = AgentTokenStatus::default();
             s.history.push(entry);
             let live = held.map(secret_with);
-            recover(&mut s, live.as_ref(), "token", "bot", t(10));
+            recover(
+                &mut s,
+                live.as_ref(),
+                "token",
+                "bot",
+                Duration::from_secs(60),
+                t(10),
+            );
             assert_eq!(s.history[0].state, Some(want), "{case}");
+        }
+    }
+
+    /// The operator stopped after writing the Secret and before recording
+    /// the delivery (the chaos test's "no token yet" with a token in the
+    /// Secret): the next reconcile records it as a mint would have.
+    #[test]
+    fn a_mint_found_in_the_secret_is_recorded_as_delivered() {
+        let secret = |pairs: &[(&str, &str)]| Secret {
+            data: Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            k8s_openapi::ByteString(v.as_bytes().to_vec()),
+                        )
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let minting = |r: i64| HistoryEntry {
+            revision: r,
+            fingerprint: rotation::fingerprint(format!("tok-{r}").as_bytes()),
+            issued_at: Some(Time(t(100))),
+            expires_at: Some(Time(t(7200))),
+            handle: Some(format!("webhook-id:{r}")),
+            reason: Some(RotationReason::Manual),
+            state: Some(TokenLife::Minting),
+            ..Default::default()
+        };
+        // (case, ledger before, Secret, revision 2's state after)
+        let rows = [
+            ("first token", None, secret(&[("token", "tok-3")]), None),
+            (
+                "rotation, the old token kept as previous",
+                Some(2),
+                secret(&[("token", "tok-3"), ("token.previous", "tok-2")]),
+                Some(TokenLife::Grace),
+            ),
+            (
+                "rotation without a grace period",
+                Some(2),
+                secret(&[("token", "tok-3")]),
+                Some(TokenLife::Revoking),
+            ),
+        ];
+        for (case, current, live, want_old) in rows {
+            let mut s = ledger_with(current, None);
+            s.revision = current.unwrap_or(0);
+            s.failed_attempts = 2;
+            s.history.push(minting(3));
+            recover(
+                &mut s,
+                Some(&live),
+                "token",
+                "bot",
+                Duration::from_secs(60),
+                t(110),
+            );
+            let new = s.history.iter().find(|e| e.revision == 3).unwrap();
+            assert_eq!(new.state, Some(TokenLife::Live), "{case}");
+            assert_eq!(s.revision, 3, "{case}: status.revision names it");
+            assert_eq!(
+                s.token_fingerprint.as_deref(),
+                Some(new.fingerprint.as_str()),
+                "{case}"
+            );
+            assert_eq!(s.expires_at, Some(Time(t(7200))), "{case}");
+            assert_eq!(s.failed_attempts, 0, "{case}");
+            let old = s.history.iter().find(|e| e.revision == 2);
+            assert_eq!(old.and_then(|e| e.state), want_old, "{case}");
+            if want_old == Some(TokenLife::Grace) {
+                // Grace from the new token's issue (100) for 60 s.
+                assert_eq!(old.unwrap().grace_until, Some(Time(t(160))), "{case}");
+            }
         }
     }
 

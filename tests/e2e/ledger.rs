@@ -21,6 +21,9 @@ use agent_token_operator::crd::{
     AgentToken, HistoryEntry, IssuerKind, RevocationState, TokenIssuer, TokenLife,
 };
 
+use agent_token_operator::rotation::fingerprint;
+
+use crate::apiproxy::{ApiProxy, Effect, Fault, secret_write};
 use crate::hostile::tenant;
 use crate::oauth2::{
     AGENT_TOKEN, client_credentials, client_secret, introspect, issuer_yaml, start_provider,
@@ -953,4 +956,149 @@ async fn webhook_stand_in_token_that_cannot_be_kept_is_revoked_not_delivered() {
         "a token was delivered without being kept"
     );
     assert_eq!(revision(&at), 0, "{}", ledger(&at));
+}
+
+/// An operator serving `ns` through `proxy` (its own namespace `home`).
+fn operator_via(
+    proxy: &ApiProxy,
+    ns: &TestNamespace,
+    home: &TestNamespace,
+    name: &str,
+) -> Operator {
+    Operator::start_as(
+        &ns.name,
+        name,
+        &["--leader-election=false", "--lease-namespace", &home.name],
+        &proxy.kubeconfig,
+    )
+}
+
+/// Case 8, the ambiguous write: the API server applies the token Secret's
+/// creation but its answer is lost (the fault-injecting proxy answers 500
+/// in its place). The token is in the Secret: it must be recorded as
+/// delivered, not revoked as "never delivered".
+#[tokio::test]
+async fn webhook_stand_in_secret_write_answer_lost_keeps_the_delivered_token() {
+    let ns = TestNamespace::new("ledger-lost").await;
+    let home = TestNamespace::new("ledger-op").await;
+    let _unblock = Unblock(ns.name.clone());
+    let stand_in = StandIn::start().await;
+    let proxy = ApiProxy::start().await;
+    proxy.inject(Fault {
+        matches: secret_write(&ns.name, "bot"),
+        effect: Effect::LoseAnswer,
+        times: 1,
+    });
+    let _op = operator_via(&proxy, &ns, &home, "proxied");
+    webhook_issuer(&ns, "minter", &stand_in, true).await;
+    applied(&ns, &agent_token("minter", "5m"));
+    let api: Api<AgentToken> = ns.api();
+    let at = wait_at(&api, "the first token recorded", 60, |at| {
+        revision(at) == 1 && condition(at, "Ready").is_some_and(|(s, _)| s == "True")
+    })
+    .await;
+    assert_eq!(proxy.fired().len(), 1, "the fault was injected once");
+    let value = secret_value(&ns, "bot", "token").await.expect("a token");
+    let e = entry(&at, 1).expect("r1");
+    assert_eq!(e.state, Some(TokenLife::Live), "{}", ledger(&at));
+    assert_eq!(e.fingerprint, fingerprint(value.as_bytes()));
+    let issued = stand_in.issued();
+    assert_eq!(issued.len(), 1, "one mint: {issued:?}");
+    assert!(!issued[0].revoked, "the delivered token was revoked");
+    assert!(stand_in.revokes().is_empty(), "{:?}", stand_in.revokes());
+}
+
+/// The operator dies (SIGKILL, sent by the proxy) right after the API
+/// server applied the token Secret's write and before the status write
+/// that records the delivery, for a first token and then for a rotation.
+/// The next operator finds the minted token in the Secret: it is `Live`,
+/// `status.revision` and `tokenFingerprint` name it (they once stayed at
+/// 0, with Ready=True: the chaos test's "no token yet"), the token it
+/// replaced is in grace as the Secret's previous one, and nothing is
+/// minted again or revoked.
+#[tokio::test]
+async fn webhook_stand_in_operator_killed_after_the_secret_write_records_the_delivery() {
+    let ns = TestNamespace::new("ledger-late").await;
+    let home = TestNamespace::new("ledger-op").await;
+    let _unblock = Unblock(ns.name.clone());
+    let stand_in = StandIn::start().await;
+    let proxy = ApiProxy::start().await;
+    webhook_issuer(&ns, "minter", &stand_in, true).await;
+    let api: Api<AgentToken> = ns.api();
+
+    // Kills the operator started through the proxy right after its next
+    // write of the Secret, then starts one that is not.
+    async fn crash_after_secret_write(
+        proxy: &ApiProxy,
+        ns: &TestNamespace,
+        home: &TestNamespace,
+        name: &str,
+        cause: impl std::future::Future<Output = ()>,
+    ) -> Operator {
+        let mut op = operator_via(proxy, ns, home, name);
+        proxy.inject(Fault {
+            matches: secret_write(&ns.name, "bot"),
+            effect: Effect::KillAfter(op.pid()),
+            times: 1,
+        });
+        cause.await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !op.exited() {
+            assert!(Instant::now() < deadline, "{name} was never killed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Operator::start_with(
+            &ns.name,
+            &format!("{name}-after"),
+            &["--leader-election=false", "--lease-namespace", &home.name],
+        )
+    }
+
+    let op = crash_after_secret_write(&proxy, &ns, &home, "first", async {
+        applied(&ns, &agent_token("minter", "5m"));
+    })
+    .await;
+    let at = wait_at(&api, "the first token recorded", 60, |at| {
+        revision(at) == 1 && condition(at, "Ready").is_some_and(|(s, _)| s == "True")
+    })
+    .await;
+    let first = secret_value(&ns, "bot", "token").await.expect("a token");
+    let st = at.status.as_ref().unwrap();
+    assert_eq!(
+        entry(&at, 1).unwrap().state,
+        Some(TokenLife::Live),
+        "{}",
+        ledger(&at)
+    );
+    assert_eq!(
+        st.token_fingerprint.as_deref(),
+        Some(fingerprint(first.as_bytes()).as_str()),
+        "{}",
+        ledger(&at)
+    );
+    assert!(st.expires_at.is_some());
+    drop(op);
+
+    let op = crash_after_secret_write(&proxy, &ns, &home, "second", rotate(&api, "late-1")).await;
+    let at = wait_at(&api, "the rotated token recorded", 60, |at| {
+        revision(at) == 2 && condition(at, "Ready").is_some_and(|(s, _)| s == "True")
+    })
+    .await;
+    let second = secret_value(&ns, "bot", "token").await.expect("a token");
+    let previous = secret_value(&ns, "bot", "token.previous").await;
+    assert_eq!(
+        previous.as_deref(),
+        Some(first.as_str()),
+        "the old token stays as previous"
+    );
+    let (r1, r2) = (entry(&at, 1).unwrap(), entry(&at, 2).unwrap());
+    assert_eq!(r2.state, Some(TokenLife::Live), "{}", ledger(&at));
+    assert_eq!(r2.fingerprint, fingerprint(second.as_bytes()));
+    assert_eq!(r1.state, Some(TokenLife::Grace), "{}", ledger(&at));
+    assert!(r1.grace_until.is_some());
+    assert_eq!(proxy.fired().len(), 2, "{:?}", proxy.fired());
+    let issued = stand_in.issued();
+    assert_eq!(issued.len(), 2, "one mint per revision: {issued:?}");
+    assert!(issued.iter().all(|i| !i.revoked), "{issued:?}");
+    drop(op);
 }

@@ -2,6 +2,7 @@
 //! One test binary, so the cluster is started once and tests share the link.
 
 mod agenttoken;
+mod apiproxy;
 mod chaos;
 mod cluster;
 mod consumers;
