@@ -58,7 +58,7 @@ CHAOS_KILLS ?= 20
 CHAOS_ONLY ?=
 chaos: cluster
 	CHAOS_AGENTTOKENS=$(CHAOS_AGENTTOKENS) CHAOS_KILLS=$(CHAOS_KILLS) \
-		cargo test --test e2e chaos_$(CHAOS_ONLY) -- --include-ignored --nocapture --test-threads=$${CHAOS_THREADS:-1}
+		cargo test --test e2e chaos_$(CHAOS_ONLY) -- --nocapture --test-threads=$${CHAOS_THREADS:-1}
 
 ## Scale benchmark on its own local control plane; writes target/bench/report.md.
 ## BENCH_ARGS="--quick" for a 1,000-token run, "--only floor,revocation" to pick.

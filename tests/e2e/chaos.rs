@@ -291,7 +291,8 @@ impl Snapshot {
     }
 
     /// The ledger and the Secret agree: the Secret's current token is the
-    /// ledger's `Live` one (and `status.tokenFingerprint`), its previous
+    /// ledger's `Live` one (and `status.revision` and `tokenFingerprint`
+    /// name it), its previous
     /// token the `Grace` one.
     fn disagreements(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -317,6 +318,14 @@ impl Snapshot {
                 out.push(format!(
                     "{name}: the Secret's token is {:?}, the ledger's Live entry {live:?}",
                     held.get("Current")
+                ));
+            }
+            if let Some(top) = top(TokenLife::Live)
+                && st.revision != top.revision
+            {
+                out.push(format!(
+                    "{name}: status.revision {}, the Live entry r{}",
+                    st.revision, top.revision
                 ));
             }
             if live.is_some() && st.token_fingerprint != live {
@@ -1004,7 +1013,6 @@ async fn webhook_issuer(ns: &TestNamespace, stand_in: &StandIn) {
 /// The webhook stand-in grants 5 minutes and answers each mint up to 1 s
 /// after minting it (a slow service), so kills often fall between the two.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "under the full parallel suite an AgentToken sometimes never gets its first token (issue 17, open); run with make chaos"]
 async fn chaos_webhook_stand_in_sigkill_during_mints_and_rotations_leaks_nothing() {
     let stand_in = StandIn::start().await;
     stand_in.set_ttl(300);
@@ -1386,7 +1394,6 @@ impl Issuer for ServiceAccountTokens {
 /// Real TokenRequests for one ServiceAccount; a token lives while its
 /// binding Secret does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "under the full parallel suite an AgentToken sometimes never gets its first token (issue 17, open); run with make chaos"]
 async fn chaos_service_account_sigkill_during_token_requests_leaks_nothing() {
     let mut run = Run::new("serviceAccount", "chaos-sa").await;
     applied(&run.ns, SA_ISSUER);
@@ -1663,7 +1670,6 @@ impl Issuer for OpenBaoTokens {
 /// Real child tokens of a real OpenBao (dev server, from PyPI), created
 /// with the operator's root token; 5-minute lifetimes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "under the full parallel suite an AgentToken sometimes never gets its first token (issue 17, open); run with make chaos"]
 async fn chaos_openbao_sigkill_during_child_token_mints_leaks_nothing() {
     let logs = repo_root().join("target/e2e-logs");
     std::fs::create_dir_all(&logs).unwrap();
