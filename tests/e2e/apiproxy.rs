@@ -30,6 +30,27 @@ pub enum Effect {
     /// The server applies it; then process `pid` (the operator) is killed
     /// with SIGKILL before it hears the answer.
     KillAfter(u32),
+    /// Never forwarded: answered 500 (a partition between this client and
+    /// the server, for these requests only).
+    Refuse,
+}
+
+/// One request that went through the proxy.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// When it reached the proxy.
+    pub at: std::time::Instant,
+    pub method: Method,
+    pub path: String,
+    /// The status code the client got.
+    pub status: u16,
+}
+
+impl Seen {
+    /// A write (not a read or a watch).
+    pub fn is_write(&self) -> bool {
+        !matches!(self.method, Method::GET | Method::HEAD | Method::OPTIONS)
+    }
 }
 
 type Matcher = Box<dyn Fn(&Method, &str, &[u8]) -> bool + Send + Sync>;
@@ -40,6 +61,16 @@ pub struct Fault {
     pub matches: Matcher,
     pub effect: Effect,
     pub times: usize,
+}
+
+/// Writes of Lease `name` in `ns` (creation, renewal, release).
+pub fn lease_write(ns: &str, name: &str) -> Matcher {
+    let collection = format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases");
+    let item = format!("{collection}/{name}");
+    Box::new(move |method, path, _| {
+        (*method == Method::POST && path == collection)
+            || (matches!(*method, Method::PATCH | Method::PUT) && path == item)
+    })
 }
 
 /// Writes of Secret `name` in `ns`: its creation (POST, the name in the
@@ -62,6 +93,7 @@ struct Shared {
     upstream: Client,
     faults: Arc<Mutex<Vec<Fault>>>,
     fired: Arc<Mutex<Vec<String>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 /// The running proxy; stops when dropped.
@@ -79,6 +111,7 @@ impl ApiProxy {
             upstream,
             faults: Arc::default(),
             fired: Arc::default(),
+            seen: Arc::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -119,6 +152,11 @@ impl ApiProxy {
     pub fn fired(&self) -> Vec<String> {
         self.shared.fired.lock().unwrap().clone()
     }
+
+    /// Every request answered so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.seen.lock().unwrap().clone()
+    }
 }
 
 impl Drop for ApiProxy {
@@ -128,6 +166,20 @@ impl Drop for ApiProxy {
 }
 
 async fn forward(State(shared): State<Shared>, req: Request) -> Response {
+    let arrived = std::time::Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let answer = answer(&shared, req).await;
+    shared.seen.lock().unwrap().push(Seen {
+        at: arrived,
+        method,
+        path,
+        status: answer.status().as_u16(),
+    });
+    answer
+}
+
+async fn answer(shared: &Shared, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let Ok(body) = axum::body::to_bytes(body, 64 << 20).await else {
         return status(StatusCode::BAD_REQUEST, "request body unreadable");
@@ -158,6 +210,17 @@ async fn forward(State(shared): State<Shared>, req: Request) -> Response {
     let Ok(out) = out.body(kube::client::Body::from(body.to_vec())) else {
         return status(StatusCode::BAD_REQUEST, "request not forwardable");
     };
+    if let Some(Effect::Refuse) = effect {
+        shared
+            .fired
+            .lock()
+            .unwrap()
+            .push(format!("{} {path}: Refuse", parts.method));
+        return status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "injected fault: not forwarded",
+        );
+    }
     let answer = shared.upstream.send(out).await;
     if let Some(effect) = effect {
         shared
@@ -178,6 +241,7 @@ async fn forward(State(shared): State<Shared>, req: Request) -> Response {
                     .status();
                 return status(StatusCode::INTERNAL_SERVER_ERROR, "injected fault: killed");
             }
+            Effect::Refuse => unreachable!("answered above"),
         }
     }
     match answer {

@@ -23,7 +23,7 @@ use agent_token_operator::crd::{
 
 use agent_token_operator::rotation::fingerprint;
 
-use crate::apiproxy::{ApiProxy, Effect, Fault, secret_write};
+use crate::apiproxy::{ApiProxy, Effect, Fault, lease_write, secret_write};
 use crate::hostile::tenant;
 use crate::oauth2::{
     AGENT_TOKEN, client_credentials, client_secret, introspect, issuer_yaml, start_provider,
@@ -1101,4 +1101,144 @@ async fn webhook_stand_in_operator_killed_after_the_secret_write_records_the_del
     assert_eq!(issued.len(), 2, "one mint per revision: {issued:?}");
     assert!(issued.iter().all(|i| !i.revoked), "{issued:?}");
     drop(op);
+}
+
+/// Case 11: a reconcile never outlasts the leader Lease. The leader is cut
+/// off from the API server for its Lease writes only (the fault-injecting
+/// proxy refuses its renewals; everything else still goes through) while
+/// its first mint waits on a slow issuer (the stand-in answers 12 s after
+/// minting; the Lease lasts 10 s). The standby takes over. The old
+/// leader's issuer call ends with its term, and from then on it writes
+/// nothing through the proxy (no status, no Secret); the Secret and the
+/// ledger are the new leader's, and the old leader's token is revoked or
+/// accounted `Unknown`. (Without the term checks, the call runs its full
+/// 90 s deadline and the old leader writes its token into the Secret and
+/// the ledger after the standby has taken over.)
+#[tokio::test]
+async fn webhook_stand_in_leader_cut_off_from_its_lease_writes_nothing_after_its_term() {
+    let ns = TestNamespace::new("ledger-cutoff").await;
+    let home = TestNamespace::new("ledger-op").await;
+    let _unblock = Unblock(ns.name.clone());
+    let stand_in = StandIn::start().await;
+    let proxy = ApiProxy::start().await;
+    const LEASE: Duration = Duration::from_secs(10);
+    let args = [
+        "--leader-election=true",
+        "--lease-duration=10s",
+        "--lease-namespace",
+        home.name.as_str(),
+        "--lease-name",
+        "cutoff",
+    ];
+    let mut first = Operator::start_as(&ns.name, "first", &args, &proxy.kubeconfig);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = home.api();
+    eventually(
+        Duration::from_secs(30),
+        "the first replica leads",
+        || async {
+            leases
+                .get_opt("cutoff")
+                .await
+                .ok()??
+                .spec?
+                .holder_identity
+                .filter(|h| !h.is_empty())
+        },
+    )
+    .await;
+    stand_in.set_fixed_answer_delay(LEASE + Duration::from_secs(2));
+    webhook_issuer(&ns, "minter", &stand_in, true).await;
+    applied(&ns, &agent_token("minter", "0s"));
+    eventually(
+        Duration::from_secs(30),
+        "the stand-in minted for the first replica",
+        || async { (!stand_in.issued().is_empty()).then_some(()) },
+    )
+    .await;
+    stand_in.set_answer_delay(Duration::ZERO);
+    let first_token = stand_in.issued()[0].id.clone();
+    proxy.inject(Fault {
+        matches: lease_write(&home.name, "cutoff"),
+        effect: Effect::Refuse,
+        times: usize::MAX,
+    });
+    let mut second = Operator::start_with(&ns.name, "second", &args);
+    let api: Api<AgentToken> = ns.api();
+    let at = wait_at(&api, "the standby delivered a token", 90, |at| {
+        at.status.as_ref().is_some_and(|s| {
+            s.history
+                .iter()
+                .any(|e| e.revision >= 2 && e.state == Some(TokenLife::Live))
+        })
+    })
+    .await;
+    let stopped_by = Instant::now() + Duration::from_secs(60);
+    while !first.exited() {
+        assert!(
+            Instant::now() < stopped_by,
+            "the cut-off replica did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Its term ended at most a Lease duration after its last renewal that
+    // went through; no write of its may have reached the proxy after that
+    // (Events aside: they say what it did, and change nothing).
+    let seen = proxy.seen();
+    let last_renewal = seen
+        .iter()
+        .filter(|s| s.is_write() && s.path.contains("/leases") && s.status < 300)
+        .map(|s| s.at)
+        .max()
+        .expect("the first replica renewed its Lease");
+    let late: Vec<String> = seen
+        .iter()
+        .filter(|s| {
+            s.at > last_renewal + LEASE
+                && s.is_write()
+                && !s.path.contains("/leases")
+                && !s.path.starts_with("/apis/events.k8s.io/")
+        })
+        .map(|s| {
+            format!(
+                "{} {} -> {}, {:.1}s after the term",
+                s.method,
+                s.path,
+                s.status,
+                (s.at - last_renewal - LEASE).as_secs_f64()
+            )
+        })
+        .collect();
+    let at = api.get("bot").await.unwrap_or(at);
+    assert!(
+        late.is_empty(),
+        "the replica that lost the Lease still wrote: {late:#?}; ledger: {}",
+        ledger(&at)
+    );
+    let live = ledger_current(&at).expect("a Live entry");
+    let held = secret_value(&ns, "bot", "token").await.expect("a token");
+    assert_eq!(
+        fingerprint(held.as_bytes()),
+        live.fingerprint,
+        "the Secret holds the new leader's token: {}",
+        ledger(&at)
+    );
+    let r1 = entry(&at, 1).and_then(|e| e.state);
+    assert!(
+        stand_in.active(&first_token) == Some(false)
+            || matches!(r1, Some(TokenLife::Unknown | TokenLife::Expired)),
+        "the cut-off replica's token is neither revoked nor accounted Unknown: {}",
+        ledger(&at)
+    );
+    assert_ne!(r1, Some(TokenLife::Live), "{}", ledger(&at));
+    second.stop();
+}
+
+/// The ledger's `Live` entry with the highest revision.
+fn ledger_current(at: &AgentToken) -> Option<&HistoryEntry> {
+    at.status
+        .as_ref()?
+        .history
+        .iter()
+        .filter(|e| e.state == Some(TokenLife::Live))
+        .max_by_key(|e| e.revision)
 }
