@@ -199,14 +199,28 @@ async fn patch_finalizers(
         Api::namespaced(ctx.client.clone(), &at.namespace().unwrap_or_default());
     // A JSON merge patch with the resourceVersion: a concurrent change fails
     // with a conflict instead of dropping someone else's finalizer.
+    // The version this reconcile last wrote, else the one it read.
+    let version = ctx
+        .written(&at.uid().unwrap_or_default())
+        .map(|w| w.resource_version)
+        .or_else(|| at.resource_version());
     let patch = serde_json::json!({
-        "metadata": {"finalizers": finalizers, "resourceVersion": at.meta().resource_version}
+        "metadata": {"finalizers": finalizers, "resourceVersion": version}
     });
-    api.patch(
-        &at.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    let patched = api
+        .patch(
+            &at.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    // The status writes of this reconcile go on this version.
+    ctx.set_written(
+        &at.uid().unwrap_or_default(),
+        Some(super::Written {
+            resource_version: patched.resource_version().unwrap_or_default(),
+            status: patched.status.unwrap_or_default(),
+        }),
+    );
     Ok(())
 }

@@ -479,6 +479,49 @@ pub fn after(now: Timestamp, d: Duration, cap: Timestamp) -> Timestamp {
         .min(cap)
 }
 
+/// Our changes to the ledger replayed onto a status someone else wrote
+/// since we read it (`base`): in practice an admin abandoning a revocation
+/// (`kubectl agenttoken abandon`) while a reconcile was running. Per entry
+/// (by revision): an entry they did not touch is ours; one they changed is
+/// theirs, unless ours records what happened to the token itself
+/// (`Revoked` or `Expired`: the issuer's word, or the clock's); one we
+/// added is ours; one we dropped stays dropped unless they changed it.
+/// Everything outside the history is ours.
+pub fn rebase(
+    base: &AgentTokenStatus,
+    ours: &AgentTokenStatus,
+    theirs: &AgentTokenStatus,
+) -> AgentTokenStatus {
+    let find = |s: &AgentTokenStatus, r: i64| s.history.iter().find(|e| e.revision == r).cloned();
+    let mut revisions: Vec<i64> = base
+        .history
+        .iter()
+        .chain(&ours.history)
+        .chain(&theirs.history)
+        .map(|e| e.revision)
+        .collect();
+    revisions.sort_unstable();
+    revisions.dedup();
+    let mut out = ours.clone();
+    out.history = revisions
+        .into_iter()
+        .filter_map(|r| {
+            let (b, o, t) = (find(base, r), find(ours, r), find(theirs, r));
+            if t == b {
+                return o;
+            }
+            match (o, t) {
+                (Some(o), _) if matches!(life(&o), TokenLife::Revoked | TokenLife::Expired) => {
+                    Some(o)
+                }
+                (_, Some(t)) => Some(t),
+                (o, None) => o.filter(|_| b.is_none()),
+            }
+        })
+        .collect();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,6 +537,80 @@ mod tests {
             name: "i".into(),
             uid: "u".into(),
             type_: "webhook".into(),
+        }
+    }
+
+    #[test]
+    fn rebase_keeps_what_others_wrote_unless_the_token_itself_settled_it() {
+        let e = |r: i64, l: TokenLife, by: Option<&str>| HistoryEntry {
+            revision: r,
+            fingerprint: format!("sha256:{r}"),
+            state: Some(l),
+            abandoned_by: by.map(String::from),
+            ..Default::default()
+        };
+        let st = |es: Vec<HistoryEntry>| AgentTokenStatus {
+            history: es,
+            ..Default::default()
+        };
+        let abandoned = e(1, TokenLife::Abandoned, Some("admin"));
+        // (case, base, ours, theirs, want)
+        let rows = [
+            (
+                "an abandon made while we recorded a failed attempt stays",
+                st(vec![e(1, TokenLife::Revoking, None)]),
+                st(vec![e(1, TokenLife::Failed, None)]),
+                st(vec![abandoned.clone()]),
+                st(vec![abandoned.clone()]),
+            ),
+            (
+                "a confirmed revocation wins over an abandon",
+                st(vec![e(1, TokenLife::Revoking, None)]),
+                st(vec![e(1, TokenLife::Revoked, None)]),
+                st(vec![abandoned.clone()]),
+                st(vec![e(1, TokenLife::Revoked, None)]),
+            ),
+            (
+                "our new entry and our change to an untouched one are kept",
+                st(vec![
+                    e(1, TokenLife::Live, None),
+                    e(2, TokenLife::Revoking, None),
+                ]),
+                st(vec![
+                    e(1, TokenLife::Grace, None),
+                    e(2, TokenLife::Revoking, None),
+                    e(3, TokenLife::Live, None),
+                ]),
+                st(vec![
+                    e(1, TokenLife::Live, None),
+                    e(2, TokenLife::Abandoned, Some("admin")),
+                ]),
+                st(vec![
+                    e(1, TokenLife::Grace, None),
+                    e(2, TokenLife::Abandoned, Some("admin")),
+                    e(3, TokenLife::Live, None),
+                ]),
+            ),
+            (
+                "an entry we pruned stays pruned; one they changed comes back",
+                st(vec![
+                    e(1, TokenLife::Revoked, None),
+                    e(2, TokenLife::Failed, None),
+                ]),
+                st(vec![]),
+                st(vec![
+                    e(1, TokenLife::Revoked, None),
+                    e(2, TokenLife::Abandoned, Some("admin")),
+                ]),
+                st(vec![e(2, TokenLife::Abandoned, Some("admin"))]),
+            ),
+        ];
+        for (case, base, ours, theirs, want) in rows {
+            assert_eq!(
+                rebase(&base, &ours, &theirs).history,
+                want.history,
+                "{case}"
+            );
         }
     }
 

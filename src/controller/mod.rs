@@ -164,6 +164,17 @@ pub struct Context {
     /// call gets at most [`Leadership::budget`](crate::leadership::Leadership::budget).
     pub leadership: crate::leadership::Leadership,
     failures: Mutex<HashMap<String, u32>>,
+    /// What this replica last wrote of each AgentToken being reconciled
+    /// (by UID): the base of its next status write. Dropped when the
+    /// reconcile ends.
+    written: Mutex<HashMap<String, Written>>,
+}
+
+/// An AgentToken as this replica last wrote it.
+#[derive(Clone, Debug)]
+pub struct Written {
+    pub resource_version: String,
+    pub status: crate::crd::AgentTokenStatus,
 }
 
 impl Context {
@@ -252,6 +263,25 @@ impl Context {
             .iter()
             .flat_map(|i| i.of(ns, name, uid))
             .collect()
+    }
+
+    /// What this replica last wrote of AgentToken `uid`, if it wrote it
+    /// during the running reconcile.
+    pub fn written(&self, uid: &str) -> Option<Written> {
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(uid)
+            .cloned()
+    }
+
+    /// Records a write of AgentToken `uid` (`None`: the reconcile ended).
+    pub fn set_written(&self, uid: &str, w: Option<Written>) {
+        let mut map = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        match w {
+            Some(w) => map.insert(uid.to_string(), w),
+            None => map.remove(uid),
+        };
     }
 
     /// Forgets an object's reconcile failures after a success.
@@ -418,6 +448,7 @@ pub async fn run(
         watched_namespaces: config.namespaces.clone(),
         leadership: config.leadership.clone(),
         failures: Mutex::new(HashMap::new()),
+        written: Mutex::new(HashMap::new()),
     });
 
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));

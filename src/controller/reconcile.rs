@@ -148,6 +148,7 @@ async fn reconcile_unguarded(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<A
     };
     let at = live;
     let result = reconcile_inner(&at, &ctx).await;
+    ctx.set_written(&at.uid().unwrap_or_default(), None);
     if result.is_ok() {
         ctx.reset_failures(&format!(
             "{}/{}",
@@ -1597,43 +1598,92 @@ fn conditions(
     vec![ready, issuing]
 }
 
-/// Writes status through `/status` with server-side apply, only when it changed.
+/// Writes status through `/status` with server-side apply, only when it
+/// changed, on the version of the AgentToken it was computed from (the one
+/// read, or this reconcile's last write). When someone else wrote status
+/// in between (an admin abandoning a revocation), our changes are replayed
+/// onto theirs ([`ledger::rebase`]) instead of overwriting them.
 pub(super) async fn status_write(
     at: &AgentToken,
     ctx: &Context,
     mut status: AgentTokenStatus,
     want: &[Want],
 ) -> Result<(), Error> {
+    let uid = at.uid().unwrap_or_default();
+    let mut base = ctx.written(&uid).unwrap_or_else(|| super::Written {
+        resource_version: at.resource_version().unwrap_or_default(),
+        status: at.status.clone().unwrap_or_default(),
+    });
     let old = at.status.clone().unwrap_or_default();
     status.observed_generation = at.meta().generation;
     status.conditions = status::merge(&old.conditions, want, at.meta().generation, ctx.clock.now());
     if want.is_empty() {
-        status.conditions = old.conditions.clone();
+        status.conditions = base.status.conditions.clone();
     }
-    if status == old {
+    if status == base.status {
         return Ok(());
-    }
-    // Only the leader writes the ledger: a reconcile still running on a
-    // replica that lost the Lease (a freeze, a partition) would overwrite
-    // what the new leader recorded.
-    if !ctx.leadership.is_leader() {
-        return Err(Error::NotLeader);
     }
     let api: Api<AgentToken> =
         Api::namespaced(ctx.client.clone(), &at.namespace().unwrap_or_default());
-    let patch = serde_json::json!({
-        "apiVersion": AgentToken::api_version(&()),
-        "kind": AgentToken::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &at.name_any(),
-        &PatchParams::apply(STATUS_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    for attempt in 1..=STATUS_WRITE_ATTEMPTS {
+        // Only the leader writes the ledger: a reconcile still running on
+        // a replica that lost the Lease (a freeze, a partition) would
+        // overwrite what the new leader recorded.
+        if !ctx.leadership.is_leader() {
+            return Err(Error::NotLeader);
+        }
+        let patch = serde_json::json!({
+            "apiVersion": AgentToken::api_version(&()),
+            "kind": AgentToken::kind(&()),
+            "metadata": {"resourceVersion": base.resource_version},
+            "status": status,
+        });
+        match api
+            .patch_status(
+                &at.name_any(),
+                &PatchParams::apply(STATUS_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(written) => {
+                // The server's copy, not ours: it is what a later conflict
+                // is told apart from (times come back in whole seconds).
+                ctx.set_written(
+                    &uid,
+                    Some(super::Written {
+                        resource_version: written.resource_version().unwrap_or_default(),
+                        status: written.status.unwrap_or_default(),
+                    }),
+                );
+                return Ok(());
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 && attempt < STATUS_WRITE_ATTEMPTS => {
+                let Some(now) = api.get_opt(&at.name_any()).await? else {
+                    return Ok(());
+                };
+                if now.uid().as_deref() != Some(uid.as_str()) {
+                    return Ok(());
+                }
+                let theirs = now.status.clone().unwrap_or_default();
+                status = ledger::rebase(&base.status, &status, &theirs);
+                base = super::Written {
+                    resource_version: now.resource_version().unwrap_or_default(),
+                    status: theirs,
+                };
+                if status == base.status {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    unreachable!("the last attempt returns")
 }
+
+/// Status writes per call before a conflict is an error: the AgentToken's
+/// metadata changing (a tenant's annotation) also conflicts.
+const STATUS_WRITE_ATTEMPTS: u32 = 4;
 
 /// Shortest time left on the leader Lease for a mint to start: a mint
 /// never outlasts this replica's leadership (the standby cannot take the

@@ -1242,3 +1242,100 @@ fn ledger_current(at: &AgentToken) -> Option<&HistoryEntry> {
         .filter(|e| e.state == Some(TokenLife::Live))
         .max_by_key(|e| e.revision)
 }
+
+/// An admin abandons a revocation (`kubectl agenttoken abandon`) while the
+/// operator's retry of it is in flight (the stand-in holds each revoke
+/// request 6 s, then answers 503). The operator's write of that attempt's
+/// outcome must not undo the abandon: the entry stays `Abandoned`, with
+/// who, and is not tried again. (Before, the operator force-applied the
+/// ledger it had read before the abandon, putting the entry back to
+/// `Failed` with a retry, and the plugin's read-back 0.5 s later could not
+/// see that coming.)
+#[tokio::test]
+async fn webhook_stand_in_abandon_during_a_revocation_attempt_sticks() {
+    let ns = TestNamespace::new("ledger-abandon").await;
+    let (_home, _unblock, _op) = operator(&ns, "solo").await;
+    let stand_in = StandIn::start().await;
+    webhook_issuer(&ns, "minter", &stand_in, true).await;
+    applied(&ns, &agent_token("minter", "0s"));
+    let api: Api<AgentToken> = ns.api();
+    wait_at(&api, "the first token", 60, |at| revision(at) == 1).await;
+    stand_in.set_revoke_mode(RevokeMode::Unavailable);
+    rotate(&api, "abandon-1").await;
+    wait_at(&api, "revision 1 failing", 60, |at| {
+        entry(at, 1).is_some_and(|e| e.state == Some(TokenLife::Failed))
+    })
+    .await;
+    // The next attempt is held at the stand-in while the admin abandons.
+    stand_in.set_revoke_delay(Duration::from_secs(6));
+    let arrived = stand_in.revokes_arrived();
+    eventually(Duration::from_secs(90), "a retry in flight", || async {
+        (stand_in.revokes_arrived() > arrived).then_some(())
+    })
+    .await;
+    let answered = stand_in.revokes().len();
+    let out = crate::plugin::plugin(
+        &ns,
+        &[
+            "abandon",
+            "bot",
+            "--revision",
+            "1",
+            "--reason",
+            "drill: the issuer is being retired",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "abandon: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The attempt ends (the HTTP client retries a 503 a few times): once
+    // the held request is answered the rest go through at once; then wait
+    // until no request has arrived or been answered for 5 s.
+    let traffic = || (stand_in.revokes_arrived(), stand_in.revokes().len());
+    let mut last = (traffic(), Instant::now());
+    let mut released = false;
+    while last.1.elapsed() < Duration::from_secs(5) || last.0.1 <= answered {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = traffic();
+        if !released && now.1 > answered {
+            stand_in.set_revoke_delay(Duration::ZERO);
+            released = true;
+        }
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+    }
+    let at = api.get("bot").await.unwrap();
+    let e = entry(&at, 1).expect("revision 1");
+    assert_eq!(e.state, Some(TokenLife::Abandoned), "{}", ledger(&at));
+    assert!(
+        e.next_attempt_at.is_none(),
+        "a retry is still planned: {}",
+        ledger(&at)
+    );
+    assert!(
+        e.abandoned_by.as_deref().is_some_and(|by| !by.is_empty()),
+        "{}",
+        ledger(&at)
+    );
+    // Had the abandon been lost, the next attempt would be due within
+    // the backoff (about 10 s here).
+    let settled = stand_in.revokes_arrived();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let at = api.get("bot").await.unwrap();
+    assert_eq!(
+        entry(&at, 1).and_then(|e| e.state),
+        Some(TokenLife::Abandoned),
+        "{}",
+        ledger(&at)
+    );
+    assert_eq!(
+        stand_in.revokes_arrived(),
+        settled,
+        "an abandoned revocation was tried again: {}",
+        ledger(&at)
+    );
+}

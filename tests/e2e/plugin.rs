@@ -47,7 +47,7 @@ fn at(name: &str, lifetime: &str) -> String {
 }
 
 /// Runs `kubectl agenttoken ARGS` with the plugin found on PATH, as users do.
-fn plugin(ns: &TestNamespace, args: &[&str], stdin: Option<&str>) -> Output {
+pub(crate) fn plugin(ns: &TestNamespace, args: &[&str], stdin: Option<&str>) -> Output {
     plugin_as(&cluster().admin_kubeconfig, ns, args, stdin)
 }
 

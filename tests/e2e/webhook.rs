@@ -112,6 +112,10 @@ struct Service {
     bodies: Vec<serde_json::Value>,
     requests: usize,
     revokes: Vec<RevokeRequest>,
+    /// How long a revoke request waits before it is handled and answered.
+    revoke_delay: Duration,
+    /// Revoke requests received, answered or not.
+    revokes_arrived: usize,
 }
 
 type Shared = Arc<Mutex<Service>>;
@@ -200,6 +204,14 @@ async fn revoke(
     headers: HeaderMap,
     Json(body): Json<serde_json::Value>,
 ) -> StatusCode {
+    let delay = {
+        let mut s = s.lock().unwrap();
+        s.revokes_arrived += 1;
+        s.revoke_delay
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let mut s = s.lock().unwrap();
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(s.auth.as_str()) {
         return StatusCode::UNAUTHORIZED;
@@ -248,6 +260,8 @@ async fn start() -> (Shared, u16) {
         bodies: Vec::new(),
         requests: 0,
         revokes: Vec::new(),
+        revoke_delay: Duration::ZERO,
+        revokes_arrived: 0,
     }));
     let app = Router::new()
         .route(
@@ -287,6 +301,16 @@ impl StandIn {
 
     pub fn set_revoke_mode(&self, mode: RevokeMode) {
         self.svc.lock().unwrap().revoke_mode = mode;
+    }
+
+    /// Each revoke request waits `delay` before it is handled.
+    pub fn set_revoke_delay(&self, delay: Duration) {
+        self.svc.lock().unwrap().revoke_delay = delay;
+    }
+
+    /// Revoke requests received so far, including those not answered yet.
+    pub fn revokes_arrived(&self) -> usize {
+        self.svc.lock().unwrap().revokes_arrived
     }
 
     /// Mint requests answer 503 (Retry-After: 1) while `unavailable`.
