@@ -510,6 +510,13 @@ pub struct AgentTokenStatus {
     /// (OAuth2 RFC 7009, GitHub App, a webhook without ids).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keeper_uid: Option<String>,
+    /// A random value recorded before the operator first creates the
+    /// keeper, and carried by the keeper it creates: a keeper created just
+    /// before the operator stopped, whose UID never reached status, is
+    /// known as this AgentToken's by it (nobody else writes this status or
+    /// the operator's namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keeper_intent: Option<String>,
 }
 
 /// Entries kept in `status.consumers`.

@@ -93,8 +93,8 @@ pub async fn cleanup(at: &AgentToken, ctx: &Context) -> Result<Action, Error> {
     // The issuer the AgentToken refers to now, when it still exists; each
     // entry goes to the issuer recorded with it.
     let current = super::reconcile_issuer(at, ctx).await?;
-    let mut keeper = if status.keeper_uid.is_some() {
-        Some(Keeper::load(ctx, &uid, status.keeper_uid.as_deref()).await?)
+    let mut keeper = if Keeper::recorded(&status) {
+        Some(Keeper::load(ctx, &uid, &status).await?)
     } else {
         None
     };

@@ -8,6 +8,12 @@
 //! Secret that is already there is never taken over), its UID recorded in
 //! `status.keeperUid` and checked before every read, write and delete.
 //! Namespace admins cannot reach the operator's namespace.
+//!
+//! Intent before effect: before its first keeper is created, a random
+//! `status.keeperIntent` is recorded, and the keeper carries it. If the
+//! operator stops between creating the keeper and recording its UID, the
+//! keeper found by name is believed only when it carries that value (the
+//! operator wrote both; tenants can write neither).
 
 use std::collections::BTreeMap;
 
@@ -18,10 +24,21 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{Context, Error, FIELD_MANAGER};
+use crate::crd::AgentTokenStatus;
 use crate::labels;
 
 /// Role label value of keeper Secrets.
 pub const ROLE_KEEPER: &str = "keeper";
+
+/// The annotation carrying `status.keeperIntent`.
+pub const INTENT_ANNOTATION: &str = "agenttoken.dev/keeper-intent";
+
+/// A fresh `status.keeperIntent`.
+pub fn new_intent() -> String {
+    use rand::Rng;
+    let bytes: [u8; 16] = rand::rng().random();
+    hex::encode(bytes)
+}
 
 /// The keeper's name for an AgentToken.
 pub fn name(agent_token_uid: &str) -> String {
@@ -38,26 +55,47 @@ pub struct Keeper {
     name: String,
     /// The live keeper, when it exists and its UID is the recorded one.
     live: Option<Secret>,
+    /// `status.keeperIntent`, carried by a keeper this creates.
+    intent: Option<String>,
 }
 
 impl Keeper {
-    /// Reads the keeper recorded in status (`keeper_uid`); a Secret of that
-    /// name with another UID is not ours and is never read or written.
+    /// Reads the keeper recorded in status (`keeperUid`), or one created
+    /// under `keeperIntent` whose UID was never recorded (the recorded one
+    /// may be gone, tidied away); any other Secret of that name is not ours
+    /// and is never read or written.
     pub async fn load(
         ctx: &Context,
         agent_token_uid: &str,
-        keeper_uid: Option<&str>,
+        status: &AgentTokenStatus,
     ) -> Result<Keeper, Error> {
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.operator_namespace);
         let name = name(agent_token_uid);
-        let live = match keeper_uid {
-            Some(uid) => api
-                .get_opt(&name)
-                .await?
-                .filter(|s| s.metadata.uid.as_deref() == Some(uid)),
-            None => None,
+        let intent = status.keeper_intent.clone();
+        let live = match (status.keeper_uid.as_deref(), intent.as_deref()) {
+            (None, None) => None,
+            (uid, intent) => api.get_opt(&name).await?.filter(|s| {
+                let carried = s
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(INTENT_ANNOTATION))
+                    .map(String::as_str);
+                (uid.is_some() && s.metadata.uid.as_deref() == uid)
+                    || (intent.is_some() && carried == intent)
+            }),
         };
-        Ok(Keeper { api, name, live })
+        Ok(Keeper {
+            api,
+            name,
+            live,
+            intent,
+        })
+    }
+
+    /// Whether there is anything to load for `status`.
+    pub fn recorded(status: &AgentTokenStatus) -> bool {
+        status.keeper_uid.is_some() || status.keeper_intent.is_some()
     }
 
     /// The kept token of `revision`.
@@ -99,10 +137,19 @@ impl Keeper {
                             (labels::MANAGED_BY.to_string(), labels::MANAGER.to_string()),
                             (labels::ROLE.to_string(), ROLE_KEEPER.to_string()),
                         ])),
-                        annotations: Some(BTreeMap::from([(
-                            "agenttoken.dev/agenttoken".to_string(),
-                            format!("{}/{} ({agent_token_uid})", agent_token.0, agent_token.1),
-                        )])),
+                        annotations: Some(
+                            [(
+                                "agenttoken.dev/agenttoken".to_string(),
+                                format!("{}/{} ({agent_token_uid})", agent_token.0, agent_token.1),
+                            )]
+                            .into_iter()
+                            .chain(
+                                self.intent
+                                    .clone()
+                                    .map(|i| (INTENT_ANNOTATION.to_string(), i)),
+                            )
+                            .collect(),
+                        ),
                         ..Default::default()
                     },
                     type_: Some("Opaque".into()),

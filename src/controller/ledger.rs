@@ -48,6 +48,9 @@ pub enum Handle {
     VaultAccessor(String),
     /// vault: a dynamic secret's lease id.
     VaultLease(String),
+    /// vault: a child token minted while the operator stopped, before it
+    /// heard the accessor; found by its metadata (the stored handle).
+    VaultSearch(String),
     /// webhook: the id its mint response returned.
     WebhookId(String),
     /// Revoked by presenting the token itself: oauth2 (RFC 7009), githubApp,
@@ -67,6 +70,11 @@ impl Handle {
         }
         if let Some(l) = stored.strip_prefix("vault-lease:") {
             return nonempty(l).map(Handle::VaultLease);
+        }
+        if let Some(key) = stored.strip_prefix(crate::issuer::vault::SEARCH) {
+            return crate::issuer::vault::parse_search(key)
+                .filter(|(_, r)| *r == revision)
+                .map(|_| Handle::VaultSearch(stored.to_string()));
         }
         if let Some(id) = stored.strip_prefix("webhook-id:") {
             return nonempty(id).map(Handle::WebhookId);
@@ -91,7 +99,7 @@ impl Handle {
     pub fn issuer_type(&self) -> &'static str {
         match self {
             Handle::Binding(_) => "serviceAccount",
-            Handle::VaultAccessor(_) | Handle::VaultLease(_) => "vault",
+            Handle::VaultAccessor(_) | Handle::VaultLease(_) | Handle::VaultSearch(_) => "vault",
             Handle::WebhookId(_) => "webhook",
             Handle::ByToken(t) => t,
             Handle::Jwt => "jwt",
@@ -280,6 +288,9 @@ pub enum Outcome {
     Unconfirmed(String),
     /// Failed; retrying may help.
     Retry(String),
+    /// A token minted while the operator stopped cannot be looked for:
+    /// it stays `Unknown` until its latest expiry.
+    Unfindable(String),
     /// No attempt can succeed (no handle, the token value is not held, the
     /// issuer that minted it is gone).
     Impossible(String),
@@ -305,6 +316,10 @@ pub fn record(status: &mut AgentTokenStatus, revision: i64, outcome: Outcome, no
         Outcome::Unconfirmed(m) | Outcome::Impossible(m) => {
             set(e, TokenLife::Failed);
             e.message = Some(m);
+        }
+        Outcome::Unfindable(m) => {
+            set(e, TokenLife::Unknown);
+            e.message = Some(format!("{m}; it may be valid until expiresAt"));
         }
         Outcome::Retry(m) => {
             set(e, TokenLife::Failed);
@@ -657,6 +672,13 @@ mod tests {
                 Some(Handle::ByToken("githubApp")),
             ),
             ("jwt:abc", Some(Handle::Jwt)),
+            (
+                "vault-search:uid-1/r3",
+                Some(Handle::VaultSearch("vault-search:uid-1/r3".into())),
+            ),
+            // A search for another revision, or nothing to search for.
+            ("vault-search:uid-1/r2", None),
+            ("vault-search:/r3", None),
             (
                 "bot-binding-r3",
                 Some(Handle::Binding("bot-binding-r3".into())),

@@ -481,6 +481,8 @@ struct Acted {
     delivered: bool,
     /// Look again by then: a held mint (budget, leadership, backlog).
     hold_wait: Option<Duration>,
+    /// The keeper, when this reconcile read it.
+    keeper: Option<Keeper>,
 }
 
 /// Runs the plan: admits a mint (rate budget, leadership), mints and
@@ -519,6 +521,7 @@ async fn act(
         mint_failed: None,
         delivered: false,
         hold_wait,
+        keeper: None,
     };
     let mut keeper: Option<Keeper> = None;
 
@@ -591,7 +594,7 @@ async fn act(
     let mut status = std::mem::take(&mut o.status);
     ledger::expire(&mut status, o.now);
     if keeper.is_none() && revoke::needs_keeper(&status, &o.who(), &o.values, o.now) {
-        keeper = Some(Keeper::load(ctx, &o.uid, status.keeper_uid.as_deref()).await?);
+        keeper = Some(Keeper::load(ctx, &o.uid, &status).await?);
     }
     let mut revocation_events = revoke::pass(
         ctx,
@@ -608,9 +611,12 @@ async fn act(
     )
     .await?;
     acted.events.append(&mut revocation_events);
-    tidy_keeper(ctx, &o.who(), &o.old_status, &mut status, &mut keeper).await;
     ledger::prune(&mut status);
     o.status = status;
+    // Tidied only once the ledger is written (report): a token dropped
+    // from the keeper before its revocation is recorded could not be
+    // revoked again after a crash.
+    acted.keeper = keeper;
     Ok(Ok(acted))
 }
 
@@ -642,22 +648,6 @@ async fn mint_and_deliver(
         .and_then(|p| p.max_lifetime)
         .unwrap_or(DEFAULT_MAX_LIFETIME)
         .max(lifetime);
-    // Intent before effect: after a crash from here on, the ledger knows a
-    // token may exist.
-    let sa_handle = (o.backend.kind() == "serviceAccount")
-        .then(|| crate::issuer::service_account::binding_name(&o.name, revision));
-    ledger::intend(
-        &mut o.status,
-        ledger::Intent {
-            revision,
-            issuer: o.record.clone(),
-            reason: m.reason,
-            spec_hash: o.spec_hash.clone(),
-            handle: sa_handle.clone(),
-            valid_until: ledger::after(now, deadline + max, Timestamp::MAX),
-        },
-    );
-    status_write(at, ctx, o.status.clone(), &[]).await?;
     let request = MintRequest {
         namespace: o.ns.clone(),
         name: o.name.clone(),
@@ -671,6 +661,34 @@ async fn mint_and_deliver(
         parameters: at.spec.parameters.clone(),
         lifetime,
     };
+    // Intent before effect: after a crash from here on, the ledger knows a
+    // token may exist, and how to find it where the issuer allows (a
+    // serviceAccount binding, Vault token metadata).
+    if o.status.keeper_uid.is_none()
+        && o.status.keeper_intent.is_none()
+        && matches!(o.backend.kind(), "oauth2" | "githubApp" | "webhook")
+    {
+        o.status.keeper_intent = Some(super::keeper::new_intent());
+    }
+    let search_handle = if o.backend.kind() == "serviceAccount" {
+        Some(crate::issuer::service_account::binding_name(
+            &o.name, revision,
+        ))
+    } else {
+        o.backend.search_handle(&request).map(|h| h.0)
+    };
+    ledger::intend(
+        &mut o.status,
+        ledger::Intent {
+            revision,
+            issuer: o.record.clone(),
+            reason: m.reason,
+            spec_hash: o.spec_hash.clone(),
+            handle: search_handle.clone(),
+            valid_until: ledger::after(now, deadline + max, Timestamp::MAX),
+        },
+    );
+    status_write(at, ctx, o.status.clone(), &[]).await?;
     let started = std::time::Instant::now();
     // Each HTTP call has its own deadline; this bounds the whole mint (and
     // ends it while this replica still holds the leader Lease).
@@ -744,7 +762,7 @@ async fn mint_and_deliver(
         Err(e) => {
             if ambiguous {
                 // Cut off mid-call: the issuer may have minted after all.
-                ledger::interrupted(&mut o.status, revision, sa_handle.is_some(), now);
+                ledger::interrupted(&mut o.status, revision, search_handle.is_some(), now);
             } else {
                 // The issuer answered: nothing was minted (a binding left
                 // behind is found by its owner UID and revoked).
@@ -781,7 +799,7 @@ async fn mint_and_deliver(
     // Recorded (and, when revoking needs it, the token kept) before the
     // tenant's Secret is written.
     if by_token {
-        let kept = match Keeper::load(ctx, &o.uid, o.status.keeper_uid.as_deref()).await {
+        let kept = match Keeper::load(ctx, &o.uid, &o.status).await {
             Ok(mut k) => {
                 let put = k
                     .put((&o.ns, &o.name), &o.uid, revision, &minted.token)
@@ -960,6 +978,7 @@ async fn report(
         mint_failed,
         delivered,
         hold_wait,
+        mut keeper,
     } = acted;
     if let Some(r) = &consumers {
         status.consumers = r
@@ -1011,7 +1030,13 @@ async fn report(
         ctx.publish(at, kind, reason, note).await;
     }
     let ledger_wake = ledger::wake(&status).map(|w| until(now, w));
-    status_write(at, ctx, status, &conditions).await?;
+    status_write(at, ctx, status.clone(), &conditions).await?;
+    let who = revoke::Subject {
+        namespace: &ns,
+        name: &name,
+        uid: &uid,
+    };
+    tidy_keeper(ctx, &who, &old_status, &mut status, &mut keeper).await;
 
     // Requeue at the next due time.
     let wake = match (&mint_failed, delivered) {
@@ -1445,9 +1470,9 @@ async fn fail_closed(at: &AgentToken, ctx: &Context, r: Refusal) -> Result<Actio
     }
     ledger::expire(&mut status, now);
     let current = super::reconcile_issuer(at, ctx).await?;
-    let mut keeper = match status.keeper_uid.as_deref() {
-        Some(k) => Some(Keeper::load(ctx, &uid, Some(k)).await?),
-        None => None,
+    let mut keeper = match Keeper::recorded(&status) {
+        true => Some(Keeper::load(ctx, &uid, &status).await?),
+        false => None,
     };
     let events = revoke::pass(
         ctx,
@@ -1466,7 +1491,6 @@ async fn fail_closed(at: &AgentToken, ctx: &Context, r: Refusal) -> Result<Actio
     )
     .await?;
     let before = at.status.clone().unwrap_or_default();
-    tidy_keeper(ctx, &who, &before, &mut status, &mut keeper).await;
     ledger::prune(&mut status);
     status.token_fingerprint = None;
     status.next_rotation_at = None;
@@ -1489,7 +1513,9 @@ async fn fail_closed(at: &AgentToken, ctx: &Context, r: Refusal) -> Result<Actio
     for (kind, reason, note) in events {
         ctx.publish(at, kind, reason, note).await;
     }
-    status_write(at, ctx, status, &conditions).await?;
+    status_write(at, ctx, status.clone(), &conditions).await?;
+    // Only now that the ledger says what was revoked.
+    tidy_keeper(ctx, &who, &before, &mut status, &mut keeper).await;
     Ok(Action::requeue(
         wake.unwrap_or(MAX_WAKE)
             .clamp(Duration::from_millis(500), MAX_WAKE),
@@ -1893,26 +1919,29 @@ fn adopt_bindings(
     }
 }
 
-/// Drops kept tokens that are no longer needed, and the keeper with the
-/// last of them. A failure only delays that to a later pass.
+/// Drops kept tokens that the ledger just `written` no longer needs, and
+/// the keeper with the last of them (its UID stays in status; a later put
+/// creates a new one). Runs after the status write, so a value leaves the
+/// keeper only once the ledger records why. A failure, or a stop between
+/// the two, only delays that to a later change of what is needed.
 async fn tidy_keeper(
     ctx: &Context,
     who: &revoke::Subject<'_>,
     before: &AgentTokenStatus,
-    status: &mut AgentTokenStatus,
+    written: &mut AgentTokenStatus,
     keeper: &mut Option<Keeper>,
 ) {
-    if status.keeper_uid.is_none() {
+    if !Keeper::recorded(written) {
         return;
     }
-    let needed = revoke::kept_needed(status, who);
+    let needed = revoke::kept_needed(written, who);
     // Unchanged since the last pass and not read this time: nothing to drop
     // (no read of the keeper on every reconcile).
     if keeper.is_none() && needed == revoke::kept_needed(before, who) {
         return;
     }
     if keeper.is_none() {
-        match Keeper::load(ctx, who.uid, status.keeper_uid.as_deref()).await {
+        match Keeper::load(ctx, who.uid, written).await {
             Ok(k) => *keeper = Some(k),
             Err(e) => {
                 warn!(error = %e, "could not read the keeper");
@@ -1924,10 +1953,8 @@ async fn tidy_keeper(
     if k.revisions().iter().all(|r| needed.contains(r)) && !k.revisions().is_empty() {
         return;
     }
-    match k.retain(&needed).await {
-        Ok(true) => {}
-        Ok(false) => status.keeper_uid = None,
-        Err(e) => warn!(error = %e, "could not tidy the keeper"),
+    if let Err(e) = k.retain(&needed).await {
+        warn!(error = %e, "could not tidy the keeper");
     }
 }
 

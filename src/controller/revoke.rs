@@ -123,7 +123,10 @@ pub async fn pass(
                 format!("revision {revision} ({fp}) revoked at the issuer"),
             )),
             Outcome::NotSupported => {}
-            Outcome::Unconfirmed(m) | Outcome::Impossible(m) | Outcome::Retry(m) => {
+            Outcome::Unconfirmed(m)
+            | Outcome::Impossible(m)
+            | Outcome::Retry(m)
+            | Outcome::Unfindable(m) => {
                 warn!(revision, error = %m, "revocation failed");
                 events.push((
                     EventType::Warning,
@@ -172,6 +175,18 @@ async fn attempt(
                 "revoking it needs the token itself, which is no longer held".into(),
             ));
         }
+    }
+    if let Handle::VaultSearch(stored) = handle
+        && crate::issuer::vault::parse_search(
+            stored
+                .strip_prefix(crate::issuer::vault::SEARCH)
+                .unwrap_or_default(),
+        )
+        .is_none_or(|(uid, _)| uid != who.uid)
+    {
+        return Ok(Outcome::Impossible(
+            "its search handle names another AgentToken".into(),
+        ));
     }
     let backend: &dyn Issuer = match handle {
         Handle::Binding(binding) => {
@@ -247,6 +262,12 @@ async fn attempt(
         Ok(Revocation::Revoked) => Outcome::Revoked,
         Ok(Revocation::NotSupported) => Outcome::NotSupported,
         Ok(Revocation::Unconfirmed(m)) => Outcome::Unconfirmed(m),
+        // Not found on a first search: a create still in flight when the
+        // operator stopped may land later, so look once more before
+        // saying so (never `Revoked`: nothing confirmed a token's death).
+        Ok(Revocation::NotFound(m)) if entry.attempts == 0 => Outcome::Retry(m),
+        Ok(Revocation::NotFound(m)) => Outcome::Unconfirmed(m),
+        Ok(Revocation::Unsearchable(m)) => Outcome::Unfindable(m),
         Err(e) => Outcome::Retry(e.to_string()),
     })
 }

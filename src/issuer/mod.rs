@@ -76,6 +76,11 @@ pub enum Revocation {
     /// The issuer answered without confirming: it does not know the token
     /// (a 404 for its id). Not counted as revoked.
     Unconfirmed(String),
+    /// A search handle ([`Issuer::search_handle`]) found no token: the mint
+    /// never reached the issuer, or the token is gone.
+    NotFound(String),
+    /// A search handle cannot be searched with the operator's access.
+    Unsearchable(String),
 }
 
 /// Why an issuer call failed. Messages never contain a token or a secret.
@@ -115,6 +120,14 @@ pub trait Issuer: Send + Sync {
     /// issuer's `Ready` condition.
     fn check(&self) -> BoxFuture<'_, Result<(), IssuerError>> {
         Box::pin(async { Ok(()) })
+    }
+    /// A handle to record before minting `req`, by which the token can be
+    /// found and revoked if the operator stops before it hears the answer
+    /// (intent before effect). `None`: such a token cannot be found, and
+    /// the ledger says `Unknown` for it.
+    fn search_handle(&self, req: &MintRequest) -> Option<RevocationHandle> {
+        let _ = req;
+        None
     }
 }
 

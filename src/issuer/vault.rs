@@ -6,6 +6,12 @@
 //!   policy of the operator's token) and its lifetime as TTL, orphaned
 //!   (`no_parent`) so it does not die with the operator's own token;
 //!   revoked by accessor (`auth/token/revoke-accessor`), not a secret.
+//!   Each carries metadata naming its AgentToken (namespace/name, UID) and
+//!   revision, so a token minted while the operator stopped, before it
+//!   heard the accessor, is found again: the operator lists the token
+//!   accessors (`auth/token/accessors`, which needs `sudo`) and looks each
+//!   up (at most [`MAX_SEARCHED`]); without that access the ledger says
+//!   `Unknown` for it.
 //! - dynamic secret: `vault.dynamicSecret.path` (e.g. `database/creds/agent`),
 //!   with optional `method` (GET), `body` (JSON) and `tokenField` (the key
 //!   of `data` that is the credential, default `token`); its lease is
@@ -28,6 +34,11 @@ use crate::crd::{VaultDynamicSecret, VaultIssuerSpec};
 
 const ACCESSOR: &str = "vault-accessor:";
 const LEASE: &str = "vault-lease:";
+/// A child token not heard of yet: `vault-search:<AgentToken UID>/r<revision>`,
+/// found by the metadata every child token carries.
+pub const SEARCH: &str = "vault-search:";
+/// Most token accessors one search looks up.
+pub const MAX_SEARCHED: usize = 2000;
 
 /// Mints from Vault or OpenBao.
 pub struct VaultIssuer {
@@ -171,6 +182,7 @@ impl VaultIssuer {
             "display_name": format!("agenttoken-{}-{}", req.namespace, req.name),
             "meta": {
                 "agenttoken": format!("{}/{}", req.namespace, req.name),
+                "agenttoken_uid": req.uid,
                 "revision": req.revision.to_string(),
             },
         });
@@ -243,7 +255,77 @@ impl VaultIssuer {
         ))
     }
 
+    /// Finds the child token a search handle names and revokes it.
+    async fn search(&self, key: &str) -> Result<Revocation, IssuerError> {
+        let Some((uid, revision)) = parse_search(key) else {
+            return Ok(Revocation::Unsearchable(
+                "the search handle is malformed".into(),
+            ));
+        };
+        let (status, json) = self
+            .call(
+                "list token accessors",
+                "GET",
+                "auth/token/accessors?list=true",
+                None,
+            )
+            .await?;
+        let accessors: Vec<String> = match status {
+            200..=299 => json["data"]["keys"]
+                .as_array()
+                .map(|k| {
+                    k.iter()
+                        .filter_map(|a| a.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            // No tokens with accessors at all.
+            404 => Vec::new(),
+            403 => {
+                return Ok(Revocation::Unsearchable(
+                    "the operator's Vault token may not list token accessors (it needs sudo on auth/token/accessors), so a token minted while the operator stopped cannot be found".into(),
+                ));
+            }
+            _ => return Err(Self::refused("list token accessors", status, &json)),
+        };
+        if accessors.len() > MAX_SEARCHED {
+            return Ok(Revocation::Unsearchable(format!(
+                "Vault holds {} token accessors, more than the {MAX_SEARCHED} a search looks up",
+                accessors.len()
+            )));
+        }
+        for accessor in &accessors {
+            let (status, json) = self
+                .call(
+                    "lookup-accessor",
+                    "POST",
+                    "auth/token/lookup-accessor",
+                    Some(&json!({"accessor": accessor})),
+                )
+                .await?;
+            // Expired or revoked meanwhile: not ours to find.
+            if status != 200 {
+                continue;
+            }
+            let meta = &json["data"]["meta"];
+            if meta["agenttoken_uid"].as_str() == Some(uid)
+                && meta["revision"].as_str() == Some(revision.to_string().as_str())
+            {
+                return self
+                    .revoke_inner(&RevocationHandle(format!("{ACCESSOR}{accessor}")))
+                    .await;
+            }
+        }
+        Ok(Revocation::NotFound(format!(
+            "no child token of this AgentToken's revision {revision} among {} accessors: the mint never reached Vault, or the token is gone",
+            accessors.len()
+        )))
+    }
+
     async fn revoke_inner(&self, handle: &RevocationHandle) -> Result<Revocation, IssuerError> {
+        if let Some(key) = handle.0.strip_prefix(SEARCH) {
+            return Box::pin(self.search(key)).await;
+        }
         let (what, path, body) = if let Some(a) = handle.0.strip_prefix(ACCESSOR) {
             (
                 "revoke-accessor",
@@ -338,6 +420,25 @@ impl Issuer for VaultIssuer {
     fn check(&self) -> BoxFuture<'_, Result<(), IssuerError>> {
         self.check_inner().boxed()
     }
+
+    fn search_handle(&self, req: &MintRequest) -> Option<RevocationHandle> {
+        self.spec
+            .dynamic_secret
+            .is_none()
+            .then(|| RevocationHandle(search_handle(&req.uid, req.revision)))
+    }
+}
+
+/// The search handle of a child token for `uid`'s revision `revision`.
+pub fn search_handle(uid: &str, revision: i64) -> String {
+    format!("{SEARCH}{uid}/r{revision}")
+}
+
+/// (UID, revision) from what follows [`SEARCH`].
+pub fn parse_search(key: &str) -> Option<(&str, i64)> {
+    let (uid, revision) = key.rsplit_once("/r")?;
+    let revision = revision.parse().ok()?;
+    (!uid.is_empty() && !uid.contains('/')).then_some((uid, revision))
 }
 
 #[cfg(test)]
@@ -346,6 +447,19 @@ mod tests {
 
     fn at() -> Timestamp {
         Timestamp::from_second(1_800_000_000).unwrap()
+    }
+
+    #[test]
+    fn search_handles_round_trip_and_refuse_garbage() {
+        let h = search_handle("6f1c-uid", 7);
+        assert_eq!(h, "vault-search:6f1c-uid/r7");
+        assert_eq!(
+            parse_search(h.strip_prefix(SEARCH).unwrap()),
+            Some(("6f1c-uid", 7))
+        );
+        for bad in ["", "/r7", "uid/r", "uid/rx", "a/b/r7", "uid"] {
+            assert_eq!(parse_search(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub enum Effect {
     /// Never forwarded: answered 500 (a partition between this client and
     /// the server, for these requests only).
     Refuse,
+    /// Never forwarded: process `pid` (the operator) is killed with SIGKILL
+    /// instead, as if it died just before sending it.
+    KillInstead(u32),
 }
 
 /// One request that went through the proxy.
@@ -210,12 +213,15 @@ async fn answer(shared: &Shared, req: Request) -> Response {
     let Ok(out) = out.body(kube::client::Body::from(body.to_vec())) else {
         return status(StatusCode::BAD_REQUEST, "request not forwardable");
     };
-    if let Some(Effect::Refuse) = effect {
+    if let Some(e @ (Effect::Refuse | Effect::KillInstead(_))) = effect {
         shared
             .fired
             .lock()
             .unwrap()
-            .push(format!("{} {path}: Refuse", parts.method));
+            .push(format!("{} {path}: {e:?}", parts.method));
+        if let Effect::KillInstead(pid) = e {
+            kill(pid);
+        }
         return status(
             StatusCode::INTERNAL_SERVER_ERROR,
             "injected fault: not forwarded",
@@ -236,12 +242,10 @@ async fn answer(shared: &Shared, req: Request) -> Response {
                 );
             }
             Effect::KillAfter(pid) => {
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
+                kill(pid);
                 return status(StatusCode::INTERNAL_SERVER_ERROR, "injected fault: killed");
             }
-            Effect::Refuse => unreachable!("answered above"),
+            Effect::Refuse | Effect::KillInstead(_) => unreachable!("answered above"),
         }
     }
     match answer {
@@ -251,6 +255,23 @@ async fn answer(shared: &Shared, req: Request) -> Response {
         }
         Err(e) => status(StatusCode::BAD_GATEWAY, &format!("upstream: {e}")),
     }
+}
+
+fn kill(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+}
+
+/// Status writes of AgentToken `name` in `ns` whose body contains `marker`.
+pub fn status_write_with(ns: &str, name: &str, marker: &str) -> Matcher {
+    let path = format!("/apis/agenttoken.dev/v1alpha1/namespaces/{ns}/agenttokens/{name}/status");
+    let marker = marker.to_string();
+    Box::new(move |method, p, body| {
+        *method == Method::PATCH
+            && p == path
+            && String::from_utf8_lossy(body).contains(marker.as_str())
+    })
 }
 
 /// An answer in the API server's Status shape.

@@ -507,3 +507,111 @@ async fn openbao_real_server_tenant_cannot_escape_the_issuer_policy() {
     let (s, _) = b.call("GET", "sys/policies/acl/evil", None).await;
     assert_eq!(s, 404, "the tenant's Vault path never ran");
 }
+
+/// Intent before effect, for Vault: the operator dies (SIGKILL, from the
+/// fault-injecting proxy) after OpenBao created the child token and before
+/// the operator recorded its accessor. The next operator finds that token
+/// by the metadata it carries (AgentToken UID and revision, among the
+/// listed accessors) and revokes it: the ledger says `Revoked` of it,
+/// OpenBao agrees, and a new token is delivered. (Before, the ledger said
+/// `Unknown` and the token lived until its TTL.)
+#[tokio::test]
+async fn openbao_real_server_child_token_minted_before_a_crash_is_found_and_revoked() {
+    use crate::apiproxy::{ApiProxy, Effect, Fault, status_write_with};
+    use agent_token_operator::crd::TokenLife;
+
+    let b = OpenBao::start().await;
+    b.deployer_policy().await;
+    let ns = TestNamespace::new("vault-found").await;
+    let proxy = ApiProxy::start().await;
+    let mut first = Operator::start_as(
+        &ns.name,
+        "first",
+        &["--leader-election=false"],
+        &proxy.kubeconfig,
+    );
+    proxy.inject(Fault {
+        matches: status_write_with(&ns.name, "bot", "minted; not yet in the Secret"),
+        effect: Effect::KillInstead(first.pid()),
+        times: 1,
+    });
+    let accessors = || async {
+        let (s, body) = b.call("LIST", "auth/token/accessors", None).await;
+        assert_eq!(s, 200, "list accessors: {body}");
+        body["data"]["keys"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|k| k.as_str().map(String::from))
+            .collect::<Vec<_>>()
+    };
+    let before = accessors().await;
+    setup(&ns, &b, "", "  scopes: [\"deployer\"]\n").await;
+    eventually(Duration::from_secs(60), "the first operator killed", || {
+        let exited = first.exited();
+        async move { exited.then_some(()) }
+    })
+    .await;
+    // OpenBao's own record: the token minted for revision 1.
+    let created: Vec<String> = accessors()
+        .await
+        .into_iter()
+        .filter(|a| !before.contains(a))
+        .collect();
+    assert_eq!(created.len(), 1, "one child token was created: {created:?}");
+    let (s, info) = b
+        .call(
+            "POST",
+            "auth/token/lookup-accessor",
+            Some(json!({"accessor": created[0]})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        info["data"]["meta"]["revision"], "1",
+        "{}",
+        info["data"]["meta"]
+    );
+
+    let _second = Operator::start(&ns.name);
+    let api: Api<AgentToken> = ns.api();
+    let at = eventually(
+        Duration::from_secs(60),
+        "revision 1 revoked and revision 2 delivered",
+        || async {
+            let at = api.get("bot").await.ok()?;
+            let st = at.status.as_ref()?;
+            let r1 = st.history.iter().find(|e| e.revision == 1)?;
+            (r1.state == Some(TokenLife::Revoked) && st.revision == 2).then_some(at)
+        },
+    )
+    .await;
+    let r1 = at
+        .status
+        .as_ref()
+        .unwrap()
+        .history
+        .iter()
+        .find(|e| e.revision == 1)
+        .unwrap();
+    assert_eq!(
+        r1.handle.as_deref(),
+        Some(format!("vault-search:{}/r1", at.metadata.uid.as_deref().unwrap()).as_str())
+    );
+    // OpenBao: the token of revision 1 is gone.
+    let (s, _) = b
+        .call(
+            "POST",
+            "auth/token/lookup-accessor",
+            Some(json!({"accessor": created[0]})),
+        )
+        .await;
+    assert!(s >= 400, "the crashed mint's token still exists: HTTP {s}");
+    let held = token_in_secret(&ns).await;
+    let (s, info) = b
+        .call("POST", "auth/token/lookup", Some(json!({"token": held})))
+        .await;
+    assert_eq!(s, 200, "the delivered token is alive");
+    assert_eq!(info["data"]["meta"]["revision"], "2");
+}
