@@ -62,6 +62,13 @@ fn npm_install() {
 }
 
 pub(crate) fn start_provider(token_ttl: u64) -> Provider {
+    start_provider_with(token_ttl, Duration::ZERO)
+}
+
+/// [`start_provider`], answering each token request up to `answer_delay`
+/// (at random) after the token was issued and stored: a client that dies
+/// meanwhile never learns of a token the provider holds.
+pub(crate) fn start_provider_with(token_ttl: u64, answer_delay: Duration) -> Provider {
     npm_install();
     let basic = (format!("basic-{}", random_suffix()), secret_value());
     let post = (format!("post-{}", random_suffix()), secret_value());
@@ -74,6 +81,7 @@ pub(crate) fn start_provider(token_ttl: u64) -> Provider {
         .env("POST_CLIENT_ID", &post.0)
         .env("POST_CLIENT_SECRET", &post.1)
         .env("TOKEN_TTL", token_ttl.to_string())
+        .env("ANSWER_DELAY_MS", answer_delay.as_millis().to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -103,6 +111,27 @@ pub(crate) fn start_provider(token_ttl: u64) -> Provider {
 impl Provider {
     fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Every access token the provider issued, from its own record (the
+    /// test endpoint of `e2e/oidc/server.mjs`): (value, exp), oldest first.
+    /// Values stay in memory, never printed. `None` when it does not answer.
+    pub(crate) async fn issued(&self) -> Option<Vec<(String, i64)>> {
+        let resp = reqwest::Client::new()
+            .get(self.url("/test/issued"))
+            .basic_auth(&self.basic.0, Some(&self.basic.1))
+            .send()
+            .await
+            .ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        let all: Vec<serde_json::Value> = resp.json().await.ok()?;
+        Some(
+            all.iter()
+                .filter_map(|t| Some((t["token"].as_str()?.to_string(), t["exp"].as_i64()?)))
+                .collect(),
+        )
     }
 }
 
