@@ -24,13 +24,18 @@ use agent_token_operator::crd::{AgentToken, RevocationState};
 
 use crate::support::{Operator, TestNamespace, apply, eventually, random_suffix};
 
-const APP_ID: i64 = 31337;
+pub(crate) const APP_ID: i64 = 31337;
 const INSTALLATION: i64 = 4242;
 
 struct GitHub {
     public_pem: String,
     /// token -> (repositories, permissions, active)
     tokens: HashMap<String, (Value, Value, bool)>,
+    /// Every installation token minted, in order: (token, expires_at).
+    minted: Vec<(String, jiff::Timestamp)>,
+    /// Longest wait between minting a token and answering, at random (a
+    /// client that dies meanwhile never learns of the token).
+    answer_delay: Duration,
     jwt_rejections: Vec<String>,
 }
 
@@ -107,12 +112,29 @@ async fn access_tokens(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
+    let (reply, delay) = access_token_now(&s, id, &headers, &body);
+    // The token exists from here on, answered or not.
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    reply
+}
+
+fn access_token_now(
+    s: &Shared,
+    id: i64,
+    headers: &HeaderMap,
+    body: &Value,
+) -> (Response, Duration) {
+    let reply = |r: Response| (r, Duration::ZERO);
     let mut gh = s.lock().unwrap();
-    if !app_jwt_ok(&mut gh, &headers) {
-        return unauthorized();
+    if !app_jwt_ok(&mut gh, headers) {
+        return reply(unauthorized());
     }
     if id != INSTALLATION {
-        return (StatusCode::NOT_FOUND, Json(json!({"message": "Not Found"}))).into_response();
+        return reply(
+            (StatusCode::NOT_FOUND, Json(json!({"message": "Not Found"}))).into_response(),
+        );
     }
     // The App was granted contents:write and metadata:read.
     let granted = json!({"contents": ["read", "write"], "metadata": ["read"]});
@@ -122,11 +144,13 @@ async fn access_tokens(
                 .as_array()
                 .is_some_and(|a| a.iter().any(|g| g == v));
             if !ok {
-                return (
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    Json(json!({"message": format!("The permissions requested are not granted to this installation: {k}")})),
-                )
-                    .into_response();
+                return reply(
+                    (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        Json(json!({"message": format!("The permissions requested are not granted to this installation: {k}")})),
+                    )
+                        .into_response(),
+                );
             }
         }
     }
@@ -140,16 +164,27 @@ async fn access_tokens(
             true,
         ),
     );
+    gh.minted.push((token.clone(), expires));
+    let delay = if gh.answer_delay.is_zero() {
+        Duration::ZERO
+    } else {
+        use rand::Rng;
+        let max = gh.answer_delay.as_millis() as u64;
+        Duration::from_millis(rand::rng().random_range(0..=max))
+    };
     (
-        StatusCode::CREATED,
-        Json(json!({
-            "token": token,
-            "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
-            "permissions": body["permissions"],
-            "repository_selection": "selected",
-        })),
+        (
+            StatusCode::CREATED,
+            Json(json!({
+                "token": token,
+                "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                "permissions": body["permissions"],
+                "repository_selection": "selected",
+            })),
+        )
+            .into_response(),
+        delay,
     )
-        .into_response()
 }
 
 async fn revoke(State(s): State<Shared>, headers: HeaderMap) -> StatusCode {
@@ -160,6 +195,63 @@ async fn revoke(State(s): State<Shared>, headers: HeaderMap) -> StatusCode {
             StatusCode::NO_CONTENT
         }
         _ => StatusCode::UNAUTHORIZED,
+    }
+}
+
+/// An installation token as the stand-in knows it (a fingerprint, never
+/// the value).
+pub(crate) struct Minted {
+    /// Its place in the order of mints (1, 2, ...).
+    pub n: usize,
+    pub fingerprint: String,
+    pub expires_at: jiff::Timestamp,
+    pub active: bool,
+}
+
+/// The stand-in, for tests outside this file.
+pub(crate) struct StandIn {
+    shared: Shared,
+    pub port: u16,
+    /// The App's private key (PEM), generated for this stand-in.
+    pub private_pem: String,
+}
+
+impl StandIn {
+    pub async fn start() -> StandIn {
+        let (shared, port, private_pem) = start().await;
+        StandIn {
+            shared,
+            port,
+            private_pem,
+        }
+    }
+
+    /// Each mint waits up to `max` (at random) after minting before it
+    /// answers.
+    pub fn set_answer_delay(&self, max: Duration) {
+        self.shared.lock().unwrap().answer_delay = max;
+    }
+
+    /// Every installation token it minted, oldest first, and whether it is
+    /// still honoured (not revoked, not expired).
+    pub fn minted(&self) -> Vec<Minted> {
+        let gh = self.shared.lock().unwrap();
+        let now = jiff::Timestamp::now();
+        gh.minted
+            .iter()
+            .enumerate()
+            .map(|(i, (token, expires_at))| Minted {
+                n: i + 1,
+                fingerprint: agent_token_operator::rotation::fingerprint(token.as_bytes()),
+                expires_at: *expires_at,
+                active: gh.tokens.get(token).is_some_and(|t| t.2) && now < *expires_at,
+            })
+            .collect()
+    }
+
+    /// App JWTs it refused (none when the operator signs them right).
+    pub fn jwt_rejections(&self) -> Vec<String> {
+        self.shared.lock().unwrap().jwt_rejections.clone()
     }
 }
 
@@ -183,6 +275,8 @@ async fn start() -> (Shared, u16, String) {
     let shared: Shared = Arc::new(Mutex::new(GitHub {
         public_pem: String::from_utf8(public.stdout).unwrap(),
         tokens: HashMap::new(),
+        minted: Vec::new(),
+        answer_delay: Duration::ZERO,
         jwt_rejections: Vec::new(),
     }));
     let app_router = Router::new()

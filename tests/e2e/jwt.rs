@@ -23,7 +23,7 @@ use crate::support::{
     self, Operator, TestNamespace, applied, apply, cluster, eventually, random_suffix,
 };
 
-fn key(args: &[&str]) -> String {
+pub(crate) fn key(args: &[&str]) -> String {
     let out = Command::new("openssl")
         .args(args)
         .output()
@@ -32,7 +32,7 @@ fn key(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-async fn put_key(ns: &TestNamespace, pem: &str) {
+pub(crate) async fn put_key(ns: &TestNamespace, pem: &str) {
     let api: Api<Secret> = ns.api();
     let s = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "signing-key"}, "stringData": {"key.pem": pem}});
     api.patch(
