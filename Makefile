@@ -47,12 +47,14 @@ test-e2e: node
 	cargo test --test e2e -- --test-threads=$${TEST_THREADS:-8}
 
 ## The chaos test's long version (issue 17; `make test` runs a short one):
-## per issuer kind (webhook stand-in, serviceAccount, OpenBao), 200
-## AgentTokens minted and rotated while the operator is SIGKILLed 20 times
-## at random moments; then every token each issuer issued must be in a
-## Secret, revoked, or Unknown in the ledger. The seed is printed;
-## CHAOS_SEED=<seed> repeats the test's choices. CHAOS_ONLY=webhook (or
-## service_account, openbao) picks one kind; CHAOS_THREADS=3 runs them at once.
+## per issuer kind (webhook stand-in, serviceAccount, OpenBao, oauth2 on the
+## real oidc-provider, GitHub App stand-in, jwt), 200 AgentTokens minted and
+## rotated while the operator is SIGKILLed 20 times at random moments; then
+## every token each issuer issued must be in a Secret, revoked, or Unknown in
+## the ledger (jwt: every JWT delivered is in the ledger, honestly). The seed
+## is printed; CHAOS_SEED=<seed> repeats the test's choices. CHAOS_ONLY=webhook
+## (or service_account, openbao, oauth2, github_app, jwt) picks one kind;
+## CHAOS_THREADS=6 runs them at once.
 CHAOS_AGENTTOKENS ?= 200
 CHAOS_KILLS ?= 20
 CHAOS_ONLY ?=

@@ -27,7 +27,23 @@
 //! - the real OpenBao: a declarative file audit device (accessors in clear,
 //!   token values HMAC'd) records every child token created, with the
 //!   metadata the operator gives it (AgentToken, revision); the token store
-//!   says which are still alive.
+//!   says which are still alive;
+//! - the REAL oidc-provider (oauth2, client credentials): the test server
+//!   stores every access token it issues and lists them on a test endpoint;
+//!   introspection (RFC 7662) says which are active. It answers a token
+//!   request up to 1 s after storing the token;
+//! - the GitHub App STAND-IN records every installation token it minted and
+//!   whether it is revoked, and answers a mint up to 1 s late. Neither
+//!   oauth2 nor GitHub knows which AgentToken a token was for: tokens are
+//!   matched to the ledger by fingerprint, and an active token in no Secret
+//!   that no entry names needs an `Unknown` entry without a fingerprint (an
+//!   interrupted mint) of its own, valid at least as long;
+//! - jwt: the operator signs the tokens itself and nothing can revoke them,
+//!   so the truth is what was delivered: every JWT ever seen in a Secret
+//!   must be named in the ledger, honestly (`Live`/`Grace` while in the
+//!   Secret, never `Revoked`, `NotSupported` once out, `expiresAt` not
+//!   before its `exp`), its claims naming its AgentToken. A JWT signed and
+//!   never delivered is invisible to it; see that test.
 //!
 //! The short version runs in `make test`; `make chaos` runs the long one.
 //! Knobs (environment): CHAOS_AGENTTOKENS (per issuer kind, default 20),
@@ -174,20 +190,23 @@ impl Snapshot {
             .await
             .ok()?
             .items;
-        let all: HashMap<String, Secret> = ns
+        let all = ns
             .api::<Secret>()
             .list(&ListParams::default())
             .await
             .ok()?
-            .items
-            .into_iter()
-            .map(|s| (s.name_any(), s))
-            .collect();
+            .items;
+        Some(Snapshot::of(ats, all))
+    }
+
+    /// The AgentTokens with their Secrets, found among `all`.
+    fn of(ats: Vec<AgentToken>, all: Vec<Secret>) -> Snapshot {
+        let all: HashMap<String, Secret> = all.into_iter().map(|s| (s.name_any(), s)).collect();
         let secrets = ats
             .iter()
             .filter_map(|at| Some((at.name_any(), all.get(&at.secret_name())?.clone())))
             .collect();
-        Some(Snapshot { ats, secrets })
+        Snapshot { ats, secrets }
     }
 
     /// [`Snapshot::read`], retried for up to 30 s.
@@ -212,6 +231,26 @@ impl Snapshot {
             .history
             .iter()
             .find(|e| e.revision == revision)
+    }
+
+    /// AgentToken `name`'s entry that names the token `fp`.
+    fn entry_of(&self, name: &str, fp: &str) -> Option<&HistoryEntry> {
+        self.at(name)?
+            .status
+            .as_ref()?
+            .history
+            .iter()
+            .find(|e| e.fingerprint == fp)
+    }
+
+    /// Every ledger entry: (AgentToken, entry).
+    fn entries(&self) -> impl Iterator<Item = (String, &HistoryEntry)> {
+        self.ats.iter().flat_map(|at| {
+            at.status
+                .iter()
+                .flat_map(|s| &s.history)
+                .map(move |e| (at.name_any(), e))
+        })
     }
 
     /// The tokens in AgentToken `name`'s Secret (values stay in memory,
@@ -384,6 +423,9 @@ struct Tally {
     unknown: usize,
     /// Died on their own (past their expiry at the issuer).
     expired: usize,
+    /// Out of every Secret and valid until their expiry, because nobody
+    /// can revoke them (jwt); the ledger says `NotSupported`.
+    unrevocable: usize,
     /// Active at the issuer, in no Secret, not accounted `Unknown`.
     leaked: Vec<String>,
     /// Anything else that must not hold once quiet.
@@ -649,7 +691,7 @@ impl Run {
     fn report(&self, kind: &str, t: &Tally) {
         println!(
             "chaos {kind}: seed {} | {} AgentTokens | kills {} | rotations asked {} | issued {} | \
-             in Secrets {} | revoked {} | unknown {} | expired {} | leaked {} | wall {:.1}s",
+             in Secrets {} | revoked {} | unknown {} | expired {}{} | leaked {} | wall {:.1}s",
             self.plan.seed,
             self.plan.agenttokens,
             self.kills,
@@ -659,6 +701,11 @@ impl Run {
             t.revoked,
             t.unknown,
             t.expired,
+            if t.unrevocable > 0 {
+                format!(" | not revocable (valid to expiry) {}", t.unrevocable)
+            } else {
+                String::new()
+            },
             t.leaked.len(),
             self.secs()
         );
@@ -1175,15 +1222,19 @@ impl ServiceAccountTokens {
     }
 }
 
-/// The UID of the binding Secret a ServiceAccount token is bound to, from
-/// its claims (read, not verified: TokenReview verifies).
-fn bound_to(token: &str) -> Option<String> {
+/// A JWT's claims, read, not verified.
+fn claims_of(token: &str) -> Option<Value> {
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
-    let claims: Value = serde_json::from_slice(&bytes).ok()?;
-    claims["kubernetes.io"]["secret"]["uid"]
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The UID of the binding Secret a ServiceAccount token is bound to, from
+/// its claims (read, not verified: TokenReview verifies).
+fn bound_to(token: &str) -> Option<String> {
+    claims_of(token)?["kubernetes.io"]["secret"]["uid"]
         .as_str()
         .map(String::from)
 }
@@ -1717,5 +1768,871 @@ async fn chaos_openbao_sigkill_during_child_token_mints_leaks_nothing() {
         &mut issuer,
         |_| json!({"issuerRef": {"name": "bao"}, "scopes": ["default"], "lifetime": "5m"}),
     )
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// issuers that know a token by its value, not whom it was for (oauth2,
+// githubApp)
+
+/// A token as such an issuer recorded it (a fingerprint, never the value).
+#[derive(Clone, Debug)]
+struct ByValue {
+    /// The issuer's own name for it, for messages.
+    id: String,
+    fingerprint: String,
+    expires_at: Timestamp,
+    /// Whether the issuer honours it.
+    active: bool,
+}
+
+/// What [`account_by_value`] found, kept for the checks after settling.
+#[derive(Default)]
+struct ByValueSeen {
+    /// Fingerprints of active tokens an `Unknown` entry covers.
+    covered: BTreeSet<String>,
+    /// How many of them no entry named (covered by an `Unknown` entry that
+    /// has no fingerprint).
+    covered_unnamed: usize,
+    /// Every token, as last accounted.
+    tokens: Vec<ByValue>,
+}
+
+/// Tokens against the ledger, by fingerprint. Such an issuer cannot say
+/// which AgentToken a token it minted was for, and a token the operator
+/// never heard of has no fingerprint in the ledger: each active token in no
+/// Secret that no entry names must be covered by an `Unknown` entry without
+/// a fingerprint (an interrupted mint), one entry per token, valid at least
+/// as long (matched by expiry: each token, soonest expiry first, takes the
+/// soonest-expiring entry that still covers it).
+fn account_by_value(ns: &str, tokens: &[ByValue], snap: &Snapshot) -> (Tally, ByValueSeen) {
+    let mut t = Tally::default();
+    let mut seen = ByValueSeen {
+        tokens: tokens.to_vec(),
+        ..Default::default()
+    };
+    let now = Timestamp::now();
+    let held: HashMap<String, String> = snap
+        .fingerprints()
+        .into_iter()
+        .flat_map(|(name, fps)| fps.into_iter().map(move |fp| (fp, name.clone())))
+        .collect();
+    let named: HashMap<&str, (String, &HistoryEntry)> = snap
+        .entries()
+        .filter(|(_, e)| e.fingerprint.starts_with("sha256:"))
+        .map(|(name, e)| (e.fingerprint.as_str(), (name, e)))
+        .collect();
+    let mut unnamed: Vec<(String, &HistoryEntry)> = snap
+        .entries()
+        .filter(|(_, e)| covers_unknown(e) && !e.fingerprint.starts_with("sha256:"))
+        .collect();
+    unnamed.sort_by_key(|(_, e)| e.expires_at.as_ref().map(|x| x.0));
+    let mut used = vec![false; unnamed.len()];
+    let mut by_expiry: Vec<&ByValue> = tokens.iter().collect();
+    by_expiry.sort_by_key(|tok| tok.expires_at);
+    for tok in by_expiry {
+        t.issued += 1;
+        if let Some(name) = held.get(&tok.fingerprint) {
+            t.in_secrets += 1;
+            if !tok.active {
+                t.problems.push(format!(
+                    "{name} ({}, {}): in its Secret, not honoured by the issuer",
+                    tok.fingerprint, tok.id
+                ));
+            }
+        } else if !tok.active {
+            if now < tok.expires_at {
+                t.revoked += 1;
+            } else {
+                t.expired += 1;
+            }
+        } else if let Some((name, e)) = named.get(tok.fingerprint.as_str()) {
+            if covers_unknown(e) {
+                t.unknown += 1;
+                t.unknown_keys.insert((name.clone(), e.revision));
+                seen.covered.insert(tok.fingerprint.clone());
+                if e.expires_at.as_ref().is_none_or(|x| x.0 < tok.expires_at) {
+                    t.problems.push(format!(
+                        "{name} r{}: Unknown until {:?}, the issuer's token lives until {}",
+                        e.revision,
+                        e.expires_at.as_ref().map(|x| x.0.to_string()),
+                        tok.expires_at
+                    ));
+                }
+            } else {
+                t.leaked.push(format!(
+                    "{ns}/{name} ({}, {}): active at the issuer, in no Secret; ledger: {}",
+                    tok.fingerprint,
+                    tok.id,
+                    describe(Some(e))
+                ));
+            }
+        } else {
+            let cover = unnamed.iter().enumerate().position(|(i, (_, e))| {
+                !used[i] && e.expires_at.as_ref().is_some_and(|x| x.0 >= tok.expires_at)
+            });
+            match cover {
+                Some(i) => {
+                    used[i] = true;
+                    let (name, e) = &unnamed[i];
+                    t.unknown += 1;
+                    t.unknown_keys.insert((name.clone(), e.revision));
+                    seen.covered.insert(tok.fingerprint.clone());
+                    seen.covered_unnamed += 1;
+                }
+                None => t.leaked.push(format!(
+                    "{ns} ({}, {}, valid until {}): active at the issuer, in no Secret, no ledger entry names it and no Unknown entry is left to cover it ({} Unknown entries without a fingerprint)",
+                    tok.fingerprint,
+                    tok.id,
+                    tok.expires_at,
+                    unnamed.len()
+                )),
+            }
+        }
+    }
+    (t, seen)
+}
+
+/// `Revoked` entries whose token the issuer still honours, or that name no
+/// token it issued.
+fn revoked_but_active_by_value(
+    tokens: &[ByValue],
+    revoked: &BTreeMap<(String, i64), HistoryEntry>,
+) -> Vec<String> {
+    let by_fp: HashMap<&str, &ByValue> =
+        tokens.iter().map(|t| (t.fingerprint.as_str(), t)).collect();
+    revoked
+        .iter()
+        .filter_map(|((name, rev), e)| match by_fp.get(e.fingerprint.as_str()) {
+            Some(t) if t.active => Some(format!(
+                "{name} r{rev} ({}): the issuer's {} is active",
+                e.fingerprint, t.id
+            )),
+            Some(_) => None,
+            None => Some(format!(
+                "{name} r{rev}: Revoked, its fingerprint {} names no token the issuer issued",
+                e.fingerprint
+            )),
+        })
+        .collect()
+}
+
+/// Tokens the issuer revoked (dead before their expiry) whose fingerprint
+/// the ledger was never seen to call `Revoked`.
+fn revoked_unrecorded_by_value(
+    tokens: &[ByValue],
+    revoked: &BTreeMap<(String, i64), HistoryEntry>,
+) -> Vec<String> {
+    let now = Timestamp::now();
+    let said: BTreeSet<&str> = revoked.values().map(|e| e.fingerprint.as_str()).collect();
+    tokens
+        .iter()
+        .filter(|t| !t.active && now < t.expires_at && !said.contains(t.fingerprint.as_str()))
+        .map(|t| {
+            format!(
+                "{} ({}): dead at the issuer before its expiry {}, never Revoked in the ledger",
+                t.fingerprint, t.id, t.expires_at
+            )
+        })
+        .collect()
+}
+
+/// How the issuer's tokens were known to the ledger, over all its reads.
+fn watched_by_value(seen: &ByValueSeen, observed: &Observed) -> Vec<String> {
+    let named: BTreeSet<&String> = observed.fingerprints.values().flatten().collect();
+    let by_fp = seen
+        .tokens
+        .iter()
+        .filter(|t| named.contains(&t.fingerprint))
+        .count();
+    vec![format!(
+        "{} tokens at the issuer: {by_fp} named by fingerprint in the ledger, {} active ones covered by an Unknown entry without a fingerprint, {} neither (never delivered, died)",
+        seen.tokens.len(),
+        seen.covered_unnamed,
+        seen.tokens.len() - by_fp - seen.covered_unnamed
+    )]
+}
+
+fn active_after_deletion_by_value(tokens: &[ByValue], covered: &BTreeSet<String>) -> Vec<String> {
+    tokens
+        .iter()
+        .filter(|t| t.active && !covered.contains(&t.fingerprint))
+        .map(|t| format!("{} ({})", t.fingerprint, t.id))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// oauth2 against the real oidc-provider
+
+struct OAuth2Tokens {
+    provider: crate::oauth2::Provider,
+    ns: String,
+    /// Fingerprints of tokens introspection called inactive (for good).
+    dead: BTreeSet<String>,
+    seen: ByValueSeen,
+}
+
+impl OAuth2Tokens {
+    /// Every access token the provider issued, from its own record; tokens
+    /// in `held` (in a Secret) are taken as active without asking, the
+    /// others are asked by introspection (RFC 7662) until inactive.
+    async fn tokens(&mut self, held: &BTreeSet<String>) -> Option<Vec<ByValue>> {
+        let issued = self.provider.issued().await?;
+        let mut out = Vec::with_capacity(issued.len());
+        for (i, (value, exp)) in issued.into_iter().enumerate() {
+            let fp = fingerprint(value.as_bytes());
+            let active = if held.contains(&fp) {
+                true
+            } else if self.dead.contains(&fp) {
+                false
+            } else {
+                let a = crate::oauth2::introspect(&self.provider, &value).await["active"] == true;
+                if !a {
+                    self.dead.insert(fp.clone());
+                }
+                a
+            };
+            out.push(ByValue {
+                id: format!("access token {}", i + 1),
+                fingerprint: fp,
+                expires_at: Timestamp::from_second(exp).ok()?,
+                active,
+            });
+        }
+        Some(out)
+    }
+}
+
+impl Issuer for OAuth2Tokens {
+    fn kind(&self) -> &'static str {
+        "oauth2 (real oidc-provider)"
+    }
+
+    async fn account(&mut self, snap: &Snapshot) -> Tally {
+        let held = snap.fingerprints().into_values().flatten().collect();
+        let Some(tokens) = self.tokens(&held).await else {
+            let mut t = Tally::default();
+            t.problems
+                .push("could not read the provider's record of issued tokens".into());
+            return t;
+        };
+        let (t, seen) = account_by_value(&self.ns, &tokens, snap);
+        self.seen = seen;
+        t
+    }
+
+    async fn revoked_but_active(
+        &mut self,
+        revoked: &BTreeMap<(String, i64), HistoryEntry>,
+    ) -> Vec<String> {
+        match self.tokens(&BTreeSet::new()).await {
+            Some(tokens) => revoked_but_active_by_value(&tokens, revoked),
+            None => vec!["could not read the provider's record of issued tokens".into()],
+        }
+    }
+
+    async fn revoked_unrecorded(
+        &mut self,
+        revoked: &BTreeMap<(String, i64), HistoryEntry>,
+    ) -> Vec<String> {
+        match self.tokens(&BTreeSet::new()).await {
+            Some(tokens) => revoked_unrecorded_by_value(&tokens, revoked),
+            None => vec!["could not read the provider's record of issued tokens".into()],
+        }
+    }
+
+    async fn minted_twice(&mut self) -> Vec<String> {
+        // The provider does not know revisions: a revision minted twice
+        // shows as two fingerprints for it in the ledger
+        // (`Observed::two_fingerprints`), or as a token no entry names and
+        // no Unknown entry covers (leaked).
+        Vec::new()
+    }
+
+    async fn not_honoured(&mut self, snap: &Snapshot) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for at in &snap.ats {
+            let name = at.name_any();
+            for (slot, v) in snap.tokens(&name) {
+                if crate::oauth2::introspect(&self.provider, &v).await["active"] != true {
+                    let fp = fingerprint(v.as_bytes());
+                    let why = format!("{name} {slot:?} ({fp}): introspection says inactive");
+                    out.push((name.clone(), fp, why));
+                }
+            }
+        }
+        out
+    }
+
+    fn watched(&mut self, observed: &Observed) -> (Vec<String>, Vec<String>) {
+        (watched_by_value(&self.seen, observed), Vec::new())
+    }
+
+    async fn active_after_deletion(&mut self, _unknown: &BTreeSet<(String, i64)>) -> Vec<String> {
+        match self.tokens(&BTreeSet::new()).await {
+            Some(tokens) => active_after_deletion_by_value(&tokens, &self.seen.covered),
+            None => vec!["could not read the provider's record of issued tokens".into()],
+        }
+    }
+}
+
+/// The REAL oidc-provider (npm; `e2e/oidc/server.mjs`): client-credentials
+/// access tokens of 5 minutes, revoked by value (RFC 7009) from the keeper
+/// in the operator's namespace. The provider stores every token it issues
+/// and lists them on a test endpoint; introspection (RFC 7662) says which
+/// are active. It answers each token request up to 1 s after storing the
+/// token, so kills fall between "issued" and "the operator heard of it".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_oauth2_real_oidc_provider_sigkill_during_client_credentials_leaks_nothing() {
+    let provider = crate::oauth2::start_provider_with(300, Duration::from_secs(1));
+    let mut run = Run::new("oauth2 (real oidc-provider)", "chaos-oauth2").await;
+    crate::oauth2::client_secret(&run.ns, &provider.basic.1).await;
+    applied(
+        &run.ns,
+        &crate::oauth2::issuer_yaml(&provider, "ClientSecretBasic", &provider.basic.0),
+    );
+    let mut issuer = OAuth2Tokens {
+        provider,
+        ns: run.ns.name.clone(),
+        dead: BTreeSet::new(),
+        seen: ByValueSeen::default(),
+    };
+    run.drive(
+        &mut issuer,
+        |_| json!({"issuerRef": {"name": "idp"}, "scopes": ["deploy"], "lifetime": "5m"}),
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// githubApp stand-in
+
+struct GitHubTokens {
+    stand_in: crate::github_app::StandIn,
+    ns: String,
+    seen: ByValueSeen,
+}
+
+impl GitHubTokens {
+    fn tokens(&self) -> Vec<ByValue> {
+        self.stand_in
+            .minted()
+            .into_iter()
+            .map(|m| ByValue {
+                id: format!("installation token {}", m.n),
+                fingerprint: m.fingerprint,
+                expires_at: m.expires_at,
+                active: m.active,
+            })
+            .collect()
+    }
+}
+
+impl Issuer for GitHubTokens {
+    fn kind(&self) -> &'static str {
+        "githubApp stand-in"
+    }
+
+    async fn account(&mut self, snap: &Snapshot) -> Tally {
+        let (t, seen) = account_by_value(&self.ns, &self.tokens(), snap);
+        self.seen = seen;
+        t
+    }
+
+    async fn revoked_but_active(
+        &mut self,
+        revoked: &BTreeMap<(String, i64), HistoryEntry>,
+    ) -> Vec<String> {
+        revoked_but_active_by_value(&self.tokens(), revoked)
+    }
+
+    async fn revoked_unrecorded(
+        &mut self,
+        revoked: &BTreeMap<(String, i64), HistoryEntry>,
+    ) -> Vec<String> {
+        revoked_unrecorded_by_value(&self.tokens(), revoked)
+    }
+
+    async fn minted_twice(&mut self) -> Vec<String> {
+        // As for oauth2: GitHub does not know revisions.
+        Vec::new()
+    }
+
+    async fn not_honoured(&mut self, snap: &Snapshot) -> Vec<(String, String, String)> {
+        let active: BTreeSet<String> = self
+            .tokens()
+            .into_iter()
+            .filter(|t| t.active)
+            .map(|t| t.fingerprint)
+            .collect();
+        let mut out = Vec::new();
+        for at in &snap.ats {
+            let name = at.name_any();
+            for (slot, v) in snap.tokens(&name) {
+                let fp = fingerprint(v.as_bytes());
+                if !active.contains(&fp) {
+                    let why = format!("{name} {slot:?} ({fp}): not active at the stand-in");
+                    out.push((name.clone(), fp, why));
+                }
+            }
+        }
+        out
+    }
+
+    fn watched(&mut self, observed: &Observed) -> (Vec<String>, Vec<String>) {
+        let rejected = self.stand_in.jwt_rejections();
+        let failures = if rejected.is_empty() {
+            Vec::new()
+        } else {
+            vec![format!(
+                "the stand-in refused {} App JWTs: {:?}",
+                rejected.len(),
+                rejected.iter().take(5).collect::<Vec<_>>()
+            )]
+        };
+        (watched_by_value(&self.seen, observed), failures)
+    }
+
+    async fn active_after_deletion(&mut self, _unknown: &BTreeSet<(String, i64)>) -> Vec<String> {
+        active_after_deletion_by_value(&self.tokens(), &self.seen.covered)
+    }
+}
+
+/// The GitHub App STAND-IN (`tests/e2e/github_app.rs`): installation tokens
+/// of an hour, revoked with the token itself (`DELETE /installation/token`)
+/// from the keeper. The stand-in records every token it minted and whether
+/// it is revoked, and answers each mint up to 1 s after minting it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_github_app_stand_in_sigkill_during_installation_token_mints_leaks_nothing() {
+    let stand_in = crate::github_app::StandIn::start().await;
+    stand_in.set_answer_delay(Duration::from_secs(1));
+    let mut run = Run::new("githubApp stand-in", "chaos-github").await;
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "app-key"},
+        "stringData": {"private-key.pem": stand_in.private_pem},
+    }))
+    .unwrap();
+    run.ns
+        .api::<Secret>()
+        .create(&PostParams::default(), &s)
+        .await
+        .unwrap();
+    let issuer = json!({
+        "apiVersion": "agenttoken.dev/v1alpha1",
+        "kind": "TokenIssuer",
+        "metadata": {"name": "github"},
+        "spec": {
+            "githubApp": {
+                "apiURL": format!("http://127.0.0.1:{}", stand_in.port),
+                "appID": crate::github_app::APP_ID,
+                "privateKeySecretRef": {"name": "app-key", "key": "private-key.pem"},
+            },
+            "policy": {
+                "allowedRepositories": ["infra"],
+                "allowedPermissions": {"contents": "read"},
+            },
+        },
+    });
+    applied(&run.ns, &issuer.to_string());
+    let mut issuer = GitHubTokens {
+        stand_in,
+        ns: run.ns.name.clone(),
+        seen: ByValueSeen::default(),
+    };
+    run.drive(&mut issuer, |_| {
+        json!({
+            "issuerRef": {"name": "github"},
+            "permissions": {"contents": "read"},
+            "repositories": ["infra"],
+            "lifetime": "1h",
+        })
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// jwt (signed by the operator itself)
+
+/// A JWT seen in a Secret.
+#[derive(Clone, Debug)]
+struct SeenJwt {
+    /// The AgentToken whose Secret held it.
+    name: String,
+    /// Its `exp` claim.
+    exp: i64,
+}
+
+/// What the Secrets and the ledger were seen to hold.
+#[derive(Default)]
+struct JwtSampled {
+    /// Fingerprint -> the JWT, for every value ever seen in a Secret.
+    seen: BTreeMap<String, SeenJwt>,
+    /// What the ledger said of a JWT while it was in its Secret, where
+    /// that was not honest, and claims that name the wrong AgentToken.
+    dishonest: BTreeSet<String>,
+    reads: usize,
+}
+
+struct JwtDelivered {
+    ns: String,
+    client: Client,
+    /// Reads the Secrets and the ledger twice a second (see
+    /// [`JwtDelivered::sample`]).
+    sampler: tokio::task::JoinHandle<()>,
+    sampled: Arc<Mutex<JwtSampled>>,
+    /// The run's ledger reads (fingerprints a pruned entry once had).
+    observed: Arc<Mutex<Observed>>,
+    /// `Unknown` entries at the last account.
+    unknown_entries: usize,
+}
+
+impl Drop for JwtDelivered {
+    fn drop(&mut self) {
+        self.sampler.abort();
+    }
+}
+
+impl JwtDelivered {
+    fn watch(ns: &TestNamespace, observed: Arc<Mutex<Observed>>) -> Self {
+        let sampled: Arc<Mutex<JwtSampled>> = Arc::default();
+        let sampler = tokio::spawn(Self::sample(
+            ns.name.clone(),
+            ns.api(),
+            ns.api(),
+            sampled.clone(),
+        ));
+        JwtDelivered {
+            ns: ns.name.clone(),
+            client: ns.client.clone(),
+            sampler,
+            sampled,
+            observed,
+            unknown_entries: 0,
+        }
+    }
+
+    /// Reads the Secrets, then the AgentTokens, then the Secrets again,
+    /// twice a second. Every JWT in a Secret is recorded, its claims must
+    /// name that AgentToken, and the ledger entry with its fingerprint must
+    /// carry its `jti` and an `expiresAt` not before its `exp`. The
+    /// operator records a token (`Minting` with its fingerprint) before it
+    /// writes it to the Secret and takes it out of the Secret before it
+    /// closes its entry, so a JWT in the Secret on both reads is `Live` or
+    /// `Grace` (or still `Minting`: delivered, its final status not yet
+    /// written) in the read between, never `Revoked`, never unnamed.
+    async fn sample(
+        ns: String,
+        secrets: Api<Secret>,
+        ats: Api<AgentToken>,
+        into: Arc<Mutex<JwtSampled>>,
+    ) {
+        loop {
+            let read = async {
+                let before = secrets.list(&ListParams::default()).await.ok()?.items;
+                let ledger = ats.list(&ListParams::default()).await.ok()?.items;
+                let after = secrets.list(&ListParams::default()).await.ok()?.items;
+                Some((
+                    Snapshot::of(ledger.clone(), before),
+                    Snapshot::of(ledger, after),
+                ))
+            };
+            if let Some((then, later)) = read.await {
+                let mut into = into.lock().unwrap();
+                into.reads += 1;
+                for at in &then.ats {
+                    let name = at.name_any();
+                    let still = later.fingerprints().remove(&name).unwrap_or_default();
+                    for (slot, v) in then.tokens(&name) {
+                        let fp = fingerprint(v.as_bytes());
+                        let Some(claims) = claims_of(&v) else {
+                            into.dishonest
+                                .insert(format!("{name} {slot:?} ({fp}): not a JWT"));
+                            continue;
+                        };
+                        let sub = format!("{ns}/{name}");
+                        if claims["sub"].as_str() != Some(sub.as_str()) {
+                            into.dishonest.insert(format!(
+                                "{name} {slot:?} ({fp}): its sub claim is {}, not {sub}",
+                                claims["sub"]
+                            ));
+                        }
+                        let exp = claims["exp"].as_i64().unwrap_or(i64::MAX);
+                        into.seen.entry(fp.clone()).or_insert(SeenJwt {
+                            name: name.clone(),
+                            exp,
+                        });
+                        let held = still.contains(&fp);
+                        match then.entry_of(&name, &fp) {
+                            Some(e) => {
+                                let l = life(e);
+                                if e.expires_at.as_ref().is_none_or(|x| x.0.as_second() < exp) {
+                                    into.dishonest.insert(format!(
+                                        "{name} ({fp}): exp {exp} is after its entry's expiresAt: {}",
+                                        describe(Some(e))
+                                    ));
+                                }
+                                let jti = claims["jti"].as_str().unwrap_or_default();
+                                if e.handle.as_deref() != Some(format!("jwt:{jti}").as_str()) {
+                                    into.dishonest.insert(format!(
+                                        "{name} ({fp}): the entry's handle {:?} does not name its jti",
+                                        e.handle
+                                    ));
+                                }
+                                let honest = matches!(
+                                    l,
+                                    TokenLife::Live | TokenLife::Grace | TokenLife::Minting
+                                );
+                                if l == TokenLife::Revoked || (held && !honest) {
+                                    into.dishonest.insert(format!(
+                                        "{name} {slot:?} ({fp}): in its Secret, the ledger says {}",
+                                        describe(Some(e))
+                                    ));
+                                }
+                            }
+                            None if held => {
+                                into.dishonest.insert(format!(
+                                    "{name} {slot:?} ({fp}): in its Secret before and after a read of the ledger that does not name it"
+                                ));
+                            }
+                            None => {}
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The published JWKS (the issuer's ConfigMap `agents-jwks`).
+    async fn jwks(&self) -> Option<jsonwebtoken::jwk::JwkSet> {
+        let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(self.client.clone(), &self.ns);
+        let cm = api.get_opt("agents-jwks").await.ok()??;
+        serde_json::from_str(cm.data?.get("jwks.json")?).ok()
+    }
+}
+
+/// Why `token` does not verify with `jwks` as a relying party would check
+/// it (signature, issuer, audience, expiry); `None` when it does.
+fn jwt_refused(jwks: &jsonwebtoken::jwk::JwkSet, token: &str) -> Option<String> {
+    let header = jsonwebtoken::decode_header(token).ok()?;
+    let Some(jwk) = header.kid.as_deref().and_then(|k| jwks.find(k)) else {
+        return Some("its key is not published".into());
+    };
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).ok()?;
+    let mut v = jsonwebtoken::Validation::new(header.alg);
+    v.set_issuer(&["https://agents.example"]);
+    v.set_audience(&["https://api.internal"]);
+    jsonwebtoken::decode::<Value>(token, &key, &v)
+        .err()
+        .map(|e| e.to_string())
+}
+
+impl Issuer for JwtDelivered {
+    fn kind(&self) -> &'static str {
+        "jwt (self-signed)"
+    }
+
+    async fn account(&mut self, snap: &Snapshot) -> Tally {
+        let mut t = Tally::default();
+        let now = Timestamp::now().as_second();
+        let mut seen = self.sampled.lock().unwrap().seen.clone();
+        for at in &snap.ats {
+            let name = at.name_any();
+            for (_, v) in snap.tokens(&name) {
+                let exp = claims_of(&v)
+                    .and_then(|c| c["exp"].as_i64())
+                    .unwrap_or(i64::MAX);
+                seen.entry(fingerprint(v.as_bytes())).or_insert(SeenJwt {
+                    name: name.clone(),
+                    exp,
+                });
+            }
+        }
+        let named: BTreeSet<String> = self
+            .observed
+            .lock()
+            .unwrap()
+            .fingerprints
+            .values()
+            .flatten()
+            .cloned()
+            .collect();
+        let held = snap.fingerprints();
+        for (fp, j) in &seen {
+            t.issued += 1;
+            if held.get(&j.name).is_some_and(|f| f.contains(fp)) {
+                t.in_secrets += 1;
+                continue;
+            }
+            if now >= j.exp {
+                t.expired += 1;
+                continue;
+            }
+            match snap.entry_of(&j.name, fp) {
+                Some(e) if covers_unknown(e) => {
+                    t.unknown += 1;
+                    t.unknown_keys.insert((j.name.clone(), e.revision));
+                }
+                Some(e) if life(e) == TokenLife::NotSupported => t.unrevocable += 1,
+                Some(e) => t.problems.push(format!(
+                    "{} ({fp}): out of its Secret, valid until {}; ledger: {}",
+                    j.name,
+                    j.exp,
+                    describe(Some(e))
+                )),
+                // Its closed entry was pruned from the history since.
+                None if named.contains(fp) => t.unrevocable += 1,
+                None => t.leaked.push(format!(
+                    "{}/{} ({fp}): seen in its Secret, valid until {}, the ledger never named it",
+                    self.ns, j.name, j.exp
+                )),
+            }
+        }
+        self.unknown_entries = snap.entries().filter(|(_, e)| covers_unknown(e)).count();
+        t
+    }
+
+    async fn revoked_but_active(
+        &mut self,
+        revoked: &BTreeMap<(String, i64), HistoryEntry>,
+    ) -> Vec<String> {
+        // A JWT cannot be revoked: any entry called Revoked is wrong.
+        revoked
+            .iter()
+            .map(|((name, rev), e)| {
+                format!(
+                    "{name} r{rev}: Revoked, but a JWT is valid until its exp: {}",
+                    describe(Some(e))
+                )
+            })
+            .collect()
+    }
+
+    async fn revoked_unrecorded(
+        &mut self,
+        _revoked: &BTreeMap<(String, i64), HistoryEntry>,
+    ) -> Vec<String> {
+        // Nobody revokes a JWT.
+        Vec::new()
+    }
+
+    async fn minted_twice(&mut self) -> Vec<String> {
+        // There is no issuer to ask; two tokens for one revision show as
+        // two fingerprints for it in the ledger (`Observed::two_fingerprints`).
+        Vec::new()
+    }
+
+    async fn not_honoured(&mut self, snap: &Snapshot) -> Vec<(String, String, String)> {
+        let Some(jwks) = self.jwks().await else {
+            return vec![(String::new(), String::new(), "no published JWKS".into())];
+        };
+        let mut out = Vec::new();
+        for at in &snap.ats {
+            let name = at.name_any();
+            for (slot, v) in snap.tokens(&name) {
+                if let Some(why) = jwt_refused(&jwks, &v) {
+                    let fp = fingerprint(v.as_bytes());
+                    let why =
+                        format!("{name} {slot:?} ({fp}): does not verify with the JWKS: {why}");
+                    out.push((name.clone(), fp, why));
+                }
+            }
+        }
+        out
+    }
+
+    fn watched(&mut self, observed: &Observed) -> (Vec<String>, Vec<String>) {
+        self.sampler.abort();
+        let sampled = self.sampled.lock().unwrap();
+        let mut failures = Vec::new();
+        if !sampled.dishonest.is_empty() {
+            failures.push(format!(
+                "JWTs in Secrets the ledger or the claims were wrong about ({}): {:#?}",
+                sampled.dishonest.len(),
+                sampled.dishonest.iter().take(30).collect::<Vec<_>>()
+            ));
+        }
+        let named: BTreeSet<&String> = observed.fingerprints.values().flatten().collect();
+        let unnamed: Vec<String> = sampled
+            .seen
+            .iter()
+            .filter(|(fp, _)| !named.contains(fp))
+            .map(|(fp, j)| format!("{} {fp}", j.name))
+            .collect();
+        if !unnamed.is_empty() {
+            failures.push(format!(
+                "JWTs seen in a Secret whose fingerprint the ledger never showed: {unnamed:#?}"
+            ));
+        }
+        let notes = vec![format!(
+            "{} JWTs seen delivered over {} reads of the Secrets; {} ledger entries Unknown at the end (a JWT signed and never delivered is invisible here: those entries cover it)",
+            sampled.seen.len(),
+            sampled.reads,
+            self.unknown_entries
+        )];
+        (notes, failures)
+    }
+
+    async fn active_after_deletion(&mut self, _unknown: &BTreeSet<(String, i64)>) -> Vec<String> {
+        // Every JWT ever delivered stays valid until its exp whatever
+        // happens (the ledger said NotSupported): nothing can be asked.
+        Vec::new()
+    }
+}
+
+/// The jwt issuer: the operator signs 5-minute JWTs itself (ES256, a key
+/// generated here). There is no external issuer to ask, and JWTs cannot be
+/// revoked, so the truth is what was delivered: every JWT seen in a Secret
+/// (read twice a second) must be named in the ledger by fingerprint, with
+/// its `jti` as handle and an `expiresAt` not before its `exp`, `Live` or
+/// `Grace` while in its Secret, never `Revoked`, `NotSupported` once out
+/// (valid until `exp`); its claims name its AgentToken, and what the
+/// Secrets hold verifies with the published JWKS.
+///
+/// What this test cannot see: a JWT signed by an operator killed before it
+/// wrote it to the Secret. Nobody received it, but it exists and verifies
+/// until its `exp`. The ledger covers it: its entry was written `Minting`
+/// before signing, with an `expiresAt` at least the longest grant; the next
+/// operator turns it `Unknown` (no fingerprint recorded) or, when the
+/// fingerprint was recorded, `NotSupported` (findable, not revocable).
+/// The test only counts those entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_jwt_self_signed_sigkill_during_signing_ledger_names_every_delivered_jwt() {
+    let mut run = Run::new("jwt (self-signed)", "chaos-jwt").await;
+    let pem = crate::jwt::key(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+    ]);
+    crate::jwt::put_key(&run.ns, &pem).await;
+    let issuer = json!({
+        "apiVersion": "agenttoken.dev/v1alpha1",
+        "kind": "TokenIssuer",
+        "metadata": {"name": "agents"},
+        "spec": {
+            "jwt": {
+                "signingKeySecretRef": {"name": "signing-key", "key": "key.pem"},
+                "issuer": "https://agents.example",
+            },
+            "policy": {
+                "maxLifetime": "10m",
+                "allowedScopes": ["deploy"],
+                "allowedAudiences": ["https://api.internal"],
+            },
+        },
+    });
+    applied(&run.ns, &issuer.to_string());
+    let mut issuer = JwtDelivered::watch(&run.ns, run.observed.clone());
+    run.drive(&mut issuer, |_| {
+        json!({
+            "issuerRef": {"name": "agents"},
+            "scopes": ["deploy"],
+            "audiences": ["https://api.internal"],
+            "lifetime": "5m",
+        })
+    })
     .await;
 }
