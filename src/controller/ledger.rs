@@ -281,6 +281,9 @@ pub fn retire(status: &mut AgentTokenStatus, revision: i64, why: &str, now: Time
 pub enum Outcome {
     /// The issuer confirmed the token is dead.
     Revoked,
+    /// Found by a search, then confirmed dead: recorded with the handle it
+    /// was found under.
+    RevokedAs(String),
     /// The issuer cannot revoke: the token dies at its expiry.
     NotSupported,
     /// The issuer answered without confirming (it does not know the id):
@@ -308,6 +311,11 @@ pub fn record(status: &mut AgentTokenStatus, revision: i64, outcome: Outcome, no
             set(e, TokenLife::Revoked);
             e.revoked_at = Some(Time(now));
             // The message keeps why it was retired.
+        }
+        Outcome::RevokedAs(handle) => {
+            set(e, TokenLife::Revoked);
+            e.revoked_at = Some(Time(now));
+            e.handle = Some(handle);
         }
         Outcome::NotSupported => {
             set(e, TokenLife::NotSupported);
@@ -339,6 +347,23 @@ pub fn record(status: &mut AgentTokenStatus, revision: i64, outcome: Outcome, no
 /// stopped): revoke it when it can be found, else say honestly that a token
 /// may exist until its latest expiry.
 pub fn interrupted(status: &mut AgentTokenStatus, revision: i64, findable: bool, now: Timestamp) {
+    unanswered(status, revision, findable, STOPPED, now);
+}
+
+/// Why a mint's outcome is not known: the operator stopped.
+pub const STOPPED: &str = "the operator stopped during this mint";
+
+/// A minting entry whose issuer call ended without a usable answer (`why`
+/// says how: the operator stopped, the call timed out after the request
+/// may have reached the issuer): the issuer may have minted. Revoked when
+/// it can be found, else `Unknown` until its latest expiry.
+pub fn unanswered(
+    status: &mut AgentTokenStatus,
+    revision: i64,
+    findable: bool,
+    why: &str,
+    now: Timestamp,
+) {
     let Some(e) = entry_mut(status, revision) else {
         return;
     };
@@ -348,13 +373,12 @@ pub fn interrupted(status: &mut AgentTokenStatus, revision: i64, findable: bool,
     if findable {
         set(e, TokenLife::Revoking);
         e.next_attempt_at = Some(Time(now));
-        e.message = Some("the operator stopped during this mint: revoking what it minted".into());
+        e.message = Some(format!("{why}: revoking what it minted"));
     } else {
         set(e, TokenLife::Unknown);
-        e.message = Some(
-            "the operator stopped during this mint; the issuer offers no way to find the token: it may be valid until expiresAt"
-                .into(),
-        );
+        e.message = Some(format!(
+            "{why}; the issuer offers no way to find the token: it may be valid until expiresAt"
+        ));
     }
 }
 

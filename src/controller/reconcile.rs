@@ -760,9 +760,16 @@ async fn mint_and_deliver(
             }
         }
         Err(e) => {
-            if ambiguous {
-                // Cut off mid-call: the issuer may have minted after all.
-                ledger::interrupted(&mut o.status, revision, search_handle.is_some(), now);
+            if ambiguous || e.is_ambiguous() {
+                // Cut off mid-call, or no answer after the request may
+                // have reached the issuer: it may have minted after all.
+                ledger::unanswered(
+                    &mut o.status,
+                    revision,
+                    search_handle.is_some(),
+                    "no answer arrived during this mint (it may have minted)",
+                    now,
+                );
             } else {
                 // The issuer answered: nothing was minted (a binding left
                 // behind is found by its owner UID and revoked).

@@ -117,7 +117,7 @@ pub async fn pass(
         };
         let fp = entry.fingerprint.clone();
         match &outcome {
-            Outcome::Revoked => events.push((
+            Outcome::Revoked | Outcome::RevokedAs(_) => events.push((
                 EventType::Normal,
                 Reason::TokenRevoked,
                 format!("revision {revision} ({fp}) revoked at the issuer"),
@@ -260,6 +260,7 @@ async fn attempt(
         .observe_issuer_request(backend.kind(), "revoke", result.is_ok(), started.elapsed());
     Ok(match result {
         Ok(Revocation::Revoked) => Outcome::Revoked,
+        Ok(Revocation::RevokedAs(h)) => Outcome::RevokedAs(h.0),
         Ok(Revocation::NotSupported) => Outcome::NotSupported,
         Ok(Revocation::Unconfirmed(m)) => Outcome::Unconfirmed(m),
         // Not found on a first search: a create still in flight when the

@@ -1,9 +1,12 @@
 //! The token Secret: reading what it holds (pure) and building what it
 //! should hold (pure). Writing is done in the reconcile phase.
 //!
-//! The Secret is the source of truth for the delivered tokens: its
-//! `agenttoken.dev/token-state` annotation records, without any secret, which
-//! revision each key holds, when it expires and how to revoke it.
+//! The revocation ledger (`status.history`) is the record of the delivered
+//! tokens, not this Secret: its token values are believed only by the
+//! ledger's fingerprints. The `agenttoken.dev/token-state` annotation still
+//! says, for people, which revision each key holds and when it expires; the
+//! operator never reads it back ([`view`] is kept for the property tests of
+//! hostile annotations).
 
 use std::collections::BTreeMap;
 

@@ -103,17 +103,25 @@ impl GithubAppIssuer {
             &self.egress,
         )?;
         let url = self.api(path);
-        let reply = web::send(what, self.spec.timeout.as_ref(), &self.egress, || {
-            let rb = http
-                .request(method.clone(), &url)
-                .header("Accept", "application/vnd.github+json")
-                .header("X-GitHub-Api-Version", "2022-11-28")
-                .header("Authorization", auth);
-            match body {
-                Some(b) => rb.json(b),
-                None => rb,
-            }
-        })
+        // A POST creates an installation token: never sent twice blind.
+        let creates = method == reqwest::Method::POST;
+        let reply = web::send_maybe_creating(
+            what,
+            self.spec.timeout.as_ref(),
+            &self.egress,
+            creates,
+            || {
+                let rb = http
+                    .request(method.clone(), &url)
+                    .header("Accept", "application/vnd.github+json")
+                    .header("X-GitHub-Api-Version", "2022-11-28")
+                    .header("Authorization", auth);
+                match body {
+                    Some(b) => rb.json(b),
+                    None => rb,
+                }
+            },
+        )
         .await?;
         let json = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
         if reply.status >= 400 {

@@ -76,6 +76,9 @@ pub enum Revocation {
     /// The issuer answered without confirming: it does not know the token
     /// (a 404 for its id). Not counted as revoked.
     Unconfirmed(String),
+    /// A search handle found the token, which the issuer then confirmed
+    /// dead; this is the handle it was found under.
+    RevokedAs(RevocationHandle),
     /// A search handle ([`Issuer::search_handle`]) found no token: the mint
     /// never reached the issuer, or the token is gone.
     NotFound(String),
@@ -92,12 +95,26 @@ pub enum IssuerError {
     /// The issuer refused or failed; retrying may help.
     #[error("{0}")]
     Unavailable(String),
+    /// No answer after the request may have reached the issuer (a timeout,
+    /// a connection lost mid-call, a body too large to read): it may have
+    /// acted on it. A mint that ends so may have minted a token; retrying
+    /// may help.
+    #[error("{0}")]
+    Ambiguous(String),
 }
 
 impl IssuerError {
     /// Whether retrying the same request later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, IssuerError::Unavailable(_))
+        matches!(
+            self,
+            IssuerError::Unavailable(_) | IssuerError::Ambiguous(_)
+        )
+    }
+
+    /// Whether the issuer may have acted on the request.
+    pub fn is_ambiguous(&self) -> bool {
+        matches!(self, IssuerError::Ambiguous(_))
     }
 }
 

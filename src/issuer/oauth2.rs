@@ -94,7 +94,7 @@ impl OAuth2Issuer {
             base.push(("resource".into(), resource.clone()));
         }
         let issued_at = Timestamp::now();
-        let reply = web::send(
+        let reply = web::send_creating(
             "token request",
             self.spec.timeout.as_ref(),
             &self.egress,

@@ -101,22 +101,30 @@ impl VaultIssuer {
         )?;
         let token = self.operator_token().await?;
         let url = self.url(path);
-        let reply = web::send(what, self.spec.timeout.as_ref(), &self.egress, || {
-            let rb = match method {
-                "GET" => http.get(&url),
-                "PUT" => http.put(&url),
-                _ => http.post(&url),
-            };
-            let rb = rb.header("X-Vault-Token", token.expose_secret());
-            let rb = match &self.spec.namespace {
-                Some(ns) if !ns.is_empty() => rb.header("X-Vault-Namespace", ns),
-                _ => rb,
-            };
-            match body {
-                Some(b) => rb.json(b),
-                None => rb,
-            }
-        })
+        // What creates a credential is never sent twice blind.
+        let creates = matches!(what, "token create" | "dynamic secret read");
+        let reply = web::send_maybe_creating(
+            what,
+            self.spec.timeout.as_ref(),
+            &self.egress,
+            creates,
+            || {
+                let rb = match method {
+                    "GET" => http.get(&url),
+                    "PUT" => http.put(&url),
+                    _ => http.post(&url),
+                };
+                let rb = rb.header("X-Vault-Token", token.expose_secret());
+                let rb = match &self.spec.namespace {
+                    Some(ns) if !ns.is_empty() => rb.header("X-Vault-Namespace", ns),
+                    _ => rb,
+                };
+                match body {
+                    Some(b) => rb.json(b),
+                    None => rb,
+                }
+            },
+        )
         .await?;
         let json = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
         Ok((reply.status, json))
@@ -311,9 +319,11 @@ impl VaultIssuer {
             if meta["agenttoken_uid"].as_str() == Some(uid)
                 && meta["revision"].as_str() == Some(revision.to_string().as_str())
             {
-                return self
-                    .revoke_inner(&RevocationHandle(format!("{ACCESSOR}{accessor}")))
-                    .await;
+                let found = RevocationHandle(format!("{ACCESSOR}{accessor}"));
+                return Ok(match self.revoke_inner(&found).await? {
+                    Revocation::Revoked => Revocation::RevokedAs(found),
+                    other => other,
+                });
             }
         }
         Ok(Revocation::NotFound(format!(

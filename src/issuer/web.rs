@@ -514,6 +514,44 @@ where
     send_within(what, call_budget(request_timeout(timeout)?), egress, make).await
 }
 
+/// [`send`] for a request that creates something (a mint): it is sent
+/// again only when the last attempt surely did not arrive (no connection)
+/// or was answered with an error. After one that may have arrived and got
+/// no answer, a second could create a second token: the call ends
+/// [`IssuerError::Ambiguous`] instead.
+pub async fn send_creating<F>(
+    what: &str,
+    timeout: Option<&SpecDuration>,
+    egress: &Egress,
+    make: F,
+) -> Result<Reply, IssuerError>
+where
+    F: Fn() -> reqwest::RequestBuilder,
+{
+    send_maybe_creating(what, timeout, egress, true, make).await
+}
+
+/// [`send_creating`] when `creates`, else [`send`].
+pub async fn send_maybe_creating<F>(
+    what: &str,
+    timeout: Option<&SpecDuration>,
+    egress: &Egress,
+    creates: bool,
+    make: F,
+) -> Result<Reply, IssuerError>
+where
+    F: Fn() -> reqwest::RequestBuilder,
+{
+    send_with(
+        what,
+        call_budget(request_timeout(timeout)?),
+        egress,
+        !creates,
+        make,
+    )
+    .await
+}
+
 /// [`send`] with an explicit budget for the whole call.
 pub async fn send_within<F>(
     what: &str,
@@ -524,27 +562,53 @@ pub async fn send_within<F>(
 where
     F: Fn() -> reqwest::RequestBuilder,
 {
+    send_with(what, budget, egress, true, make).await
+}
+
+/// The call behind [`send`] and [`send_creating`]; `resend_unanswered`:
+/// whether an attempt that may have arrived is sent again.
+async fn send_with<F>(
+    what: &str,
+    budget: Duration,
+    egress: &Egress,
+    resend_unanswered: bool,
+    make: F,
+) -> Result<Reply, IssuerError>
+where
+    F: Fn() -> reqwest::RequestBuilder,
+{
     let started = Instant::now();
     let left = || budget.saturating_sub(started.elapsed());
+    // Whether an attempt may have reached the issuer without an answer
+    // coming back: then the issuer may have acted on it.
+    let mut unanswered = false;
+    let fail = |unanswered: bool, m: String| {
+        if unanswered {
+            IssuerError::Ambiguous(format!("{m}; the issuer may have acted on it"))
+        } else {
+            IssuerError::Unavailable(m)
+        }
+    };
     let out_of_time = |last: &str| {
         let why = if last.is_empty() {
             format!("{what}: no complete answer")
         } else {
             last.to_string()
         };
-        IssuerError::Unavailable(format!(
+        format!(
             "{why} (gave up after {}s, the limit for one issuer call)",
             budget.as_secs_f64().ceil()
-        ))
+        )
     };
     let mut last = String::new();
     for n in 1..=ATTEMPTS {
         let remaining = left();
         if remaining.is_zero() {
-            return Err(out_of_time(&last));
+            return Err(fail(unanswered, out_of_time(&last)));
         }
         let Ok(outcome) = tokio::time::timeout(remaining, attempt(make(), egress)).await else {
-            return Err(out_of_time(&last));
+            // Cut off mid-attempt: it may have been sent.
+            return Err(fail(true, out_of_time(&last)));
         };
         let wait = match outcome {
             Attempt::Answered {
@@ -561,24 +625,34 @@ where
                     Some(d) if d > MAX_RETRY_AFTER || d >= left() => {
                         // Waiting would outlive this call: the reconcile's
                         // own backoff takes over.
-                        return Err(IssuerError::Unavailable(format!(
-                            "{last}; the issuer asked to retry after {}s",
-                            d.as_secs()
-                        )));
+                        return Err(fail(
+                            unanswered,
+                            format!("{last}; the issuer asked to retry after {}s", d.as_secs()),
+                        ));
                     }
                     Some(d) => d,
                     None => backoff(n),
                 }
             }
+            // Answered, but not readably: whatever it said is lost.
             Attempt::TooLarge => {
-                return Err(IssuerError::Unavailable(format!("{what}: {TOO_LARGE}")));
+                return Err(fail(true, format!("{what}: {TOO_LARGE}")));
             }
             Attempt::Refused(m) => return Err(IssuerError::Invalid(format!("{what}: {m}"))),
             Attempt::Failed(e) => {
                 last = format!("{what}: {}", describe_error(&e));
                 if tls_problem(&e).is_some() {
                     // Retrying cannot change the server's certificate.
-                    return Err(IssuerError::Unavailable(last));
+                    return Err(fail(unanswered, last));
+                }
+                // Not connected: nothing was sent. Anything later (a
+                // timeout, a connection lost, a body cut short) may have
+                // reached the issuer.
+                if !e.is_connect() {
+                    unanswered = true;
+                    if !resend_unanswered {
+                        return Err(fail(true, last));
+                    }
                 }
                 backoff(n)
             }
@@ -587,13 +661,14 @@ where
             break;
         }
         if wait >= left() {
-            return Err(out_of_time(&last));
+            return Err(fail(unanswered, out_of_time(&last)));
         }
         tokio::time::sleep(wait).await;
     }
-    Err(IssuerError::Unavailable(format!(
-        "{last} (after {ATTEMPTS} attempts)"
-    )))
+    Err(fail(
+        unanswered,
+        format!("{last} (after {ATTEMPTS} attempts)"),
+    ))
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -823,7 +898,7 @@ mod tests {
 
     fn unavailable(r: Result<Reply, IssuerError>) -> String {
         match r {
-            Err(IssuerError::Unavailable(m)) => m,
+            Err(IssuerError::Unavailable(m) | IssuerError::Ambiguous(m)) => m,
             Err(e) => panic!("not Unavailable: {e}"),
             Ok(r) => panic!("not an error: HTTP {}", r.status),
         }
@@ -842,7 +917,10 @@ mod tests {
             )
             .await,
         );
-        assert_eq!(m, format!("token request: {TOO_LARGE}"));
+        assert_eq!(
+            m,
+            format!("token request: {TOO_LARGE}; the issuer may have acted on it")
+        );
         assert!(!m.contains("xx"), "no body bytes in the message");
         assert_eq!(seen.requests.load(SeqCst), 1, "never retried");
     }
@@ -896,7 +974,10 @@ mod tests {
             )
             .await,
         );
-        assert_eq!(m, format!("mint request: {TOO_LARGE}"));
+        assert_eq!(
+            m,
+            format!("mint request: {TOO_LARGE}; the issuer may have acted on it")
+        );
         assert!(started.elapsed() < Duration::from_secs(3));
         assert_eq!(seen.requests.load(SeqCst), 1);
     }
@@ -992,8 +1073,75 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(2));
         assert_eq!(
             m,
-            "token request: no complete answer (gave up after 1s, the limit for one issuer call)"
+            "token request: no complete answer (gave up after 1s, the limit for one issuer call); the issuer may have acted on it"
         );
+    }
+
+    /// A request that reached the issuer and got no answer may have been
+    /// acted on (a mint then records that a token may exist); one that
+    /// never connected, or was answered with an error, was not.
+    #[tokio::test]
+    async fn only_a_request_that_may_have_arrived_is_ambiguous() {
+        let (silent, _) = stand_in(|s, _| async move {
+            let _held = s;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        })
+        .await;
+        let (cut, _) = stand_in(|s, _| async move { drop(s) }).await;
+        let (busy, _) = stand_in(|mut s, _| async move {
+            let _ = s
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        })
+        .await;
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}/token", l.local_addr().unwrap())
+        };
+        let http = http();
+        for (case, url, ambiguous) in [
+            ("no answer", &silent, true),
+            ("connection closed after the request", &cut, true),
+            ("answered 503", &busy, false),
+            ("nothing listening", &closed, false),
+        ] {
+            let r = send_within(
+                "mint",
+                Duration::from_millis(1500),
+                &Egress::platform(),
+                || http.post(url.as_str()),
+            )
+            .await;
+            match r {
+                Err(e) => assert_eq!(e.is_ambiguous(), ambiguous, "{case}: {e}"),
+                Ok(r) => panic!("{case}: answered HTTP {}", r.status),
+            }
+        }
+    }
+
+    /// A mint that may have arrived is never sent again: a second could
+    /// mint a second token no one records.
+    #[tokio::test]
+    async fn a_creating_request_that_may_have_arrived_is_not_sent_again() {
+        let (cut, seen) = stand_in(|s, _| async move { drop(s) }).await;
+        let http = http();
+        let timeout = SpecDuration::from(Duration::from_secs(1));
+        let r = send_creating("mint request", Some(&timeout), &Egress::platform(), || {
+            http.post(cut.as_str())
+        })
+        .await;
+        assert!(
+            r.as_ref().is_err_and(IssuerError::is_ambiguous),
+            "{:?}",
+            r.err()
+        );
+        assert_eq!(seen.requests.load(SeqCst), 1, "sent once");
+        // An idempotent call is retried.
+        let _ = send("revoke", Some(&timeout), &Egress::platform(), || {
+            http.post(cut.as_str())
+        })
+        .await;
+        assert!(seen.requests.load(SeqCst) > 2, "retried");
     }
 
     #[tokio::test]

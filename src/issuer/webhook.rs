@@ -93,7 +93,7 @@ impl WebhookIssuer {
         let auth = self.authorization().await?;
         let method = self.spec.method.as_deref().unwrap_or("POST");
         let issued_at = Timestamp::now();
-        let reply = web::send(
+        let reply = web::send_creating(
             "mint request",
             self.spec.timeout.as_ref(),
             &self.egress,

@@ -392,7 +392,7 @@ fn covers_unknown(e: &HistoryEntry) -> bool {
         TokenLife::Expired => e
             .message
             .as_deref()
-            .is_some_and(|m| m.contains("stopped during this mint")),
+            .is_some_and(|m| m.contains("during this mint")),
         _ => false,
     }
 }

@@ -1339,3 +1339,77 @@ async fn webhook_stand_in_abandon_during_a_revocation_attempt_sticks() {
         ledger(&at)
     );
 }
+
+/// Intent before effect when the issuer's answer never comes: the stand-in
+/// mints, then answers after the issuer's `timeout` (3 s against 1 s). The
+/// mint may have happened, so the ledger keeps the revision as `Unknown`
+/// (a webhook offers no way to find a token) and the request is not sent
+/// again blind. (Before, the timed-out request was retried, each retry
+/// minting one more token, and the revision's entry was dropped as "nothing
+/// minted": tokens alive at the issuer that the ledger never named.)
+#[tokio::test]
+async fn webhook_stand_in_mint_answered_too_late_stays_in_the_ledger_and_is_not_resent() {
+    let ns = TestNamespace::new("ledger-late-answer").await;
+    let (_home, _unblock, _op) = operator(&ns, "solo").await;
+    let stand_in = StandIn::start().await;
+    stand_in.set_fixed_answer_delay(Duration::from_secs(3));
+    authorization_secret(&ns, "minter-auth", &stand_in).await;
+    let issuer = json!({
+        "apiVersion": "agenttoken.dev/v1alpha1",
+        "kind": "TokenIssuer",
+        "metadata": {"name": "minter"},
+        "spec": {
+            "webhook": {
+                "url": stand_in.url("/mint"),
+                "authorizationSecretRef": {"name": "minter-auth", "key": "authorization"},
+                "result": {"tokenPath": "$.data.token", "expiresInPath": "$.data.ttl", "idPath": "$.data.id"},
+                "revokeURL": stand_in.url("/revoke"),
+                "timeout": "1s",
+            },
+            "policy": {"allowedScopes": ["read"]},
+        },
+    });
+    applied(&ns, &issuer.to_string());
+    applied(&ns, &agent_token("minter", "0s"));
+    let api: Api<AgentToken> = ns.api();
+    let at = wait_at(&api, "revision 1 recorded Unknown", 60, |at| {
+        entry(at, 1).is_some_and(|e| e.state == Some(TokenLife::Unknown))
+    })
+    .await;
+    let r1 = entry(&at, 1).unwrap();
+    assert!(
+        r1.message
+            .as_deref()
+            .is_some_and(|m| m.contains("no answer arrived during this mint")),
+        "{}",
+        ledger(&at)
+    );
+    assert!(r1.expires_at.is_some(), "the latest it can be valid");
+    // Give a retry time to happen, had there been one.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // (Later attempts mint under new revisions: each is its own entry.)
+    let r1_minted: Vec<_> = stand_in
+        .issued()
+        .into_iter()
+        .filter(|i| i.revision == Some(1))
+        .collect();
+    assert_eq!(
+        r1_minted.len(),
+        1,
+        "one request for revision 1, not resent after it may have arrived: {r1_minted:?}"
+    );
+    stand_in.set_answer_delay(Duration::ZERO);
+    let at = wait_at(
+        &api,
+        "a token delivered once the issuer answers",
+        90,
+        |at| ledger_current(at).is_some(),
+    )
+    .await;
+    assert_eq!(
+        entry(&at, 1).and_then(|e| e.state),
+        Some(TokenLife::Unknown),
+        "{}",
+        ledger(&at)
+    );
+}

@@ -595,9 +595,10 @@ async fn openbao_real_server_child_token_minted_before_a_crash_is_found_and_revo
         .iter()
         .find(|e| e.revision == 1)
         .unwrap();
+    // Recorded under the accessor it was found by.
     assert_eq!(
         r1.handle.as_deref(),
-        Some(format!("vault-search:{}/r1", at.metadata.uid.as_deref().unwrap()).as_str())
+        Some(format!("vault-accessor:{}", created[0]).as_str())
     );
     // OpenBao: the token of revision 1 is gone.
     let (s, _) = b
