@@ -284,7 +284,24 @@ async fn webhook_stand_in_that_never_answers_times_out_at_the_issuers_timeout() 
             .filter(|m| m.contains("timed out"))
     })
     .await;
-    assert!(failure.contains("after 3 attempts"), "{failure}");
+    // A mint that may have arrived is never sent again blind (it could
+    // mint a second token): one attempt, and the ledger keeps the revision
+    // as one that may have minted.
+    assert!(
+        failure.contains("the issuer may have acted on it") && !failure.contains("attempts"),
+        "{failure}"
+    );
+    let at = ns.api::<AgentToken>().get("silent").await.unwrap();
+    assert!(
+        at.status.iter().flat_map(|s| &s.history).any(|e| {
+            e.state == Some(agent_token_operator::crd::TokenLife::Unknown)
+                && e.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("no answer arrived"))
+        }),
+        "{:?}",
+        at.status.map(|s| s.history)
+    );
     let (status, reason, message) =
         eventually(Duration::from_secs(30), "issuer Unreachable", || async {
             issuer_ready(&ns, "silent")
@@ -295,8 +312,9 @@ async fn webhook_stand_in_that_never_answers_times_out_at_the_issuers_timeout() 
     assert_eq!(status, "False");
     assert!(message.contains("timed out"), "{reason}: {message}");
     assert!(!has_secret(&ns, "silent").await, "no Secret");
-    // Three attempts per mint (and one per readiness check), each cut at 1s.
-    assert!(accepted.load(Ordering::SeqCst) >= 3);
+    // One attempt per mint and at least one per readiness check (a probe
+    // creates nothing and is retried), each cut at 1s.
+    assert!(accepted.load(Ordering::SeqCst) >= 2);
     let ready = ns.api::<AgentToken>().get("silent").await.unwrap();
     let ready = ready
         .status
