@@ -147,8 +147,12 @@ async fn reconcile_unguarded(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<A
         }
     };
     let at = live;
+    // Writes of this reconcile go on the version just read (an entry left
+    // by a reconcile that panicked is stale).
+    let uid = at.uid().unwrap_or_default();
+    ctx.set_written(&uid, None);
     let result = reconcile_inner(&at, &ctx).await;
-    ctx.set_written(&at.uid().unwrap_or_default(), None);
+    ctx.set_written(&uid, None);
     if result.is_ok() {
         ctx.reset_failures(&format!(
             "{}/{}",
