@@ -621,6 +621,14 @@ where
                     return Ok(reply);
                 }
                 last = format!("{what}: {}", reply.describe());
+                // A gateway in front of the issuer gave up waiting (502,
+                // 504): the issuer itself may have acted on the request.
+                if matches!(status, 502 | 504) {
+                    unanswered = true;
+                    if !resend_unanswered {
+                        return Err(fail(true, last));
+                    }
+                }
                 match retry_after {
                     Some(d) if d > MAX_RETRY_AFTER || d >= left() => {
                         // Waiting would outlive this call: the reconcile's
@@ -1094,6 +1102,12 @@ mod tests {
                 .await;
         })
         .await;
+        let (gateway, _) = stand_in(|mut s, _| async move {
+            let _ = s
+                .write_all(b"HTTP/1.1 504 Gateway Timeout\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        })
+        .await;
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             format!("http://{}/token", l.local_addr().unwrap())
@@ -1103,6 +1117,7 @@ mod tests {
             ("no answer", &silent, true),
             ("connection closed after the request", &cut, true),
             ("answered 503", &busy, false),
+            ("a gateway gave up waiting (504)", &gateway, true),
             ("nothing listening", &closed, false),
         ] {
             let r = send_within(
