@@ -215,11 +215,14 @@ async fn patch_finalizers(
         )
         .await?;
     // The status writes of this reconcile go on this version.
+    let uid = at.uid().unwrap_or_default();
+    let foreign = ctx.written(&uid).map(|w| w.foreign).unwrap_or_default();
     ctx.set_written(
-        &at.uid().unwrap_or_default(),
+        &uid,
         Some(super::Written {
             resource_version: patched.resource_version().unwrap_or_default(),
             status: patched.status.unwrap_or_default(),
+            foreign,
         }),
     );
     Ok(())

@@ -518,46 +518,60 @@ pub fn after(now: Timestamp, d: Duration, cap: Timestamp) -> Timestamp {
         .min(cap)
 }
 
-/// Our changes to the ledger replayed onto a status someone else wrote
-/// since we read it (`base`): in practice an admin abandoning a revocation
-/// (`kubectl agenttoken abandon`) while a reconcile was running. Per entry
-/// (by revision): an entry they did not touch is ours; one they changed is
-/// theirs, unless ours records what happened to the token itself
-/// (`Revoked` or `Expired`: the issuer's word, or the clock's); one we
-/// added is ours; one we dropped stays dropped unless they changed it.
-/// Everything outside the history is ours.
+/// Entries someone else changed between `base` and `theirs` (by revision;
+/// `None`: they removed it). In practice an admin abandoning a revocation
+/// (`kubectl agenttoken abandon`) while a reconcile was running.
+pub type Foreign = std::collections::BTreeMap<i64, Option<HistoryEntry>>;
+
+/// What `theirs` changed relative to `base`.
+pub fn foreign(base: &AgentTokenStatus, theirs: &AgentTokenStatus) -> Foreign {
+    let find = |s: &AgentTokenStatus, r: i64| s.history.iter().find(|e| e.revision == r).cloned();
+    base.history
+        .iter()
+        .chain(&theirs.history)
+        .map(|e| e.revision)
+        .filter_map(|r| {
+            let t = find(theirs, r);
+            (t != find(base, r)).then_some((r, t))
+        })
+        .collect()
+}
+
+/// Their changes applied onto ours: an entry they changed is theirs,
+/// unless ours records what happened to the token itself (`Revoked` or
+/// `Expired`: the issuer's word, or the clock's).
+pub fn apply_foreign(ours: &mut AgentTokenStatus, f: &Foreign) {
+    for (r, t) in f {
+        let mine = ours.history.iter().position(|e| e.revision == *r);
+        if mine.is_some_and(|i| {
+            matches!(
+                life(&ours.history[i]),
+                TokenLife::Revoked | TokenLife::Expired
+            )
+        }) {
+            continue;
+        }
+        if let Some(i) = mine {
+            ours.history.remove(i);
+        }
+        if let Some(t) = t {
+            ours.history.push(t.clone());
+        }
+    }
+    ours.history.sort_by_key(|e| e.revision);
+}
+
+/// Our changes replayed onto a status someone else wrote since `base`:
+/// per entry, one they did not touch is ours; one they changed is theirs
+/// ([`apply_foreign`]); one we added is ours; one we dropped stays dropped
+/// unless they changed it. Everything outside the history is ours.
 pub fn rebase(
     base: &AgentTokenStatus,
     ours: &AgentTokenStatus,
     theirs: &AgentTokenStatus,
 ) -> AgentTokenStatus {
-    let find = |s: &AgentTokenStatus, r: i64| s.history.iter().find(|e| e.revision == r).cloned();
-    let mut revisions: Vec<i64> = base
-        .history
-        .iter()
-        .chain(&ours.history)
-        .chain(&theirs.history)
-        .map(|e| e.revision)
-        .collect();
-    revisions.sort_unstable();
-    revisions.dedup();
     let mut out = ours.clone();
-    out.history = revisions
-        .into_iter()
-        .filter_map(|r| {
-            let (b, o, t) = (find(base, r), find(ours, r), find(theirs, r));
-            if t == b {
-                return o;
-            }
-            match (o, t) {
-                (Some(o), _) if matches!(life(&o), TokenLife::Revoked | TokenLife::Expired) => {
-                    Some(o)
-                }
-                (_, Some(t)) => Some(t),
-                (o, None) => o.filter(|_| b.is_none()),
-            }
-        })
-        .collect();
+    apply_foreign(&mut out, &foreign(base, theirs));
     out
 }
 
@@ -577,6 +591,39 @@ mod tests {
             uid: "u".into(),
             type_: "webhook".into(),
         }
+    }
+
+    /// What someone else changed during a reconcile is kept by every later
+    /// write of that reconcile, not only the one that met the conflict: the
+    /// caller's copy was computed before it.
+    #[test]
+    fn their_change_survives_the_later_writes_of_the_same_reconcile() {
+        let e = |r: i64, l: TokenLife| HistoryEntry {
+            revision: r,
+            fingerprint: format!("sha256:{r}"),
+            state: Some(l),
+            ..Default::default()
+        };
+        let st = |es: Vec<HistoryEntry>| AgentTokenStatus {
+            history: es,
+            ..Default::default()
+        };
+        let read = st(vec![e(5, TokenLife::Failed), e(6, TokenLife::Live)]);
+        let theirs = st(vec![e(5, TokenLife::Abandoned), e(6, TokenLife::Live)]);
+        // Write 1 (the intent of revision 7) met the conflict.
+        let f = foreign(&read, &theirs);
+        let mut intent = read.clone();
+        intent.history.push(e(7, TokenLife::Minting));
+        apply_foreign(&mut intent, &f);
+        assert_eq!(intent.history[0].state, Some(TokenLife::Abandoned));
+        // Write 2 (what the issuer answered) starts from the caller's copy,
+        // which still says Failed: the carried change keeps the abandon.
+        let mut minted = read.clone();
+        minted.history.push(e(7, TokenLife::Minting));
+        minted.history[0].attempts = 3;
+        apply_foreign(&mut minted, &f);
+        assert_eq!(minted.history[0].state, Some(TokenLife::Abandoned));
+        assert_eq!(minted.history.len(), 3);
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub enum Error {
     SecretAppeared(String),
     #[error("{0} token(s) could not be revoked")]
     RevocationIncomplete(usize),
+    /// The AgentToken was deleted, or replaced by another of its name,
+    /// while it was being written.
+    #[error("the AgentToken is gone (deleted or replaced) while its status was being written")]
+    Gone,
     /// This replica no longer holds the leader Lease: it writes nothing.
     #[error("this replica is no longer the leader")]
     NotLeader,
@@ -90,6 +94,7 @@ impl Error {
             Error::SecretAppeared(_) => "secret_conflict",
             Error::RevocationIncomplete(_) => "revocation",
             Error::NotLeader => "not_leader",
+            Error::Gone => "gone",
             Error::Panicked(_) => "panic",
         }
     }
@@ -174,7 +179,11 @@ pub struct Context {
 #[derive(Clone, Debug)]
 pub struct Written {
     pub resource_version: String,
+    /// The server's copy of that write.
     pub status: crate::crd::AgentTokenStatus,
+    /// Entries someone else changed during this reconcile: every later
+    /// write of it keeps them ([`ledger::apply_foreign`]).
+    pub foreign: ledger::Foreign,
 }
 
 impl Context {

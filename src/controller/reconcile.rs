@@ -668,8 +668,7 @@ async fn mint_and_deliver(
     // Intent before effect: after a crash from here on, the ledger knows a
     // token may exist, and how to find it where the issuer allows (a
     // serviceAccount binding, Vault token metadata).
-    if o.status.keeper_uid.is_none()
-        && o.status.keeper_intent.is_none()
+    if o.status.keeper_intent.is_none()
         && matches!(o.backend.kind(), "oauth2" | "githubApp" | "webhook")
     {
         o.status.keeper_intent = Some(super::keeper::new_intent());
@@ -844,7 +843,21 @@ async fn mint_and_deliver(
     // write and the final status, the next reconcile recognises the
     // delivered token by this fingerprint instead of revoking it as an
     // interrupted mint.
-    status_write(at, ctx, o.status.clone(), &[]).await?;
+    if let Err(e) = status_write(at, ctx, o.status.clone(), &[]).await {
+        // Not recorded: never delivered, and revoked while its value is
+        // at hand (else the next look would only find an intent).
+        return revoke_undelivered(
+            at,
+            ctx,
+            o,
+            revision,
+            "never delivered: its record could not be written",
+            acted,
+            keeper,
+            e,
+        )
+        .await;
+    }
     let mut next = o.status.clone();
     let held_previous = shift_slots(
         &mut next,
@@ -1639,7 +1652,9 @@ fn conditions(
 /// changed, on the version of the AgentToken it was computed from (the one
 /// read, or this reconcile's last write). When someone else wrote status
 /// in between (an admin abandoning a revocation), our changes are replayed
-/// onto theirs ([`ledger::rebase`]) instead of overwriting them.
+/// onto theirs ([`ledger::rebase`]) instead of overwriting them, and every
+/// later write of this reconcile keeps what they changed. `Err(Gone)` when
+/// the AgentToken was deleted or replaced meanwhile.
 pub(super) async fn status_write(
     at: &AgentToken,
     ctx: &Context,
@@ -1647,35 +1662,46 @@ pub(super) async fn status_write(
     want: &[Want],
 ) -> Result<(), Error> {
     let uid = at.uid().unwrap_or_default();
-    let mut base = ctx.written(&uid).unwrap_or_else(|| super::Written {
-        resource_version: at.resource_version().unwrap_or_default(),
-        status: at.status.clone().unwrap_or_default(),
-    });
+    let prior = ctx.written(&uid);
+    let mut foreign = prior
+        .as_ref()
+        .map(|w| w.foreign.clone())
+        .unwrap_or_default();
+    let (mut version, mut base) = match prior {
+        Some(w) => (w.resource_version, w.status),
+        None => (
+            at.resource_version().unwrap_or_default(),
+            at.status.clone().unwrap_or_default(),
+        ),
+    };
     let old = at.status.clone().unwrap_or_default();
     status.observed_generation = at.meta().generation;
     status.conditions = status::merge(&old.conditions, want, at.meta().generation, ctx.clock.now());
     if want.is_empty() {
-        status.conditions = base.status.conditions.clone();
+        status.conditions = base.conditions.clone();
     }
-    if status == base.status {
+    ledger::apply_foreign(&mut status, &foreign);
+    if status == base {
         return Ok(());
     }
     let api: Api<AgentToken> =
         Api::namespaced(ctx.client.clone(), &at.namespace().unwrap_or_default());
-    for attempt in 1..=STATUS_WRITE_ATTEMPTS {
+    let (mut conflicts, mut tries) = (0, 0);
+    loop {
         // Only the leader writes the ledger: a reconcile still running on
         // a replica that lost the Lease (a freeze, a partition) would
         // overwrite what the new leader recorded.
         if !ctx.leadership.is_leader() {
             return Err(Error::NotLeader);
         }
+        tries += 1;
         let patch = serde_json::json!({
             "apiVersion": AgentToken::api_version(&()),
             "kind": AgentToken::kind(&()),
-            "metadata": {"resourceVersion": base.resource_version},
+            "metadata": {"resourceVersion": version},
             "status": status,
         });
-        match api
+        let e = match api
             .patch_status(
                 &at.name_any(),
                 &PatchParams::apply(STATUS_MANAGER).force(),
@@ -1691,36 +1717,51 @@ pub(super) async fn status_write(
                     Some(super::Written {
                         resource_version: written.resource_version().unwrap_or_default(),
                         status: written.status.unwrap_or_default(),
+                        foreign,
                     }),
                 );
                 return Ok(());
             }
-            Err(kube::Error::Api(e)) if e.code == 409 && attempt < STATUS_WRITE_ATTEMPTS => {
-                let Some(now) = api.get_opt(&at.name_any()).await? else {
-                    return Ok(());
-                };
-                if now.uid().as_deref() != Some(uid.as_str()) {
-                    return Ok(());
-                }
-                let theirs = now.status.clone().unwrap_or_default();
-                status = ledger::rebase(&base.status, &status, &theirs);
-                base = super::Written {
-                    resource_version: now.resource_version().unwrap_or_default(),
-                    status: theirs,
-                };
-                if status == base.status {
-                    return Ok(());
-                }
-            }
+            Err(kube::Error::Api(e)) if e.code == 409 => e,
+            Err(kube::Error::Api(e)) if e.code == 404 => return Err(Error::Gone),
             Err(e) => return Err(e.into()),
+        };
+        let now = match api.get_opt(&at.name_any()).await? {
+            Some(now) if now.uid().as_deref() == Some(uid.as_str()) => now,
+            _ => return Err(Error::Gone),
+        };
+        let theirs = now.status.clone().unwrap_or_default();
+        let changed = ledger::foreign(&base, &theirs);
+        // A change of metadata only (a tenant's annotation) is no reason
+        // to give up: only conflicts over status count.
+        if theirs != base {
+            conflicts += 1;
+        }
+        if conflicts >= STATUS_WRITE_ATTEMPTS || tries >= STATUS_WRITE_TRIES {
+            return Err(kube::Error::Api(e).into());
+        }
+        foreign.extend(changed);
+        ledger::apply_foreign(&mut status, &foreign);
+        version = now.resource_version().unwrap_or_default();
+        base = theirs;
+        if status == base {
+            ctx.set_written(
+                &uid,
+                Some(super::Written {
+                    resource_version: version,
+                    status: base,
+                    foreign,
+                }),
+            );
+            return Ok(());
         }
     }
-    unreachable!("the last attempt returns")
 }
 
-/// Status writes per call before a conflict is an error: the AgentToken's
-/// metadata changing (a tenant's annotation) also conflicts.
+/// Conflicts over status before a write is an error.
 const STATUS_WRITE_ATTEMPTS: u32 = 4;
+/// Tries in all, conflicts over metadata included.
+const STATUS_WRITE_TRIES: u32 = 16;
 
 /// Shortest time left on the leader Lease for a mint to start: a mint
 /// never outlasts this replica's leadership (the standby cannot take the

@@ -263,11 +263,19 @@ async fn attempt(
         Ok(Revocation::RevokedAs(h)) => Outcome::RevokedAs(h.0),
         Ok(Revocation::NotSupported) => Outcome::NotSupported,
         Ok(Revocation::Unconfirmed(m)) => Outcome::Unconfirmed(m),
-        // Not found on a first search: a create still in flight when the
-        // operator stopped may land later, so look once more before
-        // saying so (never `Revoked`: nothing confirmed a token's death).
-        Ok(Revocation::NotFound(m)) if entry.attempts == 0 => Outcome::Retry(m),
-        Ok(Revocation::NotFound(m)) => Outcome::Unconfirmed(m),
+        // Not found: a create still in flight when the operator stopped
+        // may land later, so it takes two complete searches in a row that
+        // find nothing to say so (never `Revoked`: nothing confirmed a
+        // token's death).
+        Ok(Revocation::NotFound(m))
+            if entry
+                .message
+                .as_deref()
+                .is_some_and(|last| last.starts_with(crate::issuer::vault::NOT_FOUND)) =>
+        {
+            Outcome::Unconfirmed(m)
+        }
+        Ok(Revocation::NotFound(m)) => Outcome::Retry(m),
         Ok(Revocation::Unsearchable(m)) => Outcome::Unfindable(m),
         Err(e) => Outcome::Retry(e.to_string()),
     })

@@ -37,6 +37,8 @@ const LEASE: &str = "vault-lease:";
 /// A child token not heard of yet: `vault-search:<AgentToken UID>/r<revision>`,
 /// found by the metadata every child token carries.
 pub const SEARCH: &str = "vault-search:";
+/// How a search that found nothing begins its message.
+pub const NOT_FOUND: &str = "no child token of this AgentToken's revision ";
 /// Most token accessors one search looks up.
 pub const MAX_SEARCHED: usize = 2000;
 
@@ -302,6 +304,10 @@ impl VaultIssuer {
                 accessors.len()
             )));
         }
+        // Every token carrying this AgentToken's UID and revision is
+        // revoked, not just the first: a decoy made by someone else who may
+        // create tokens cannot shield the real one.
+        let mut found: Option<RevocationHandle> = None;
         for accessor in &accessors {
             let (status, json) = self
                 .call(
@@ -311,23 +317,38 @@ impl VaultIssuer {
                     Some(&json!({"accessor": accessor})),
                 )
                 .await?;
-            // Expired or revoked meanwhile: not ours to find.
-            if status != 200 {
-                continue;
+            match status {
+                200 => {}
+                // Expired or revoked since the listing: not a live token.
+                400 if json.to_string().contains("invalid accessor") => continue,
+                404 => continue,
+                403 => {
+                    return Ok(Revocation::Unsearchable(
+                        "the operator's Vault token may not look up token accessors (auth/token/lookup-accessor), so a token minted while the operator stopped cannot be found".into(),
+                    ));
+                }
+                // Rate-limited, failing: the search is not complete, so it
+                // says nothing about absence.
+                _ => return Err(Self::refused("lookup-accessor", status, &json)),
             }
             let meta = &json["data"]["meta"];
             if meta["agenttoken_uid"].as_str() == Some(uid)
                 && meta["revision"].as_str() == Some(revision.to_string().as_str())
             {
-                let found = RevocationHandle(format!("{ACCESSOR}{accessor}"));
-                return Ok(match self.revoke_inner(&found).await? {
-                    Revocation::Revoked => Revocation::RevokedAs(found),
-                    other => other,
-                });
+                let handle = RevocationHandle(format!("{ACCESSOR}{accessor}"));
+                match self.revoke_inner(&handle).await? {
+                    Revocation::Revoked => {
+                        found.get_or_insert(handle);
+                    }
+                    other => return Ok(other),
+                }
             }
         }
+        if let Some(handle) = found {
+            return Ok(Revocation::RevokedAs(handle));
+        }
         Ok(Revocation::NotFound(format!(
-            "no child token of this AgentToken's revision {revision} among {} accessors: the mint never reached Vault, or the token is gone",
+            "{NOT_FOUND}{revision} among {} accessors: the mint never reached Vault, or the token is gone",
             accessors.len()
         )))
     }

@@ -36,6 +36,9 @@ pub enum Effect {
     /// Never forwarded: process `pid` (the operator) is killed with SIGKILL
     /// instead, as if it died just before sending it.
     KillInstead(u32),
+    /// Never forwarded: answered 409 Conflict, as when someone else wrote
+    /// the object first.
+    Conflict,
 }
 
 /// One request that went through the proxy.
@@ -213,7 +216,7 @@ async fn answer(shared: &Shared, req: Request) -> Response {
     let Ok(out) = out.body(kube::client::Body::from(body.to_vec())) else {
         return status(StatusCode::BAD_REQUEST, "request not forwardable");
     };
-    if let Some(e @ (Effect::Refuse | Effect::KillInstead(_))) = effect {
+    if let Some(e @ (Effect::Refuse | Effect::KillInstead(_) | Effect::Conflict)) = effect {
         shared
             .fired
             .lock()
@@ -221,6 +224,12 @@ async fn answer(shared: &Shared, req: Request) -> Response {
             .push(format!("{} {path}: {e:?}", parts.method));
         if let Effect::KillInstead(pid) = e {
             kill(pid);
+        }
+        if let Effect::Conflict = e {
+            return status(
+                StatusCode::CONFLICT,
+                "injected fault: the object has been modified",
+            );
         }
         return status(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -245,7 +254,9 @@ async fn answer(shared: &Shared, req: Request) -> Response {
                 kill(pid);
                 return status(StatusCode::INTERNAL_SERVER_ERROR, "injected fault: killed");
             }
-            Effect::Refuse | Effect::KillInstead(_) => unreachable!("answered above"),
+            Effect::Refuse | Effect::KillInstead(_) | Effect::Conflict => {
+                unreachable!("answered above")
+            }
         }
     }
     match answer {
@@ -281,7 +292,7 @@ fn status(code: StatusCode, message: &str) -> Response {
         "apiVersion": "v1",
         "status": "Failure",
         "message": message,
-        "reason": "InternalError",
+        "reason": if code == StatusCode::CONFLICT { "Conflict" } else { "InternalError" },
         "code": code.as_u16(),
     });
     Response::builder()

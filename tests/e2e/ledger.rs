@@ -1413,3 +1413,48 @@ async fn webhook_stand_in_mint_answered_too_late_stays_in_the_ledger_and_is_not_
         ledger(&at)
     );
 }
+
+/// The record of a minted token cannot be written (the fault-injecting
+/// proxy answers 409 to every write of what the issuer answered, as a
+/// tenant patching annotations in a loop could provoke): the token was
+/// minted and its value is at hand, so it is revoked at once and never
+/// delivered. (Before, the reconcile gave up with the token alive at the
+/// issuer and the ledger holding only an intent: `Unknown`, and a tenant
+/// could repeat that on every mint.)
+#[tokio::test]
+async fn webhook_stand_in_minted_token_whose_record_cannot_be_written_is_revoked() {
+    let ns = TestNamespace::new("ledger-unrecorded").await;
+    let home = TestNamespace::new("ledger-op").await;
+    let _unblock = Unblock(ns.name.clone());
+    let stand_in = StandIn::start().await;
+    let proxy = ApiProxy::start().await;
+    proxy.inject(Fault {
+        matches: crate::apiproxy::status_write_with(
+            &ns.name,
+            "bot",
+            "minted; not yet in the Secret",
+        ),
+        effect: Effect::Conflict,
+        times: 40,
+    });
+    let _op = operator_via(&proxy, &ns, &home, "proxied");
+    webhook_issuer(&ns, "minter", &stand_in, true).await;
+    applied(&ns, &agent_token("minter", "0s"));
+    eventually(Duration::from_secs(60), "the first mint", || async {
+        (!stand_in.issued().is_empty()).then_some(())
+    })
+    .await;
+    let first = stand_in.issued()[0].id.clone();
+    eventually(
+        Duration::from_secs(60),
+        "the unrecorded token revoked",
+        || async { (stand_in.active(&first) == Some(false)).then_some(()) },
+    )
+    .await;
+    assert!(
+        secret_value(&ns, "bot", "token")
+            .await
+            .is_none_or(|v| { stand_in.id_of(&v).as_deref() != Some(first.as_str()) }),
+        "the unrecorded token was delivered"
+    );
+}
