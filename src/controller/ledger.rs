@@ -382,6 +382,50 @@ pub fn unanswered(
     }
 }
 
+/// Revisions still `Minting` with no answer recorded, of kinds whose token
+/// is kept (revoked by value) before its record is written.
+pub fn kept_unrecorded(status: &AgentTokenStatus) -> impl Iterator<Item = i64> + '_ {
+    status
+        .history
+        .iter()
+        .filter(|e| life(e) == TokenLife::Minting && e.fingerprint.is_empty())
+        .filter(|e| by_token_prefix(e).is_some())
+        .map(|e| e.revision)
+}
+
+/// The handle prefix of a token revoked by value, by the minting issuer's type.
+fn by_token_prefix(e: &HistoryEntry) -> Option<&'static str> {
+    match e.issuer.as_ref()?.type_.as_str() {
+        "oauth2" => Some("oauth2:"),
+        "githubApp" => Some("github-installation:0:"),
+        "webhook" => Some("webhook:"),
+        _ => None,
+    }
+}
+
+/// Records, for each [`kept_unrecorded`] revision whose token `kept` holds
+/// (the operator's own keeper), what the mint's record would have said:
+/// its fingerprint and a by-value handle. The interrupted mint is then
+/// found, and revoked, instead of `Unknown`.
+pub fn found_in_keeper(
+    status: &mut AgentTokenStatus,
+    kept: impl Fn(i64) -> Option<secrecy::SecretString>,
+) {
+    use secrecy::ExposeSecret;
+    let revisions: Vec<i64> = kept_unrecorded(status).collect();
+    for r in revisions {
+        let Some(value) = kept(r) else { continue };
+        if let Some(e) = entry_mut(status, r)
+            && let Some(prefix) = by_token_prefix(e)
+        {
+            let fp = rotation::fingerprint(value.expose_secret().as_bytes());
+            e.handle = Some(format!("{prefix}{fp}"));
+            e.fingerprint = fp;
+            e.message = Some("minted and kept before the operator stopped".into());
+        }
+    }
+}
+
 /// Gives up the revocation of `revision` on purpose.
 pub fn abandon(status: &mut AgentTokenStatus, revision: i64, by: &str, why: &str) {
     if let Some(e) = entry_mut(status, revision)
@@ -591,6 +635,41 @@ mod tests {
             uid: "u".into(),
             type_: "webhook".into(),
         }
+    }
+
+    #[test]
+    fn a_token_kept_before_its_record_is_found_by_value() {
+        let minting = |r: i64, kind: &str| HistoryEntry {
+            revision: r,
+            state: Some(TokenLife::Minting),
+            issuer: Some(IssuerRecord {
+                kind: IssuerKind::TokenIssuer,
+                name: "i".into(),
+                uid: "u".into(),
+                type_: kind.into(),
+            }),
+            ..Default::default()
+        };
+        let mut s = AgentTokenStatus {
+            history: vec![
+                minting(1, "oauth2"),
+                minting(2, "vault"),
+                minting(3, "webhook"),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(kept_unrecorded(&s).collect::<Vec<_>>(), [1, 3]);
+        // The keeper holds revision 1's token, not revision 3's.
+        found_in_keeper(&mut s, |r| {
+            (r == 1).then(|| secrecy::SecretString::from("kept-1".to_string()))
+        });
+        let fp = rotation::fingerprint(b"kept-1");
+        assert_eq!(s.history[0].fingerprint, fp);
+        assert_eq!(
+            Handle::parse(s.history[0].handle.as_deref().unwrap(), "bot", 1),
+            Some(Handle::ByToken("oauth2"))
+        );
+        assert!(s.history[1].handle.is_none() && s.history[2].handle.is_none());
     }
 
     /// What someone else changed during a reconcile is kept by every later

@@ -383,6 +383,14 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
     let old_status = at.status.clone().unwrap_or_default();
     let mut status = old_status.clone();
     status.secret_name = Some(secret_name.clone());
+    // A token kept before the operator stopped (its record not written
+    // yet) is in our keeper: with it, the mint can be found and revoked.
+    if Keeper::recorded(&status) && ledger::kept_unrecorded(&status).next().is_some() {
+        match Keeper::load(ctx, &uid, &status).await {
+            Ok(k) => ledger::found_in_keeper(&mut status, |r| k.get(r)),
+            Err(e) => warn!(error = %e, "could not read the keeper"),
+        }
+    }
     recover(
         &mut status,
         live.as_ref(),

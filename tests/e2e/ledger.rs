@@ -1458,3 +1458,56 @@ async fn webhook_stand_in_minted_token_whose_record_cannot_be_written_is_revoked
         "the unrecorded token was delivered"
     );
 }
+
+/// Intent before effect for a token revoked by value (a webhook without
+/// ids): the operator is killed (by the fault-injecting proxy) instead of
+/// writing what the issuer answered, after the token went into its keeper.
+/// The next operator finds it there (the keeper carries the AgentToken's
+/// keeper intent) and revokes it by value: the ledger says `Revoked` and
+/// the stand-in agrees. (Before, it was `Unknown`, and the keeper's copy
+/// was even dropped as no longer needed.)
+#[tokio::test]
+async fn webhook_stand_in_token_kept_before_a_crash_is_found_and_revoked() {
+    let ns = TestNamespace::new("ledger-kept").await;
+    let home = TestNamespace::new("ledger-op").await;
+    let _unblock = Unblock(ns.name.clone());
+    let stand_in = StandIn::start().await;
+    let proxy = ApiProxy::start().await;
+    let mut first = operator_via(&proxy, &ns, &home, "first");
+    proxy.inject(Fault {
+        matches: crate::apiproxy::status_write_with(
+            &ns.name,
+            "bot",
+            "minted; not yet in the Secret",
+        ),
+        effect: Effect::KillInstead(first.pid()),
+        times: 1,
+    });
+    webhook_issuer(&ns, "minter", &stand_in, false).await;
+    applied(&ns, &agent_token("minter", "0s"));
+    eventually(Duration::from_secs(60), "the first operator killed", || {
+        let exited = first.exited();
+        async move { exited.then_some(()) }
+    })
+    .await;
+    let minted = stand_in.issued();
+    assert_eq!(minted.len(), 1, "{minted:?}");
+    let _second = Operator::start_with(
+        &ns.name,
+        "second",
+        &["--leader-election=false", "--lease-namespace", &home.name],
+    );
+    let api: Api<AgentToken> = ns.api();
+    let at = wait_at(&api, "revision 1 revoked, revision 2 delivered", 60, |at| {
+        entry(at, 1).is_some_and(|e| e.state == Some(TokenLife::Revoked))
+            && ledger_current(at).is_some()
+    })
+    .await;
+    assert_eq!(
+        stand_in.active(&minted[0].id),
+        Some(false),
+        "the stand-in still honours it: {}",
+        ledger(&at)
+    );
+    assert_eq!(entry(&at, 1).unwrap().fingerprint, minted[0].fingerprint);
+}
