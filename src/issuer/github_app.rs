@@ -198,9 +198,11 @@ impl GithubAppIssuer {
         let token = reply["token"]
             .as_str()
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| IssuerError::Unavailable("the response has no token".into()))?
+            .ok_or_else(|| IssuerError::Unavailable("the response has no token".into()))
+            .map_err(IssuerError::after_success)?
             .to_string();
-        let expires_at = installation_token_expiry(issued_at, &reply)?;
+        let expires_at =
+            installation_token_expiry(issued_at, &reply).map_err(IssuerError::after_success)?;
         let fp = rotation::fingerprint(token.as_bytes());
         Ok(MintedToken {
             token: SecretString::from(token),

@@ -116,6 +116,18 @@ impl IssuerError {
     pub fn is_ambiguous(&self) -> bool {
         matches!(self, IssuerError::Ambiguous(_))
     }
+
+    /// For an answer to a mint that said success but could not be used (no
+    /// token where it should be, an expiry that cannot be read): the issuer
+    /// may well have minted, so the mint is ambiguous, not refused.
+    pub fn after_success(self) -> IssuerError {
+        match self {
+            IssuerError::Ambiguous(m) => IssuerError::Ambiguous(m),
+            IssuerError::Invalid(m) | IssuerError::Unavailable(m) => IssuerError::Ambiguous(
+                format!("{m} (in a success answer: the issuer may have minted)"),
+            ),
+        }
+    }
 }
 
 /// One kind of token source.
@@ -226,6 +238,18 @@ pub fn after_issue(issued_at: Timestamp, expires_at: Timestamp) -> Result<Timest
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_unusable_success_answer_is_an_ambiguous_mint() {
+        for e in [
+            IssuerError::Unavailable("no token".into()),
+            IssuerError::Invalid("bad expiry".into()),
+        ] {
+            let a = e.after_success();
+            assert!(a.is_ambiguous() && a.is_transient(), "{a}");
+            assert!(a.to_string().contains("may have minted"));
+        }
+    }
     use super::*;
     use serde_json::json;
 

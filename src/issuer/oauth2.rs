@@ -114,26 +114,13 @@ impl OAuth2Issuer {
                 IssuerError::Unavailable(msg)
             });
         }
-        let body: serde_json::Value = serde_json::from_slice(&reply.body).map_err(|_| {
-            IssuerError::Unavailable(format!(
-                "token response (HTTP {}) is not JSON",
+        if reply.status >= 300 {
+            return Err(IssuerError::Invalid(format!(
+                "token request answered HTTP {}: redirects are not followed",
                 reply.status
-            ))
-        })?;
-        let token = body
-            .get("access_token")
-            .and_then(|t| t.as_str())
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| IssuerError::Unavailable("token response has no access_token".into()))?
-            .to_string();
-        let expires_at = token_expiry(issued_at, &body, &token)?;
-        let fingerprint = rotation::fingerprint(token.as_bytes());
-        Ok(MintedToken {
-            token: SecretString::from(token),
-            issued_at,
-            expires_at,
-            handle: RevocationHandle(format!("oauth2:{fingerprint}")),
-        })
+            )));
+        }
+        read_token(&reply, issued_at).map_err(IssuerError::after_success)
     }
 
     async fn revoke_inner(&self, token: Option<&SecretString>) -> Result<Revocation, IssuerError> {
@@ -278,6 +265,30 @@ fn form_urlencoded(s: &str) -> String {
         }
     }
     out
+}
+
+/// The token in a success answer to a token request.
+fn read_token(reply: &web::Reply, issued_at: Timestamp) -> Result<MintedToken, IssuerError> {
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).map_err(|_| {
+        IssuerError::Unavailable(format!(
+            "token response (HTTP {}) is not JSON",
+            reply.status
+        ))
+    })?;
+    let token = body
+        .get("access_token")
+        .and_then(|t| t.as_str())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| IssuerError::Unavailable("token response has no access_token".into()))?
+        .to_string();
+    let expires_at = token_expiry(issued_at, &body, &token)?;
+    let fingerprint = rotation::fingerprint(token.as_bytes());
+    Ok(MintedToken {
+        token: SecretString::from(token),
+        issued_at,
+        expires_at,
+        handle: RevocationHandle(format!("oauth2:{fingerprint}")),
+    })
 }
 
 #[cfg(test)]

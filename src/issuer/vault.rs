@@ -167,7 +167,8 @@ impl VaultIssuer {
         Ok(MintedToken {
             token: SecretString::from(secret),
             issued_at,
-            expires_at: lease_expiry(issued_at, &lease_duration)?,
+            expires_at: lease_expiry(issued_at, &lease_duration)
+                .map_err(IssuerError::after_success)?,
             handle: RevocationHandle(handle),
         })
     }
@@ -208,10 +209,11 @@ impl VaultIssuer {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| {
                 IssuerError::Unavailable("token create returned no client_token".into())
+                    .after_success()
             })?;
-        let accessor = auth["accessor"]
-            .as_str()
-            .ok_or_else(|| IssuerError::Unavailable("token create returned no accessor".into()))?;
+        let accessor = auth["accessor"].as_str().ok_or_else(|| {
+            IssuerError::Unavailable("token create returned no accessor".into()).after_success()
+        })?;
         Ok((
             token.to_string(),
             auth["lease_duration"].clone(),

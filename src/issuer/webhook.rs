@@ -119,6 +119,22 @@ impl WebhookIssuer {
                 IssuerError::Unavailable(msg)
             });
         }
+        if reply.status >= 300 {
+            return Err(IssuerError::Invalid(format!(
+                "mint answered HTTP {}: redirects are not followed",
+                reply.status
+            )));
+        }
+        self.read_minted(&reply, issued_at)
+            .map_err(IssuerError::after_success)
+    }
+
+    /// The token in a success answer to a mint.
+    fn read_minted(
+        &self,
+        reply: &web::Reply,
+        issued_at: Timestamp,
+    ) -> Result<MintedToken, IssuerError> {
         let json: Value = serde_json::from_slice(&reply.body).map_err(|_| {
             IssuerError::Unavailable(format!("mint response (HTTP {}) is not JSON", reply.status))
         })?;
