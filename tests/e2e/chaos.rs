@@ -133,6 +133,11 @@ struct Observed {
     fingerprints: BTreeMap<(String, i64), BTreeSet<String>>,
     /// (AgentToken, revision) -> the entry as first seen `Revoked`.
     revoked: BTreeMap<(String, i64), HistoryEntry>,
+    /// (AgentToken, revision) of Vault mints the operator searched for
+    /// twice, completely, and did not find: a token revoked by a search
+    /// whose result a kill kept from the ledger is gone, and the ledger
+    /// says so ("... or the token is gone"), without calling it Revoked.
+    gone: BTreeSet<(String, i64)>,
     reads: usize,
 }
 
@@ -150,6 +155,14 @@ impl Observed {
                         .entry(key.clone())
                         .or_default()
                         .insert(e.fingerprint.clone());
+                }
+                if e.message
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with(agent_token_operator::issuer::vault::NOT_FOUND))
+                    && life(e) == TokenLife::Failed
+                    && e.next_attempt_at.is_none()
+                {
+                    self.gone.insert(key.clone());
                 }
                 if life(e) == TokenLife::Revoked {
                     self.revoked.entry(key).or_insert_with(|| e.clone());
@@ -495,6 +508,8 @@ impl Drop for Run {
 
 impl Run {
     async fn new(kind: &str, prefix: &str) -> Run {
+        // Issuers are applied before the first operator starts.
+        crate::support::install_crds();
         let plan = Plan::new(kind);
         let ns = TestNamespace::new(prefix).await;
         let home = TestNamespace::new("chaos-op").await;
@@ -1473,6 +1488,8 @@ struct OpenBaoTokens {
     ns: String,
     /// Token fingerprint -> accessor, for tokens found in Secrets.
     accessors: HashMap<String, String>,
+    /// The run's reads of the ledger.
+    observed: Arc<Mutex<Observed>>,
 }
 
 impl OpenBaoTokens {
@@ -1654,9 +1671,11 @@ impl Issuer for OpenBaoTokens {
         let Some(alive) = self.alive().await else {
             return vec!["could not list OpenBao's accessors".into()];
         };
+        let gone = self.observed.lock().unwrap().gone.clone();
         created
             .into_iter()
             .filter(|c| !alive.contains(&c.accessor) && now < c.expires_at)
+            .filter(|c| !gone.contains(&(c.name.clone(), c.revision)))
             .filter_map(|c| {
                 let said = revoked.get(&(c.name.clone(), c.revision));
                 let handle = format!("vault-accessor:{}", c.accessor);
@@ -1763,6 +1782,7 @@ async fn chaos_openbao_sigkill_during_child_token_mints_leaks_nothing() {
         audit,
         ns: run.ns.name.clone(),
         accessors: HashMap::new(),
+        observed: run.observed.clone(),
     };
     run.drive(
         &mut issuer,
