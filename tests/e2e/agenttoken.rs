@@ -91,11 +91,36 @@ where
     F: Fn(&AgentToken) -> bool,
 {
     let api: Api<AgentToken> = ns.api();
-    eventually(Duration::from_secs(secs), what, || async {
-        let at = api.get(name).await.ok()?;
-        check(&at).then_some(at)
-    })
-    .await
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut last = None;
+    loop {
+        if let Ok(at) = api.get(name).await {
+            if check(&at) {
+                return at;
+            }
+            last = at.status;
+        }
+        if std::time::Instant::now() >= deadline {
+            // What the operator last said, to tell a stuck reconcile from
+            // a refusal (fingerprints and reasons only, never a token).
+            let said = last.map(|s| {
+                format!(
+                    "revision {} conditions {:?} history {:?}",
+                    s.revision,
+                    s.conditions
+                        .iter()
+                        .map(|c| format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message))
+                        .collect::<Vec<_>>(),
+                    s.history
+                        .iter()
+                        .map(|h| format!("r{} {} {:?}", h.revision, h.fingerprint, h.state))
+                        .collect::<Vec<_>>()
+                )
+            });
+            panic!("timed out after {secs}s waiting for {what}; last status: {said:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn condition(at: &AgentToken, type_: &str) -> Option<(String, String, String)> {
