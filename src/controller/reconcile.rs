@@ -246,6 +246,14 @@ impl Observed {
         }
     }
 
+    /// The issuer `spec.issuerRef` names now, for the revocation queue.
+    fn current_issuer(&self) -> Option<revoke::CurrentIssuer<'_>> {
+        Some(revoke::CurrentIssuer {
+            record: &self.record,
+            backend: self.backend.as_ref(),
+        })
+    }
+
     fn inputs(&self) -> Inputs<'_> {
         Inputs {
             now: self.now,
@@ -612,10 +620,7 @@ async fn act(
         ctx,
         &o.who(),
         &mut status,
-        Some(revoke::CurrentIssuer {
-            record: &o.record,
-            backend: o.backend.as_ref(),
-        }),
+        o.current_issuer(),
         &o.values,
         &mut keeper,
         o.now,
@@ -964,10 +969,7 @@ async fn revoke_undelivered(
         ctx,
         &o.who(),
         &mut status,
-        Some(revoke::CurrentIssuer {
-            record: &o.record,
-            backend: o.backend.as_ref(),
-        }),
+        o.current_issuer(),
         &o.values,
         keeper,
         o.now,

@@ -511,7 +511,7 @@ pub async fn send<F>(
 where
     F: Fn() -> reqwest::RequestBuilder,
 {
-    send_within(what, call_budget(request_timeout(timeout)?), egress, make).await
+    send_maybe_creating(what, timeout, egress, false, make).await
 }
 
 /// [`send`] for a request that creates something (a mint): it is sent

@@ -96,13 +96,21 @@ async fn authorization_secret(ns: &TestNamespace, name: &str, stand_in: &StandIn
 /// Secret). Without `with_id` the mint answer's id is not read, so a
 /// revocation needs the token value itself.
 async fn webhook_issuer(ns: &TestNamespace, name: &str, stand_in: &StandIn, with_id: bool) {
+    authorization_secret(ns, &format!("{name}-auth"), stand_in).await;
+    applied(
+        ns,
+        &webhook_issuer_json(name, stand_in, with_id).to_string(),
+    );
+}
+
+/// The TokenIssuer [`webhook_issuer`] applies (its Secret `<name>-auth`).
+fn webhook_issuer_json(name: &str, stand_in: &StandIn, with_id: bool) -> serde_json::Value {
     let auth = format!("{name}-auth");
-    authorization_secret(ns, &auth, stand_in).await;
     let mut result = json!({"tokenPath": "$.data.token", "expiresInPath": "$.data.ttl"});
     if with_id {
         result["idPath"] = json!("$.data.id");
     }
-    let issuer = json!({
+    json!({
         "apiVersion": "agenttoken.dev/v1alpha1",
         "kind": "TokenIssuer",
         "metadata": {"name": name},
@@ -115,8 +123,7 @@ async fn webhook_issuer(ns: &TestNamespace, name: &str, stand_in: &StandIn, with
             },
             "policy": {"allowedScopes": ["read", "deploy"]},
         },
-    });
-    applied(ns, &issuer.to_string());
+    })
 }
 
 /// AgentToken `bot` for the issuer `issuer`: scope `read`, 10m asked for.
@@ -835,21 +842,7 @@ async fn webhook_stand_in_leader_frozen_during_a_mint_revokes_its_token_and_writ
         "frozen",
     ];
     let mut first = Operator::start_with(&ns.name, "first", &args);
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = home.api();
-    eventually(
-        Duration::from_secs(30),
-        "the first replica leads",
-        || async {
-            leases
-                .get_opt("frozen")
-                .await
-                .ok()??
-                .spec?
-                .holder_identity
-                .filter(|h| !h.is_empty())
-        },
-    )
-    .await;
+    someone_leads(&home, "frozen").await;
     // The first mint is answered 3s after the token exists.
     stand_in.set_fixed_answer_delay(Duration::from_secs(3));
     webhook_issuer(&ns, "minter", &stand_in, true).await;
@@ -1131,21 +1124,7 @@ async fn webhook_stand_in_leader_cut_off_from_its_lease_writes_nothing_after_its
         "cutoff",
     ];
     let mut first = Operator::start_as(&ns.name, "first", &args, &proxy.kubeconfig);
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = home.api();
-    eventually(
-        Duration::from_secs(30),
-        "the first replica leads",
-        || async {
-            leases
-                .get_opt("cutoff")
-                .await
-                .ok()??
-                .spec?
-                .holder_identity
-                .filter(|h| !h.is_empty())
-        },
-    )
-    .await;
+    someone_leads(&home, "cutoff").await;
     stand_in.set_fixed_answer_delay(LEASE + Duration::from_secs(2));
     webhook_issuer(&ns, "minter", &stand_in, true).await;
     applied(&ns, &agent_token("minter", "0s"));
@@ -1231,6 +1210,25 @@ async fn webhook_stand_in_leader_cut_off_from_its_lease_writes_nothing_after_its
     );
     assert_ne!(r1, Some(TokenLife::Live), "{}", ledger(&at));
     second.stop();
+}
+
+/// Waits until Lease `name` in `home` has a holder.
+async fn someone_leads(home: &TestNamespace, name: &str) {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = home.api();
+    eventually(
+        Duration::from_secs(30),
+        "the first replica leads",
+        || async {
+            leases
+                .get_opt(name)
+                .await
+                .ok()??
+                .spec?
+                .holder_identity
+                .filter(|h| !h.is_empty())
+        },
+    )
+    .await;
 }
 
 /// The ledger's `Live` entry with the highest revision.
@@ -1354,21 +1352,8 @@ async fn webhook_stand_in_mint_answered_too_late_stays_in_the_ledger_and_is_not_
     let stand_in = StandIn::start().await;
     stand_in.set_fixed_answer_delay(Duration::from_secs(3));
     authorization_secret(&ns, "minter-auth", &stand_in).await;
-    let issuer = json!({
-        "apiVersion": "agenttoken.dev/v1alpha1",
-        "kind": "TokenIssuer",
-        "metadata": {"name": "minter"},
-        "spec": {
-            "webhook": {
-                "url": stand_in.url("/mint"),
-                "authorizationSecretRef": {"name": "minter-auth", "key": "authorization"},
-                "result": {"tokenPath": "$.data.token", "expiresInPath": "$.data.ttl", "idPath": "$.data.id"},
-                "revokeURL": stand_in.url("/revoke"),
-                "timeout": "1s",
-            },
-            "policy": {"allowedScopes": ["read"]},
-        },
-    });
+    let mut issuer = webhook_issuer_json("minter", &stand_in, true);
+    issuer["spec"]["webhook"]["timeout"] = json!("1s");
     applied(&ns, &issuer.to_string());
     applied(&ns, &agent_token("minter", "0s"));
     let api: Api<AgentToken> = ns.api();
