@@ -12,6 +12,14 @@ pub trait Clock: Send + Sync {
     fn now(&self) -> Timestamp;
 }
 
+/// `t` to the whole second below it: the precision of a Kubernetes
+/// timestamp. A time the operator keeps in memory with nanoseconds would
+/// differ from the same time read back from status, and every difference
+/// is a write.
+pub fn whole_seconds(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second()).unwrap_or(t)
+}
+
 /// The real clock.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemClock;

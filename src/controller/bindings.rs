@@ -8,8 +8,9 @@
 //! and a lookup no longer walks every Secret.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
@@ -133,6 +134,66 @@ impl BindingIndex {
     /// Whether the first full list has been applied.
     pub fn synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
+    }
+}
+
+/// The version of each token Secret the operator last wrote or read, so
+/// that its own writes coming back through the watch do not each bring a
+/// reconcile. Keys and versions are hashed with this process's random
+/// keys: 16 bytes an entry, and no name can be made to stand for another.
+#[derive(Default)]
+pub struct SeenVersions {
+    hasher: std::collections::hash_map::RandomState,
+    map: Mutex<HashMap<u64, u64>>,
+}
+
+impl SeenVersions {
+    fn key(&self, ns: &str, name: &str) -> u64 {
+        self.hasher.hash_one((ns, name))
+    }
+
+    fn version(&self, rv: &str) -> u64 {
+        self.hasher.hash_one(rv)
+    }
+
+    /// The operator wrote or read Secret `ns/name` at version `rv`.
+    pub fn record(&self, ns: &str, name: &str, rv: Option<&str>) {
+        let key = self.key(ns, name);
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        match rv {
+            Some(rv) => map.insert(key, self.version(rv)),
+            None => map.remove(&key),
+        };
+    }
+
+    /// Whether `rv` is the version of `ns/name` the operator last saw.
+    pub fn is_seen(&self, ns: &str, name: &str, rv: &str) -> bool {
+        let key = self.key(ns, name);
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&key) == Some(&self.version(rv))
+    }
+}
+
+/// The Secret whose AgentToken a watch event should reconcile, if any:
+/// any of ours deleted (a binding deleted ends its token); a token Secret
+/// at a version the operator did not write or read itself (someone edited
+/// it: it is repaired). Binding Secrets are only ever created by the
+/// operator, so their other events are the operator's own.
+pub fn reconcile_for(
+    event: &Event<PartialObjectMeta<Secret>>,
+    seen: &SeenVersions,
+) -> Option<PartialObjectMeta<Secret>> {
+    match event {
+        Event::Delete(s) => Some(s.clone()),
+        Event::Apply(s) | Event::InitApply(s) => {
+            if s.labels().get(labels::ROLE).map(String::as_str) == Some(labels::ROLE_BINDING) {
+                return None;
+            }
+            let ns = s.metadata.namespace.as_deref().unwrap_or_default();
+            let rv = s.metadata.resource_version.as_deref().unwrap_or_default();
+            (!seen.is_seen(ns, &s.name_any(), rv)).then(|| s.clone())
+        }
+        Event::Init | Event::InitDone => None,
     }
 }
 
@@ -306,5 +367,47 @@ mod tests {
             index.of("team", "bot", "uid-evil"),
             vec![("bot-binding-r9".to_string(), 9)]
         );
+    }
+
+    #[test]
+    fn only_deletes_and_changes_not_our_own_bring_a_reconcile() {
+        let seen = SeenVersions::default();
+        let at_version = |rv: &str, role: &str| {
+            let mut s = secret("bot-token", "bot", role, 1);
+            s.metadata.resource_version = Some(rv.into());
+            s
+        };
+        let token = |rv: &str| at_version(rv, "token");
+        let triggers = |e: Event<PartialObjectMeta<Secret>>| reconcile_for(&e, &seen).is_some();
+        // Never seen (a restart): looked at.
+        assert!(triggers(Event::Apply(token("7"))));
+        // The version the operator wrote comes back: not looked at, on a
+        // watch event or a relist alike.
+        seen.record("team", "bot-token", Some("7"));
+        assert!(!triggers(Event::Apply(token("7"))));
+        assert!(!triggers(Event::InitApply(token("7"))));
+        // Someone else wrote it after us: repaired.
+        assert!(triggers(Event::Apply(token("8"))));
+        // Deleted, whatever the version.
+        assert!(triggers(Event::Delete(token("7"))));
+        // Another Secret of the same version is another Secret.
+        let mut other = token("7");
+        other.metadata.name = Some("other-token".into());
+        assert!(triggers(Event::Apply(other)));
+        // Bindings are only ever the operator's writes; their deletion ends
+        // a token and is looked at.
+        assert!(!triggers(Event::Apply(at_version(
+            "9",
+            labels::ROLE_BINDING
+        ))));
+        assert!(triggers(Event::Delete(at_version(
+            "9",
+            labels::ROLE_BINDING
+        ))));
+        // Forgotten (the Secret was gone when last read): looked at.
+        seen.record("team", "bot-token", None);
+        assert!(triggers(Event::Apply(token("7"))));
+        assert!(!triggers(Event::Init));
+        assert!(!triggers(Event::InitDone));
     }
 }

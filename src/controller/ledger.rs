@@ -219,8 +219,8 @@ pub struct Minted<'a> {
 pub fn minted(status: &mut AgentTokenStatus, revision: i64, m: Minted<'_>) {
     if let Some(e) = entry_mut(status, revision) {
         e.fingerprint = m.fingerprint;
-        e.issued_at = Some(Time(m.issued_at));
-        e.expires_at = Some(Time(m.expires_at));
+        e.issued_at = Some(Time(crate::rotation::whole_seconds(m.issued_at)));
+        e.expires_at = Some(Time(crate::rotation::whole_seconds(m.expires_at)));
         e.handle = Some(m.handle.to_string());
         e.message = Some("minted; not yet in the Secret".into());
     }

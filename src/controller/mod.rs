@@ -153,6 +153,12 @@ pub struct Context {
     pub clock: Arc<dyn Clock>,
     /// Binding Secrets by AgentToken, one index per watched scope.
     pub bindings: Vec<Arc<bindings::BindingIndex>>,
+    /// The token Secrets' versions the operator last wrote or read: a
+    /// watch event that brings one of them is our own write coming back,
+    /// not a reason to reconcile.
+    pub secret_versions: Arc<bindings::SeenVersions>,
+    /// TokenIssuers and ClusterTokenIssuers from their watches.
+    pub issuers: IssuerCache,
     /// Applies consumer rollout restarts.
     pub restarter: Arc<restarts::Restarter>,
     /// Where a ClusterTokenIssuer's Secrets live.
@@ -173,6 +179,38 @@ pub struct Context {
     /// (by UID): the base of its next status write. Dropped when the
     /// reconcile ends.
     written: Mutex<HashMap<String, Written>>,
+}
+
+/// TokenIssuers (one store per watched scope) and ClusterTokenIssuers as
+/// their watches last saw them. Read only once every store has synced
+/// (before that, and to confirm an issuer the cache does not have, the
+/// API server is asked: an AgentToken whose issuer is missing has its
+/// tokens revoked, so a lagging cache must never decide that alone).
+#[derive(Clone)]
+pub struct IssuerCache {
+    namespaced: Vec<Store<TokenIssuer>>,
+    cluster: Store<ClusterTokenIssuer>,
+    synced: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl IssuerCache {
+    /// The TokenIssuer `ns/name`: `None` when the cache cannot say (not
+    /// synced, or it does not hold it).
+    pub fn token_issuer(&self, ns: &str, name: &str) -> Option<Arc<TokenIssuer>> {
+        if !self.synced.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let key = ObjectRef::<TokenIssuer>::new(name).within(ns);
+        self.namespaced.iter().find_map(|s| s.get(&key))
+    }
+
+    /// The ClusterTokenIssuer `name`, as [`IssuerCache::token_issuer`].
+    pub fn cluster_issuer(&self, name: &str) -> Option<Arc<ClusterTokenIssuer>> {
+        if !self.synced.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        self.cluster.get(&ObjectRef::new(name))
+    }
 }
 
 /// An AgentToken as this replica last wrote it.
@@ -413,6 +451,7 @@ pub async fn run(
 
     // Only our Secrets, metadata only, labels only: memory follows our
     // objects, never the cluster's other Secrets.
+    let secret_versions = Arc::new(bindings::SeenVersions::default());
     let mut binding_indexes = Vec::new();
     let mut secret_streams = Vec::new();
     for scope in &scopes {
@@ -426,10 +465,48 @@ pub async fn run(
             let index = index.clone();
             move |event| index.apply(event)
         })
-        .touched_objects();
+        .try_filter_map({
+            let seen = secret_versions.clone();
+            move |event| futures::future::ready(Ok(bindings::reconcile_for(&event, &seen)))
+        });
         binding_indexes.push(index);
         secret_streams.push(events);
     }
+
+    // Issuers: one watch each, feeding the cache reconciles read them from
+    // and the triggers of the AgentTokens that use them.
+    let issuer_synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut issuer_stores = Vec::new();
+    let mut issuer_streams = Vec::new();
+    for scope in &scopes {
+        let (store, writer) = reflector::store::<TokenIssuer>();
+        issuer_stores.push(store);
+        issuer_streams.push(
+            watcher(api(scope).2, watcher::Config::default())
+                .default_backoff()
+                .reflect(writer)
+                .touched_objects(),
+        );
+    }
+    // One watch of ClusterTokenIssuers, shared: the cache, and every
+    // scope's controller through a subscription (which sees an object only
+    // once the cache holds it, so a reconcile it triggers reads it).
+    let (cluster_store, cluster_writer) = reflector::store_shared::<ClusterTokenIssuer>(256);
+    let cluster_subscriptions: Vec<_> = scopes
+        .iter()
+        .filter_map(|_| cluster_writer.subscribe())
+        .collect();
+    tokio::spawn(
+        watcher(cluster_issuers.clone(), watcher::Config::default())
+            .default_backoff()
+            .reflect_shared(cluster_writer)
+            .for_each(|_| futures::future::ready(())),
+    );
+    let issuer_cache = IssuerCache {
+        namespaced: issuer_stores.clone(),
+        cluster: cluster_store.clone(),
+        synced: issuer_synced.clone(),
+    };
 
     let reporter = Reporter {
         controller: FIELD_MANAGER.into(),
@@ -451,6 +528,8 @@ pub async fn run(
         limiters: RateLimiters::default(),
         clock: Arc::new(SystemClock),
         bindings: binding_indexes.clone(),
+        secret_versions: secret_versions.clone(),
+        issuers: issuer_cache,
         queue: queue::FairQueue::new(usize::from(config.concurrency.max(1))),
         tenant_egress: config.tenant_egress.clone(),
         protected_namespaces: config.protected_namespaces.clone(),
@@ -463,14 +542,22 @@ pub async fn run(
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
     let mut loops = Vec::new();
     let mut at_stores = Vec::new();
-    for (scope, secret_events) in scopes.iter().zip(secret_streams) {
+    for (((scope, secret_events), issuer_events), cluster_events) in scopes
+        .iter()
+        .zip(secret_streams)
+        .zip(issuer_streams)
+        .zip(cluster_subscriptions)
+    {
         let (ats, _, issuers_api) = api(scope);
         let (at_store, at_writer) = reflector::store::<AgentToken>();
+        // A reconcile for what matters (spec, trigger annotations,
+        // deletion), not for the operator's own status writes.
         let at_events = watcher(ats, watcher::Config::default())
             .default_backoff()
             .modify(slim_cached_agent_token)
             .reflect(at_writer)
-            .touched_objects();
+            .touched_objects()
+            .predicate_filter(reconcile_trigger, Default::default());
         // Unbounded here: the slots are the fair queue's (`ctx.queue`), which
         // orders waiting reconciles by urgency and namespace; a reconcile
         // waiting for a slot is a parked future, not a worker.
@@ -479,22 +566,25 @@ pub async fn run(
         at_stores.push(at_store.clone());
         let ns_issuer_map = by_issuer(at_store.clone(), IssuerKind::TokenIssuer);
         let cluster_issuer_map = by_issuer(at_store.clone(), IssuerKind::ClusterTokenIssuer);
+        let (ns_changed, cluster_changed) = (SpecChanges::default(), SpecChanges::default());
         let token_loop = controller
             .watches_stream(secret_events, |secret: PartialObjectMeta<Secret>| {
                 let ns = secret.metadata.namespace.clone()?;
                 let name = secret.labels().get(labels::NAME)?.clone();
                 Some(ObjectRef::<AgentToken>::new(&name).within(&ns))
             })
-            .watches(
-                issuers_api.clone(),
-                watcher::Config::default(),
-                move |i: TokenIssuer| ns_issuer_map(i.namespace(), i.name_any()),
-            )
-            .watches(
-                cluster_issuers.clone(),
-                watcher::Config::default(),
-                move |i: ClusterTokenIssuer| cluster_issuer_map(None, i.name_any()),
-            )
+            .watches_stream(issuer_events, move |i: TokenIssuer| {
+                match ns_changed.changed(&i.metadata) {
+                    true => ns_issuer_map(i.namespace(), i.name_any()),
+                    false => Vec::new(),
+                }
+            })
+            .watches_shared_stream(cluster_events, move |i: Arc<ClusterTokenIssuer>| {
+                match cluster_changed.changed(&i.metadata) {
+                    true => cluster_issuer_map(None, i.name_any()),
+                    false => Vec::new(),
+                }
+            })
             .graceful_shutdown_on(shutdown.clone())
             .run(reconcile::reconcile, error_policy, ctx.clone())
             .for_each(|_| futures::future::ready(()));
@@ -514,7 +604,13 @@ pub async fn run(
                 }
                 Ok(())
             };
-            match futures::future::try_join(ats, secrets).await {
+            let issuers = async {
+                futures::future::try_join_all(issuer_stores.iter().map(synced)).await?;
+                synced(&cluster_store).await?;
+                issuer_synced.store(true, std::sync::atomic::Ordering::Release);
+                Ok(())
+            };
+            match futures::future::try_join3(ats, secrets, issuers).await {
                 Ok(_) => {
                     info!("caches synced; ready");
                     readiness.set(true);
@@ -527,6 +623,44 @@ pub async fn run(
 
     futures::future::join_all(loops).await;
     info!("controllers stopped");
+}
+
+/// What of an AgentToken is worth a reconcile when it changes: its spec
+/// (generation), the rotate and revoke annotations, its deletion. Status is
+/// not: the operator's own status writes would each bring another
+/// reconcile (an admin's status edit, `kubectl agenttoken abandon`, is
+/// read at the next one). Finalizers are not either: a removed finalizer is
+/// put back at the next reconcile.
+fn reconcile_trigger(at: &AgentToken) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    at.metadata.generation.hash(&mut h);
+    at.metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
+        .hash(&mut h);
+    let annotations = at.metadata.annotations.as_ref();
+    for key in [labels::ROTATE, labels::REVOKE] {
+        annotations.and_then(|a| a.get(key)).hash(&mut h);
+    }
+    Some(h.finish())
+}
+
+/// Which issuers changed in a way their AgentTokens must see: spec
+/// (generation) or deletion, not the operator's own writes of their
+/// status (each of which would otherwise reconcile every AgentToken of
+/// the issuer).
+#[derive(Default)]
+struct SpecChanges(Mutex<HashMap<String, (Option<i64>, bool)>>);
+
+impl SpecChanges {
+    fn changed(&self, meta: &kube::api::ObjectMeta) -> bool {
+        let key = meta.uid.clone().unwrap_or_default();
+        let now = (meta.generation, meta.deletion_timestamp.is_some());
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        seen.insert(key, now) != Some(now)
+    }
 }
 
 /// Maps an issuer to the AgentTokens (in `store`) that use it.
@@ -583,9 +717,13 @@ fn slim_cached_agent_token(at: &mut AgentToken) {
     });
     let meta = &mut at.metadata;
     meta.managed_fields = None;
-    meta.annotations = meta.annotations.take().and_then(|mut a| {
-        let revoke = a.remove(labels::REVOKE)?;
-        Some([(labels::REVOKE.to_string(), revoke)].into())
+    // The trigger annotations: the revoke one for urgency, both for
+    // `reconcile_trigger`.
+    meta.annotations = meta.annotations.take().map(|mut a| {
+        [labels::REVOKE, labels::ROTATE]
+            .into_iter()
+            .filter_map(|k| Some((k.to_string(), a.remove(k)?)))
+            .collect()
     });
     meta.labels = None;
     meta.owner_references = None;
@@ -600,7 +738,67 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
-    use super::protected_namespaces;
+    use super::{SpecChanges, protected_namespaces, reconcile_trigger};
+    use crate::crd::{AgentToken, AgentTokenSpec, IssuerKind, IssuerRef};
+    use crate::labels;
+
+    #[test]
+    fn status_writes_do_not_trigger_a_reconcile_but_spec_triggers_and_deletion_do() {
+        let mut at = AgentToken::new(
+            "bot",
+            AgentTokenSpec::for_issuer(IssuerRef {
+                kind: IssuerKind::TokenIssuer,
+                name: "i".into(),
+            }),
+        );
+        at.metadata.generation = Some(1);
+        let h = |at: &AgentToken| reconcile_trigger(at).unwrap();
+        let base = h(&at);
+        // Status, finalizers, labels, other annotations, resourceVersion:
+        // the operator's own writes and nothing it acts on.
+        let mut same = at.clone();
+        same.status = Some(Default::default());
+        same.metadata.resource_version = Some("42".into());
+        same.metadata.finalizers = Some(vec![labels::FINALIZER.into()]);
+        same.metadata.annotations = Some([("note".to_string(), "x".to_string())].into());
+        assert_eq!(h(&same), base);
+        let mut spec = at.clone();
+        spec.metadata.generation = Some(2);
+        assert_ne!(h(&spec), base);
+        for key in [labels::ROTATE, labels::REVOKE] {
+            let mut trig = at.clone();
+            trig.metadata.annotations = Some([(key.to_string(), "now".to_string())].into());
+            assert_ne!(h(&trig), base, "{key}");
+        }
+        let mut deleted = at.clone();
+        deleted.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+        );
+        assert_ne!(h(&deleted), base);
+    }
+
+    #[test]
+    fn an_issuer_status_write_is_not_a_change_its_agent_tokens_see() {
+        let seen = SpecChanges::default();
+        let mut meta = kube::api::ObjectMeta {
+            uid: Some("u1".into()),
+            generation: Some(1),
+            resource_version: Some("1".into()),
+            ..Default::default()
+        };
+        assert!(seen.changed(&meta));
+        meta.resource_version = Some("2".into());
+        assert!(!seen.changed(&meta));
+        meta.generation = Some(2);
+        assert!(seen.changed(&meta));
+        meta.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::UNIX_EPOCH,
+        ));
+        assert!(seen.changed(&meta));
+        // The same name recreated is another object.
+        meta.uid = Some("u2".into());
+        assert!(seen.changed(&meta));
+    }
 
     #[test]
     fn system_and_own_namespaces_are_protected_unless_told() {

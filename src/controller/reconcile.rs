@@ -371,6 +371,12 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
     let live = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
         .get_opt(&secret_name)
         .await?;
+    ctx.secret_versions.record(
+        &ns,
+        &secret_name,
+        live.as_ref()
+            .and_then(|s| s.metadata.resource_version.as_deref()),
+    );
     let uid = at.uid().ok_or(Error::MissingUid)?;
     if let Ownership::NotOwned = secret::ownership(live.as_ref(), &uid) {
         return Ok(Observation::Refused(Refusal {
@@ -386,7 +392,7 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
 
     // The ledger: mints the last reconcile left unfinished (the operator
     // stopped), bindings no entry lists, expiries.
-    let now = ctx.clock.now();
+    let now = rotation::whole_seconds(ctx.clock.now());
     let name = at.name_any();
     let old_status = at.status.clone().unwrap_or_default();
     let mut status = old_status.clone();
@@ -1078,7 +1084,9 @@ async fn report(
             let attempts = old_status.failed_attempts.saturating_add(1).max(1) as u32;
             Some(rotation::backoff(attempts, &jitter_key))
         }
-        (None, true) => Some(Duration::from_secs(1)),
+        // Delivered: the next look is the new token's rotation, or the
+        // end of the previous one's grace period (the ledger's wake).
+        (None, true) => status.next_rotation_at.as_ref().map(|t| until(now, t.0)),
         _ => decision.wake_at.map(|w| until(now, w)),
     };
     let soonest = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
@@ -1140,6 +1148,15 @@ impl SecretWriter<'_> {
         })
     }
 
+    /// The watch event of this write is the operator's own: no reconcile.
+    fn seen(&self, written: &Secret) {
+        self.ctx.secret_versions.record(
+            self.ns,
+            self.name,
+            written.metadata.resource_version.as_deref(),
+        );
+    }
+
     fn up_to_date(
         &self,
         status: &AgentTokenStatus,
@@ -1168,7 +1185,10 @@ impl SecretWriter<'_> {
                     ..Default::default()
                 };
                 match api.create(&pp, &desired).await {
-                    Ok(_) => Ok(()),
+                    Ok(created) => {
+                        self.seen(&created);
+                        Ok(())
+                    }
                     Err(kube::Error::Api(s)) if s.code == 409 => {
                         Err(Error::SecretAppeared(self.name.to_string()))
                     }
@@ -1179,6 +1199,7 @@ impl SecretWriter<'_> {
                 desired.metadata.uid = live.metadata.uid.clone();
                 let pp = PatchParams::apply(FIELD_MANAGER).force();
                 let applied = api.patch(self.name, &pp, &Patch::Apply(&desired)).await?;
+                self.seen(&applied);
                 // Keys the operator wrote when it created the Secret (a POST,
                 // not an apply) stay after an apply that omits them: remove
                 // the operator's own keys it no longer wants explicitly.
@@ -1201,8 +1222,10 @@ impl SecretWriter<'_> {
                         "metadata": {"uid": live.metadata.uid},
                         "data": stale,
                     });
-                    api.patch(self.name, &PatchParams::default(), &Patch::Merge(&patch))
+                    let patched = api
+                        .patch(self.name, &PatchParams::default(), &Patch::Merge(&patch))
                         .await?;
+                    self.seen(&patched);
                 }
                 Ok(())
             }
@@ -1241,10 +1264,16 @@ async fn fetch_issuer(
         requeue: None,
     };
     Ok(match at.spec.issuer_ref.kind {
-        IssuerKind::TokenIssuer => match Api::<TokenIssuer>::namespaced(ctx.client.clone(), ns)
-            .get_opt(name)
-            .await?
-        {
+        IssuerKind::TokenIssuer => match match ctx.issuers.token_issuer(ns, name) {
+            Some(cached) => Some((*cached).clone()),
+            // Not in the cache: the API server decides (a missing issuer
+            // revokes tokens; a cache behind its watch must not).
+            None => {
+                Api::<TokenIssuer>::namespaced(ctx.client.clone(), ns)
+                    .get_opt(name)
+                    .await?
+            }
+        } {
             Some(i) => Ok((
                 ResolvedIssuer {
                     key: format!("TokenIssuer/{ns}/{name}"),
@@ -1260,10 +1289,14 @@ async fn fetch_issuer(
                 "TokenIssuer {name:?} in namespace {ns:?}"
             ))),
         },
-        IssuerKind::ClusterTokenIssuer => match Api::<ClusterTokenIssuer>::all(ctx.client.clone())
-            .get_opt(name)
-            .await?
-        {
+        IssuerKind::ClusterTokenIssuer => match match ctx.issuers.cluster_issuer(name) {
+            Some(cached) => Some((*cached).clone()),
+            None => {
+                Api::<ClusterTokenIssuer>::all(ctx.client.clone())
+                    .get_opt(name)
+                    .await?
+            }
+        } {
             Some(i) => Ok((
                 ResolvedIssuer {
                     key: format!("ClusterTokenIssuer/{name}"),
@@ -1691,6 +1724,10 @@ pub(super) async fn status_write(
         status.conditions = base.conditions.clone();
     }
     ledger::apply_foreign(&mut status, &foreign);
+    // Compared as the API server would store it (times in whole seconds).
+    if let Ok(stored) = serde_json::to_value(&status).and_then(serde_json::from_value) {
+        status = stored;
+    }
     if status == base {
         return Ok(());
     }

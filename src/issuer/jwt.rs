@@ -588,16 +588,18 @@ impl JwtIssuer {
     async fn publish(&self, key: &SigningKey) -> Result<(), IssuerError> {
         let api = self.config_maps();
         let kid = key.jwk.common.key_id.clone().unwrap_or_default();
-        let live = api
-            .get_opt(&self.config_map)
+        // From the ConfigMap's watch: no read per mint while nothing changes.
+        let watched = crate::watched::CONFIG_MAPS
+            .get(&self.kube, &self.namespace, &self.config_map)
             .await
             .map_err(|e| self.unavailable("read", e))?;
-        if self.unchanged(live.as_ref(), &kid) {
+        if self.unchanged(watched.as_deref(), &kid) {
             return Ok(());
         }
         let lock = known().locks.entry(self.id()).or_default().clone();
         let _one_at_a_time = lock.lock().await;
-        // Another mint may have published while this one waited.
+        // Another mint may have published while this one waited; what is
+        // written next is decided on the live object, not the watch's.
         let live = api
             .get_opt(&self.config_map)
             .await

@@ -62,18 +62,9 @@ impl ServiceAccountIssuer {
         })?;
         let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &req.namespace);
         // The namespace is always the AgentToken's own: a ServiceAccount
-        // elsewhere cannot even be named.
-        match sas.get_opt(sa_name).await {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                return Err(IssuerError::Invalid(format!(
-                    "ServiceAccount {sa_name:?} does not exist in namespace {:?}",
-                    req.namespace
-                )));
-            }
-            Err(e) => return Err(unavailable("read the ServiceAccount", e)),
-        }
-
+        // elsewhere cannot even be named. Whether it exists is the
+        // TokenRequest's answer (a read before every mint would cost every
+        // token a request to learn what the rare failure says anyway).
         let binding = self.create_binding(req).await?;
         let binding_name = binding.metadata.name.clone().unwrap_or_default();
         let tr = TokenRequest {
@@ -101,6 +92,10 @@ impl ServiceAccountIssuer {
                     .revoke_binding(&req.namespace, &binding_name, &req.uid)
                     .await;
                 return Err(match &e {
+                    kube::Error::Api(s) if s.code == 404 => IssuerError::Invalid(format!(
+                        "ServiceAccount {sa_name:?} does not exist in namespace {:?}",
+                        req.namespace
+                    )),
                     kube::Error::Api(s) if s.code == 400 || s.code == 422 => {
                         IssuerError::Invalid(format!(
                             "TokenRequest for ServiceAccount {sa_name:?} was refused: {}",

@@ -19,9 +19,7 @@ use std::time::Duration;
 
 use crate::duration::SpecDuration;
 
-use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
-use kube::api::Api;
 use secrecy::SecretString;
 use tokio::time::Instant;
 
@@ -779,8 +777,11 @@ pub async fn read_secret(
     r: &SecretKeyRef,
     field: &str,
 ) -> Result<SecretString, IssuerError> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let secret = match api.get_opt(&r.name).await {
+    // From the Secret's own watch once it runs: not a GET per mint.
+    let secret = match crate::watched::SECRETS
+        .get(client, namespace, &r.name)
+        .await
+    {
         Ok(Some(s)) => s,
         Ok(None) => {
             return Err(IssuerError::Invalid(format!(

@@ -49,10 +49,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   resources: [serviceaccounts/token]
   verbs: [create]
 # Consumers: found by listing, restarted by a pod-template annotation.
-# jwt issuer: the JWKS ConfigMap it publishes.
+# jwt issuer: the JWKS ConfigMap it publishes (watched by name, so a
+# mint does not read it).
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [apps]
   resources: [deployments, statefulsets, daemonsets]
   verbs: [get, list, patch]
