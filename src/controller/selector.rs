@@ -7,18 +7,26 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 /// Whether `labels` match `selector` (an empty selector matches everything).
 pub fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    matches_with(selector, |k| labels.get(k).map(String::as_str))
+}
+
+/// [`matches`] over any label store, read through `label` (the value of a
+/// label, if set): cached workloads keep their labels in a compact form,
+/// not a `BTreeMap`.
+pub fn matches_with<'l>(selector: &LabelSelector, label: impl Fn(&str) -> Option<&'l str>) -> bool {
     let by_labels = selector
         .match_labels
         .iter()
         .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
+        .all(|(k, v)| label(k) == Some(v.as_str()));
     let by_expressions = selector.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.clone().unwrap_or_default();
+        let values = e.values.as_deref().unwrap_or_default();
+        let listed = |v: &str| values.iter().any(|x| x == v);
         match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
-            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
+            "In" => label(&e.key).is_some_and(listed),
+            "NotIn" => label(&e.key).is_none_or(|v| !listed(v)),
+            "Exists" => label(&e.key).is_some(),
+            "DoesNotExist" => label(&e.key).is_none(),
             _ => false,
         }
     });
