@@ -3,15 +3,21 @@
 //!
 //! Everything here but [`list`] and [`signal`] is pure. The restart itself
 //! (the pod-template annotation) is applied by [`super::restarts`], which
-//! coalesces restarts of one workload and bounds them cluster-wide.
+//! coalesces restarts of one workload and bounds them cluster-wide. The
+//! operator reads workloads from [`super::workloads`] (a watch-fed index);
+//! [`list`] is for callers without one (the kubectl plugin).
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta, Time,
+};
 use kube::api::{Api, AttachParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use sha2::{Digest, Sha256};
@@ -42,11 +48,12 @@ impl WorkloadKind {
     }
 }
 
-/// Identifies one workload.
+/// Identifies one workload. The namespace is shared (an `Arc`) by the
+/// workloads the index keeps of one namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkloadKey {
     pub kind: WorkloadKind,
-    pub namespace: String,
+    pub namespace: Arc<str>,
     pub name: String,
 }
 
@@ -63,16 +70,127 @@ pub enum Rollout {
     InProgress(String),
 }
 
-/// A workload, as far as consumers are concerned.
+/// A small sorted string map, read-only once built: what a cached workload
+/// keeps of its labels and revision annotations. A `BTreeMap` allocates a
+/// node for eleven entries (over 500 bytes with `String` pairs) however few
+/// it holds; this holds exactly its entries, and nothing when empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyValues(Box<[(Box<str>, Box<str>)]>);
+
+impl KeyValues {
+    /// The value of `key`, if set.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        let i = self.0.binary_search_by(|(k, _)| (**k).cmp(key)).ok()?;
+        self.0.get(i).map(|(_, v)| &**v)
+    }
+
+    /// The entries, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Entries in any order; of a key given twice the last value is kept (as a
+/// map's `insert` would).
+impl<K: Into<Box<str>>, V: Into<Box<str>>> FromIterator<(K, V)> for KeyValues {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut entries: Vec<(Box<str>, Box<str>)> = iter
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        // Stable: equal keys stay in the order given, so keeping the last
+        // one of each run keeps the value given last.
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut kept: Vec<(Box<str>, Box<str>)> = Vec::with_capacity(entries.len());
+        for e in entries {
+            match kept.last_mut() {
+                Some(last) if last.0 == e.0 => *last = e,
+                _ => kept.push(e),
+            }
+        }
+        KeyValues(kept.into_boxed_slice())
+    }
+}
+
+/// One Secret a pod template uses (env `secretKeyRef`, `envFrom`, a
+/// `secret` volume or a `projected` source, optional or not).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretUse {
+    pub secret: Box<str>,
+    /// The containers (not init containers) that read it through their
+    /// environment or mount one of its volumes: where a `Signal` may go.
+    /// Empty when only init containers read it, or a volume of it is
+    /// mounted by no container.
+    pub containers: Box<[Box<str>]>,
+}
+
+/// What the `Signal` strategy needs of a workload's selector to find its
+/// Pods. `matchLabels` goes to the API server as the LIST's label selector
+/// (as it always did); `matchExpressions`, rare, are checked here.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodSelector {
+    /// `matchLabels` as a label-selector query (`k=v,...`).
+    pub query: Box<str>,
+    /// `matchExpressions` (an empty box allocates nothing).
+    pub expressions: Box<[LabelSelectorRequirement]>,
+}
+
+impl PodSelector {
+    fn new(selector: Option<&LabelSelector>) -> Self {
+        let query = selector
+            .and_then(|s| s.match_labels.as_ref())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        PodSelector {
+            query: query.into(),
+            expressions: selector
+                .and_then(|s| s.match_expressions.clone())
+                .unwrap_or_default()
+                .into(),
+        }
+    }
+
+    /// The part of the selector the API server did not apply (`query`), as
+    /// a selector to check listed Pods against; `None` when nothing is left.
+    pub fn remainder(&self) -> Option<LabelSelector> {
+        (!self.expressions.is_empty()).then(|| LabelSelector {
+            match_expressions: Some(self.expressions.to_vec()),
+            match_labels: None,
+        })
+    }
+}
+
+/// A workload, as far as consumers are concerned: only what their
+/// decisions read, so that the index of every workload of the watched
+/// namespaces costs what is kept, not whole objects (pod templates,
+/// managedFields, status). See [`super::workloads`].
 #[derive(Clone, Debug)]
 pub struct Workload {
     pub key: WorkloadKey,
-    pub labels: BTreeMap<String, String>,
-    pub annotations: BTreeMap<String, String>,
+    /// For `restart: Selected` (`consumers.selector`).
+    pub labels: KeyValues,
+    /// The workload's `agenttoken.dev/restart: "false"`: never restarted
+    /// nor signalled automatically.
+    pub opted_out: bool,
     pub created: Option<Timestamp>,
-    pub template_annotations: BTreeMap<String, String>,
-    pub pod_spec: PodSpec,
-    pub selector: Option<LabelSelector>,
+    /// `metadata.generation`: the restarter knows from it whether the
+    /// index has seen its own patch yet.
+    pub generation: i64,
+    /// The pod template's annotations named [`REVISION_ANNOTATION_PREFIX`]`*`,
+    /// and no others.
+    pub revision_annotations: KeyValues,
+    /// The Secrets the pod template uses, by name.
+    pub secrets: Box<[SecretUse]>,
+    pub pod_selector: PodSelector,
     pub rollout: Rollout,
 }
 
@@ -81,32 +199,47 @@ impl Workload {
         kind: WorkloadKind,
         meta: &ObjectMeta,
         template: &PodTemplateSpec,
-        selector: Option<LabelSelector>,
+        selector: Option<&LabelSelector>,
         rollout: Rollout,
     ) -> Self {
+        let template_annotations = template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.as_ref());
         Workload {
             key: WorkloadKey {
                 kind,
-                namespace: meta.namespace.clone().unwrap_or_default(),
+                namespace: meta.namespace.as_deref().unwrap_or_default().into(),
                 name: meta.name.clone().unwrap_or_default(),
             },
-            labels: meta.labels.clone().unwrap_or_default(),
-            annotations: meta.annotations.clone().unwrap_or_default(),
-            created: meta.creation_timestamp.as_ref().map(|t| t.0),
-            template_annotations: template
-                .metadata
+            labels: meta
+                .labels
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            opted_out: meta
+                .annotations
                 .as_ref()
-                .and_then(|m| m.annotations.clone())
-                .unwrap_or_default(),
-            pod_spec: template.spec.clone().unwrap_or_default(),
-            selector,
+                .and_then(|a| a.get(labels::RESTART))
+                .is_some_and(|v| v == "false"),
+            created: meta.creation_timestamp.as_ref().map(|t| t.0),
+            generation: meta.generation.unwrap_or(0),
+            revision_annotations: template_annotations
+                .iter()
+                .flat_map(|a| a.iter())
+                .filter(|(k, _)| k.starts_with(REVISION_ANNOTATION_PREFIX))
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            secrets: template.spec.as_ref().map(secret_uses).unwrap_or_default(),
+            pod_selector: PodSelector::new(selector),
             rollout,
         }
     }
 
     pub fn from_deployment(d: &Deployment) -> Self {
-        let spec = d.spec.clone().unwrap_or_default();
-        let st = d.status.clone().unwrap_or_default();
+        let spec = d.spec.as_ref().map_or_else(Cow::default, Cow::Borrowed);
+        let st = d.status.as_ref().map_or_else(Cow::default, Cow::Borrowed);
         let want = spec.replicas.unwrap_or(1);
         let generation = d.metadata.generation.unwrap_or(0);
         let updated = st.updated_replicas.unwrap_or(0);
@@ -131,14 +264,14 @@ impl Workload {
             WorkloadKind::Deployment,
             &d.metadata,
             &spec.template,
-            Some(spec.selector.clone()),
+            Some(&spec.selector),
             rollout,
         )
     }
 
     pub fn from_stateful_set(s: &StatefulSet) -> Self {
-        let spec = s.spec.clone().unwrap_or_default();
-        let st = s.status.clone().unwrap_or_default();
+        let spec = s.spec.as_ref().map_or_else(Cow::default, Cow::Borrowed);
+        let st = s.status.as_ref().map_or_else(Cow::default, Cow::Borrowed);
         let want = spec.replicas.unwrap_or(1);
         let generation = s.metadata.generation.unwrap_or(0);
         let updated = st.updated_replicas.unwrap_or(0);
@@ -165,14 +298,14 @@ impl Workload {
             WorkloadKind::StatefulSet,
             &s.metadata,
             &spec.template,
-            Some(spec.selector.clone()),
+            Some(&spec.selector),
             rollout,
         )
     }
 
     pub fn from_daemon_set(d: &DaemonSet) -> Self {
-        let spec = d.spec.clone().unwrap_or_default();
-        let st = d.status.clone().unwrap_or_default();
+        let spec = d.spec.as_ref().map_or_else(Cow::default, Cow::Borrowed);
+        let st = d.status.as_ref().map_or_else(Cow::default, Cow::Borrowed);
         let generation = d.metadata.generation.unwrap_or(0);
         let want = st.desired_number_scheduled;
         let updated = st.updated_number_scheduled.unwrap_or(0);
@@ -192,10 +325,79 @@ impl Workload {
             WorkloadKind::DaemonSet,
             &d.metadata,
             &spec.template,
-            Some(spec.selector.clone()),
+            Some(&spec.selector),
             rollout,
         )
     }
+
+    /// Whether the pod template uses Secret `name` (as
+    /// [`references_secret`] on the whole template would say).
+    pub fn uses(&self, secret: &str) -> bool {
+        self.secret_use(secret).is_some()
+    }
+
+    /// The containers (not init containers) that read Secret `name` (as
+    /// [`consuming_containers`] on the whole template, less init
+    /// containers, would say).
+    pub fn signal_targets(&self, secret: &str) -> &[Box<str>] {
+        self.secret_use(secret)
+            .map(|u| &*u.containers)
+            .unwrap_or_default()
+    }
+
+    fn secret_use(&self, secret: &str) -> Option<&SecretUse> {
+        let i = self
+            .secrets
+            .binary_search_by(|u| (*u.secret).cmp(secret))
+            .ok()?;
+        self.secrets.get(i)
+    }
+}
+
+/// The Secrets a pod spec uses, each with the containers that read it:
+/// everything [`references_secret`] and [`consuming_containers`] decide
+/// on, for every name they could be asked about, without the spec.
+pub fn secret_uses(spec: &PodSpec) -> Box<[SecretUse]> {
+    let mut names: BTreeSet<&str> = BTreeSet::new();
+    for v in spec.volumes.iter().flatten() {
+        names.extend(v.secret.as_ref().and_then(|s| s.secret_name.as_deref()));
+        names.extend(
+            v.projected
+                .iter()
+                .flat_map(|p| p.sources.iter().flatten())
+                .filter_map(|s| s.secret.as_ref().map(|s| s.name.as_str())),
+        );
+    }
+    for c in spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+    {
+        names.extend(c.env.iter().flatten().filter_map(|e| {
+            e.value_from
+                .as_ref()
+                .and_then(|v| v.secret_key_ref.as_ref())
+                .map(|r| r.name.as_str())
+        }));
+        names.extend(
+            c.env_from
+                .iter()
+                .flatten()
+                .filter_map(|e| e.secret_ref.as_ref().map(|r| r.name.as_str())),
+        );
+    }
+    names
+        .into_iter()
+        .map(|name| SecretUse {
+            secret: name.into(),
+            containers: consuming_containers(spec, name)
+                .into_iter()
+                .filter(|c| spec.containers.iter().any(|x| &x.name == c))
+                .map(Into::into)
+                .collect(),
+        })
+        .collect()
 }
 
 /// The pod-template annotation for one AgentToken. An annotation's name part
@@ -269,21 +471,19 @@ pub fn consuming_containers(spec: &PodSpec, name: &str) -> Vec<String> {
 
 /// The workloads that must pick up the Secret's new revisions.
 pub fn select<'a>(
-    workloads: &'a [Workload],
+    workloads: impl IntoIterator<Item = &'a Workload>,
     secret: &str,
     spec: &ConsumersSpec,
 ) -> Vec<&'a Workload> {
+    let workloads = workloads.into_iter();
     let mut chosen: Vec<&Workload> = match spec.restart.unwrap_or_default() {
         RestartPolicy::None => Vec::new(),
         RestartPolicy::Auto => workloads
-            .iter()
-            .filter(|w| references_secret(&w.pod_spec, secret))
-            .filter(|w| w.annotations.get(labels::RESTART).map(String::as_str) != Some("false"))
+            .filter(|w| w.uses(secret) && !w.opted_out)
             .collect(),
         RestartPolicy::Selected => match &spec.selector {
             Some(sel) => workloads
-                .iter()
-                .filter(|w| selector::matches(sel, &w.labels))
+                .filter(|w| selector::matches_with(sel, |k| w.labels.get(k)))
                 .collect(),
             None => Vec::new(),
         },
@@ -291,10 +491,7 @@ pub fn select<'a>(
     // A signal is an exec in someone's Pods: only ever into workloads that
     // use this Secret and have not opted out, whatever `selector` matches.
     if spec.strategy.unwrap_or_default() == ConsumerStrategy::Signal {
-        chosen.retain(|w| {
-            references_secret(&w.pod_spec, secret)
-                && w.annotations.get(labels::RESTART).map(String::as_str) != Some("false")
-        });
+        chosen.retain(|w| w.uses(secret) && !w.opted_out);
     }
     chosen.sort_by(|a, b| a.key.cmp(&b.key));
     chosen
@@ -318,7 +515,7 @@ pub fn owned_by(pod: &Pod, w: &Workload) -> bool {
             owner.kind == "ReplicaSet"
                 && owner
                     .name
-                    .strip_prefix(&w.key.name)
+                    .strip_prefix(w.key.name.as_str())
                     .and_then(|rest| rest.strip_prefix('-'))
                     .is_some_and(|hash| !hash.is_empty() && !hash.contains('-'))
         }
@@ -364,8 +561,8 @@ pub fn need(
     let current = revision.to_string();
     match strategy {
         ConsumerStrategy::RolloutRestart => {
-            match w.template_annotations.get(annotation) {
-                Some(v) if *v == current => Need::Observe,
+            match w.revision_annotations.get(annotation) {
+                Some(v) if v == current => Need::Observe,
                 Some(_) => Need::Restart,
                 // Never restarted by us: restart only if it predates the token.
                 // Both times are read back from the API at whole seconds:
@@ -412,7 +609,10 @@ pub fn observe(
     }
 }
 
-/// Reads every Deployment, StatefulSet and DaemonSet of a namespace.
+/// Reads every Deployment, StatefulSet and DaemonSet of a namespace with
+/// three LISTs, as the same records the operator's index keeps. For callers
+/// without the index (the kubectl plugin); the operator reads
+/// [`super::workloads::Workloads`].
 pub async fn list(client: &Client, ns: &str) -> Result<Vec<Workload>, kube::Error> {
     let lp = ListParams::default();
     let (d, s, ds) = (
@@ -493,10 +693,11 @@ pub async fn signal(
         "1".into(),
     ];
     let only = sig.container.as_deref().filter(|c| !c.is_empty());
-    let template_containers: Vec<String> = consuming_containers(&w.pod_spec, secret)
-        .into_iter()
-        .filter(|c| w.pod_spec.containers.iter().any(|x| &x.name == c))
-        .filter(|c| only.is_none_or(|o| o == c))
+    let template_containers: Vec<&str> = w
+        .signal_targets(secret)
+        .iter()
+        .map(|c| &**c)
+        .filter(|c| only.is_none_or(|o| o == *c))
         .collect();
     if template_containers.is_empty() {
         return (
@@ -511,25 +712,19 @@ pub async fn signal(
         );
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), &w.key.namespace);
-    let selector = w
-        .selector
-        .as_ref()
-        .and_then(|s| s.match_labels.as_ref())
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default();
-    let list = match pods.list(&ListParams::default().labels(&selector)).await {
+    // matchLabels were applied by the API server; the rest is checked here.
+    let remainder = w.pod_selector.remainder();
+    let list = match pods
+        .list(&ListParams::default().labels(&w.pod_selector.query))
+        .await
+    {
         Ok(l) => l,
         Err(e) => return (ConsumerPhase::Failed, format!("could not list Pods: {e}")),
     };
     let running: Vec<Pod> = list
         .into_iter()
         .filter(|p| {
-            w.selector
+            remainder
                 .as_ref()
                 .is_none_or(|s| selector::matches(s, p.labels()))
         })
@@ -843,7 +1038,11 @@ mod tests {
     }
 
     fn deployment(name: &str, spec: PodSpec) -> Workload {
-        let d = Deployment {
+        Workload::from_deployment(&full_deployment(name, spec))
+    }
+
+    fn full_deployment(name: &str, spec: PodSpec) -> Deployment {
+        Deployment {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("ns".into()),
@@ -863,8 +1062,7 @@ mod tests {
                 observed_generation: Some(1),
                 ..Default::default()
             }),
-        };
-        Workload::from_deployment(&d)
+        }
     }
 
     #[test]
@@ -965,10 +1163,12 @@ mod tests {
             ..Default::default()
         };
         let a = deployment("a", uses.clone());
-        let mut b = deployment("b", uses.clone());
-        b.annotations.insert(labels::RESTART.into(), "false".into());
-        let mut c = deployment("c", PodSpec::default());
-        c.labels.insert("team".into(), "x".into());
+        let mut b = full_deployment("b", uses.clone());
+        b.metadata.annotations = Some([(labels::RESTART.into(), "false".into())].into());
+        let b = Workload::from_deployment(&b);
+        let mut c = full_deployment("c", PodSpec::default());
+        c.metadata.labels = Some([("team".into(), "x".into())].into());
+        let c = Workload::from_deployment(&c);
         let all = vec![a, b, c];
         let names = |v: Vec<&Workload>| v.iter().map(|w| w.key.name.clone()).collect::<Vec<_>>();
         let auto = ConsumersSpec::default();
@@ -1004,7 +1204,7 @@ mod tests {
         let early: Timestamp = "2025-12-01T00:00:00Z".parse().unwrap();
         assert_eq!(need(&w, rr, &key, 1, early, None), Need::UpToDate);
         // Annotated with this revision: nothing to do (operator restarts, resyncs).
-        w.template_annotations.insert(key.clone(), "1".into());
+        w.revision_annotations = [(key.as_str(), "1")].into_iter().collect();
         assert_eq!(need(&w, rr, &key, 1, issued, None), Need::Observe);
         assert_eq!(need(&w, rr, &key, 2, issued, None), Need::Restart);
     }
@@ -1071,5 +1271,455 @@ mod tests {
         let name_part = k.strip_prefix("agenttoken.dev/").unwrap();
         assert!(name_part.len() <= 63, "{name_part}");
         assert_ne!(annotation_key(&long), annotation_key(&"a".repeat(199)));
+    }
+}
+
+/// The slim record decides as the whole object did: each decision is made
+/// from the full Deployment the old way (the oracle below) and from its
+/// [`Workload`], and the two must agree.
+#[cfg(test)]
+mod slim_tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::DeploymentSpec;
+    use k8s_openapi::api::core::v1::{
+        Container, EnvFromSource, EnvVar, EnvVarSource, ProjectedVolumeSource, SecretEnvSource,
+        SecretKeySelector, SecretProjection, SecretVolumeSource, Volume, VolumeMount,
+        VolumeProjection,
+    };
+    use std::collections::BTreeMap;
+
+    fn container(name: &str) -> Container {
+        Container {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    fn mounting(name: &str, volume: &str) -> Container {
+        Container {
+            volume_mounts: Some(vec![VolumeMount {
+                name: volume.into(),
+                mount_path: format!("/{volume}"),
+                ..Default::default()
+            }]),
+            ..container(name)
+        }
+    }
+
+    fn env(name: &str, secret: &str, optional: Option<bool>) -> Container {
+        Container {
+            env: Some(vec![EnvVar {
+                name: "TOKEN".into(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.into(),
+                        key: "token".into(),
+                        optional,
+                    }),
+                    ..Default::default()
+                }),
+                value: None,
+            }]),
+            ..container(name)
+        }
+    }
+
+    fn env_from(name: &str, secret: &str, optional: Option<bool>) -> Container {
+        Container {
+            env_from: Some(vec![EnvFromSource {
+                secret_ref: Some(SecretEnvSource {
+                    name: secret.into(),
+                    optional,
+                }),
+                ..Default::default()
+            }]),
+            ..container(name)
+        }
+    }
+
+    fn secret_volume(name: &str, secret: &str) -> Volume {
+        Volume {
+            name: name.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.into()),
+                optional: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn projected_volume(name: &str, secrets: &[&str]) -> Volume {
+        Volume {
+            name: name.into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(
+                    secrets
+                        .iter()
+                        .map(|s| VolumeProjection {
+                            secret: Some(SecretProjection {
+                                name: s.to_string(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn full(
+        name: &str,
+        spec: PodSpec,
+        labels: &[(&str, &str)],
+        annotations: &[(&str, &str)],
+        template_annotations: &[(&str, &str)],
+    ) -> Deployment {
+        let map = |pairs: &[(&str, &str)]| {
+            (!pairs.is_empty()).then(|| {
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>()
+            })
+        };
+        Deployment {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                generation: Some(3),
+                creation_timestamp: Some(Time("2026-01-01T00:00:00Z".parse().unwrap())),
+                labels: map(labels),
+                annotations: map(annotations),
+                ..Default::default()
+            },
+            spec: Some(DeploymentSpec {
+                selector: LabelSelector {
+                    match_labels: map(&[("app", name)]),
+                    ..Default::default()
+                },
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        annotations: map(template_annotations),
+                        ..Default::default()
+                    }),
+                    spec: Some(spec),
+                },
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    /// Workloads using Secrets every way a pod spec can.
+    fn table() -> Vec<Deployment> {
+        let pod = |containers: Vec<Container>, volumes: Vec<Volume>| PodSpec {
+            containers,
+            volumes: (!volumes.is_empty()).then_some(volumes),
+            ..Default::default()
+        };
+        vec![
+            full(
+                "volume",
+                pod(
+                    vec![mounting("app", "t"), container("sidecar")],
+                    vec![secret_volume("t", "tok")],
+                ),
+                &[],
+                &[],
+                &[],
+            ),
+            full(
+                "projected",
+                pod(
+                    vec![mounting("app", "p"), env("sidecar", "other", None)],
+                    vec![projected_volume("p", &["other", "tok"])],
+                ),
+                &[("team", "x")],
+                &[],
+                &[],
+            ),
+            full(
+                "env-optional",
+                pod(vec![env("app", "tok", Some(true))], vec![]),
+                &[("team", "y")],
+                &[(labels::RESTART, "true")],
+                &[],
+            ),
+            full(
+                "init-env-from",
+                PodSpec {
+                    init_containers: Some(vec![env_from("init", "tok", Some(true))]),
+                    containers: vec![container("app")],
+                    ..Default::default()
+                },
+                &[],
+                &[],
+                &[],
+            ),
+            full(
+                "env-from",
+                pod(vec![env_from("app", "tok", None)], vec![]),
+                &[("tier", "prod")],
+                &[],
+                &[
+                    ("agenttoken.dev/revision-bot", "3"),
+                    ("kubectl.kubernetes.io/restartedAt", "2026-01-01T00:00:00Z"),
+                ],
+            ),
+            full(
+                "unmounted",
+                pod(vec![container("app")], vec![secret_volume("t", "tok")]),
+                &[],
+                &[],
+                &[],
+            ),
+            full(
+                "opted-out",
+                pod(vec![env("app", "tok", None)], vec![]),
+                &[("team", "x")],
+                &[(labels::RESTART, "false"), ("unrelated", "kept-nowhere")],
+                &[],
+            ),
+            full(
+                "labels-only",
+                PodSpec::default(),
+                &[("team", "x"), ("tier", "prod")],
+                &[],
+                &[],
+            ),
+        ]
+    }
+
+    fn pod_spec(d: &Deployment) -> &PodSpec {
+        d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    }
+
+    /// The selection as it was made from whole objects.
+    fn select_full(all: &[Deployment], secret: &str, spec: &ConsumersSpec) -> Vec<String> {
+        let uses = |d: &Deployment| references_secret(pod_spec(d), secret);
+        let opted_out = |d: &Deployment| {
+            d.annotations().get(labels::RESTART).map(String::as_str) == Some("false")
+        };
+        let mut chosen: Vec<&Deployment> = match spec.restart.unwrap_or_default() {
+            RestartPolicy::None => Vec::new(),
+            RestartPolicy::Auto => all.iter().filter(|d| uses(d) && !opted_out(d)).collect(),
+            RestartPolicy::Selected => match &spec.selector {
+                Some(sel) => all
+                    .iter()
+                    .filter(|d| selector::matches(sel, d.labels()))
+                    .collect(),
+                None => Vec::new(),
+            },
+        };
+        if spec.strategy.unwrap_or_default() == ConsumerStrategy::Signal {
+            chosen.retain(|d| uses(d) && !opted_out(d));
+        }
+        let mut names: Vec<String> = chosen.iter().map(|d| d.name_any()).collect();
+        names.sort();
+        names
+    }
+
+    fn specs() -> Vec<ConsumersSpec> {
+        let team_x = LabelSelector {
+            match_labels: Some([("team".to_string(), "x".to_string())].into()),
+            ..Default::default()
+        };
+        let prod_or_team = LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: "In".into(),
+                values: Some(vec!["prod".into()]),
+            }]),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        for strategy in [ConsumerStrategy::RolloutRestart, ConsumerStrategy::Signal] {
+            for (restart, selector) in [
+                (RestartPolicy::Auto, None),
+                (RestartPolicy::None, None),
+                (RestartPolicy::Selected, None),
+                (RestartPolicy::Selected, Some(team_x.clone())),
+                (RestartPolicy::Selected, Some(prod_or_team.clone())),
+                (RestartPolicy::Selected, Some(LabelSelector::default())),
+            ] {
+                out.push(ConsumersSpec {
+                    restart: Some(restart),
+                    selector,
+                    strategy: Some(strategy),
+                    ..Default::default()
+                });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn slim_records_select_what_whole_objects_selected() {
+        let all = table();
+        let slim: Vec<Workload> = all.iter().map(Workload::from_deployment).collect();
+        for secret in ["tok", "other", "missing", ""] {
+            for spec in specs() {
+                let from_slim: Vec<String> = select(&slim, secret, &spec)
+                    .iter()
+                    .map(|w| w.key.name.clone())
+                    .collect();
+                assert_eq!(
+                    from_slim,
+                    select_full(&all, secret, &spec),
+                    "secret {secret:?}, {spec:?}"
+                );
+            }
+        }
+        // The table is not vacuous: each way of using the Secret counts.
+        let auto = ConsumersSpec::default();
+        assert_eq!(
+            select_full(&all, "tok", &auto),
+            [
+                "env-from",
+                "env-optional",
+                "init-env-from",
+                "projected",
+                "unmounted",
+                "volume"
+            ]
+        );
+    }
+
+    #[test]
+    fn slim_records_know_each_secret_and_who_reads_it() {
+        for d in table() {
+            let w = Workload::from_deployment(&d);
+            let spec = pod_spec(&d);
+            for secret in ["tok", "other", "missing", ""] {
+                assert_eq!(
+                    w.uses(secret),
+                    references_secret(spec, secret),
+                    "{} uses {secret:?}",
+                    d.name_any()
+                );
+                let full: Vec<String> = consuming_containers(spec, secret)
+                    .into_iter()
+                    .filter(|c| spec.containers.iter().any(|x| &x.name == c))
+                    .collect();
+                let slim: Vec<&str> = w.signal_targets(secret).iter().map(|c| &**c).collect();
+                assert_eq!(slim, full, "{} signal targets", d.name_any());
+            }
+        }
+        let projected = Workload::from_deployment(&table()[1]);
+        assert_eq!(projected.signal_targets("tok"), [Box::from("app")]);
+        assert_eq!(
+            projected.signal_targets("other"),
+            [Box::from("app"), Box::from("sidecar")]
+        );
+        // Read by an init container only: used, but no one to signal.
+        let init = Workload::from_deployment(&table()[3]);
+        assert!(init.uses("tok") && init.signal_targets("tok").is_empty());
+    }
+
+    #[test]
+    fn slim_records_keep_only_revision_annotations_and_decide_restarts_alike() {
+        let d = table().remove(4);
+        let w = Workload::from_deployment(&d);
+        assert_eq!(
+            w.revision_annotations.iter().collect::<Vec<_>>(),
+            [("agenttoken.dev/revision-bot", "3")]
+        );
+        let key = annotation_key("bot");
+        let full = d.spec.as_ref().unwrap().template.metadata.as_ref().unwrap();
+        assert_eq!(
+            w.revision_annotations.get(&key),
+            full.annotations
+                .as_ref()
+                .unwrap()
+                .get(&key)
+                .map(String::as_str)
+        );
+        let issued: Timestamp = "2026-02-01T00:00:00Z".parse().unwrap();
+        let rr = ConsumerStrategy::RolloutRestart;
+        assert_eq!(need(&w, rr, &key, 3, issued, None), Need::Observe);
+        assert_eq!(need(&w, rr, &key, 4, issued, None), Need::Restart);
+        let other = annotation_key("other");
+        assert_eq!(need(&w, rr, &other, 1, issued, None), Need::Restart);
+        let early: Timestamp = "2025-01-01T00:00:00Z".parse().unwrap();
+        assert_eq!(need(&w, rr, &other, 1, early, None), Need::UpToDate);
+        // Only the opt-out is kept of the workload's annotations.
+        let opted = Workload::from_deployment(&table()[6]);
+        assert!(opted.opted_out);
+        assert!(!Workload::from_deployment(&table()[2]).opted_out);
+        assert_eq!(opted.generation, 3);
+        assert_eq!(opted.labels.get("team"), Some("x"));
+    }
+
+    #[test]
+    fn the_pod_selector_finds_the_pods_the_whole_selector_matched() {
+        let mut d = table().remove(0);
+        let whole = LabelSelector {
+            match_labels: Some(
+                [("app", "volume"), ("tier", "web")]
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .into(),
+            ),
+            match_expressions: Some(vec![
+                LabelSelectorRequirement {
+                    key: "track".into(),
+                    operator: "NotIn".into(),
+                    values: Some(vec!["canary".into()]),
+                },
+                LabelSelectorRequirement {
+                    key: "zone".into(),
+                    operator: "Exists".into(),
+                    values: None,
+                },
+            ]),
+        };
+        d.spec.as_mut().unwrap().selector = whole.clone();
+        let w = Workload::from_deployment(&d);
+        assert_eq!(&*w.pod_selector.query, "app=volume,tier=web");
+        let remainder = w.pod_selector.remainder().unwrap();
+        for pod in [
+            vec![("app", "volume"), ("tier", "web"), ("zone", "a")],
+            vec![("app", "volume"), ("tier", "web")],
+            vec![
+                ("app", "volume"),
+                ("tier", "web"),
+                ("zone", "a"),
+                ("track", "canary"),
+            ],
+            vec![("app", "volume"), ("zone", "a")],
+            vec![("app", "other"), ("tier", "web"), ("zone", "a")],
+        ] {
+            let labels: BTreeMap<String, String> = pod
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            // What the API server applies (the query), then the remainder.
+            let server = whole
+                .match_labels
+                .iter()
+                .flatten()
+                .all(|(k, v)| labels.get(k) == Some(v));
+            assert_eq!(
+                server && selector::matches(&remainder, &labels),
+                selector::matches(&whole, &labels),
+                "{pod:?}"
+            );
+        }
+        // Without expressions nothing is left to check, and nothing allocated.
+        let plain = Workload::from_deployment(&table()[0]);
+        assert_eq!(&*plain.pod_selector.query, "app=volume");
+        assert!(plain.pod_selector.remainder().is_none());
+    }
+
+    #[test]
+    fn key_values_are_sorted_and_keep_the_last_value_of_a_key() {
+        let kv: KeyValues = [("b", "1"), ("a", "2"), ("b", "3")].into_iter().collect();
+        assert_eq!(kv.iter().collect::<Vec<_>>(), [("a", "2"), ("b", "3")]);
+        assert_eq!(kv.get("b"), Some("3"));
+        assert_eq!(kv.get("c"), None);
+        assert!(KeyValues::default().is_empty());
     }
 }

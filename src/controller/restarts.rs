@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::consumers::{self, REVISION_ANNOTATION_PREFIX, Rollout, WorkloadKey, WorkloadKind};
+use super::consumers::{self, Rollout, WorkloadKey, WorkloadKind};
 use crate::telemetry::Metrics;
 
 /// Field manager of the pod-template revision annotations.
@@ -217,10 +217,9 @@ impl Restarter {
             return Ok(false);
         };
         let mut annotations: BTreeMap<String, String> = live
-            .template_annotations
+            .revision_annotations
             .iter()
-            .filter(|(k, _)| k.starts_with(REVISION_ANNOTATION_PREFIX))
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let before = annotations.clone();
         annotations.extend(pending.annotations.clone());
@@ -231,7 +230,7 @@ impl Restarter {
         let patch = serde_json::json!({
             "apiVersion": api_version,
             "kind": kind,
-            "metadata": {"name": key.name, "namespace": key.namespace},
+            "metadata": {"name": key.name, "namespace": &*key.namespace},
             "spec": {"template": {"metadata": {"annotations": annotations}}},
         });
         let pp = PatchParams::apply(RESTART_MANAGER).force();
