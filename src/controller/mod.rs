@@ -17,6 +17,7 @@ pub mod revoke;
 pub mod secret;
 pub mod selector;
 pub mod status;
+pub mod workloads;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 use crate::events::Recorder;
 use futures::{FutureExt, StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
@@ -159,6 +161,9 @@ pub struct Context {
     pub secret_versions: Arc<bindings::SeenVersions>,
     /// TokenIssuers and ClusterTokenIssuers from their watches.
     pub issuers: IssuerCache,
+    /// Deployments, StatefulSets and DaemonSets by namespace, from watches:
+    /// consumers are found here, never with a LIST.
+    pub workloads: workloads::Workloads,
     /// Applies consumer rollout restarts.
     pub restarter: Arc<restarts::Restarter>,
     /// Where a ClusterTokenIssuer's Secrets live.
@@ -472,6 +477,13 @@ pub async fn run(
         binding_indexes.push(index);
         secret_streams.push(events);
     }
+    // Workloads: one index per scope, fed by a watch per kind (started
+    // below, once the shutdown signal exists).
+    let workload_indexes: Vec<Arc<workloads::WorkloadIndex>> = scopes
+        .iter()
+        .map(|scope| Arc::new(workloads::WorkloadIndex::new(scope.clone())))
+        .collect();
+    let all_workloads = workloads::Workloads::new(workload_indexes.clone());
 
     // Issuers: one watch each, feeding the cache reconciles read them from
     // and the triggers of the AgentTokens that use them.
@@ -530,6 +542,7 @@ pub async fn run(
         bindings: binding_indexes.clone(),
         secret_versions: secret_versions.clone(),
         issuers: issuer_cache,
+        workloads: all_workloads.clone(),
         queue: queue::FairQueue::new(usize::from(config.concurrency.max(1))),
         tenant_egress: config.tenant_egress.clone(),
         protected_namespaces: config.protected_namespaces.clone(),
@@ -541,6 +554,12 @@ pub async fn run(
 
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
     let mut loops = Vec::new();
+    for index in &workload_indexes {
+        let (c, i, stop) = (&client, index, &shutdown);
+        loops.push(workloads::feed::<Deployment>(c.clone(), i.clone(), stop.clone()).boxed());
+        loops.push(workloads::feed::<StatefulSet>(c.clone(), i.clone(), stop.clone()).boxed());
+        loops.push(workloads::feed::<DaemonSet>(c.clone(), i.clone(), stop.clone()).boxed());
+    }
     let mut at_stores = Vec::new();
     for (((scope, secret_events), issuer_events), cluster_events) in scopes
         .iter()
@@ -599,7 +618,7 @@ pub async fn run(
         async move {
             let ats = futures::future::try_join_all(at_stores.iter().map(synced));
             let secrets = async {
-                while !binding_indexes.iter().all(|i| i.synced()) {
+                while !(binding_indexes.iter().all(|i| i.synced()) && all_workloads.synced()) {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Ok(())
