@@ -630,26 +630,6 @@ pub async fn list(client: &Client, ns: &str) -> Result<Vec<Workload>, kube::Erro
         .collect())
 }
 
-/// Reads one workload.
-pub async fn get(client: &Client, key: &WorkloadKey) -> Result<Option<Workload>, kube::Error> {
-    let c = client.clone();
-    let ns = &key.namespace;
-    Ok(match key.kind {
-        WorkloadKind::Deployment => Api::<Deployment>::namespaced(c, ns)
-            .get_opt(&key.name)
-            .await?
-            .map(|d| Workload::from_deployment(&d)),
-        WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(c, ns)
-            .get_opt(&key.name)
-            .await?
-            .map(|s| Workload::from_stateful_set(&s)),
-        WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(c, ns)
-            .get_opt(&key.name)
-            .await?
-            .map(|d| Workload::from_daemon_set(&d)),
-    })
-}
-
 /// Field manager of the revision annotation the `Signal` strategy sets on Pods.
 const SIGNAL_FIELD_MANAGER: &str = "agent-token-operator-signal";
 

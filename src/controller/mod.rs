@@ -527,6 +527,7 @@ pub async fn run(
     let recorder = Recorder::new(client.clone(), reporter);
     let restarter = Arc::new(restarts::Restarter::new(
         client.clone(),
+        all_workloads.clone(),
         recorder.clone(),
         metrics.clone(),
         config.restarts,

@@ -23,6 +23,7 @@ use super::queue::Urgency;
 use super::reason::Reason;
 use super::secret::{self, Desired, Ownership, SlotState, TokenState};
 use super::status::{self, ISSUING, READY, Want};
+use super::workloads::Unavailable;
 use super::{Context, Error, FIELD_MANAGER, STATUS_MANAGER};
 use super::{ledger, revoke};
 use crate::crd::{
@@ -2198,8 +2199,18 @@ async fn consumers_step(
     if !restarts_consumers(at) {
         return report;
     }
-    let workloads = match consumers::list(&ctx.client, ns).await {
+    let workloads = match ctx.workloads.in_namespace(ns) {
         Ok(w) => w,
+        Err(Unavailable::Syncing(kind)) => {
+            // The operator is starting and the workload watches have not
+            // listed yet: an empty view would be taken for "no consumers".
+            // Look again shortly; the previous token waits meanwhile.
+            tracing::debug!(namespace = %ns, agenttoken = %at.name_any(), kind = kind.as_str(), "workloads not listed yet");
+            report.entries = old.consumers.clone();
+            report.settled = false;
+            report.poll = Some(Duration::from_secs(2));
+            return report;
+        }
         Err(e) => {
             // Unknown consumers must not keep a previous token alive forever:
             // it is revoked at the end of its grace period, as without consumers.
@@ -2217,7 +2228,7 @@ async fn consumers_step(
     let annotation = consumers::annotation_key(&at.name_any());
     let revision = current.revision;
     let timeout = ctx.restarter.config.rollout_timeout;
-    for w in consumers::select(&workloads, secret_name, &spec) {
+    for w in consumers::select(workloads.iter().map(|w| &**w), secret_name, &spec) {
         let before = old
             .consumers
             .iter()

@@ -10,12 +10,19 @@
 //! Nothing here is durable, and nothing needs to be: a reconcile asks again
 //! whenever a workload's annotation differs from the token's revision, and
 //! applying an unchanged annotation changes nothing.
+//!
+//! Workloads are read from the watch-fed index ([`Workloads`]), never
+//! with a GET: a patch shows up there when its watch event arrives. Until
+//! then the index is behind this replica's own patch, which the generation
+//! the patch returned tells ([`Mark`]); a rollout is never taken for done,
+//! nor a revision annotation taken back, from a view older than the patch.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::events::Recorder;
+use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
@@ -25,7 +32,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::consumers::{self, Rollout, WorkloadKey, WorkloadKind};
+use super::consumers::{Rollout, Workload, WorkloadKey, WorkloadKind};
+use super::workloads::{Unavailable, Workloads};
 use crate::telemetry::Metrics;
 
 /// Field manager of the pod-template revision annotations.
@@ -59,15 +67,60 @@ struct Pending {
     requesters: Vec<(ObjectReference, String)>,
 }
 
+/// Which version of a workload a patch left: its creation time (which
+/// object of that name) and `metadata.generation` (a pod-template change
+/// always raises it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Mark {
+    created: Option<Timestamp>,
+    generation: i64,
+}
+
+impl Mark {
+    fn of(meta: &kube::api::ObjectMeta) -> Self {
+        Mark {
+            created: meta.creation_timestamp.as_ref().map(|t| t.0),
+            generation: meta.generation.unwrap_or(0),
+        }
+    }
+
+    /// Whether `w`, as the index has it, includes the patch: the same object
+    /// at that generation or later, or another object of that name (the
+    /// patched one is gone and its rollout with it).
+    fn seen_in(&self, w: &Workload) -> bool {
+        w.created != self.created || w.generation >= self.generation
+    }
+}
+
+/// A rollout this replica started.
+struct InFlight {
+    deadline: Instant,
+    mark: Mark,
+    /// The revision annotations the patch set: the base of the next patch
+    /// while the index has not seen this one.
+    annotations: BTreeMap<String, String>,
+}
+
+/// Why a restart could not be applied (it is asked for again by the next
+/// reconcile of the AgentToken).
+#[derive(Debug, thiserror::Error)]
+enum ApplyError {
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+}
+
 #[derive(Default)]
 struct Inner {
     pending: HashMap<WorkloadKey, Pending>,
-    in_flight: HashMap<WorkloadKey, Instant>,
+    in_flight: HashMap<WorkloadKey, InFlight>,
 }
 
 /// Applies rollout restarts (see the module documentation).
 pub struct Restarter {
     client: Client,
+    workloads: Workloads,
     recorder: Recorder,
     metrics: std::sync::Arc<Metrics>,
     pub config: RestartConfig,
@@ -78,12 +131,14 @@ pub struct Restarter {
 impl Restarter {
     pub fn new(
         client: Client,
+        workloads: Workloads,
         recorder: Recorder,
         metrics: std::sync::Arc<Metrics>,
         config: RestartConfig,
     ) -> Self {
         Restarter {
             client,
+            workloads,
             recorder,
             metrics,
             config,
@@ -127,7 +182,7 @@ impl Restarter {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep_until(next) => {}
             }
-            self.refresh_in_flight().await;
+            self.refresh_in_flight();
             self.flush_due().await;
         }
     }
@@ -149,24 +204,20 @@ impl Restarter {
     }
 
     /// Drops workloads whose rollout finished or timed out from the cap.
-    async fn refresh_in_flight(&self) {
-        let keys: Vec<(WorkloadKey, Instant)> = self
-            .lock()
-            .in_flight
-            .iter()
-            .map(|(k, d)| (k.clone(), *d))
-            .collect();
-        for (key, deadline) in keys {
-            let done = Instant::now() >= deadline
-                || match consumers::get(&self.client, &key).await {
-                    Ok(Some(w)) => w.rollout == Rollout::Complete,
+    /// A view of a workload older than the patch says nothing about its
+    /// rollout (it may show the previous one complete).
+    fn refresh_in_flight(&self) {
+        let now = Instant::now();
+        let workloads = &self.workloads;
+        self.lock().in_flight.retain(|key, f| {
+            let done = now >= f.deadline
+                || match workloads.get(key) {
+                    Ok(Some(w)) => f.mark.seen_in(&w) && w.rollout == Rollout::Complete,
                     Ok(None) => true,
                     Err(_) => false,
                 };
-            if done {
-                self.lock().in_flight.remove(&key);
-            }
-        }
+            !done
+        });
     }
 
     async fn flush_due(&self) {
@@ -194,11 +245,16 @@ impl Restarter {
         };
         for (key, pending) in batch {
             match self.apply(&key, &pending).await {
-                Ok(changed) => {
-                    if changed {
-                        self.lock()
-                            .in_flight
-                            .insert(key.clone(), Instant::now() + self.config.rollout_timeout);
+                Ok(applied) => {
+                    if let Some((mark, annotations)) = applied {
+                        self.lock().in_flight.insert(
+                            key.clone(),
+                            InFlight {
+                                deadline: Instant::now() + self.config.rollout_timeout,
+                                mark,
+                                annotations,
+                            },
+                        );
                     }
                 }
                 Err(e) => {
@@ -211,20 +267,35 @@ impl Restarter {
     }
 
     /// One server-side apply with every revision annotation of the workload.
-    /// Returns whether anything changed.
-    async fn apply(&self, key: &WorkloadKey, pending: &Pending) -> Result<bool, kube::Error> {
-        let Some(live) = consumers::get(&self.client, key).await? else {
-            return Ok(false);
+    /// Returns, when it changed anything, the version it left and the
+    /// annotations it set.
+    async fn apply(
+        &self,
+        key: &WorkloadKey,
+        pending: &Pending,
+    ) -> Result<Option<(Mark, BTreeMap<String, String>)>, ApplyError> {
+        let Some(live) = self.workloads.get(key)? else {
+            return Ok(None);
         };
-        let mut annotations: BTreeMap<String, String> = live
-            .revision_annotations
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        // The field manager owns exactly the annotations it sends: one left
+        // out is removed. If the index has not seen this replica's last
+        // patch yet, that patch's annotations are the current ones.
+        let unseen = self
+            .lock()
+            .in_flight
+            .get(key)
+            .filter(|f| !f.mark.seen_in(&live))
+            .map(|f| f.annotations.clone());
+        let mut annotations: BTreeMap<String, String> = unseen.unwrap_or_else(|| {
+            live.revision_annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        });
         let before = annotations.clone();
         annotations.extend(pending.annotations.clone());
         if annotations == before {
-            return Ok(false);
+            return Ok(None);
         }
         let (api_version, kind) = ("apps/v1", key.kind.as_str());
         let patch = serde_json::json!({
@@ -236,24 +307,24 @@ impl Restarter {
         let pp = PatchParams::apply(RESTART_MANAGER).force();
         let c = self.client.clone();
         let ns = &key.namespace;
-        let workload_ref = match key.kind {
+        let (workload_ref, mark) = match key.kind {
             WorkloadKind::Deployment => {
                 let d = Api::<Deployment>::namespaced(c, ns)
                     .patch(&key.name, &pp, &Patch::Apply(&patch))
                     .await?;
-                object_ref(&d)
+                (object_ref(&d), Mark::of(&d.metadata))
             }
             WorkloadKind::StatefulSet => {
                 let s = Api::<StatefulSet>::namespaced(c, ns)
                     .patch(&key.name, &pp, &Patch::Apply(&patch))
                     .await?;
-                object_ref(&s)
+                (object_ref(&s), Mark::of(&s.metadata))
             }
             WorkloadKind::DaemonSet => {
                 let d = Api::<DaemonSet>::namespaced(c, ns)
                     .patch(&key.name, &pp, &Patch::Apply(&patch))
                     .await?;
-                object_ref(&d)
+                (object_ref(&d), Mark::of(&d.metadata))
             }
         };
         self.metrics.consumer_restart(kind, true);
@@ -277,7 +348,7 @@ impl Restarter {
             )
             .await;
         }
-        Ok(true)
+        Ok(Some((mark, annotations)))
     }
 
     async fn event(&self, on: &ObjectReference, note: String) {
@@ -296,4 +367,39 @@ impl Restarter {
 
 fn object_ref<K: kube::Resource<DynamicType = ()>>(obj: &K) -> ObjectReference {
     obj.object_ref(&())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::api::ObjectMeta;
+
+    fn deployment(created: &str, generation: i64) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta {
+                name: Some("app".into()),
+                namespace: Some("team".into()),
+                creation_timestamp: Some(Time(created.parse().unwrap())),
+                generation: Some(generation),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_index_behind_the_patch_is_recognised() {
+        let patched = Mark::of(&deployment("2026-01-01T00:00:00Z", 5).metadata);
+        let seen = |created: &str, generation: i64| {
+            patched.seen_in(&Workload::from_deployment(&deployment(created, generation)))
+        };
+        // The watch event of the patch has not arrived: the previous
+        // generation (whose rollout may well be complete) says nothing.
+        assert!(!seen("2026-01-01T00:00:00Z", 4));
+        assert!(seen("2026-01-01T00:00:00Z", 5));
+        assert!(seen("2026-01-01T00:00:00Z", 6));
+        // Deleted and created again: another object, the index is right.
+        assert!(seen("2026-03-01T00:00:00Z", 1));
+    }
 }
