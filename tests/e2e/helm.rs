@@ -173,6 +173,23 @@ fn rendered_deployment_is_hardened_and_highly_available() {
         rules.contains("secrets") && !rules.contains("pods/exec"),
         "{rules}"
     );
+    // The workload index watches Deployments, StatefulSets and DaemonSets.
+    let apps = cr["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["apiGroups"] == serde_json::json!(["apps"]))
+        .expect("a rule on apps");
+    assert_eq!(
+        apps["resources"],
+        serde_json::json!(["deployments", "statefulsets", "daemonsets"])
+    );
+    for verb in ["list", "watch", "patch"] {
+        assert!(
+            apps["verbs"].as_array().unwrap().iter().any(|v| v == verb),
+            "{apps}"
+        );
+    }
     // The Prometheus objects render only when asked for.
     assert!(!kinds.contains(&"ServiceMonitor") && !kinds.contains(&"PrometheusRule"));
 }
@@ -430,6 +447,11 @@ async fn installed_namespace_scoped_rbac_is_enough_and_no_more() {
 
     // No more: nothing namespaced outside the listed namespace.
     assert!(can_i(&kubeconfig, Some(&team.name), "get", "secrets"));
+    // Consumers come from watches of the workloads, not LISTs per token.
+    for workloads in ["deployments", "statefulsets", "daemonsets"] {
+        assert!(can_i(&kubeconfig, Some(&team.name), "watch", workloads));
+        assert!(!can_i(&kubeconfig, Some(&other.name), "watch", workloads));
+    }
     assert!(!can_i(&kubeconfig, Some(&other.name), "get", "secrets"));
     assert!(!can_i(&kubeconfig, Some(&other.name), "list", "secrets"));
     assert!(!can_i(&kubeconfig, None, "list", "secrets"));

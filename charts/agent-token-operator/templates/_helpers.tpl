@@ -48,15 +48,16 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [""]
   resources: [serviceaccounts/token]
   verbs: [create]
-# Consumers: found by listing, restarted by a pod-template annotation.
 # jwt issuer: the JWKS ConfigMap it publishes (watched by name, so a
 # mint does not read it).
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, list, watch, create, patch]
+# Consumers: known from a watch (list, watch: the operator's workload index),
+# restarted by a pod-template annotation (patch). get shows nothing list does not.
 - apiGroups: [apps]
   resources: [deployments, statefulsets, daemonsets]
-  verbs: [get, list, patch]
+  verbs: [get, list, watch, patch]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
