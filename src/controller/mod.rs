@@ -308,6 +308,14 @@ impl Context {
         }
     }
 
+    /// Whether the indexes a reconcile trusts have their first full list:
+    /// before that, a binding Secret the ledger did not record (a mint the
+    /// operator stopped in) would not be found, and its revision could be
+    /// numbered again.
+    pub fn bindings_synced(&self) -> bool {
+        self.bindings.iter().all(|i| i.synced())
+    }
+
     /// Binding Secrets (name, revision) of one AgentToken, from the index:
     /// only those owned by `uid`.
     pub fn bindings_of(&self, ns: &str, name: &str, uid: &str) -> Vec<(String, i64)> {

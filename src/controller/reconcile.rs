@@ -32,7 +32,7 @@ use crate::crd::{
     MAX_CONSUMERS_IN_STATUS, RestartPolicy, RotationReason, TokenIssuer, TokenIssuerSpec,
     TokenLife, trigger_value,
 };
-use crate::issuer::{IssuerError, MintRequest};
+use crate::issuer::{IssuerError, MintRequest, WriteAhead};
 use crate::rotation::{self, CronSchedule, RenewWindow};
 use crate::{labels, policy};
 
@@ -130,6 +130,9 @@ pub fn urgency(at: &AgentToken, now: Timestamp) -> Urgency {
 }
 
 async fn reconcile_unguarded(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !ctx.bindings_synced() {
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
     let started = std::time::Instant::now();
     // The cache may lag behind our own last status write (a Secret event can
     // arrive before the AgentToken's), and status is rebuilt from what we
@@ -711,7 +714,10 @@ async fn mint_and_deliver(
             valid_until: ledger::after(now, deadline + max, Timestamp::MAX),
         },
     );
-    status_write(at, ctx, o.status.clone(), &[]).await?;
+    let write_ahead = o.backend.write_ahead();
+    if write_ahead == WriteAhead::Full {
+        status_write(at, ctx, o.status.clone(), &[]).await?;
+    }
     let started = std::time::Instant::now();
     // Each HTTP call has its own deadline; this bounds the whole mint (and
     // ends it while this replica still holds the leader Lease).
@@ -2008,11 +2014,13 @@ fn adopt_bindings(
         }
         status.history.push(HistoryEntry {
             revision,
-            fingerprint: "unknown (never delivered)".into(),
+            fingerprint: "unknown (not recorded)".into(),
             handle: Some(binding),
             state: Some(TokenLife::Revoking),
             next_attempt_at: Some(Time(now)),
-            message: Some("a binding no Secret holds".into()),
+            message: Some(
+                "a binding the ledger did not record (the operator stopped during its mint)".into(),
+            ),
             ..Default::default()
         });
         status.history.sort_by_key(|h| h.revision);

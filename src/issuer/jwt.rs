@@ -786,6 +786,10 @@ impl Issuer for JwtIssuer {
         Box::pin(async { Ok(Revocation::NotSupported) })
     }
 
+    fn write_ahead(&self) -> super::WriteAhead {
+        super::WriteAhead::AnswerOnly
+    }
+
     fn check(&self) -> BoxFuture<'_, Result<(), IssuerError>> {
         self.check_inner().boxed()
     }

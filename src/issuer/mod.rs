@@ -158,6 +158,31 @@ pub trait Issuer: Send + Sync {
         let _ = req;
         None
     }
+    /// How much of the ledger's write-ahead a mint of this kind needs
+    /// (each step is a status write per token).
+    fn write_ahead(&self) -> WriteAhead {
+        WriteAhead::Full
+    }
+}
+
+/// What the ledger records in status around a mint, before the tenant's
+/// Secret holds the token. Each step is a status write per token; a kind
+/// skips one only where nothing is lost without it after a stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteAhead {
+    /// The intent before the issuer call, and the issuer's answer
+    /// (fingerprint, handle) before the Secret: a token minted before the
+    /// operator stopped is found, revoked by its recorded handle, or
+    /// recognised in the Secret by its fingerprint.
+    Full,
+    /// The answer only. No intent is needed when a token the operator
+    /// stops before recording was never held by anyone but the operator
+    /// (jwt: signed in memory) or the issuer's own durable record stands
+    /// in for the intent (serviceAccount: the binding Secret, created
+    /// before the TokenRequest and found by the AgentToken's UID after a
+    /// stop, then deleted, which ends the token). The answer is still
+    /// recorded before the Secret, so a delivered token is recognised.
+    AnswerOnly,
 }
 
 /// The message for an expiry beyond what a timestamp can hold.

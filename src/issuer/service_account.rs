@@ -246,6 +246,10 @@ impl Issuer for ServiceAccountIssuer {
         "serviceAccount"
     }
 
+    fn write_ahead(&self) -> super::WriteAhead {
+        super::WriteAhead::AnswerOnly
+    }
+
     fn mint<'a>(&'a self, req: &'a MintRequest) -> BoxFuture<'a, Result<MintedToken, IssuerError>> {
         self.mint_inner(req).boxed()
     }
