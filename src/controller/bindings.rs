@@ -7,7 +7,7 @@
 //! answer, keyed by AgentToken: at 10,000 AgentTokens it is a few MiB smaller
 //! and a lookup no longer walks every Secret.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -30,6 +30,7 @@ type Entry = (String, i64, String);
 pub struct BindingIndex {
     state: RwLock<State>,
     synced: AtomicBool,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 #[derive(Default)]
@@ -37,6 +38,10 @@ struct State {
     live: Map,
     /// Built during a (re)list, swapped in when it is complete.
     building: Option<Map>,
+    /// Every other Secret carrying our label (token Secrets, and any a
+    /// tenant labelled), by hashed namespace and name.
+    others: HashSet<u64>,
+    building_others: Option<HashSet<u64>>,
 }
 
 /// The index key and entry of a binding Secret; `None` for any other
@@ -82,21 +87,42 @@ fn remove(map: &mut Map, key: &(String, String), name: &str) {
 }
 
 impl BindingIndex {
+    fn other_key(&self, ns: &str, name: &str) -> u64 {
+        self.hasher.hash_one((ns, name))
+    }
+
     /// Applies one watch event.
     pub fn apply(&self, event: &Event<PartialObjectMeta<Secret>>) {
+        let other = |s: &PartialObjectMeta<Secret>| {
+            binding(s).is_none().then(|| {
+                self.other_key(
+                    s.metadata.namespace.as_deref().unwrap_or_default(),
+                    &s.name_any(),
+                )
+            })
+        };
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         match event {
-            Event::Init => state.building = Some(Map::new()),
+            Event::Init => {
+                state.building = Some(Map::new());
+                state.building_others = Some(HashSet::new());
+            }
             Event::InitApply(s) => {
                 if let (Some((key, entry)), Some(map)) = (binding(s), state.building.as_mut())
                     && s.metadata.deletion_timestamp.is_none()
                 {
                     insert(map, key, entry);
                 }
+                if let (Some(k), Some(set)) = (other(s), state.building_others.as_mut()) {
+                    set.insert(k);
+                }
             }
             Event::InitDone => {
                 if let Some(map) = state.building.take() {
                     state.live = map;
+                }
+                if let Some(set) = state.building_others.take() {
+                    state.others = set;
                 }
                 self.synced.store(true, Ordering::Release);
             }
@@ -108,13 +134,28 @@ impl BindingIndex {
                         insert(&mut state.live, key, entry);
                     }
                 }
+                if let Some(k) = other(s) {
+                    state.others.insert(k);
+                }
             }
             Event::Delete(s) => {
                 if let Some((key, entry)) = binding(s) {
                     remove(&mut state.live, &key, &entry.0);
                 }
+                if let Some(k) = other(s) {
+                    state.others.remove(&k);
+                }
             }
         }
+    }
+
+    /// Whether a Secret `ns/name` that is not a binding carries our label:
+    /// `false` is the watch's word that no Secret of ours has that name (a
+    /// Secret someone else made without our label is not seen here).
+    pub fn has_labelled(&self, ns: &str, name: &str) -> bool {
+        let key = self.other_key(ns, name);
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state.others.contains(&key)
     }
 
     /// The binding Secrets (name, revision) of the AgentToken `ns/name`
@@ -409,5 +450,31 @@ mod tests {
         assert!(triggers(Event::Apply(token("7"))));
         assert!(!triggers(Event::Init));
         assert!(!triggers(Event::InitDone));
+    }
+
+    #[test]
+    fn knows_which_names_our_other_secrets_have() {
+        let index = BindingIndex::default();
+        index.apply(&Event::Init);
+        index.apply(&Event::InitApply(secret("bot", "bot", "token", 1)));
+        index.apply(&Event::InitApply(secret(
+            "bot-1",
+            "bot",
+            labels::ROLE_BINDING,
+            1,
+        )));
+        index.apply(&Event::InitDone);
+        assert!(index.has_labelled("team", "bot"));
+        // A binding is not a token Secret; another namespace is another name.
+        assert!(!index.has_labelled("team", "bot-1"));
+        assert!(!index.has_labelled("other", "bot"));
+        index.apply(&Event::Apply(secret("new", "new", "token", 1)));
+        assert!(index.has_labelled("team", "new"));
+        index.apply(&Event::Delete(secret("new", "new", "token", 1)));
+        assert!(!index.has_labelled("team", "new"));
+        // A relist replaces what was known.
+        index.apply(&Event::Init);
+        index.apply(&Event::InitDone);
+        assert!(!index.has_labelled("team", "bot"));
     }
 }

@@ -316,6 +316,12 @@ impl Context {
         self.bindings.iter().all(|i| i.synced())
     }
 
+    /// Whether the watch of our Secrets has one labelled ours named
+    /// `ns/name` (`true` when it cannot say yet).
+    pub fn labelled_secret(&self, ns: &str, name: &str) -> bool {
+        !self.bindings_synced() || self.bindings.iter().any(|i| i.has_labelled(ns, name))
+    }
+
     /// Binding Secrets (name, revision) of one AgentToken, from the index:
     /// only those owned by `uid`.
     pub fn bindings_of(&self, ns: &str, name: &str, uid: &str) -> Vec<(String, i64)> {

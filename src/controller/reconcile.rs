@@ -372,9 +372,21 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
     // The Secret: only ever ours.
     let secret_name = at.secret_name();
     let key = at.secret_key();
-    let live = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(&secret_name)
-        .await?;
+    // Before the first token nothing of ours can be in the Secret: unless
+    // the watch of our Secrets shows one of that name, it is not read (a
+    // Secret someone else made meanwhile fails the create, which never
+    // takes it over; the token is then revoked and the next look reads).
+    let first = at
+        .status
+        .as_ref()
+        .is_none_or(|s| s.history.is_empty() && s.revision == 0);
+    let live = if first && !ctx.labelled_secret(&ns, &secret_name) {
+        None
+    } else {
+        Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&secret_name)
+            .await?
+    };
     ctx.secret_versions.record(
         &ns,
         &secret_name,
