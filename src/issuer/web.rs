@@ -13,6 +13,7 @@
 //! request is sent; host names after they are resolved, at connect time
 //! (see [`EgressResolver`]), so DNS cannot point a request past the rule.
 
+use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,7 +92,7 @@ const HOW_TO_ALLOW: &str = "a namespaced TokenIssuer may not call it (the operat
 /// Private ranges (10/8, 172.16/12, 192.168/16, fc00::/7) stay open:
 /// internal identity providers live there. The default is the strictest
 /// tenant rule.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Egress {
     /// `false` for the platform's issuers: nothing is checked.
     restricted: bool,
@@ -329,12 +330,54 @@ fn refused(e: &reqwest::Error) -> Option<String> {
 /// never followed. With a restricted `egress`, host names resolve through
 /// [`EgressResolver`] and no proxy is used (a proxy would resolve names
 /// itself, past the rule).
+///
+/// Clients are kept by what they are built from and reused: a mint does not
+/// pay for a new TLS configuration and a new connection each time (a
+/// reqwest client is a handle to one connection pool). Issuers with the
+/// same CA bundle, timeout and egress rule share one; requests carry their
+/// own credentials, so sharing a pool shares nothing else.
 pub fn client(
     ca_bundle: Option<&str>,
     timeout: Option<&SpecDuration>,
     egress: &Egress,
 ) -> Result<reqwest::Client, IssuerError> {
     let timeout = request_timeout(timeout)?;
+    let ca_bundle = ca_bundle.filter(|p| !p.trim().is_empty());
+    let key = CLIENTS.hasher.hash_one((ca_bundle, timeout, egress));
+    let mut clients = CLIENTS.map.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = clients.get(&key) {
+        return Ok(c.clone());
+    }
+    let built = build_client(ca_bundle, timeout, egress)?;
+    if clients.len() >= MAX_CLIENTS {
+        // Many distinct configurations (tenants' issuers): start over
+        // rather than grow; a dropped client closes its idle connections.
+        clients.clear();
+    }
+    clients.insert(key, built.clone());
+    Ok(built)
+}
+
+/// Most HTTP clients kept at once.
+const MAX_CLIENTS: usize = 256;
+
+/// The kept clients, by a hash of what they were built from (keyed per
+/// process, so no configuration can be made to stand for another).
+struct Clients {
+    hasher: std::collections::hash_map::RandomState,
+    map: std::sync::Mutex<std::collections::HashMap<u64, reqwest::Client>>,
+}
+
+static CLIENTS: std::sync::LazyLock<Clients> = std::sync::LazyLock::new(|| Clients {
+    hasher: Default::default(),
+    map: Default::default(),
+});
+
+fn build_client(
+    ca_bundle: Option<&str>,
+    timeout: Duration,
+    egress: &Egress,
+) -> Result<reqwest::Client, IssuerError> {
     let mut b = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout)
@@ -347,7 +390,7 @@ pub fn client(
             }))
             .no_proxy();
     }
-    if let Some(pem) = ca_bundle.filter(|p| !p.trim().is_empty()) {
+    if let Some(pem) = ca_bundle {
         let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
             .map_err(|e| IssuerError::Invalid(format!("caBundle is not valid PEM: {e}")))?;
         if certs.is_empty() {
