@@ -6,8 +6,9 @@
 //! Markdown report and writes it to `target/bench/report.md`.
 //!
 //! It starts its OWN cluster (state in `.cache/bench-cluster`, API server on
-//! port 16540) so it never disturbs the test cluster, and tears it down at
-//! the end. Each scenario runs the release operator binary as a separate
+//! port 16540; override with `AGENTTOKEN_BENCH_CLUSTER_DIR` and
+//! `AGENTTOKEN_BENCH_PORT_BASE`, which takes the next four ports too) so it
+//! never disturbs the test cluster, and tears it down at the end. Each scenario runs the release operator binary as a separate
 //! process, so its memory is the operator's alone (`VmHWM` from /proc).
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,21 +28,33 @@ use serde_json::{Value, json};
 
 use agent_token_operator::crd::AgentToken;
 
-const PORT_BASE: &str = "16540";
 const CREATE_CONCURRENCY: usize = 32;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The bench cluster's first port (`e2e/cluster` uses it and the next
+/// four): `AGENTTOKEN_BENCH_PORT_BASE`, default 16540.
+fn port_base() -> String {
+    std::env::var("AGENTTOKEN_BENCH_PORT_BASE").unwrap_or_else(|_| "16540".into())
+}
+
+/// The bench cluster's state directory: `AGENTTOKEN_BENCH_CLUSTER_DIR`
+/// (relative to the repository), default `.cache/bench-cluster`. With the
+/// port base, lets two benches run side by side on one machine.
+fn cluster_dir() -> PathBuf {
+    root().join(
+        std::env::var("AGENTTOKEN_BENCH_CLUSTER_DIR")
+            .unwrap_or_else(|_| ".cache/bench-cluster".into()),
+    )
+}
+
 fn cluster_cmd(args: &[&str]) -> Command {
     let mut c = Command::new(root().join("e2e/cluster"));
     c.args(args)
-        .env(
-            "AGENTTOKEN_CLUSTER_DIR",
-            root().join(".cache/bench-cluster"),
-        )
-        .env("AGENTTOKEN_PORT_BASE", PORT_BASE);
+        .env("AGENTTOKEN_CLUSTER_DIR", cluster_dir())
+        .env("AGENTTOKEN_PORT_BASE", port_base());
     c
 }
 
