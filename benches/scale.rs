@@ -1,15 +1,22 @@
 //! Scale benchmark on the real local control plane: time to first token,
 //! sustained mint rate, memory, revocation latency, rotation spread, first
-//! tokens under a rotation backlog (`overload`) and the
-//! API round trips each token costs. Run it with `make bench` (or
-//! `cargo bench --bench scale -- [--quick] [--only NAME,...]`); it prints a
-//! Markdown report and writes it to `target/bench/report.md`.
+//! tokens under a rotation backlog (`overload`), first tokens from a webhook
+//! issuer, and the API round trips each token costs. Run it with `make bench`
+//! (or `cargo bench --bench scale -- [--quick] [--only NAME,...]
+//! [--keep-cluster]`); it prints a Markdown report and writes it to
+//! `target/bench/report.md`.
+//!
+//! `--only` takes scenario names, comma-separated: `floor`, `first-token`,
+//! `memory`, `revocation`, `webhook`, `overload`, `spread`. (`first-token` and `webhook` also run `floor`: their tables
+//! compare the mint rate with the API server's write floor.)
 //!
 //! It starts its OWN cluster (state in `.cache/bench-cluster`, API server on
 //! port 16540; override with `AGENTTOKEN_BENCH_CLUSTER_DIR` and
 //! `AGENTTOKEN_BENCH_PORT_BASE`, which takes the next four ports too) so it
-//! never disturbs the test cluster, and tears it down at the end. Each scenario runs the release operator binary as a separate
-//! process, so its memory is the operator's alone (`VmHWM` from /proc).
+//! never disturbs the test cluster, and tears it down at the end unless
+//! `--keep-cluster`. Each scenario runs the release operator binary as a
+//! separate process, so its memory is the operator's alone (`VmHWM` from
+//! /proc).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -108,6 +115,43 @@ impl Report {
         self.0.push_str(s.as_ref());
         self.0.push('\n');
     }
+
+    /// API requests by "verb resource" (`requests_delta`), one column per
+    /// run: reads, then writes, each followed by their sum, then the total.
+    fn requests_table(&mut self, cols: &[(String, BTreeMap<String, f64>)]) {
+        let names: Vec<&str> = cols.iter().map(|(n, _)| n.as_str()).collect();
+        self.line(format!("| request | {} |", names.join(" | ")));
+        self.line(format!("|---|{}", "---|".repeat(cols.len())));
+        let keys: std::collections::BTreeSet<&String> =
+            cols.iter().flat_map(|(_, m)| m.keys()).collect();
+        let cell = |v: f64| format!("{v:.2}");
+        for (writes, sum) in [(false, "**reads**"), (true, "**writes**")] {
+            for k in keys.iter().filter(|k| is_write(k) == writes) {
+                let row: Vec<String> = cols
+                    .iter()
+                    .map(|(_, m)| m.get(*k).map_or("-".into(), |v| cell(*v)))
+                    .collect();
+                self.line(format!("| {k} | {} |", row.join(" | ")));
+            }
+            let row: Vec<String> = cols
+                .iter()
+                .map(|(_, m)| {
+                    let t = total(
+                        m.iter()
+                            .filter(|(k, _)| is_write(k) == writes)
+                            .map(|(_, v)| v),
+                    );
+                    format!("**{}**", cell(t))
+                })
+                .collect();
+            self.line(format!("| {sum} | {} |", row.join(" | ")));
+        }
+        let row: Vec<String> = cols
+            .iter()
+            .map(|(_, m)| format!("**{}**", cell(total(m.values()))))
+            .collect();
+        self.line(format!("| **total** | {} |", row.join(" | ")));
+    }
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -196,6 +240,34 @@ impl Operator {
         (field("VmHWM:"), field("VmRSS:"))
     }
 
+    /// Waits until the operator's non-watch request count has not moved
+    /// for `still` (at most `limit`, then panics); returns when it last
+    /// moved.
+    async fn quiet(&self, still: Duration, limit: Duration) -> Instant {
+        let t0 = Instant::now();
+        let count = |m: BTreeMap<String, f64>| {
+            total(
+                m.iter()
+                    .filter(|(k, _)| !k.starts_with("watch "))
+                    .map(|(_, v)| v),
+            )
+        };
+        let mut last = count(self.api_requests().await);
+        let mut changed = t0;
+        while changed.elapsed() < still {
+            assert!(
+                t0.elapsed() < limit,
+                "the operator did not stop making requests in {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = count(self.api_requests().await);
+            if now != last {
+                (last, changed) = (now, Instant::now());
+            }
+        }
+        changed
+    }
+
     /// `agenttoken_kube_api_requests_total` by "verb resource".
     async fn api_requests(&self) -> BTreeMap<String, f64> {
         let (_, body) = self.get("/metrics").await.unwrap_or_default();
@@ -233,8 +305,12 @@ struct Bench {
     kubeconfig: PathBuf,
     report: Report,
     opts: Opts,
-    /// API requests per token, by scenario.
-    per_token: Vec<(String, Vec<String>)>,
+    /// API requests per token by "verb resource", by run, for the next
+    /// `requests_per_token` table.
+    per_token: Vec<(String, BTreeMap<String, f64>)>,
+    /// Parallel writes per second the API server took with nothing else
+    /// running (the floor scenario), once measured.
+    floor_writes: Option<f64>,
 }
 
 async fn client_for(kubeconfig: &Path) -> Client {
@@ -295,6 +371,9 @@ async fn apply_json(client: &Client, ns: &str, obj: Value) {
 enum Kind {
     ServiceAccount,
     Jwt,
+    /// The in-bench minting stand-in ([`MintStandIn`]), granting the
+    /// lifetime asked.
+    Webhook,
 }
 
 impl Kind {
@@ -302,6 +381,7 @@ impl Kind {
         match self {
             Kind::ServiceAccount => "serviceAccount",
             Kind::Jwt => "jwt",
+            Kind::Webhook => "webhook",
         }
     }
 }
@@ -315,7 +395,15 @@ fn openssl(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-async fn setup_issuer(client: &Client, ns: &str, kind: Kind, extra_policy: Option<Value>) {
+/// The TokenIssuer "issuer" in `ns`; for a webhook, the stand-in it calls
+/// (keep it as long as the issuer is used).
+async fn setup_issuer(
+    client: &Client,
+    ns: &str,
+    kind: Kind,
+    extra_policy: Option<Value>,
+) -> Option<MintStandIn> {
+    let mut stand_in = None;
     let mut spec = match kind {
         Kind::ServiceAccount => {
             apply_json(
@@ -342,6 +430,12 @@ async fn setup_issuer(client: &Client, ns: &str, kind: Kind, extra_policy: Optio
             .await;
             json!({"jwt": {"signingKeySecretRef": {"name": "signing-key", "key": "key.pem"}, "issuer": "https://bench.example"}, "policy": {"allowedAudiences": ["https://api.bench"]}})
         }
+        Kind::Webhook => {
+            let s = MintStandIn::start(None).await;
+            let spec = json!({"webhook": s.webhook("{\"ttl\": {{ lifetimeSeconds }}}")});
+            stand_in = Some(s);
+            spec
+        }
     };
     if let Some(Value::Object(p)) = extra_policy {
         for (k, v) in p {
@@ -354,6 +448,7 @@ async fn setup_issuer(client: &Client, ns: &str, kind: Kind, extra_policy: Optio
         json!({"apiVersion": "agenttoken.dev/v1alpha1", "kind": "TokenIssuer", "metadata": {"name": "issuer"}, "spec": spec}),
     )
     .await;
+    stand_in
 }
 
 fn agent_token(name: &str, kind: Kind, lifetime: &str) -> AgentToken {
@@ -361,6 +456,7 @@ fn agent_token(name: &str, kind: Kind, lifetime: &str) -> AgentToken {
     match kind {
         Kind::ServiceAccount => spec["serviceAccountName"] = json!("agent"),
         Kind::Jwt => spec["audiences"] = json!(["https://api.bench"]),
+        Kind::Webhook => {}
     }
     serde_json::from_value(json!({
         "apiVersion": "agenttoken.dev/v1alpha1",
@@ -459,8 +555,15 @@ fn secret_token(s: &Secret) -> Option<String> {
 
 /// Checks that every Secret holds a token its issuer accepts: every JWT
 /// against the published JWKS, a sample of ServiceAccount tokens by
-/// TokenReview. Returns how many were checked.
-async fn verify_tokens(client: &Client, ns: &str, kind: Kind, n: usize) -> usize {
+/// TokenReview, every webhook token against those the stand-in issued.
+/// Returns how many were checked.
+async fn verify_tokens(
+    client: &Client,
+    ns: &str,
+    kind: Kind,
+    n: usize,
+    stand_in: Option<&MintStandIn>,
+) -> usize {
     let secrets: Vec<Secret> = Api::<Secret>::namespaced(client.clone(), ns)
         .list(&ListParams::default().labels("app.kubernetes.io/managed-by=agent-token-operator"))
         .await
@@ -500,6 +603,20 @@ async fn verify_tokens(client: &Client, ns: &str, kind: Kind, n: usize) -> usize
             }
             sample.len()
         }
+        Kind::Webhook => {
+            let issued = stand_in
+                .expect("the webhook's stand-in")
+                .issued
+                .lock()
+                .unwrap();
+            for s in &secrets {
+                assert!(
+                    issued.contains(&secret_token(s).unwrap()),
+                    "the Secret holds a token the stand-in issued"
+                );
+            }
+            secrets.len()
+        }
     }
 }
 
@@ -515,11 +632,88 @@ async fn review(client: &Client, token: &str) -> bool {
 
 struct FirstToken {
     ns: String,
+    kind: Kind,
+    n: usize,
     /// Kept running (for the revocation scenario); dropping it stops it.
     _operator: Operator,
+    /// The webhook issuer's stand-in, for as long as the tokens are used.
+    _stand_in: Option<MintStandIn>,
+    /// The row of the first-token table.
+    row: String,
+    /// API requests per token by "verb resource" (watches excluded).
+    per_token: BTreeMap<String, f64>,
+}
+
+/// Requests by "verb resource" made between two `Operator::api_requests`,
+/// watches excluded (they are long-lived; what they cost is not per
+/// request).
+fn requests_delta(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .filter(|(k, _)| !k.starts_with("watch "))
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d > 0.0)
+        .collect()
+}
+
+/// Whether a "verb resource" is a write (what the API server persists):
+/// create, patch, update, delete, deletecollection. The rest (get, list)
+/// are reads.
+fn is_write(key: &str) -> bool {
+    matches!(
+        key.split(' ').next(),
+        Some("create" | "patch" | "update" | "delete" | "deletecollection")
+    )
+}
+
+/// A sum that is 0, not -0, when there is nothing to add (f64's `sum`
+/// starts from -0.0).
+fn total<'a>(values: impl Iterator<Item = &'a f64>) -> f64 {
+    values.fold(0.0, |a, b| a + b)
+}
+
+fn scaled(m: &BTreeMap<String, f64>, by: f64) -> BTreeMap<String, f64> {
+    m.iter().map(|(k, v)| (k.clone(), v / by)).collect()
+}
+
+fn writes(m: &BTreeMap<String, f64>) -> f64 {
+    total(m.iter().filter(|(k, _)| is_write(k)).map(|(_, v)| v))
 }
 
 impl Bench {
+    /// The first-token table's header (the scenario's rows follow).
+    fn first_token_header(&mut self) {
+        self.report.line("Latency: from the AgentToken's create request to Ready=True with the token in its Secret (seen by a watch). Rate: tokens made ready per second in the steady middle (10th to 90th percentile of completions). API requests per token: every non-watch request the operator made from before the creates until its request count stood still for 5 s, divided by N; *last request* is when that was, after the last token was Ready. Writes per token: the create, patch, update and delete requests among them (Events included); the floor allows the parallel-write floor (see the floor table) divided by that many tokens per second.");
+        self.report.line("");
+        self.report.line("| issuer | AgentTokens | unrelated Secrets | p50 s | p99 s | max s | created in s | all ready in s | tokens/s | operator peak RSS MiB | API requests per token | last request s after all ready | tokens verified | writes per token | floor allows tokens/s | tokens/s / allowed |");
+        self.report
+            .line("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    }
+
+    /// Adds a first-token run to the report: its row now, its requests to
+    /// the per-token table printed by `requests_per_token`.
+    fn record(&mut self, ft: &FirstToken) {
+        self.report.line(&ft.row);
+        self.per_token.push((
+            format!("{} x{}", ft.kind.label(), ft.n),
+            ft.per_token.clone(),
+        ));
+    }
+
+    /// The requests-per-token table of the runs recorded since the last one.
+    fn requests_per_token(&mut self) {
+        self.report.line(
+            "API requests per first token, by verb and resource (watches excluded; `create events` are the operator's Events):",
+        );
+        self.report.line("");
+        let cols = std::mem::take(&mut self.per_token);
+        self.report.requests_table(&cols);
+        self.report.line("");
+    }
+
     /// Time to first token for `n` AgentTokens created at once.
     async fn first_token(&mut self, kind: Kind, n: usize, noise: usize) -> FirstToken {
         let ns = create_namespace(&self.client, &format!("bench-{}", n)).await;
@@ -528,7 +722,7 @@ impl Bench {
         } else {
             None
         };
-        setup_issuer(&self.client, &ns, kind, None).await;
+        let stand_in = setup_issuer(&self.client, &ns, kind, None).await;
         let operator = Operator::start(&self.kubeconfig, &ns).await;
         let (hwm_idle, _) = operator.memory();
         let before = operator.api_requests().await;
@@ -567,24 +761,31 @@ impl Bench {
         } else {
             n as f64 / wall.as_secs_f64()
         };
-        // Let the last status writes land before counting requests.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Count every request the first tokens caused: the operator goes on
+        // reconciling after the last token is Ready (its own status writes
+        // trigger reconciles, queued behind the first mints), so wait
+        // until its request count has not moved for 5 s.
+        let settled = operator
+            .quiet(Duration::from_secs(5), Duration::from_secs(1800))
+            .await;
+        let settled_after = settled
+            .saturating_duration_since(*seen.values().max().unwrap())
+            .as_secs_f64();
         let after = operator.api_requests().await;
         let (hwm, rss) = operator.memory();
-        let checked = verify_tokens(&self.client, &ns, kind, n).await;
-        let mut per_token = Vec::new();
-        let mut total = 0.0;
-        for (k, v) in &after {
-            let d = v - before.get(k).copied().unwrap_or(0.0);
-            if d > 0.0 && !k.starts_with("watch") {
-                total += d;
-                per_token.push(format!("{k} {:.2}", d / n as f64));
-            }
-        }
-        self.report.line(format!(
-            "| {} | {n} | {} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {} |",
+        let checked = verify_tokens(&self.client, &ns, kind, n, stand_in.as_ref()).await;
+        let per_token = scaled(&requests_delta(&before, &after), n as f64);
+        let all = total(per_token.values());
+        let w = writes(&per_token);
+        // What the API server's measured write rate allows at w writes per
+        // token, and how much of it the operator reached.
+        let (allowed, ratio) = match self.floor_writes {
+            Some(f) if w > 0.0 => (format!("{:.0}", f / w), format!("{:.2}", rate / (f / w))),
+            _ => ("-".into(), "-".into()),
+        };
+        let row = format!(
+            "| {} | {n} | {noise} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {settled_after:.1} | {} | {w:.2} | {allowed} | {ratio} |",
             kind.label(),
-            if noise > 0 { format!("{noise}") } else { "0".into() },
             pct(&lat, 50.0),
             pct(&lat, 99.0),
             lat.last().unwrap(),
@@ -592,24 +793,26 @@ impl Bench {
             wall.as_secs_f64(),
             rate,
             mib(hwm),
-            total / n as f64,
+            all,
             checked,
-        ));
+        );
         eprintln!(
-            "  {} x{n}: idle peak {:.1} MiB, now {:.1} MiB; API requests per token: {}{}",
+            "  {} x{n}: idle peak {:.1} MiB, now {:.1} MiB{}",
             kind.label(),
             mib(hwm_idle),
             mib(rss),
-            per_token.join(", "),
             noise_took
                 .map(|d| format!("; {noise} noise Secrets made in {:.0}s", d.as_secs_f64()))
                 .unwrap_or_default()
         );
-        self.per_token
-            .push((format!("{} x{n}", kind.label()), per_token));
         FirstToken {
             ns,
+            kind,
+            n,
             _operator: operator,
+            _stand_in: stand_in,
+            row,
+            per_token,
         }
     }
 
@@ -704,7 +907,8 @@ impl Bench {
     }
 
     /// API server latency on this machine: the floor under every token.
-    async fn floor(&mut self) -> (f64, f64, f64) {
+    /// Keeps the parallel write rate for the first-token tables.
+    async fn floor(&mut self) {
         let ns = create_namespace(&self.client, "bench-floor").await;
         let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
         let mk = |i: usize| -> ConfigMap {
@@ -749,7 +953,7 @@ impl Bench {
         self.report.line(format!(
             "| parallel writes, {CREATE_CONCURRENCY} in flight | {throughput:.0} /s | |"
         ));
-        (pct(&w, 50.0), pct(&r, 50.0), throughput)
+        self.floor_writes = Some(throughput);
     }
 
     /// 10,000 (or fewer) tokens created over one minute with one lifetime:
@@ -758,13 +962,9 @@ impl Bench {
     /// binds.)
     async fn spread(&mut self, n: usize, limit: u32) {
         let ns = create_namespace(&self.client, "bench-spread").await;
-        let stand_in = MintStandIn::start().await;
+        let stand_in = MintStandIn::start(None).await;
         let spec = json!({
-            "webhook": {
-                "url": format!("http://127.0.0.1:{}/mint", stand_in.port),
-                "body": "{\"ttl\": {{ lifetimeSeconds }}}",
-                "result": {"tokenPath": "$.token", "expiresInPath": "$.ttl"},
-            },
+            "webhook": stand_in.webhook("{\"ttl\": {{ lifetimeSeconds }}}"),
             "policy": {"rateLimit": {"perSecond": limit, "burst": limit}},
         });
         apply_json(
@@ -862,16 +1062,10 @@ impl Bench {
     async fn overload(&mut self, n: usize, newcomers: usize) {
         let flood = create_namespace(&self.client, "bench-flood").await;
         let team = create_namespace(&self.client, "bench-team").await;
-        let stand_in = MintStandIn::start().await;
+        let stand_in = MintStandIn::start(None).await;
         for ns in [&flood, &team] {
-            let spec = json!({
-                "webhook": {
-                    "url": format!("http://127.0.0.1:{}/mint", stand_in.port),
-                    // The issuer grants a minute whatever is asked.
-                    "body": "{\"ttl\": 60}",
-                    "result": {"tokenPath": "$.token", "expiresInPath": "$.ttl"},
-                },
-            });
+            // The issuer grants a minute whatever is asked.
+            let spec = json!({"webhook": stand_in.webhook("{\"ttl\": 60}")});
             apply_json(
                 &self.client,
                 ns,
@@ -897,7 +1091,7 @@ impl Bench {
         let filled = t0.elapsed();
         // Let the rotation backlog build: every token is due after ~40 s.
         tokio::time::sleep(Duration::from_secs(60)).await;
-        let hits_before: usize = stand_in.per_second().values().sum();
+        let hits_before = stand_in.mints();
         let t_busy = Instant::now();
         let late: Vec<String> = (0..newcomers).map(|i| format!("late-{i:05}")).collect();
         let (sent_flood, sent_team) = tokio::join!(
@@ -922,7 +1116,7 @@ impl Bench {
         };
         tokio::join!(wait_late(seen_flood.clone()), wait_late(seen_team.clone()));
         let busy = t_busy.elapsed().as_secs_f64();
-        let mints: usize = stand_in.per_second().values().sum::<usize>() - hits_before;
+        let mints = stand_in.mints() - hits_before;
         let (hwm, _) = operator.memory();
         drop(operator);
         let lat = |seen: &Arc<Mutex<HashMap<String, Instant>>>, sent: &HashMap<String, Instant>| {
@@ -964,40 +1158,80 @@ impl Bench {
     }
 }
 
-/// A minting stand-in for the spread scenario: counts requests per second.
+/// A minting stand-in for the webhook issuer: answers `{"token", "ttl"}`
+/// with the `ttl` it was sent (at most `max_ttl` seconds when set, as an
+/// issuer with a maximum lifetime would), counts requests per second and
+/// remembers every token it issued.
 struct MintStandIn {
     port: u16,
     hits: Arc<Mutex<BTreeMap<u64, usize>>>,
+    issued: Arc<Mutex<std::collections::HashSet<String>>>,
+    server: tokio::task::JoinHandle<()>,
 }
 
 impl MintStandIn {
-    async fn start() -> Self {
+    async fn start(max_ttl: Option<u64>) -> Self {
         use axum::routing::post;
         let hits: Arc<Mutex<BTreeMap<u64, usize>>> = Arc::default();
-        let h = hits.clone();
+        let issued: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+        let (h, iss) = (hits.clone(), issued.clone());
         let app = axum::Router::new().route(
             "/mint",
             post(move |axum::Json(body): axum::Json<Value>| {
-                let h = h.clone();
+                let (h, iss) = (h.clone(), iss.clone());
                 async move {
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .unwrap()
                         .as_secs();
                     *h.lock().unwrap().entry(now).or_default() += 1;
-                    axum::Json(json!({"token": format!("bench-{}", random()), "ttl": body["ttl"]}))
+                    let ttl = match (max_ttl, body["ttl"].as_u64()) {
+                        (Some(max), Some(asked)) => json!(asked.min(max)),
+                        _ => body["ttl"].clone(),
+                    };
+                    // Long enough that two never collide (26^12).
+                    let token = format!("bench-{}{}", random(), random());
+                    iss.lock().unwrap().insert(token.clone());
+                    axum::Json(json!({"token": token, "ttl": ttl}))
                 }
             })
             .head(|| async { axum::http::StatusCode::METHOD_NOT_ALLOWED }),
         );
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
-        tokio::spawn(async move { axum::serve(l, app).await });
-        MintStandIn { port, hits }
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+        MintStandIn {
+            port,
+            hits,
+            issued,
+            server,
+        }
+    }
+
+    /// A TokenIssuer's `spec.webhook` calling this stand-in with `body`.
+    fn webhook(&self, body: &str) -> Value {
+        json!({
+            "url": format!("http://127.0.0.1:{}/mint", self.port),
+            "body": body,
+            "result": {"tokenPath": "$.token", "expiresInPath": "$.ttl"},
+        })
     }
 
     fn per_second(&self) -> BTreeMap<u64, usize> {
         self.hits.lock().unwrap().clone()
+    }
+
+    /// Mint requests answered so far.
+    fn mints(&self) -> usize {
+        self.hits.lock().unwrap().values().sum()
+    }
+}
+
+impl Drop for MintStandIn {
+    fn drop(&mut self) {
+        self.server.abort();
     }
 }
 
@@ -1009,6 +1243,7 @@ impl Bench {
             report: Report::default(),
             opts,
             per_token: Vec::new(),
+            floor_writes: None,
         }
     }
 }
@@ -1078,7 +1313,8 @@ async fn main() {
     ));
     b.report.line("");
 
-    if b.opts.wants("floor") {
+    // The first-token tables compare their rate with the floor's writes.
+    if b.opts.wants("floor") || b.opts.wants("first-token") || b.opts.wants("webhook") {
         b.report.line("### API server floor");
         b.report.line("");
         b.report.line("| operation | p50 | p99 |");
@@ -1091,11 +1327,7 @@ async fn main() {
     if b.opts.wants("first-token") || b.opts.wants("revocation") || b.opts.wants("memory") {
         b.report.line("### Time to first token");
         b.report.line("");
-        b.report.line("Latency: from the AgentToken's create request to Ready=True with the token in its Secret (seen by a watch). Rate: tokens made ready per second in the steady middle (10th to 90th percentile of completions).");
-        b.report.line("");
-        b.report.line("| issuer | AgentTokens | unrelated Secrets | p50 s | p99 s | max s | created in s | all ready in s | tokens/s | operator peak RSS MiB | API requests per token | tokens verified |");
-        b.report
-            .line("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        b.first_token_header();
         let sizes: Vec<usize> = if b.opts.wants("first-token") {
             vec![1, 1000, big]
         } else {
@@ -1104,22 +1336,18 @@ async fn main() {
         for kind in [Kind::ServiceAccount, Kind::Jwt] {
             for &n in &sizes {
                 let ft = b.first_token(kind, n, 0).await;
+                b.record(&ft);
                 if kind == Kind::ServiceAccount && n == 1000 {
                     sa_1000 = Some(ft);
                 }
             }
         }
         if b.opts.wants("memory") || b.opts.wants("first-token") {
-            b.first_token(Kind::Jwt, big, noise).await;
+            let ft = b.first_token(Kind::Jwt, big, noise).await;
+            b.record(&ft);
         }
         b.report.line("");
-        b.report
-            .line("API requests per token (non-watch, by verb and resource):");
-        b.report.line("");
-        for (what, parts) in std::mem::take(&mut b.per_token) {
-            b.report.line(format!("- {what}: {}", parts.join(", ")));
-        }
-        b.report.line("");
+        b.requests_per_token();
     }
 
     if b.opts.wants("revocation")
@@ -1149,6 +1377,21 @@ async fn main() {
         };
         b.overload(n, late).await;
         b.report.line("");
+    }
+
+    if b.opts.wants("webhook") {
+        b.report.line("### Webhook issuer: time to first token");
+        b.report.line("");
+        b.report.line("The webhook issuer is the minting stand-in inside the bench (it grants the lifetime asked and answers at once), no `rateLimit`: the same columns as above, for comparison with other operators doing the same work.");
+        b.report.line("");
+        b.first_token_header();
+        let sizes: &[usize] = if b.opts.quick { &[1000] } else { &[1000, 5000] };
+        for &n in sizes {
+            let ft = b.first_token(Kind::Webhook, n, 0).await;
+            b.record(&ft);
+        }
+        b.report.line("");
+        b.requests_per_token();
     }
 
     if b.opts.wants("spread") {
