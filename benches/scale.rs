@@ -1,13 +1,15 @@
 //! Scale benchmark on the real local control plane: time to first token,
 //! sustained mint rate, memory, revocation latency, rotation spread, first
 //! tokens under a rotation backlog (`overload`), first tokens from a webhook
-//! issuer, and the API round trips each token costs. Run it with `make bench`
+//! issuer, the idle and steady-rotation cost, and the API round trips each
+//! token costs. Run it with `make bench`
 //! (or `cargo bench --bench scale -- [--quick] [--only NAME,...]
 //! [--keep-cluster]`); it prints a Markdown report and writes it to
 //! `target/bench/report.md`.
 //!
 //! `--only` takes scenario names, comma-separated: `floor`, `first-token`,
-//! `memory`, `revocation`, `webhook`, `overload`, `spread`. (`first-token` and `webhook` also run `floor`: their tables
+//! `memory`, `revocation`, `idle`, `webhook`, `rotation`, `overload`,
+//! `spread`. (`first-token` and `webhook` also run `floor`: their tables
 //! compare the mint rate with the API server's write floor.)
 //!
 //! It starts its OWN cluster (state in `.cache/bench-cluster`, API server on
@@ -15,8 +17,8 @@
 //! `AGENTTOKEN_BENCH_PORT_BASE`, which takes the next four ports too) so it
 //! never disturbs the test cluster, and tears it down at the end unless
 //! `--keep-cluster`. Each scenario runs the release operator binary as a
-//! separate process, so its memory is the operator's alone (`VmHWM` from
-//! /proc).
+//! separate process, so its memory and CPU are the operator's alone (`VmHWM`
+//! and utime + stime from /proc).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -34,6 +36,9 @@ use kube::{Client, Config};
 use serde_json::{Value, json};
 
 use agent_token_operator::crd::AgentToken;
+
+#[path = "scale/steady.rs"]
+mod steady;
 
 const CREATE_CONCURRENCY: usize = 32;
 
@@ -241,9 +246,8 @@ impl Operator {
     }
 
     /// Waits until the operator's non-watch request count has not moved
-    /// for `still` (at most `limit`, then panics); returns when it last
-    /// moved.
-    async fn quiet(&self, still: Duration, limit: Duration) -> Instant {
+    /// for `still`; returns when it last moved, or None after `limit`.
+    async fn quiet(&self, still: Duration, limit: Duration) -> Option<Instant> {
         let t0 = Instant::now();
         let count = |m: BTreeMap<String, f64>| {
             total(
@@ -255,17 +259,16 @@ impl Operator {
         let mut last = count(self.api_requests().await);
         let mut changed = t0;
         while changed.elapsed() < still {
-            assert!(
-                t0.elapsed() < limit,
-                "the operator did not stop making requests in {limit:?}"
-            );
+            if t0.elapsed() >= limit {
+                return None;
+            }
             tokio::time::sleep(Duration::from_secs(1)).await;
             let now = count(self.api_requests().await);
             if now != last {
                 (last, changed) = (now, Instant::now());
             }
         }
-        changed
+        Some(changed)
     }
 
     /// `agenttoken_kube_api_requests_total` by "verb resource".
@@ -634,8 +637,9 @@ struct FirstToken {
     ns: String,
     kind: Kind,
     n: usize,
-    /// Kept running (for the revocation scenario); dropping it stops it.
-    _operator: Operator,
+    /// Kept running (for the revocation and idle scenarios); dropping it
+    /// stops it.
+    operator: Operator,
     /// The webhook issuer's stand-in, for as long as the tokens are used.
     _stand_in: Option<MintStandIn>,
     /// The row of the first-token table.
@@ -767,7 +771,8 @@ impl Bench {
         // until its request count has not moved for 5 s.
         let settled = operator
             .quiet(Duration::from_secs(5), Duration::from_secs(1800))
-            .await;
+            .await
+            .expect("the operator still making requests 30 minutes after the first tokens");
         let settled_after = settled
             .saturating_duration_since(*seen.values().max().unwrap())
             .as_secs_f64();
@@ -809,7 +814,7 @@ impl Bench {
             ns,
             kind,
             n,
-            _operator: operator,
+            operator,
             _stand_in: stand_in,
             row,
             per_token,
@@ -1324,6 +1329,7 @@ async fn main() {
     }
 
     let mut sa_1000 = None;
+    let mut idle = None;
     if b.opts.wants("first-token") || b.opts.wants("revocation") || b.opts.wants("memory") {
         b.report.line("### Time to first token");
         b.report.line("");
@@ -1339,6 +1345,10 @@ async fn main() {
                 b.record(&ft);
                 if kind == Kind::ServiceAccount && n == 1000 {
                     sa_1000 = Some(ft);
+                } else if kind == Kind::Jwt && n == big && b.opts.wants("idle") {
+                    // Idle is measured on this run's operator, right away
+                    // (reported in its own section below).
+                    idle = Some(b.idle(&ft).await);
                 }
             }
         }
@@ -1348,6 +1358,19 @@ async fn main() {
         }
         b.report.line("");
         b.requests_per_token();
+    }
+
+    if b.opts.wants("idle") {
+        b.report.line("### Idle");
+        b.report.line("");
+        let idle = match idle {
+            Some(idle) => idle,
+            None => {
+                let ft = b.first_token(Kind::Jwt, big, 0).await;
+                b.idle(&ft).await
+            }
+        };
+        b.idle_report(idle);
     }
 
     if b.opts.wants("revocation")
@@ -1392,6 +1415,18 @@ async fn main() {
         }
         b.report.line("");
         b.requests_per_token();
+    }
+
+    if b.opts.wants("rotation") {
+        b.report.line("### Steady rotation");
+        b.report.line("");
+        let (n, window) = if b.opts.quick {
+            (200, 240)
+        } else {
+            (1000, 480)
+        };
+        b.rotation(n, Duration::from_secs(window)).await;
+        b.report.line("");
     }
 
     if b.opts.wants("spread") {
