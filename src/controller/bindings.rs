@@ -215,19 +215,63 @@ impl SeenVersions {
     }
 }
 
+/// Binding Secrets the operator itself is deleting (a revocation), by
+/// hashed namespace and name: their delete events are not a reason to
+/// reconcile. Without this, a mint that fails after its binding exists
+/// (and drops the binding) would be retried at once by its own delete
+/// event, past every backoff: a loop of TokenRequests.
+#[derive(Default)]
+pub struct OwnDeletes {
+    hasher: std::collections::hash_map::RandomState,
+    keys: Mutex<HashSet<u64>>,
+}
+
+/// Most deletes remembered: a delete whose event never comes (a watch
+/// gap) is forgotten when the set is full, costing one reconcile.
+const MAX_OWN_DELETES: usize = 4096;
+
+impl OwnDeletes {
+    /// The operator is about to delete binding `ns/name`.
+    pub fn mark(&self, ns: &str, name: &str) {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if keys.len() >= MAX_OWN_DELETES {
+            keys.clear();
+        }
+        keys.insert(self.hasher.hash_one((ns, name)));
+    }
+
+    /// Whether `ns/name` was being deleted by the operator (forgotten once
+    /// asked).
+    fn take(&self, ns: &str, name: &str) -> bool {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        keys.remove(&self.hasher.hash_one((ns, name)))
+    }
+}
+
+/// Binding deletes of this process (see [`OwnDeletes`]).
+pub static OWN_DELETES: std::sync::LazyLock<OwnDeletes> =
+    std::sync::LazyLock::new(OwnDeletes::default);
+
 /// The Secret whose AgentToken a watch event should reconcile, if any:
 /// any of ours deleted (a binding deleted ends its token); a token Secret
 /// at a version the operator did not write or read itself (someone edited
 /// it: it is repaired). Binding Secrets are only ever created by the
-/// operator, so their other events are the operator's own.
+/// operator, so their other events are the operator's own, and so are the
+/// deletes it marked in [`OWN_DELETES`].
 pub fn reconcile_for(
     event: &Event<PartialObjectMeta<Secret>>,
     seen: &SeenVersions,
 ) -> Option<PartialObjectMeta<Secret>> {
+    let is_binding = |s: &PartialObjectMeta<Secret>| {
+        s.labels().get(labels::ROLE).map(String::as_str) == Some(labels::ROLE_BINDING)
+    };
     match event {
-        Event::Delete(s) => Some(s.clone()),
+        Event::Delete(s) => {
+            let ns = s.metadata.namespace.as_deref().unwrap_or_default();
+            (!(is_binding(s) && OWN_DELETES.take(ns, &s.name_any()))).then(|| s.clone())
+        }
         Event::Apply(s) | Event::InitApply(s) => {
-            if s.labels().get(labels::ROLE).map(String::as_str) == Some(labels::ROLE_BINDING) {
+            if is_binding(s) {
                 return None;
             }
             let ns = s.metadata.namespace.as_deref().unwrap_or_default();
@@ -441,10 +485,13 @@ mod tests {
             "9",
             labels::ROLE_BINDING
         ))));
-        assert!(triggers(Event::Delete(at_version(
-            "9",
-            labels::ROLE_BINDING
-        ))));
+        let binding = || at_version("9", labels::ROLE_BINDING);
+        assert!(triggers(Event::Delete(binding())));
+        // ... unless the operator deleted it itself (a revocation, a mint
+        // that failed): its own delete must not retry past the backoff.
+        OWN_DELETES.mark("team", "bot-token");
+        assert!(!triggers(Event::Delete(binding())));
+        assert!(triggers(Event::Delete(binding())));
         // Forgotten (the Secret was gone when last read): looked at.
         seen.record("team", "bot-token", None);
         assert!(triggers(Event::Apply(token("7"))));

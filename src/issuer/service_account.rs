@@ -176,6 +176,8 @@ impl ServiceAccountIssuer {
                         "Secret {name:?} exists and is not a token binding of this AgentToken; it is never deleted or adopted (delete it, or recreate the AgentToken under another name)"
                     )));
                 };
+                // Its delete event is ours: not a reason to reconcile again.
+                crate::controller::bindings::OWN_DELETES.mark(&req.namespace, &name);
                 let dp = DeleteParams {
                     preconditions: Some(Preconditions {
                         uid: Some(uid),
@@ -226,6 +228,8 @@ impl ServiceAccountIssuer {
                 "Secret {name:?} is not a token binding of this AgentToken; it is never deleted"
             )));
         }
+        // Its delete event is ours: not a reason to reconcile again.
+        crate::controller::bindings::OWN_DELETES.mark(namespace, name);
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
                 uid: existing.metadata.uid.clone(),

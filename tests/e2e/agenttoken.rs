@@ -612,7 +612,7 @@ async fn a_cluster_issuer_serves_only_allowed_namespaces() {
 async fn a_service_account_in_another_namespace_is_never_used() {
     let ns = TestNamespace::new("at-xns").await;
     let other = TestNamespace::new("at-xns-other").await;
-    let _op = Operator::start(&ns.name);
+    let op = Operator::start(&ns.name);
     // `builder` exists only in the other namespace.
     applied(
         &other,
@@ -628,6 +628,21 @@ async fn a_service_account_in_another_namespace_is_never_used() {
     })
     .await;
     assert_eq!(revision(&at), 0);
+    // Each attempt creates a binding, is refused by the TokenRequest and
+    // deletes the binding: that delete is the operator's own and must not
+    // bring the next attempt past the backoff (it did: a loop of requests).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (_, metrics) = op.http_get("/metrics").await.unwrap();
+    let token_requests: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("agenttoken_kube_api_requests_total"))
+        .filter(|l| l.contains("serviceaccounts/token") && l.contains("\"create\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        (1.0..=8.0).contains(&token_requests),
+        "TokenRequests in the first ~15 s of a refused mint: {token_requests}"
+    );
     let bindings = other
         .api::<Secret>()
         .list(&ListParams::default().labels("agenttoken.dev/name"))

@@ -279,7 +279,7 @@ pub fn status_write_with(ns: &str, name: &str, marker: &str) -> Matcher {
     let path = format!("/apis/agenttoken.dev/v1alpha1/namespaces/{ns}/agenttokens/{name}/status");
     let marker = marker.to_string();
     Box::new(move |method, p, body| {
-        *method == Method::PATCH
+        matches!(*method, Method::PATCH | Method::PUT)
             && p == path
             && String::from_utf8_lossy(body).contains(marker.as_str())
     })
