@@ -608,6 +608,58 @@ async fn a_cluster_issuer_serves_only_allowed_namespaces() {
     let _ = ns.kubectl(&["delete", "clustertokenissuer", &issuer]);
 }
 
+/// A mint that fails after its binding Secret exists (here: the
+/// fault-injecting API proxy refuses every status write of the AgentToken,
+/// so the minted token is never recorded and is revoked by deleting its
+/// binding) is retried on its backoff. The binding's delete event is the
+/// operator's own and must not bring the next attempt at once: without
+/// that, a persistent failure was a loop of TokenRequests (thousands in a
+/// minute when a chart lacked a status verb).
+#[tokio::test]
+async fn a_mint_whose_record_cannot_be_written_is_retried_on_its_backoff_not_in_a_loop() {
+    use crate::apiproxy::{ApiProxy, Effect, Fault, status_write_with};
+    let ns = TestNamespace::new("at-noloop").await;
+    let proxy = ApiProxy::start().await;
+    let op = Operator::start_as(
+        &ns.name,
+        "noloop",
+        &["--leader-election=false"],
+        &proxy.kubeconfig,
+    );
+    proxy.inject(Fault {
+        matches: status_write_with(&ns.name, "bot", "history"),
+        effect: Effect::Refuse,
+        times: usize::MAX,
+    });
+    applied(&ns, &issuer_and_sa(""));
+    applied(&ns, &agent_token("bot", ""));
+    let token_requests = || {
+        proxy
+            .seen()
+            .iter()
+            .filter(|s| s.method == "POST" && s.path.ends_with("/serviceaccounts/builder/token"))
+            .count()
+    };
+    eventually(Duration::from_secs(30), "a first TokenRequest", || async {
+        (token_requests() > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let n = token_requests();
+    assert!(
+        (1..=8).contains(&n),
+        "TokenRequests in 15 s of a mint whose record is refused: {n} (log {})",
+        op.log.display()
+    );
+    // Every binding made was deleted again (one attempt may be under way).
+    let left = ns
+        .api::<Secret>()
+        .list(&ListParams::default().labels("agenttoken.dev/role=token-binding"))
+        .await
+        .unwrap();
+    assert!(left.items.len() <= 1, "bindings left: {}", left.items.len());
+}
+
 #[tokio::test]
 async fn a_service_account_in_another_namespace_is_never_used() {
     let ns = TestNamespace::new("at-xns").await;
