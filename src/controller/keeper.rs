@@ -93,6 +93,20 @@ impl Keeper {
         })
     }
 
+    /// The keeper of an AgentToken whose status, as read, recorded
+    /// neither a keeper nor an intent: none of ours can exist (a keeper is
+    /// created only after its intent is in status), so nothing is read. One
+    /// that exists anyway is not ours: creating it fails and it is never
+    /// written.
+    pub fn none_yet(ctx: &Context, agent_token_uid: &str, status: &AgentTokenStatus) -> Keeper {
+        Keeper {
+            api: Api::namespaced(ctx.client.clone(), &ctx.operator_namespace),
+            name: name(agent_token_uid),
+            live: None,
+            intent: status.keeper_intent.clone(),
+        }
+    }
+
     /// Whether there is anything to load for `status`.
     pub fn recorded(status: &AgentTokenStatus) -> bool {
         status.keeper_uid.is_some() || status.keeper_intent.is_some()

@@ -847,7 +847,14 @@ async fn mint_and_deliver(
     // Recorded (and, when revoking needs it, the token kept) before the
     // tenant's Secret is written.
     if by_token {
-        let kept = match Keeper::load(ctx, &o.uid, &o.status).await {
+        // A first keeper (nothing recorded when this reconcile read the
+        // AgentToken) is created, not read.
+        let loaded = if Keeper::recorded(&o.old_status) {
+            Keeper::load(ctx, &o.uid, &o.status).await
+        } else {
+            Ok(Keeper::none_yet(ctx, &o.uid, &o.status))
+        };
+        let kept = match loaded {
             Ok(mut k) => {
                 let put = k
                     .put((&o.ns, &o.name), &o.uid, revision, &minted.token)
