@@ -445,13 +445,18 @@ async fn setup_issuer(
             spec["policy"][k] = v;
         }
     }
+    apply_issuer(client, ns, spec).await;
+    stand_in
+}
+
+/// The TokenIssuer every scenario's AgentTokens use (`issuer`) in `ns`.
+async fn apply_issuer(client: &Client, ns: &str, spec: Value) {
     apply_json(
         client,
         ns,
         json!({"apiVersion": "agenttoken.dev/v1alpha1", "kind": "TokenIssuer", "metadata": {"name": "issuer"}, "spec": spec}),
     )
     .await;
-    stand_in
 }
 
 fn agent_token(name: &str, kind: Kind, lifetime: &str) -> AgentToken {
@@ -972,12 +977,7 @@ impl Bench {
             "webhook": stand_in.webhook("{\"ttl\": {{ lifetimeSeconds }}}"),
             "policy": {"rateLimit": {"perSecond": limit, "burst": limit}},
         });
-        apply_json(
-            &self.client,
-            &ns,
-            json!({"apiVersion": "agenttoken.dev/v1alpha1", "kind": "TokenIssuer", "metadata": {"name": "issuer"}, "spec": spec}),
-        )
-        .await;
+        apply_issuer(&self.client, &ns, spec).await;
         let operator = Operator::start(&self.kubeconfig, &ns).await;
         let seen = watch_ready(&self.client, &ns);
         let names: Vec<String> = (0..n).map(|i| format!("agent-{i:05}")).collect();
@@ -1071,12 +1071,7 @@ impl Bench {
         for ns in [&flood, &team] {
             // The issuer grants a minute whatever is asked.
             let spec = json!({"webhook": stand_in.webhook("{\"ttl\": 60}")});
-            apply_json(
-                &self.client,
-                ns,
-                json!({"apiVersion": "agenttoken.dev/v1alpha1", "kind": "TokenIssuer", "metadata": {"name": "issuer"}, "spec": spec}),
-            )
-            .await;
+            apply_issuer(&self.client, ns, spec).await;
         }
         let operator = Operator::start(&self.kubeconfig, &format!("{flood},{team}")).await;
         let make = |name: &str| -> AgentToken {

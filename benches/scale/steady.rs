@@ -13,7 +13,7 @@ use serde_json::json;
 use agent_token_operator::crd::AgentToken;
 
 use crate::{
-    Bench, FirstToken, Kind, MintStandIn, Operator, agent_token, apply_json, cluster_dir,
+    Bench, FirstToken, Kind, MintStandIn, Operator, agent_token, apply_issuer, cluster_dir,
     create_all, create_namespace, mib, requests_delta, scaled, total, wait_for, watch_ready,
 };
 
@@ -178,12 +178,7 @@ impl Bench {
         let ns = create_namespace(&self.client, "bench-rotation").await;
         let stand_in = MintStandIn::start(Some(granted)).await;
         let spec = json!({"webhook": stand_in.webhook("{\"ttl\": {{ lifetimeSeconds }}}")});
-        apply_json(
-            &self.client,
-            &ns,
-            json!({"apiVersion": "agenttoken.dev/v1alpha1", "kind": "TokenIssuer", "metadata": {"name": "issuer"}, "spec": spec}),
-        )
-        .await;
+        apply_issuer(&self.client, &ns, spec).await;
         let operator = Operator::start(&self.kubeconfig, &ns).await;
         let seen = watch_ready(&self.client, &ns);
         let names: Vec<String> = (0..n).map(|i| format!("agent-{i:05}")).collect();

@@ -1010,7 +1010,7 @@ mod tests {
         VolumeProjection,
     };
 
-    fn container(name: &str) -> Container {
+    pub(super) fn container(name: &str) -> Container {
         Container {
             name: name.into(),
             ..Default::default()
@@ -1259,6 +1259,7 @@ mod tests {
 /// [`Workload`], and the two must agree.
 #[cfg(test)]
 mod slim_tests {
+    use super::tests::container;
     use super::*;
     use k8s_openapi::api::apps::v1::DeploymentSpec;
     use k8s_openapi::api::core::v1::{
@@ -1267,13 +1268,6 @@ mod slim_tests {
         VolumeProjection,
     };
     use std::collections::BTreeMap;
-
-    fn container(name: &str) -> Container {
-        Container {
-            name: name.into(),
-            ..Default::default()
-        }
-    }
 
     fn mounting(name: &str, volume: &str) -> Container {
         Container {
