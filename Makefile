@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CLUSTER := e2e/cluster
 
-.PHONY: all build tools cluster node cluster-down lint crds test test-unit test-e2e chaos demo bench clean
+.PHONY: all build tools image cluster node cluster-down lint crds test test-unit test-e2e chaos demo bench clean
 
 all: build
 
@@ -11,6 +11,13 @@ tools:
 
 build: tools
 	cargo build --bins
+
+## The operator's image as an OCI archive, without a container engine
+## (hack/image: the release binary and the libraries it loads; the
+## Containerfile builds the same tree). IMAGE_ARGS="--version 0.2.0" or
+## "--out FILE". Push it with skopeo (see the README).
+image: tools
+	hack/image build $(IMAGE_ARGS)
 
 ## The local control plane (etcd, kube-apiserver, kube-controller-manager).
 cluster: tools
