@@ -17,6 +17,7 @@ mod node;
 mod oauth2;
 mod plugin;
 mod policy;
+mod release;
 mod support;
 mod transport;
 mod vault;

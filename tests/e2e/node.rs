@@ -25,7 +25,7 @@ use crate::support::{
 };
 
 /// Starts (or reuses) the node; every test here needs it.
-fn node() {
+pub(crate) fn node() {
     static NODE: OnceLock<()> = OnceLock::new();
     NODE.get_or_init(|| {
         cluster();
@@ -278,31 +278,15 @@ async fn node_signal_sends_sighup_and_the_same_process_reads_the_new_token() {
     );
 }
 
-/// Imports the operator's image into the node and `helm install`s the chart
-/// into `ops`, serving `team`, with `replicas` Pods. The Pods use the
-/// host's network (Pods have loopback-range addresses that reach nothing)
-/// and the API server's loopback address. Returns the release and the
-/// chart's full name (Deployment, Lease, ServiceAccount).
+/// Pushes the operator's image to the node's registry (once per test
+/// process) and `helm install`s the chart into `ops`, serving `team`, with
+/// `replicas` Pods that pull the image from there. The Pods use the host's
+/// network (each serves metrics on a port of its own) and the API server's
+/// loopback address. Returns the release and the chart's full name
+/// (Deployment, Lease, ServiceAccount).
 fn install_operator(ops: &TestNamespace, team: &TestNamespace, replicas: u32) -> (String, String) {
     crate::support::install_crds();
-    let image = "agenttoken.local/agent-token-operator:e2e";
-    // Once per test process: two tests importing the same image into the
-    // node at once made one of the imports fail.
-    static IMPORTED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
-    let mut imported = IMPORTED.lock().unwrap_or_else(|e| e.into_inner());
-    if !*imported {
-        let status = Command::new(repo_root().join("e2e/cluster"))
-            .args([
-                "node-image",
-                image,
-                env!("CARGO_BIN_EXE_agent-token-operator"),
-            ])
-            .status()
-            .expect("run e2e/cluster node-image");
-        assert!(status.success(), "importing the operator image failed");
-        *imported = true;
-    }
-    drop(imported);
+    let image = crate::release::pushed_image("0.0.0-e2e");
     let server = api_server();
     let api_port = server.rsplit(':').next().unwrap().to_string();
     let release = format!("ato-{}", &ops.name[ops.name.len() - 6..]);
@@ -322,11 +306,9 @@ fn install_operator(ops: &TestNamespace, team: &TestNamespace, replicas: u32) ->
             "--set",
             &watch,
             "--set",
-            "image.repository=agenttoken.local/agent-token-operator",
+            &format!("image.repository={}", image.repository),
             "--set",
-            "image.tag=e2e",
-            "--set",
-            "image.pullPolicy=Never",
+            &format!("image.tag={}", image.tag),
             "--set",
             &replicas,
             "--set",
@@ -403,6 +385,16 @@ async fn node_helm_install_runs_the_operator_as_a_pod_that_mints() {
         .and_then(|s| s.holder_identity)
         .unwrap_or_default();
     assert_eq!(holder, pod.name_any(), "the operator Pod holds the Lease");
+    // The kubelet got the image from the node's registry (the first install
+    // of a test process pulls it; later ones find it present).
+    let image = crate::release::pushed_image("0.0.0-e2e").reference();
+    let pulled = crate::release::pulled_events(&ops).await;
+    assert!(
+        pulled
+            .iter()
+            .any(|(p, m)| *p == pod.name_any() && m.contains(&format!("\"{image}\""))),
+        "a Pulled Event for {image}: {pulled:?}"
+    );
     let log = pod_log(&ops, &pod.name_any()).await;
     assert!(!log.is_empty(), "the operator Pod logs");
 

@@ -248,6 +248,10 @@ async fn revoke(
 }
 
 async fn start() -> (Shared, u16) {
+    start_on(std::net::Ipv4Addr::LOCALHOST).await
+}
+
+async fn start_on(ip: std::net::Ipv4Addr) -> (Shared, u16) {
     let shared: Shared = Arc::new(Mutex::new(Service {
         auth: format!("Bearer {}", random_suffix() + &random_suffix()),
         mode: Mode::Normal,
@@ -270,7 +274,7 @@ async fn start() -> (Shared, u16) {
         )
         .route("/revoke", post(revoke))
         .with_state(shared.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await });
     (shared, port)
@@ -280,18 +284,25 @@ async fn start() -> (Shared, u16) {
 /// through methods that never hand out a token value except by id.
 pub(crate) struct StandIn {
     svc: Shared,
+    ip: std::net::Ipv4Addr,
     pub port: u16,
 }
 
 impl StandIn {
     pub async fn start() -> Self {
-        let (svc, port) = start().await;
-        StandIn { svc, port }
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST).await
     }
 
-    /// `http://127.0.0.1:<port><path>` (`/mint`, `/revoke`).
+    /// Listening on `ip` only: the node's bridge address, for an operator
+    /// that runs as a Pod.
+    pub async fn start_on(ip: std::net::Ipv4Addr) -> Self {
+        let (svc, port) = start_on(ip).await;
+        StandIn { svc, ip, port }
+    }
+
+    /// `http://<ip>:<port><path>` (`/mint`, `/revoke`).
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("http://{}:{}{path}", self.ip, self.port)
     }
 
     /// The Authorization header value the stand-in expects.
