@@ -31,10 +31,16 @@ node: tools
 cluster-down:
 	$(CLUSTER) down
 
-## fmt, clippy and the CRD drift check (the drift check is also a unit test).
+## fmt, clippy and the CRD drift check (the drift check is also a unit test);
+## the GitHub workflows with actionlint (and shellcheck on their scripts);
+## dependencies with cargo-deny: licences, duplicate versions, bans and
+## sources (deny.toml). Advisories need the RustSec database, which cannot
+## be fetched here: the ci and release workflows check them.
 lint: tools
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+	"$$(hack/release-tools)/actionlint" -no-color
+	"$$(hack/cargo-tools)/cargo-deny" check --hide-inclusion-graph bans licenses sources
 
 ## Regenerate crds/ (and the chart's copy) from the Rust types.
 crds:
