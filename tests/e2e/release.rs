@@ -242,7 +242,7 @@ async fn webhook_issuer(ns: &TestNamespace, stand_in: &StandIn) {
                 "result": {"tokenPath": "$.data.token", "expiresInPath": "$.data.ttl", "idPath": "$.data.id"},
                 "revokeURL": stand_in.url("/revoke"),
             },
-            "policy": {"maxLifetime": "10m"},
+            "policy": {"maxLifetime": "2h"},
         },
     });
     applied(ns, &issuer.to_string());
@@ -253,7 +253,7 @@ fn agent_token(name: &str) -> AgentToken {
         "apiVersion": "agenttoken.dev/v1alpha1",
         "kind": "AgentToken",
         "metadata": {"name": name},
-        "spec": {"issuerRef": {"name": "minter"}, "lifetime": "10m", "consumers": {"restart": "None"}},
+        "spec": {"issuerRef": {"name": "minter"}, "lifetime": "1h", "consumers": {"restart": "None"}},
     }))
     .unwrap()
 }
@@ -356,7 +356,9 @@ async fn release_oci_chart_installs_upgrades_and_rolls_back_with_two_replicas_mi
 
     // Tokens keep coming while the operator is upgraded and rolled back.
     let stand_in = StandIn::start_on(api_host.parse().unwrap()).await;
-    stand_in.set_ttl(300);
+    // An hour: no token is due for rotation during the test, so each
+    // AgentToken's one token is revision 1.
+    stand_in.set_ttl(3600);
     webhook_issuer(&team, &stand_in).await;
     let stop = Arc::new(AtomicBool::new(false));
     let created = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -417,7 +419,20 @@ async fn release_oci_chart_installs_upgrades_and_rolls_back_with_two_replicas_mi
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::Relaxed);
     creator.await.unwrap();
+    // Every AgentToken there is (a create whose answer was lost still made
+    // one), not only those the creator heard back about.
+    let listed: Vec<String> = team
+        .api::<AgentToken>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|a| a.name_any())
+        .collect();
     let created = created.lock().unwrap().clone();
+    assert!(created.iter().all(|n| listed.contains(n)));
+    let created = listed;
     assert!(
         created.len() >= 20,
         "tokens were asked for throughout: {}",
@@ -473,17 +488,27 @@ async fn release_oci_chart_installs_upgrades_and_rolls_back_with_two_replicas_mi
         created.iter().map(|n| ((n.clone(), 1), 1)).collect();
     assert_eq!(issued, expected, "one token per AgentToken, minted once");
 
-    // Both replicas were the pulled image, and are on the Pod network.
-    for pod in operator_pods(&ops)
+    // Two replicas, both running the rolled-back image (by digest), on the
+    // Pod network.
+    let running: Vec<Pod> = operator_pods(&ops)
         .await
         .into_iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-    {
-        let ip = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ip.clone())
-            .unwrap_or_default();
+        .collect();
+    assert_eq!(running.len(), 2, "two operator Pods");
+    for pod in running {
+        let status = pod.status.clone().unwrap_or_default();
+        let container = &status.container_statuses.clone().unwrap_or_default()[0];
+        // By digest: the runtime names an image by any tag it knows for
+        // that digest (the same binary makes the same image).
+        assert!(
+            container.image_id.ends_with(&v1.digest),
+            "{} runs {} ({})",
+            pod.name_any(),
+            container.image,
+            container.image_id
+        );
+        let ip = status.pod_ip.clone().unwrap_or_default();
         assert!(
             ip.starts_with("10.244."),
             "{} on the Pod network: {ip}",
@@ -793,11 +818,18 @@ fn release_signature_check_fails_for_an_image_changed_after_signing_cosign_key_m
     let changed = pushed_image("0.0.0-e2e-changed");
     assert_ne!(changed.digest, signed.digest);
     copy(&changed.reference(), &tagged);
-    let out = signer.verify(&tagged);
-    assert!(
-        !out.status.success(),
-        "the moved tag must not verify: {}",
-        String::from_utf8_lossy(&out.stdout)
+    let refused = |out: Output, what: &str, why: &str| {
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{what} must not verify");
+        assert!(
+            said.contains(why),
+            "{what}: cosign refused for another reason than {why:?}: {said}"
+        );
+    };
+    refused(
+        signer.verify(&tagged),
+        "the moved tag",
+        "no signatures found",
     );
     // The old signatures copied to where cosign looks for the changed
     // image's (the registry has no referrers API, so cosign keeps an index
@@ -806,8 +838,36 @@ fn release_signature_check_fails_for_an_image_changed_after_signing_cosign_key_m
     // none is taken for the changed image.
     let sig_tag = |digest: &str| format!("{repository}:{}", digest.replace(':', "-"));
     copy(&sig_tag(&signed.digest), &sig_tag(&changed.digest));
-    let out = signer.verify(&tagged);
-    assert!(!out.status.success(), "a copied signature must not verify");
-    // And the signed image itself, by digest, still does.
+    let index = ok(
+        skopeo(&[
+            "inspect",
+            "--raw",
+            "--cert-dir",
+            cert_dir,
+            &format!("docker://{}", sig_tag(&changed.digest)),
+        ]),
+        "skopeo inspect the copied index",
+    );
+    assert!(
+        index.contains(&signed.digest) && index.contains("sigstore"),
+        "the copy is cosign's signature for the signed digest: {index}"
+    );
+    refused(
+        signer.verify(&tagged),
+        "a copied signature",
+        "no signatures found",
+    );
+    // The signed image itself, by digest, still verifies; with another
+    // key it does not.
     ok(signer.verify(&by_digest), "verify the signed digest");
+    let stranger = Signer::new();
+    let out = stranger.verify(&by_digest);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "another key must not verify");
+    assert!(
+        said.to_lowercase().contains("signature")
+            && !said.contains("x509")
+            && !said.contains("dial"),
+        "refused for its signature, not the connection: {said}"
+    );
 }
