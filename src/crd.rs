@@ -517,6 +517,45 @@ pub struct AgentTokenStatus {
     /// the operator's namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keeper_intent: Option<String>,
+    /// Where and when the current and previous tokens were used, as the
+    /// issuer's audit stream reports it (`--usage-address`). Written by the
+    /// operator's usage tracker, not by reconciles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageStatus>,
+}
+
+/// Source addresses kept per token in `status.usage`.
+pub const MAX_USAGE_SOURCES: usize = 8;
+
+/// `status.usage`: what the issuer saw of this AgentToken's tokens.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageStatus {
+    /// The tokens seen in use, newest revision first (at most the current
+    /// and the previous one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<TokenUsage>,
+}
+
+/// One token's use.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenUsage {
+    /// The token's revision (its ledger entry).
+    pub revision: i64,
+    /// The last request made with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<Time>,
+    /// Requests seen with it since the operator started tracking (an
+    /// operator restart starts again from what status says).
+    #[serde(default)]
+    pub requests: i64,
+    /// Addresses it was used from, the first 8 distinct ones seen.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<String>,
+    /// The user agent of the last request (at most 128 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
 }
 
 /// Entries kept in `status.consumers`.
@@ -620,6 +659,11 @@ pub struct HistoryEntry {
     /// Who abandoned its revocation (state `Abandoned`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abandoned_by: Option<String>,
+    /// The id the issuer puts into its audit records for this token
+    /// (`jti:<id>`, a service-account token's JWT ID), by which a use is
+    /// mapped back to this revision. An identifier, not a secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_id: Option<String>,
 }
 
 fn is_zero(n: &i32) -> bool {

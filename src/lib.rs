@@ -28,6 +28,7 @@ pub mod ratelimit;
 pub mod reference;
 pub mod rotation;
 pub mod telemetry;
+pub mod usage;
 pub mod watched;
 
 #[cfg(test)]

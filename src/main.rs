@@ -110,6 +110,20 @@ struct RunArgs {
     /// ClusterTokenIssuers may call anything.
     #[arg(long, env = "ISSUER_ALLOW_CIDR", value_delimiter = ',')]
     issuer_allow_cidr: Vec<String>,
+    /// Serve usage reports here over HTTPS (POST /audit: kube-apiserver's
+    /// audit webhook). Off when unset; needs the three --usage-* files.
+    #[arg(long, env = "USAGE_ADDRESS")]
+    usage_address: Option<SocketAddr>,
+    /// The usage endpoint's certificate chain (PEM).
+    #[arg(long, env = "USAGE_TLS_CERT_FILE", requires = "usage_address")]
+    usage_tls_cert_file: Option<std::path::PathBuf>,
+    /// The usage endpoint's private key (PEM).
+    #[arg(long, env = "USAGE_TLS_KEY_FILE", requires = "usage_address")]
+    usage_tls_key_file: Option<std::path::PathBuf>,
+    /// Bearer tokens the usage endpoint accepts, one per line (the audit
+    /// webhook's kubeconfig presents one).
+    #[arg(long, env = "USAGE_TOKEN_FILE", requires = "usage_address")]
+    usage_token_file: Option<std::path::PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -251,7 +265,45 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Leadership::unelected()
     };
 
+    let usage = Arc::new(agent_token_operator::usage::Tracker::default());
+    let mut usage_tasks = Vec::new();
+    if let Some(addr) = args.usage_address {
+        let (Some(cert), Some(key), Some(tokens)) = (
+            &args.usage_tls_cert_file,
+            &args.usage_tls_key_file,
+            &args.usage_token_file,
+        ) else {
+            anyhow::bail!(
+                "--usage-address needs --usage-tls-cert-file, --usage-tls-key-file and --usage-token-file"
+            );
+        };
+        let tls = agent_token_operator::usage::tls_config(cert, key).map_err(anyhow::Error::msg)?;
+        let tokens =
+            agent_token_operator::usage::read_tokens(tokens).map_err(anyhow::Error::msg)?;
+        let endpoint = agent_token_operator::usage::Endpoint {
+            tracker: usage.clone(),
+            metrics: metrics.clone(),
+            tokens: Arc::new(tokens),
+        };
+        let stopped = shutdown();
+        usage_tasks.push(tokio::spawn(async move {
+            if let Err(e) = agent_token_operator::usage::serve(addr, tls, endpoint, stopped).await {
+                error!(error = %e, %addr, "the usage endpoint stopped");
+            }
+        }));
+        let is_leader = {
+            let leadership = leadership.clone();
+            move || leadership.is_leader()
+        };
+        usage_tasks.push(tokio::spawn(agent_token_operator::usage::flush_loop(
+            client.clone(),
+            usage.clone(),
+            is_leader,
+            shutdown(),
+        )));
+    }
     let config = Config {
+        usage,
         namespaces: {
             let mut n: Vec<String> = args
                 .namespace
@@ -282,6 +334,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         leadership,
     };
     controller::run(client, config, metrics, readiness, shutdown()).await;
+    for task in usage_tasks {
+        let _ = tokio::time::timeout(controller::SHUTDOWN_GRACE, task).await;
+    }
     if let Some((watcher, release_tx, elector)) = election {
         // Every reconcile has ended: give the Lease up so the next replica
         // takes over without waiting for it to lapse.

@@ -132,6 +132,12 @@ pub struct Metrics {
     policy_violations: Counter,
     consumer_restarts: Family<RestartLabels, Counter>,
     api_requests: Family<ApiRequestLabels, Counter>,
+    usage_events: Family<UsageLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UsageLabels {
+    result: &'static str,
 }
 
 impl Default for Metrics {
@@ -200,7 +206,14 @@ impl Metrics {
             "Requests sent to the Kubernetes API server, by verb and resource",
             api_requests.clone(),
         );
+        let usage_events = Family::<UsageLabels, Counter>::default();
+        registry.register(
+            "usage_events",
+            "Audit records received by the usage endpoint: matched to an AgentToken's token, unmatched, invalid batches, unauthorized requests",
+            usage_events.clone(),
+        );
         Metrics {
+            usage_events,
             registry,
             token_expiry,
             token_labels: Mutex::default(),
@@ -231,6 +244,16 @@ impl Metrics {
                     reason: reason.into(),
                 })
                 .inc();
+        }
+    }
+
+    /// Counts usage records by `result` (matched, unmatched, invalid,
+    /// unauthorized).
+    pub fn usage_events(&self, result: &'static str, n: u64) {
+        if n > 0 {
+            self.usage_events
+                .get_or_create(&UsageLabels { result })
+                .inc_by(n);
         }
     }
 

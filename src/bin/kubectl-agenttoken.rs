@@ -114,6 +114,8 @@ struct StatusRow {
     open_revocations: Vec<i64>,
     /// Revisions whose revocation needs a person.
     stuck_revocations: Vec<i64>,
+    /// Where and when the current and previous tokens were used.
+    usage: Vec<agent_token_operator::crd::TokenUsage>,
 }
 
 #[derive(Serialize)]
@@ -253,6 +255,7 @@ async fn status(
                     .collect(),
                 open_revocations: pending(Pending::Open),
                 stuck_revocations: pending(Pending::Stuck),
+                usage: st.usage.clone().map(|u| u.tokens).unwrap_or_default(),
             }
         })
         .collect();
@@ -295,6 +298,18 @@ async fn status(
                     (0, stuck) => format!("{stuck} stuck"),
                     (open, stuck) => format!("{open} open, {stuck} stuck"),
                 },
+                // The current token's use: when last, how often, from where.
+                match r.usage.iter().find(|u| u.revision == r.revision) {
+                    Some(u) => format!(
+                        "{}, {} req, from {}",
+                        u.last_used
+                            .as_ref()
+                            .map_or("-".into(), |t| relative(t.0, now)),
+                        u.requests,
+                        u.sources.join(" ")
+                    ),
+                    None => "-".into(),
+                },
             ]
         })
         .collect();
@@ -309,6 +324,7 @@ async fn status(
             "LAST REASON",
             "CONSUMERS",
             "REVOCATIONS",
+            "LAST USED",
         ],
         &cells,
     );

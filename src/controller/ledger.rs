@@ -213,6 +213,8 @@ pub struct Minted<'a> {
     pub issued_at: Timestamp,
     pub expires_at: Timestamp,
     pub handle: &'a str,
+    /// The id uses of it are reported under (`usage::credential_id`).
+    pub credential_id: Option<String>,
 }
 
 /// Records the issuer's answer to a mint.
@@ -222,6 +224,7 @@ pub fn minted(status: &mut AgentTokenStatus, revision: i64, m: Minted<'_>) {
         e.issued_at = Some(Time(crate::rotation::whole_seconds(m.issued_at)));
         e.expires_at = Some(Time(crate::rotation::whole_seconds(m.expires_at)));
         e.handle = Some(m.handle.to_string());
+        e.credential_id = m.credential_id;
         e.message = Some("minted; not yet in the Secret".into());
     }
 }
@@ -799,6 +802,7 @@ mod tests {
                 issued_at: t(now),
                 expires_at: t(now + 3600),
                 handle: &format!("webhook-id:{revision}"),
+                credential_id: None,
             },
         );
     }
@@ -876,6 +880,7 @@ mod tests {
                 issued_at: t(0),
                 expires_at: t(3600),
                 handle: "webhook-id:1",
+                credential_id: None,
             },
         );
         delivered(&mut s, 1);

@@ -123,6 +123,8 @@ pub struct Config {
     pub protected_namespaces: Vec<String>,
     /// Whether, and how long, this replica may act as leader.
     pub leadership: crate::leadership::Leadership,
+    /// Where uses reported by the usage endpoint are kept.
+    pub usage: Arc<crate::usage::Tracker>,
 }
 
 /// The namespaces the operator never serves unless told to: the cluster's
@@ -179,6 +181,8 @@ pub struct Context {
     /// Whether, and how long, this replica may act as leader: an issuer
     /// call gets at most [`Leadership::budget`](crate::leadership::Leadership::budget).
     pub leadership: crate::leadership::Leadership,
+    /// Uses of the tokens, by credential id (`--usage-address`).
+    pub usage: Arc<crate::usage::Tracker>,
     failures: Mutex<HashMap<String, u32>>,
     /// What this replica last wrote of each AgentToken being reconciled
     /// (by UID): the base of its next status write. Dropped when the
@@ -551,6 +555,7 @@ pub async fn run(
         recorder,
         restarter: restarter.clone(),
         operator_namespace: config.operator_namespace.clone(),
+        usage: config.usage.clone(),
         metrics: metrics.clone(),
         limiters: RateLimiters::default(),
         clock: Arc::new(SystemClock),

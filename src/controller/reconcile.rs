@@ -143,7 +143,10 @@ async fn reconcile_unguarded(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<A
         .await
     {
         Ok(Some(live)) => Arc::new(live),
-        Ok(None) => return Ok(Action::await_change()),
+        Ok(None) => {
+            ctx.usage.forget(&ns, &at.name_any());
+            return Ok(Action::await_change());
+        }
         Err(e) => {
             ctx.metrics
                 .observe_reconcile(started.elapsed(), Some("kube"));
@@ -151,6 +154,10 @@ async fn reconcile_unguarded(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<A
         }
     };
     let at = live;
+    if let Some(st) = &at.status {
+        ctx.usage
+            .track(&ns, &at.name_any(), &st.history, st.usage.as_ref());
+    }
     // Writes of this reconcile go on the version just read (an entry left
     // by a reconcile that panicked is stale).
     let uid = at.uid().unwrap_or_default();
@@ -771,6 +778,10 @@ async fn mint_and_deliver(
                     issued_at: t.issued_at,
                     expires_at: t.expires_at,
                     handle: &t.handle.0,
+                    credential_id: crate::usage::credential_id(
+                        o.backend.kind(),
+                        t.token.expose_secret(),
+                    ),
                 },
             );
             o.values.offer(&o.status, revision, Some(t.token.clone()));
@@ -1750,11 +1761,14 @@ pub(super) async fn status_write(
         status.conditions = base.conditions.clone();
     }
     ledger::apply_foreign(&mut status, &foreign);
+    // `usage` is the usage tracker's field (its own field manager): never
+    // written here, and never a difference.
+    status.usage = None;
     // Compared as the API server would store it (times in whole seconds).
     if let Ok(stored) = serde_json::to_value(&status).and_then(serde_json::from_value) {
         status = stored;
     }
-    if status == base {
+    if status == without_usage(&base) {
         return Ok(());
     }
     let api: Api<AgentToken> =
@@ -1783,6 +1797,14 @@ pub(super) async fn status_write(
             .await
         {
             Ok(written) => {
+                if let Some(st) = &written.status {
+                    ctx.usage.track(
+                        &at.namespace().unwrap_or_default(),
+                        &at.name_any(),
+                        &st.history,
+                        st.usage.as_ref(),
+                    );
+                }
                 // The server's copy, not ours: it is what a later conflict
                 // is told apart from (times come back in whole seconds).
                 ctx.set_written(
@@ -1805,9 +1827,10 @@ pub(super) async fn status_write(
         };
         let theirs = now.status.clone().unwrap_or_default();
         let changed = ledger::foreign(&base, &theirs);
-        // A change of metadata only (a tenant's annotation) is no reason
-        // to give up: only conflicts over status count.
-        if theirs != base {
+        // A change of metadata only (a tenant's annotation) or of usage
+        // (the tracker's) is no reason to give up: only conflicts over the
+        // reconcile's status count.
+        if without_usage(&theirs) != without_usage(&base) {
             conflicts += 1;
         }
         if conflicts >= STATUS_WRITE_ATTEMPTS || tries >= STATUS_WRITE_TRIES {
@@ -1817,7 +1840,7 @@ pub(super) async fn status_write(
         ledger::apply_foreign(&mut status, &foreign);
         version = now.resource_version().unwrap_or_default();
         base = theirs;
-        if status == base {
+        if status == without_usage(&base) {
             ctx.set_written(
                 &uid,
                 Some(super::Written {
@@ -1828,6 +1851,14 @@ pub(super) async fn status_write(
             );
             return Ok(());
         }
+    }
+}
+
+/// A status without the usage tracker's field.
+fn without_usage(s: &AgentTokenStatus) -> AgentTokenStatus {
+    AgentTokenStatus {
+        usage: None,
+        ..s.clone()
     }
 }
 

@@ -20,5 +20,6 @@ mod policy;
 mod release;
 mod support;
 mod transport;
+mod usage;
 mod vault;
 mod webhook;
