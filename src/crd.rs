@@ -278,6 +278,53 @@ pub struct AgentTokenSpec {
     /// `agenttoken.dev/rotate` and `agenttoken.dev/revoke` annotations still work.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// Where uses of the token may come from, and what a use from anywhere
+    /// else does (needs the operator's usage endpoint; see the README's
+    /// "Usage tracking").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageSpec>,
+}
+
+/// `spec.usage`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageSpec {
+    /// Addresses uses may come from: CIDRs (`10.0.0.0/8`) or single
+    /// addresses. Empty: the Pods in this namespace whose volumes or
+    /// environment use the Secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "expected_sources_schema")]
+    pub expected_sources: Vec<String>,
+    /// `Report` (the default): a Warning Event `UnexpectedSource`, the
+    /// `UnexpectedSource` condition and a metric. `Revoke`: also revoke the
+    /// token at once and mint a new one for the real consumers.
+    #[serde(default)]
+    pub on_unexpected_source: UnexpectedSourceAction,
+}
+
+/// What a use from an unexpected address does.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum UnexpectedSourceAction {
+    #[default]
+    Report,
+    Revoke,
+}
+
+fn expected_sources_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<Vec<String>>();
+    schema.insert("maxItems".into(), 32.into());
+    schema.insert(
+        "items".into(),
+        serde_json::json!({"type": "string", "maxLength": 64}),
+    );
+    schema.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([{
+            "rule": "self.all(s, isCIDR(s) || isIP(s))",
+            "message": "each expected source is a CIDR (10.0.0.0/8) or an IP address"
+        }]),
+    );
+    schema
 }
 
 /// Which issuer mints the token.
@@ -553,6 +600,10 @@ pub struct TokenUsage {
     /// Addresses it was used from, the first 8 distinct ones seen.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<String>,
+    /// Of those and any later ones, the addresses `spec.usage` does not
+    /// expect (the first 8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unexpected_sources: Vec<String>,
     /// The user agent of the last request (at most 128 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<String>,
@@ -602,6 +653,9 @@ pub enum RotationReason {
     SecretDrift,
     /// `rotation.schedule` fired.
     Cron,
+    /// The token was used from an unexpected address and
+    /// `spec.usage.onUnexpectedSource` is `Revoke`: revoked at once.
+    UnexpectedSource,
 }
 
 /// One minted token in the revocation ledger.
@@ -780,6 +834,7 @@ impl RotationReason {
                 | RotationReason::Revoked
                 | RotationReason::SecretDrift
                 | RotationReason::SpecChanged
+                | RotationReason::UnexpectedSource
         )
     }
 }
@@ -808,6 +863,7 @@ impl AgentTokenSpec {
             previous_token_grace_period: None,
             consumers: None,
             paused: false,
+            usage: None,
         }
     }
 }

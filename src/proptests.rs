@@ -248,6 +248,7 @@ proptest! {
                 jitter_key: "k",
                 rotate_trigger: rotate.as_deref(),
                 revoke_trigger: None,
+                compromised: None,
                 secret: &view,
                 last_revision,
                 failed_attempts: failed,

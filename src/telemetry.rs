@@ -133,6 +133,12 @@ pub struct Metrics {
     consumer_restarts: Family<RestartLabels, Counter>,
     api_requests: Family<ApiRequestLabels, Counter>,
     usage_events: Family<UsageLabels, Counter>,
+    unexpected_uses: Family<ActionLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -212,7 +218,14 @@ impl Metrics {
             "Audit records received by the usage endpoint: matched to an AgentToken's token, unmatched, invalid batches, unauthorized requests",
             usage_events.clone(),
         );
+        let unexpected_uses = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "unexpected_uses",
+            "Token uses from an address spec.usage does not expect, by what was done (report, revoke)",
+            unexpected_uses.clone(),
+        );
         Metrics {
+            unexpected_uses,
             usage_events,
             registry,
             token_expiry,
@@ -255,6 +268,13 @@ impl Metrics {
                 .get_or_create(&UsageLabels { result })
                 .inc_by(n);
         }
+    }
+
+    /// Counts a use from an unexpected address.
+    pub fn unexpected_use(&self, action: &'static str) {
+        self.unexpected_uses
+            .get_or_create(&ActionLabels { action })
+            .inc();
     }
 
     pub fn policy_violation(&self) {

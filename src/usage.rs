@@ -90,12 +90,35 @@ struct Tracked {
     uses: HashMap<Key, BTreeMap<i64, TokenUsage>>,
     /// AgentTokens whose uses changed since the last flush.
     dirty: HashSet<Key>,
+    /// Sources already checked (or queued) per token revision.
+    checked: HashMap<(Key, i64), HashSet<String>>,
+    /// Sources to check against `spec.usage`, oldest first.
+    pending: std::collections::VecDeque<Check>,
+}
+
+/// Sources checked per token revision; beyond, uses are still counted but
+/// their sources not checked (a token used from that many places is
+/// reported long before).
+const MAX_CHECKED: usize = 32;
+/// Checks waiting at most; beyond, new sources wait for their next use.
+const MAX_PENDING: usize = 4096;
+
+/// A source to check against an AgentToken's `spec.usage`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub namespace: String,
+    pub name: String,
+    pub revision: i64,
+    pub source: String,
 }
 
 /// Maps uses to AgentToken revisions and keeps them until flushed.
 #[derive(Default)]
 pub struct Tracker {
     inner: Mutex<Tracked>,
+    checks: tokio::sync::Notify,
+    /// Wakes the flush at once: an unexpected use must not wait for the tick.
+    urgent: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -117,7 +140,7 @@ pub struct Use {
 
 impl Tracker {
     /// Registers the credential ids of an AgentToken's current and
-    /// previous tokens (`Live` and `Grace` ledger entries), as its status
+    /// previous tokens (its two newest ledger entries with one), as its status
     /// says after a read or a write, and what status already says of their
     /// use (so a restarted operator counts on from there). Ids of tokens no
     /// longer current or previous are forgotten.
@@ -130,11 +153,17 @@ impl Tracker {
     ) {
         let key: Key = (namespace.to_string(), name.to_string());
         let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let wanted: HashMap<String, i64> = history
+        // The two newest tokens with an id, whatever their state: the
+        // current and the previous one (a revoked token's record of use is
+        // the evidence of why it was revoked).
+        let mut with_id: Vec<(i64, String)> = history
             .iter()
-            .filter(|e| matches!(e.state, Some(TokenLife::Live | TokenLife::Grace)))
-            .filter_map(|e| Some((e.credential_id.clone()?, e.revision)))
+            .filter(|e| !matches!(e.state, Some(TokenLife::Minting)))
+            .filter_map(|e| Some((e.revision, e.credential_id.clone()?)))
             .collect();
+        with_id.sort_by_key(|e| std::cmp::Reverse(e.0));
+        let wanted: HashMap<String, i64> =
+            with_id.into_iter().take(2).map(|(r, id)| (id, r)).collect();
         let old = t.credentials.remove(&key).unwrap_or_default();
         for id in old.difference(&wanted.keys().cloned().collect()) {
             if t.by_credential.get(id).is_some_and(|(k, _)| *k == key) {
@@ -201,15 +230,71 @@ impl Tracker {
                     entry.user_agent = Some(agent.chars().take(MAX_USER_AGENT).collect());
                 }
             }
-            if let Some(source) = u.source
+            if let Some(source) = &u.source
                 && entry.sources.len() < MAX_USAGE_SOURCES
-                && !entry.sources.contains(&source)
+                && !entry.sources.contains(source)
             {
-                entry.sources.push(source);
+                entry.sources.push(source.clone());
             }
-            t.dirty.insert(key);
+            t.dirty.insert(key.clone());
+            if let Some(source) = u.source {
+                let pending = t.pending.len();
+                let checked = t.checked.entry((key.clone(), revision)).or_default();
+                if checked.len() < MAX_CHECKED
+                    && pending < MAX_PENDING
+                    && checked.insert(source.clone())
+                {
+                    t.pending.push_back(Check {
+                        namespace: key.0.clone(),
+                        name: key.1.clone(),
+                        revision,
+                        source,
+                    });
+                    self.checks.notify_one();
+                }
+            }
         }
         (matched, unmatched)
+    }
+
+    /// The next source to check, if any.
+    pub fn next_check(&self) -> Option<Check> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pending
+            .pop_front()
+    }
+
+    /// Resolves when a check may be waiting.
+    pub async fn checks_waiting(&self) {
+        self.checks.notified().await
+    }
+
+    /// A checked source was not expected: recorded with the token's use.
+    pub fn unexpected(&self, c: &Check) {
+        let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (c.namespace.clone(), c.name.clone());
+        let Some(entry) = t.uses.get_mut(&key).and_then(|u| u.get_mut(&c.revision)) else {
+            return;
+        };
+        if entry.unexpected_sources.len() < MAX_USAGE_SOURCES
+            && !entry.unexpected_sources.contains(&c.source)
+        {
+            entry.unexpected_sources.push(c.source.clone());
+            t.dirty.insert(key);
+            self.urgent.notify_one();
+        }
+    }
+
+    /// A check that could not be made: the source is checked again at its
+    /// next use.
+    pub fn unchecked(&self, c: &Check) {
+        let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (c.namespace.clone(), c.name.clone());
+        if let Some(set) = t.checked.get_mut(&(key, c.revision)) {
+            set.remove(&c.source);
+        }
     }
 
     /// The changed AgentTokens' `status.usage`, newest revision first, at
@@ -245,8 +330,9 @@ impl Tracker {
     }
 }
 
-/// Writes changed usage to status every [`FLUSH_EVERY`] while `is_leader`
-/// says so (a standby's view is its own, and status is the leader's).
+/// Writes changed usage to status every [`FLUSH_EVERY`], and at once when
+/// an unexpected source was found, while `is_leader` says so (a standby's
+/// view is its own, and status is the leader's).
 pub async fn flush_loop(
     client: Client,
     tracker: Arc<Tracker>,
@@ -260,6 +346,7 @@ pub async fn flush_loop(
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tick.tick() => {}
+            _ = tracker.urgent.notified() => {}
         }
         if !is_leader() {
             continue;
@@ -406,6 +493,10 @@ async fn audit(State(e): State<Endpoint>, headers: HeaderMap, body: Bytes) -> St
     }
     match parse_audit(&body) {
         Ok(uses) => {
+            let oldest = uses.iter().map(|u| u.at).min();
+            if let Some(oldest) = oldest {
+                debug!(uses = uses.len(), oldest_age = %Timestamp::now().duration_since(oldest), "audit batch");
+            }
             let (matched, unmatched) = e.tracker.record(uses);
             e.metrics.usage_events("matched", matched as u64);
             e.metrics.usage_events("unmatched", unmatched as u64);
@@ -614,12 +705,15 @@ mod tests {
             "t",
             "bot",
             &[
-                entry(2, "jti:b", TokenLife::Live),
+                entry(3, "jti:c", TokenLife::Live),
+                entry(2, "jti:b", TokenLife::Revoked),
                 entry(1, "jti:a", TokenLife::Revoked),
             ],
             None,
         );
-        assert_eq!(tr.tracked(), 1);
+        // The two newest tokens are tracked (a revoked one's uses are the
+        // evidence); the oldest id is forgotten.
+        assert_eq!(tr.tracked(), 2);
         let late = parse_audit(
             serde_json::json!({"items": [event("a", "10.0.0.1", "2026-11-29T11:00:00Z")]})
                 .to_string()

@@ -53,6 +53,9 @@ pub struct Inputs<'a> {
     pub jitter_key: &'a str,
     pub rotate_trigger: Option<&'a str>,
     pub revoke_trigger: Option<&'a str>,
+    /// A revision used from an unexpected address, when `spec.usage` says
+    /// to revoke such a token (`onUnexpectedSource: Revoke`).
+    pub compromised: Option<i64>,
     pub secret: &'a SecretView,
     /// status.revision: the last revision this AgentToken ever minted.
     pub last_revision: i64,
@@ -159,6 +162,16 @@ fn wanted_mint(
             revoke_current_now: true,
         });
     }
+    // A token used from where it should not be: replaced, the old one
+    // revoked at once, even while paused.
+    if let (Some(c), Some(r)) = (current, i.compromised)
+        && c.revision == r
+    {
+        return Some(Mint {
+            reason: RotationReason::UnexpectedSource,
+            revoke_current_now: true,
+        });
+    }
     if changed(i.rotate_trigger, i.secret.rotate_handled.as_deref()) {
         return mint(RotationReason::Manual);
     }
@@ -254,6 +267,7 @@ mod tests {
             jitter_key: "uid/1",
             rotate_trigger: None,
             revoke_trigger: None,
+            compromised: None,
             secret,
             last_revision: 1,
             failed_attempts: 0,
@@ -388,6 +402,38 @@ mod tests {
         let mut i = inputs("2026-01-01T00:01:00Z", &handled);
         i.rotate_trigger = Some("1");
         assert_eq!(decide(&i).mint, None);
+    }
+
+    #[test]
+    fn a_token_used_from_an_unexpected_address_is_replaced_and_revoked_at_once() {
+        let v = view("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z");
+        let current = v.current.as_ref().unwrap().revision;
+        let mut i = inputs("2026-01-01T00:01:00Z", &v);
+        i.paused = true;
+        i.compromised = Some(current);
+        assert_eq!(
+            decide(&i).mint,
+            Some(Mint {
+                reason: RotationReason::UnexpectedSource,
+                revoke_current_now: true
+            }),
+            "even while paused"
+        );
+        // An older revision's unexpected use is not the current token's:
+        // once replaced, nothing more happens.
+        i.compromised = Some(current - 1);
+        i.paused = false;
+        assert_eq!(decide(&i).mint, None);
+        // A forced mint: it waits for the mint floor like the others.
+        i.compromised = Some(current);
+        let recent = [rotation::PastMint {
+            at: "2026-01-01T00:00:55Z".parse().unwrap(),
+            forced: false,
+        }];
+        i.recent_mints = &recent;
+        let d = decide(&i);
+        assert_eq!(d.mint, None);
+        assert!(d.floor_until.is_some());
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod restarts;
 pub mod revoke;
 pub mod secret;
 pub mod selector;
+pub mod sources;
 pub mod status;
 pub mod workloads;
 
@@ -659,13 +660,15 @@ pub async fn run(
         }
     };
     tokio::spawn(readiness_task);
+    loops.push(sources::run(ctx.clone(), shutdown.clone()).boxed());
 
     futures::future::join_all(loops).await;
     info!("controllers stopped");
 }
 
 /// What of an AgentToken is worth a reconcile when it changes: its spec
-/// (generation), the rotate and revoke annotations, its deletion. Status is
+/// (generation), the rotate and revoke annotations, its deletion, and an
+/// address the usage tracker found unexpected. The rest of status is
 /// not: the operator's own status writes would each bring another
 /// reconcile (an admin's status edit, `kubectl agenttoken abandon`, is
 /// read at the next one). Finalizers are not either: a removed finalizer is
@@ -682,6 +685,11 @@ fn reconcile_trigger(at: &AgentToken) -> Option<u64> {
     let annotations = at.metadata.annotations.as_ref();
     for key in [labels::ROTATE, labels::REVOKE] {
         annotations.and_then(|a| a.get(key)).hash(&mut h);
+    }
+    if let Some(u) = at.status.as_ref().and_then(|s| s.usage.as_ref()) {
+        for t in &u.tokens {
+            (t.revision, &t.unexpected_sources).hash(&mut h);
+        }
     }
     Some(h.finish())
 }
@@ -751,6 +759,20 @@ fn slim_cached_agent_token(at: &mut AgentToken) {
         handled_triggers: st.handled_triggers.map(|h| crate::crd::HandledTriggers {
             rotate: None,
             revoke: h.revoke,
+        }),
+        // Only the unexpected sources, for `reconcile_trigger` (rarely any).
+        usage: st.usage.and_then(|u| {
+            let tokens: Vec<_> = u
+                .tokens
+                .into_iter()
+                .filter(|t| !t.unexpected_sources.is_empty())
+                .map(|t| crate::crd::TokenUsage {
+                    revision: t.revision,
+                    unexpected_sources: t.unexpected_sources,
+                    ..Default::default()
+                })
+                .collect();
+            (!tokens.is_empty()).then_some(crate::crd::UsageStatus { tokens })
         }),
         ..Default::default()
     });

@@ -32,11 +32,14 @@ pub enum Reason {
     RolloutTimedOut,
     WorkloadSignalFailed,
     ConsumersUnknown,
+    // UnexpectedSource (condition and Event)
+    UnexpectedSource,
+    SourcesExpected,
 }
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 25] = [
         Reason::TokenValid,
         Reason::TokenExpired,
         Reason::Paused,
@@ -60,6 +63,8 @@ impl Reason {
         Reason::RolloutTimedOut,
         Reason::WorkloadSignalFailed,
         Reason::ConsumersUnknown,
+        Reason::UnexpectedSource,
+        Reason::SourcesExpected,
     ];
 
     /// The reason as it appears in conditions and Events.
@@ -88,6 +93,8 @@ impl Reason {
             Reason::RolloutTimedOut => "RolloutTimedOut",
             Reason::WorkloadSignalFailed => "WorkloadSignalFailed",
             Reason::ConsumersUnknown => "ConsumersUnknown",
+            Reason::UnexpectedSource => "UnexpectedSource",
+            Reason::SourcesExpected => "SourcesExpected",
         }
     }
 }

@@ -22,7 +22,7 @@ use super::keeper::Keeper;
 use super::queue::Urgency;
 use super::reason::Reason;
 use super::secret::{self, Desired, Ownership, SlotState, TokenState};
-use super::status::{self, ISSUING, READY, Want};
+use super::status::{self, ISSUING, READY, UNEXPECTED_SOURCE, Want};
 use super::workloads::Unavailable;
 use super::{Context, Error, FIELD_MANAGER, STATUS_MANAGER};
 use super::{ledger, revoke};
@@ -244,6 +244,7 @@ struct Observed {
     jitter_key: String,
     rotate_trigger: Option<String>,
     revoke_trigger: Option<String>,
+    compromised: Option<i64>,
     recent_mints: Vec<rotation::PastMint>,
     paused: bool,
 }
@@ -275,6 +276,7 @@ impl Observed {
             jitter_key: &self.jitter_key,
             rotate_trigger: self.rotate_trigger.as_deref(),
             revoke_trigger: self.revoke_trigger.as_deref(),
+            compromised: self.compromised,
             secret: &self.view,
             last_revision: self.old_status.revision,
             failed_attempts: self.old_status.failed_attempts.max(0) as u32,
@@ -476,6 +478,7 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
         jitter_key: format!("{uid}/{}", view.current.as_ref().map_or(0, |c| c.revision)),
         rotate_trigger: annotations.get(labels::ROTATE).map(|v| trigger_value(v)),
         revoke_trigger: annotations.get(labels::REVOKE).map(|v| trigger_value(v)),
+        compromised: compromised(at),
         ns,
         name,
         uid,
@@ -497,6 +500,24 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
         recent_mints,
         paused: at.spec.paused,
     })))
+}
+
+/// The newest revision seen used from an unexpected address, when
+/// `spec.usage.onUnexpectedSource` is `Revoke`.
+fn compromised(at: &AgentToken) -> Option<i64> {
+    at.spec
+        .usage
+        .as_ref()
+        .filter(|u| u.on_unexpected_source == crate::crd::UnexpectedSourceAction::Revoke)?;
+    at.status
+        .as_ref()?
+        .usage
+        .as_ref()?
+        .tokens
+        .iter()
+        .filter(|t| !t.unexpected_sources.is_empty())
+        .map(|t| t.revision)
+        .max()
 }
 
 /// What a reconcile does, from its observation alone.
@@ -1725,7 +1746,41 @@ fn conditions(
         (None, None) if paused => Want::new(ISSUING, false, Reason::Paused, "rotation is paused"),
         (None, None) => Want::new(ISSUING, false, Reason::Idle, "no mint in progress"),
     };
-    vec![ready, issuing]
+    let mut wants = vec![ready, issuing];
+    wants.extend(unexpected_source(status));
+    wants
+}
+
+/// The `UnexpectedSource` condition, once usage tracking has seen a use.
+fn unexpected_source(status: &AgentTokenStatus) -> Option<Want> {
+    let usage = status.usage.as_ref()?;
+    let seen: Vec<String> = usage
+        .tokens
+        .iter()
+        .filter(|t| !t.unexpected_sources.is_empty())
+        .map(|t| {
+            format!(
+                "revision {} from {}",
+                t.revision,
+                t.unexpected_sources.join(", ")
+            )
+        })
+        .collect();
+    Some(if seen.is_empty() {
+        Want::new(
+            UNEXPECTED_SOURCE,
+            false,
+            Reason::SourcesExpected,
+            "every use seen came from an expected address",
+        )
+    } else {
+        Want::new(
+            UNEXPECTED_SOURCE,
+            true,
+            Reason::UnexpectedSource,
+            format!("used from unexpected addresses: {}", seen.join("; ")),
+        )
+    })
 }
 
 /// Writes status through `/status` with server-side apply, only when it
@@ -2791,6 +2846,7 @@ mod tests {
             jitter_key: "k",
             rotate_trigger: None,
             revoke_trigger: None,
+            compromised: None,
             secret: &view,
             last_revision: 0,
             failed_attempts: 0,

@@ -8,6 +8,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 pub const READY: &str = "Ready";
 /// Condition type: a mint is in progress or failing.
 pub const ISSUING: &str = "Issuing";
+/// A token was used from an address `spec.usage` does not expect (present
+/// once usage tracking has seen a use).
+pub const UNEXPECTED_SOURCE: &str = "UnexpectedSource";
 
 /// One condition as reconcile wants it.
 #[derive(Clone, Debug, PartialEq, Eq)]

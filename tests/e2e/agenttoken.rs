@@ -15,7 +15,7 @@ use agent_token_operator::crd::{AgentToken, RevocationState, RotationReason};
 use crate::support::{Operator, TestNamespace, applied, apply, eventually};
 
 /// What TokenReview says of a token: the username when authenticated.
-async fn review(ns: &TestNamespace, token: &str) -> Option<String> {
+pub(crate) async fn review(ns: &TestNamespace, token: &str) -> Option<String> {
     let api: Api<TokenReview> = Api::all(ns.client.clone());
     let tr = TokenReview {
         spec: TokenReviewSpec {

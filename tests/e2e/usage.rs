@@ -222,3 +222,207 @@ spec:
         assert_eq!(status.as_u16(), 401, "{auth:?}");
     }
 }
+
+/// The current token of `name` (read by the test, never printed).
+async fn token_of(ns: &TestNamespace, secret: &str) -> Option<String> {
+    let s = ns
+        .api::<k8s_openapi::api::core::v1::Secret>()
+        .get(secret)
+        .await
+        .ok()?;
+    let v = s.data?.remove("token")?;
+    Some(String::from_utf8_lossy(&v.0).trim().to_string())
+}
+
+/// The same token used from the host (not a Pod that uses the Secret)
+/// raises `UnexpectedSource`; with `onUnexpectedSource: Revoke` the token
+/// is dead at once (TokenReview says so) and the consumer's new Pod holds
+/// a new one, whose uses are expected.
+#[tokio::test]
+async fn usage_a_token_used_from_the_host_is_unexpected_and_with_revoke_dies_at_once() {
+    crate::node::node();
+    let _turn = ENDPOINT.lock().await;
+    let ns = TestNamespace::new("usage-steal").await;
+    let flags = usage_flags();
+    let mut args: Vec<&str> = vec!["--leader-election=false"];
+    args.extend(flags.iter().map(String::as_str));
+    let _op = Operator::start_with(&ns.name, "usage", &args);
+    applied(&ns, SA_ISSUER);
+    // A tenant's malformed expected sources are refused at admission.
+    crate::hostile::tenant(&ns).await;
+    let out = crate::hostile::apply_as_tenant(
+        &ns.name,
+        "apiVersion: agenttoken.dev/v1alpha1\nkind: AgentToken\nmetadata: {name: odd}\n\
+         spec: {issuerRef: {name: sa}, serviceAccountName: builder,\n\
+         usage: {expectedSources: [\"10.0.0.0/8\", \"everywhere\"]}}\n",
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("each expected source is a CIDR"),
+        "{said}"
+    );
+    applied(
+        &ns,
+        r#"
+apiVersion: agenttoken.dev/v1alpha1
+kind: AgentToken
+metadata: {name: bot}
+spec:
+  issuerRef: {name: sa}
+  serviceAccountName: builder
+  lifetime: 10m
+  previousTokenGracePeriod: 0s
+  consumers: {strategy: RolloutRestart}
+  usage: {onUnexpectedSource: Revoke}
+"#,
+    );
+    let (api_host, api_port) = crate::release::pod_api();
+    applied(
+        &ns,
+        &agent_using_its_token("agent", "bot", &api_host, &api_port),
+    );
+    let ats: Api<AgentToken> = ns.api();
+    // The real consumer's uses are expected.
+    eventually(
+        Duration::from_secs(90),
+        "the agent's uses seen, all expected",
+        || async {
+            let at = ats.get("bot").await.ok()?;
+            let st = at.status?;
+            let u = st.usage?.tokens.into_iter().find(|t| t.revision == 1)?;
+            (u.requests > 0 && u.unexpected_sources.is_empty()).then_some(())
+        },
+    )
+    .await;
+    // A copy is stolen later than the per-AgentToken mint floor (10 s
+    // after the last mint), which would otherwise hold the replacement back.
+    let issued = ats
+        .get("bot")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.issued_at)
+        .expect("issuedAt")
+        .0;
+    let age = jiff::Timestamp::now().duration_since(issued).as_secs_f64();
+    if age < 12.0 {
+        tokio::time::sleep(Duration::from_secs_f64(12.0 - age)).await;
+    }
+    let stolen = token_of(&ns, "bot").await.expect("the token");
+    assert!(crate::agenttoken::review(&ns, &stolen).await.is_some());
+
+    // Someone uses a copy from the host.
+    let server = crate::support::api_server();
+    let ca = std::path::Path::new(&flags[3]).with_file_name("ca.crt");
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let used = Instant::now();
+    let status = client
+        .get(format!("{server}/api"))
+        .bearer_auth(&stolen)
+        .header("User-Agent", "curl/8.0")
+        .send()
+        .await
+        .expect("a request with the stolen token")
+        .status();
+    let used_at = jiff::Timestamp::now();
+    assert_eq!(status.as_u16(), 200, "the copy worked until now");
+
+    // Dead at the API server within seconds of its use.
+    eventually(
+        Duration::from_secs(20),
+        "the stolen token refused by TokenReview",
+        || async {
+            crate::agenttoken::review(&ns, &stolen)
+                .await
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    let dead_after = used.elapsed();
+
+    // Status says what happened, and why.
+    let at = eventually(
+        Duration::from_secs(20),
+        "revision 2 minted for UnexpectedSource",
+        || async {
+            let at = ats.get("bot").await.ok()?;
+            let st = at.status.as_ref()?;
+            (st.revision >= 2
+                && st.last_rotation_reason
+                    == Some(agent_token_operator::crd::RotationReason::UnexpectedSource))
+            .then_some(at)
+        },
+    )
+    .await;
+    let st = at.status.unwrap();
+    // The operator revoked it (deleted its binding) within seconds; the API
+    // server then accepts it for at most 10 s more: kube-apiserver caches a
+    // successful token authentication for 10 s (TokenSuccessCacheTTL, not
+    // a flag), and this token was just used.
+    let revoked_at = st
+        .history
+        .iter()
+        .find(|e| e.revision == 1)
+        .and_then(|e| e.revoked_at.as_ref())
+        .expect("revision 1 revoked")
+        .0;
+    let revoked_after = revoked_at.duration_since(used_at).as_secs_f64().max(0.0);
+    eprintln!(
+        "used from the host; revoked by the operator {revoked_after:.1} s later (status, whole seconds); refused by TokenReview {dead_after:?} after the use"
+    );
+    assert!(
+        revoked_after <= 5.0,
+        "revoked within seconds of the use: {revoked_after} s"
+    );
+    let old = st
+        .usage
+        .as_ref()
+        .and_then(|u| u.tokens.iter().find(|t| t.revision == 1));
+    assert!(
+        old.is_some_and(|t| t.unexpected_sources.contains(&"127.0.0.1".to_string())),
+        "the host's address recorded as unexpected: {:?}",
+        st.usage
+    );
+    let cond = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "UnexpectedSource")
+        .expect("the UnexpectedSource condition");
+    assert_eq!(
+        (cond.status.as_str(), cond.reason.as_str()),
+        ("True", "UnexpectedSource")
+    );
+    let events = ns
+        .kubectl(&["get", "events.events.k8s.io", "-o", "json"])
+        .stdout;
+    let events = String::from_utf8_lossy(&events);
+    assert!(
+        events.contains("\"reason\": \"UnexpectedSource\"") && events.contains("127.0.0.1"),
+        "a Warning Event UnexpectedSource naming the address"
+    );
+    assert!(!events.contains(&stolen), "no token in Events");
+
+    // The consumer was restarted with the new token, and its uses of it
+    // are expected.
+    let fresh = token_of(&ns, "bot").await.expect("the new token");
+    assert_ne!(fresh, stolen);
+    eventually(
+        Duration::from_secs(90),
+        "the new Pod using revision 2, expected",
+        || async {
+            let st = ats.get("bot").await.ok()?.status?;
+            let u = st
+                .usage?
+                .tokens
+                .into_iter()
+                .find(|t| t.revision == st.revision)?;
+            (u.requests > 0 && u.unexpected_sources.is_empty()).then_some(())
+        },
+    )
+    .await;
+    assert!(crate::agenttoken::review(&ns, &fresh).await.is_some());
+}
