@@ -124,6 +124,18 @@ struct RunArgs {
     /// webhook's kubeconfig presents one).
     #[arg(long, env = "USAGE_TOKEN_FILE", requires = "usage_address")]
     usage_token_file: Option<std::path::PathBuf>,
+    /// Take a Vault/OpenBao `socket` audit device's entries here (TCP).
+    /// Needs --usage-vault-audit-prefix-file.
+    #[arg(long, env = "USAGE_VAULT_AUDIT_ADDRESS")]
+    usage_vault_audit_address: Option<SocketAddr>,
+    /// The secret the device's `prefix` option puts before every entry
+    /// (the file's first line); lines without it are refused.
+    #[arg(
+        long,
+        env = "USAGE_VAULT_AUDIT_PREFIX_FILE",
+        requires = "usage_vault_audit_address"
+    )]
+    usage_vault_audit_prefix_file: Option<std::path::PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -291,6 +303,36 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 error!(error = %e, %addr, "the usage endpoint stopped");
             }
         }));
+    }
+    if let Some(addr) = args.usage_vault_audit_address {
+        let Some(file) = &args.usage_vault_audit_prefix_file else {
+            anyhow::bail!("--usage-vault-audit-address needs --usage-vault-audit-prefix-file");
+        };
+        let prefix =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let prefix = prefix.lines().next().unwrap_or_default().trim().to_string();
+        if prefix.len() < 16 {
+            anyhow::bail!(
+                "{}: the audit prefix is the shared secret: at least 16 characters",
+                file.display()
+            );
+        }
+        let (tracker, metrics, stopped) = (usage.clone(), metrics.clone(), shutdown());
+        usage_tasks.push(tokio::spawn(async move {
+            let served = agent_token_operator::usage::serve_vault_audit(
+                addr,
+                Arc::new(prefix.into_bytes()),
+                tracker,
+                metrics,
+                stopped,
+            )
+            .await;
+            if let Err(e) = served {
+                error!(error = %e, %addr, "the Vault audit listener stopped");
+            }
+        }));
+    }
+    if !usage_tasks.is_empty() {
         let is_leader = {
             let leadership = leadership.clone();
             move || leadership.is_leader()

@@ -48,10 +48,17 @@ const MAX_USER_AGENT: usize = 128;
 
 /// The id under which the issuer reports uses of `token`, for the kinds
 /// whose tokens carry one the operator can trust: a service-account token
-/// (the API server signed it, and audits `JTI=<jti>`) and the jwt issuer's
-/// own tokens. `None` for anything else or anything malformed. The token
-/// is only decoded, never kept.
-pub fn credential_id(issuer_type: &str, token: &str) -> Option<String> {
+/// (the API server signed it, and audits `JTI=<jti>`), the jwt issuer's
+/// own tokens, and a Vault child token's accessor (from its ledger
+/// `handle`). `None` for anything else or anything malformed. The token is
+/// only decoded, never kept.
+pub fn credential_id(issuer_type: &str, token: &str, handle: &str) -> Option<String> {
+    // A Vault/OpenBao child token: its accessor, as audit devices log it
+    // (with `hmac_accessor = false`).
+    if issuer_type == "vault" {
+        let accessor = handle.strip_prefix("vault-accessor:")?;
+        return valid_id(accessor).then(|| format!("accessor:{accessor}"));
+    }
     if issuer_type != "serviceAccount" && issuer_type != "jwt" {
         return None;
     }
@@ -448,6 +455,137 @@ pub fn parse_audit(body: &[u8]) -> Result<Vec<Use>, serde_json::Error> {
         .collect())
 }
 
+/// The parts of a Vault/OpenBao audit entry the tracker reads.
+#[derive(Deserialize)]
+struct VaultEntry {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    time: Option<Timestamp>,
+    #[serde(default)]
+    auth: Option<VaultAuth>,
+    #[serde(default)]
+    request: Option<VaultRequest>,
+}
+
+#[derive(Deserialize)]
+struct VaultAuth {
+    #[serde(default)]
+    accessor: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct VaultRequest {
+    #[serde(default)]
+    remote_address: Option<String>,
+}
+
+/// The use in one Vault/OpenBao audit entry (JSON, its prefix removed):
+/// the `response` entry of a request made with a token whose accessor is
+/// logged in clear (`hmac_accessor = false`). `None` for request entries,
+/// requests without a token, hashed accessors, or what is not an entry.
+pub fn parse_vault_audit(line: &[u8]) -> Option<Use> {
+    let e: VaultEntry = serde_json::from_slice(line).ok()?;
+    if e.kind != "response" {
+        return None;
+    }
+    let accessor = e.auth?.accessor?;
+    if !valid_id(&accessor) {
+        return None;
+    }
+    Some(Use {
+        credential_id: format!("accessor:{accessor}"),
+        at: e.time?,
+        source: e
+            .request
+            .and_then(|r| r.remote_address)
+            .filter(|a| a.parse::<std::net::IpAddr>().is_ok()),
+        user_agent: None,
+    })
+}
+
+/// Longest audit line read (a response entry with its request and auth).
+const MAX_VAULT_LINE: u64 = 256 * 1024;
+/// Audit connections served at once (an audit device keeps one).
+const MAX_VAULT_CONNECTIONS: usize = 16;
+
+/// Serves a Vault/OpenBao `socket` audit device (TCP, one JSON entry per
+/// line) on `addr` until `shutdown`. The device's `prefix` option is the
+/// shared secret: a line that does not start with it ends the connection
+/// (counted `unauthorized`).
+pub async fn serve_vault_audit(
+    addr: std::net::SocketAddr,
+    prefix: Arc<Vec<u8>>,
+    tracker: Arc<Tracker>,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving Vault/OpenBao audit entries (socket device)");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_VAULT_CONNECTIONS));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(_) => continue,
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics.usage_events("refused", 1);
+            continue;
+        };
+        let (prefix, tracker, metrics) = (prefix.clone(), tracker.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            read_vault_audit(tcp, &prefix, &tracker, &metrics).await;
+        });
+    }
+}
+
+async fn read_vault_audit(
+    tcp: tokio::net::TcpStream,
+    prefix: &[u8],
+    tracker: &Tracker,
+    metrics: &Metrics,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    let mut reader = BufReader::new(tcp);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut reader)
+            .take(MAX_VAULT_LINE)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.last() != Some(&b'\n') {
+            // Longer than any entry: not an audit device.
+            metrics.usage_events("invalid", 1);
+            return;
+        }
+        let authentic = line.len() > prefix.len()
+            && line[..prefix.len()]
+                .iter()
+                .zip(prefix)
+                .fold(0u8, |d, (a, b)| d | (a ^ b))
+                == 0;
+        if !authentic {
+            metrics.usage_events("unauthorized", 1);
+            return;
+        }
+        if let Some(u) = parse_vault_audit(&line[prefix.len()..]) {
+            let (matched, unmatched) = tracker.record([u]);
+            metrics.usage_events("matched", matched as u64);
+            metrics.usage_events("unmatched", unmatched as u64);
+        }
+    }
+}
+
 /// What the usage endpoint needs.
 #[derive(Clone)]
 pub struct Endpoint {
@@ -628,12 +766,12 @@ mod tests {
     fn credential_ids_come_only_from_trusted_kinds_and_well_formed_jtis() {
         let t = jwt(r#"{"jti":"6f1c-aa","sub":"x"}"#);
         assert_eq!(
-            credential_id("serviceAccount", &t).as_deref(),
+            credential_id("serviceAccount", &t, "").as_deref(),
             Some("jti:6f1c-aa")
         );
-        assert_eq!(credential_id("jwt", &t).as_deref(), Some("jti:6f1c-aa"));
+        assert_eq!(credential_id("jwt", &t, "").as_deref(), Some("jti:6f1c-aa"));
         assert_eq!(
-            credential_id("webhook", &t),
+            credential_id("webhook", &t, "webhook-id:1"),
             None,
             "a foreign issuer's claims are not trusted"
         );
@@ -646,7 +784,7 @@ mod tests {
             "opaque-token".into(),
             "a.!!!.b".into(),
         ] {
-            assert_eq!(credential_id("serviceAccount", &bad), None, "{bad}");
+            assert_eq!(credential_id("serviceAccount", &bad, ""), None, "{bad}");
         }
     }
 
@@ -755,6 +893,36 @@ mod tests {
         .unwrap();
         assert_eq!(uses.len(), 1);
         assert_eq!(uses[0].source, None);
+    }
+
+    #[test]
+    fn vault_audit_response_entries_with_a_clear_accessor_are_uses() {
+        let entry = |kind: &str, accessor: &str| {
+            serde_json::json!({
+                "time": "2026-11-29T10:00:00.123Z", "type": kind,
+                "auth": {"client_token": "hmac-sha256:abc", "accessor": accessor},
+                "request": {"operation": "read", "path": "auth/token/lookup-self", "remote_address": "127.0.0.1"},
+            })
+            .to_string()
+        };
+        let u = parse_vault_audit(entry("response", "aXbYc123").as_bytes()).unwrap();
+        assert_eq!(u.credential_id, "accessor:aXbYc123");
+        assert_eq!(u.source.as_deref(), Some("127.0.0.1"));
+        assert!(
+            parse_vault_audit(entry("request", "aXbYc123").as_bytes()).is_none(),
+            "one use per request"
+        );
+        assert!(
+            parse_vault_audit(entry("response", "hmac-sha256:ff00").as_bytes()).is_none(),
+            "hashed accessor"
+        );
+        assert!(parse_vault_audit(entry("response", "").as_bytes()).is_none());
+        assert!(parse_vault_audit(b"{not json").is_none());
+        assert_eq!(
+            credential_id("vault", "s.token", "vault-accessor:aXbYc123").as_deref(),
+            Some("accessor:aXbYc123")
+        );
+        assert_eq!(credential_id("vault", "s.token", "vault-lease:x/y"), None);
     }
 
     #[test]

@@ -802,6 +802,7 @@ async fn mint_and_deliver(
                     credential_id: crate::usage::credential_id(
                         o.backend.kind(),
                         t.token.expose_secret(),
+                        &t.handle.0,
                     ),
                 },
             );

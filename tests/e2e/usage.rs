@@ -426,3 +426,119 @@ spec:
     .await;
     assert!(crate::agenttoken::review(&ns, &fresh).await.is_some());
 }
+
+/// A Vault child token used against the real OpenBao (from PyPI) is seen
+/// through OpenBao's `socket` audit device, declared in its configuration
+/// (OpenBao refuses audit devices enabled through its API): the entry's
+/// accessor maps the use to the revision, its remote address is the
+/// source. The device's `prefix` is the shared secret; a connection that
+/// does not send it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_a_vault_token_used_against_real_openbao_is_seen_through_its_socket_audit_device() {
+    let ns = TestNamespace::new("usage-bao").await;
+    let port = crate::support::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!(
+        "{}{}{}",
+        crate::support::random_suffix(),
+        crate::support::random_suffix(),
+        crate::support::random_suffix()
+    );
+    let prefix_file = dir.path().join("prefix");
+    std::fs::write(&prefix_file, &prefix).unwrap();
+    let address = format!("127.0.0.1:{port}");
+    let op = Operator::start_with(
+        &ns.name,
+        "usage",
+        &[
+            "--leader-election=false",
+            "--usage-vault-audit-address",
+            &address,
+            "--usage-vault-audit-prefix-file",
+            prefix_file.to_str().unwrap(),
+        ],
+    );
+    // The listener first: OpenBao fails requests it cannot audit anywhere
+    // (a file device beside the socket keeps it serving if the operator is
+    // down, as the README recommends).
+    eventually(Duration::from_secs(30), "the audit listener", || async {
+        tokio::net::TcpStream::connect(&address)
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    // OpenBao refuses audit prefixes unless its configuration allows them
+    // (a hardening after the 2025 audit-device CVEs).
+    let config = format!(
+        "allow_audit_log_prefixing = true\naudit \"socket\" \"agenttoken\" {{\n  options {{\n    address = \"{address}\"\n    socket_type = \"tcp\"\n    hmac_accessor = \"false\"\n    prefix = \"{prefix}\"\n  }}\n}}\naudit \"file\" \"local\" {{\n  options {{\n    file_path = \"{}\"\n  }}\n}}\n",
+        dir.path().join("audit.log").display()
+    );
+    let bao = crate::vault::OpenBao::start_with_config(&config).await;
+    crate::vault::setup(
+        &ns,
+        &bao,
+        "",
+        "  scopes: [default]\n  consumers: {restart: None}",
+    )
+    .await;
+    let ats: Api<AgentToken> = ns.api();
+    let credential = eventually(
+        Duration::from_secs(30),
+        "bot minted, its accessor in the ledger",
+        || async {
+            let st = ats.get("bot").await.ok()?.status?;
+            let e = st.history.iter().find(|e| e.revision == st.revision)?;
+            e.credential_id.clone()
+        },
+    )
+    .await;
+    assert!(credential.starts_with("accessor:"), "{credential}");
+    let token = crate::vault::token_in_secret(&ns).await;
+    for _ in 0..3 {
+        let (status, _) = bao
+            .call_as(token.trim(), "GET", "auth/token/lookup-self", None)
+            .await;
+        assert_eq!(status, 200, "the child token works");
+    }
+    let usage = eventually(
+        Duration::from_secs(20),
+        "the token's use in status.usage",
+        || async {
+            let st = ats.get("bot").await.ok()?.status?;
+            let u = st.usage?.tokens.into_iter().find(|t| t.revision == 1)?;
+            (u.requests >= 3).then_some(u)
+        },
+    )
+    .await;
+    assert_eq!(usage.sources, ["127.0.0.1"]);
+
+    // Without the prefix, nothing is taken.
+    use tokio::io::AsyncWriteExt;
+    let mut forged = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let accessor = credential.trim_start_matches("accessor:");
+    let line = format!(
+        "{{\"type\":\"response\",\"time\":\"2026-11-29T10:00:00Z\",\"auth\":{{\"accessor\":\"{accessor}\"}},\"request\":{{\"remote_address\":\"203.0.113.9\"}}}}\n"
+    );
+    forged.write_all(line.as_bytes()).await.unwrap();
+    drop(forged);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let st = ats.get("bot").await.unwrap().status.unwrap();
+    let u = st
+        .usage
+        .unwrap()
+        .tokens
+        .into_iter()
+        .find(|t| t.revision == 1)
+        .unwrap();
+    assert!(!u.sources.contains(&"203.0.113.9".to_string()), "{u:?}");
+    let metrics = op
+        .http_get("/metrics")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    assert!(
+        metrics.contains("agenttoken_usage_events_total{result=\"unauthorized\"}"),
+        "{metrics}"
+    );
+}

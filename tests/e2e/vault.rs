@@ -144,7 +144,7 @@ impl OpenBao {
         self.call_as(&self.root, method, path, body).await
     }
 
-    async fn call_as(
+    pub(crate) async fn call_as(
         &self,
         token: &str,
         method: &str,
@@ -172,7 +172,7 @@ impl OpenBao {
 
 /// A vault TokenIssuer `bao` (plus `vault_extra` under `spec.vault`) and
 /// an AgentToken `bot` (plus `extra` under its spec).
-async fn setup(ns: &TestNamespace, b: &OpenBao, vault_extra: &str, extra: &str) {
+pub(crate) async fn setup(ns: &TestNamespace, b: &OpenBao, vault_extra: &str, extra: &str) {
     let api: Api<Secret> = ns.api();
     let s: Secret = serde_json::from_value(json!({
         "metadata": {"name": "bao-token"},
@@ -213,7 +213,7 @@ spec:
     );
 }
 
-async fn token_in_secret(ns: &TestNamespace) -> String {
+pub(crate) async fn token_in_secret(ns: &TestNamespace) -> String {
     let s: Secret = ns.api().get("bot").await.unwrap();
     String::from_utf8(s.data.unwrap()["token"].0.clone()).unwrap()
 }
