@@ -214,6 +214,98 @@ fn operator_args(docs: &[serde_json::Value]) -> Vec<String> {
         .collect()
 }
 
+/// Usage tracking in the chart: off by default (no flags, ports, Service or
+/// pods access); on, its flags point at the mounted Secrets, the usage
+/// Service and NetworkPolicy open its ports, the operator may list Pods
+/// (expected sources); on without its Secrets, the schema refuses.
+#[test]
+fn usage_values_render_the_endpoints_their_secrets_and_pods_list_only_when_enabled() {
+    let docs = render(&[]);
+    let args = operator_args(&docs);
+    assert!(args.iter().all(|a| !a.starts_with("--usage")), "{args:?}");
+    assert!(
+        docs.iter()
+            .all(|d| d["metadata"]["name"] != "t-agent-token-operator-usage")
+    );
+    let pods_rule = |docs: &[serde_json::Value]| {
+        docs.iter()
+            .filter(|d| {
+                d["kind"] == "ClusterRole" && d["metadata"]["name"] == "t-agent-token-operator"
+            })
+            .flat_map(|d| d["rules"].as_array().cloned().unwrap_or_default())
+            .any(|r| r["resources"] == serde_json::json!(["pods"]))
+    };
+    assert!(!pods_rule(&docs), "no pods access by default");
+
+    let on = [
+        "--set",
+        "usage.auditWebhook.enabled=true",
+        "--set",
+        "usage.auditWebhook.tlsSecretName=usage-tls",
+        "--set",
+        "usage.auditWebhook.tokenSecretName=usage-token",
+        "--set",
+        "usage.vaultAudit.enabled=true",
+        "--set",
+        "usage.vaultAudit.prefixSecretName=vault-prefix",
+        "--set",
+        "networkPolicy.enabled=true",
+    ];
+    let docs = render(&on);
+    let args = operator_args(&docs);
+    for flag in [
+        "--usage-address=0.0.0.0:8443",
+        "--usage-tls-cert-file=/etc/agenttoken/usage-tls/tls.crt",
+        "--usage-tls-key-file=/etc/agenttoken/usage-tls/tls.key",
+        "--usage-token-file=/etc/agenttoken/usage-token/tokens",
+        "--usage-vault-audit-address=0.0.0.0:9090",
+        "--usage-vault-audit-prefix-file=/etc/agenttoken/vault-audit/prefix",
+    ] {
+        assert!(args.contains(&flag.to_string()), "{flag} in {args:?}");
+    }
+    let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let secrets: Vec<&str> = dep["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["secret"]["secretName"].as_str())
+        .collect();
+    assert_eq!(secrets, ["usage-tls", "usage-token", "vault-prefix"]);
+    let svc = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == "t-agent-token-operator-usage")
+        .expect("the usage Service");
+    let ports: Vec<i64> = svc["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["port"].as_i64())
+        .collect();
+    assert_eq!(ports, [8443, 9090]);
+    let np = docs.iter().find(|d| d["kind"] == "NetworkPolicy").unwrap();
+    let opened = np["spec"]["ingress"].to_string();
+    assert!(
+        opened.contains("\"usage\"") && opened.contains("\"vault-audit\""),
+        "{opened}"
+    );
+    assert!(pods_rule(&docs), "pods list for expected sources");
+
+    let c = chart();
+    let out = helm(&[
+        "template",
+        "t",
+        c.to_str().unwrap(),
+        "--set",
+        "usage.auditWebhook.enabled=true",
+    ]);
+    assert!(!out.status.success(), "enabled without its Secrets renders");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tlsSecretName"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn multi_tenancy_values_render_their_flags_only_when_set() {
     const NEW_FLAGS: [&str; 3] = [

@@ -61,6 +61,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+{{- if or .Values.usage.auditWebhook.enabled .Values.usage.vaultAudit.enabled }}
+# Usage: a token's use from a new address is expected when a Pod with that
+# address (a status.podIP field selector) uses the Secret.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
+{{- end }}
 {{- if .Values.consumers.signal }}
 - apiGroups: [""]
   resources: [pods]
