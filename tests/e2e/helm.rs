@@ -306,6 +306,43 @@ fn usage_values_render_the_endpoints_their_secrets_and_pods_list_only_when_enabl
     );
 }
 
+/// Every alert in the chart's PrometheusRule has a unit test, and they
+/// pass: `promtool test rules` (Debian's prometheus package) on the groups
+/// the chart renders, with tests/alerts/agenttoken_test.yaml.
+#[test]
+fn alert_rules_pass_their_promtool_unit_tests() {
+    let docs = render(&["--set", "metrics.prometheusRule.enabled=true"]);
+    let rule = docs
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .expect("the PrometheusRule");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), rule["spec"].to_string()).unwrap();
+    let tests =
+        std::fs::read_to_string(repo_root().join("tests/alerts/agenttoken_test.yaml")).unwrap();
+    std::fs::write(dir.path().join("agenttoken_test.yaml"), &tests).unwrap();
+    let alerts: Vec<&str> = rule["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    assert!(alerts.len() >= 4, "{alerts:?}");
+    for a in &alerts {
+        assert!(
+            tests.contains(&format!("alertname: {a}\n")),
+            "alert {a} has no promtool test"
+        );
+    }
+    let out = Command::new("promtool")
+        .args(["test", "rules", "agenttoken_test.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .expect("run promtool (apt-get install prometheus)");
+    ok(out, "promtool test rules");
+}
+
 #[test]
 fn multi_tenancy_values_render_their_flags_only_when_set() {
     const NEW_FLAGS: [&str; 3] = [
