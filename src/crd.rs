@@ -300,6 +300,29 @@ pub struct UsageSpec {
     /// token at once and mint a new one for the real consumers.
     #[serde(default)]
     pub on_unexpected_source: UnexpectedSourceAction,
+    /// A token is `Unused` when no Deployment, StatefulSet or DaemonSet in
+    /// this namespace uses the Secret and the token has not been used for
+    /// this long (since it was issued, or its last use). Off when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "unused_after_schema")]
+    pub unused_after: Option<SpecDuration>,
+    /// `Report` (the default): the `Unused` condition, a Warning Event
+    /// `Unused` and a metric. `Revoke`: also revoke the token, and mint no
+    /// other until a workload uses the Secret again.
+    #[serde(default)]
+    pub on_unused: UnusedAction,
+}
+
+/// What an unused token comes to.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum UnusedAction {
+    #[default]
+    Report,
+    Revoke,
+}
+
+fn unused_after_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    crate::duration::schema(Some("10s"), None)
 }
 
 /// What a use from an unexpected address does.
@@ -569,6 +592,11 @@ pub struct AgentTokenStatus {
     /// operator's usage tracker, not by reconciles.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageStatus>,
+    /// Set when the last token was revoked as unused
+    /// (`spec.usage.onUnused: Revoke`): no token is minted until a workload
+    /// uses the Secret again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dormant_since: Option<Time>,
 }
 
 /// Source addresses kept per token in `status.usage`.
@@ -656,6 +684,9 @@ pub enum RotationReason {
     /// The token was used from an unexpected address and
     /// `spec.usage.onUnexpectedSource` is `Revoke`: revoked at once.
     UnexpectedSource,
+    /// The last token was revoked as unused (`spec.usage.onUnused:
+    /// Revoke`) and a workload uses the Secret again.
+    InUseAgain,
 }
 
 /// One minted token in the revocation ledger.

@@ -249,6 +249,8 @@ proptest! {
                 rotate_trigger: rotate.as_deref(),
                 revoke_trigger: None,
                 compromised: None,
+                dormant: false,
+                was_dormant: false,
                 secret: &view,
                 last_revision,
                 failed_attempts: failed,

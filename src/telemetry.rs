@@ -134,6 +134,7 @@ pub struct Metrics {
     api_requests: Family<ApiRequestLabels, Counter>,
     usage_events: Family<UsageLabels, Counter>,
     unexpected_uses: Family<ActionLabels, Counter>,
+    unused_tokens: Family<ActionLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -224,7 +225,14 @@ impl Metrics {
             "Token uses from an address spec.usage does not expect, by what was done (report, revoke)",
             unexpected_uses.clone(),
         );
+        let unused_tokens = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "unused_tokens",
+            "Tokens found unused (no workload uses the Secret, no use for spec.usage.unusedAfter), by what was done (report, revoke)",
+            unused_tokens.clone(),
+        );
         Metrics {
+            unused_tokens,
             unexpected_uses,
             usage_events,
             registry,
@@ -268,6 +276,13 @@ impl Metrics {
                 .get_or_create(&UsageLabels { result })
                 .inc_by(n);
         }
+    }
+
+    /// Counts a token found unused.
+    pub fn unused_token(&self, action: &'static str) {
+        self.unused_tokens
+            .get_or_create(&ActionLabels { action })
+            .inc();
     }
 
     /// Counts a use from an unexpected address.

@@ -56,6 +56,13 @@ pub struct Inputs<'a> {
     /// A revision used from an unexpected address, when `spec.usage` says
     /// to revoke such a token (`onUnexpectedSource: Revoke`).
     pub compromised: Option<i64>,
+    /// `spec.usage.onUnused: Revoke` and the token is unused (or the last
+    /// one was revoked as unused and still nothing uses the Secret): revoke
+    /// the current token, mint none.
+    pub dormant: bool,
+    /// The last token was revoked as unused (`status.dormantSince`): a mint
+    /// now is because something uses the Secret again.
+    pub was_dormant: bool,
     pub secret: &'a SecretView,
     /// status.revision: the last revision this AgentToken ever minted.
     pub last_revision: i64,
@@ -87,6 +94,9 @@ pub struct Decision {
     /// The current token expired and no new one is being minted: remove it
     /// from the Secret rather than leave it stale.
     pub clear_expired: bool,
+    /// The current token is unused and `onUnused` is `Revoke`: revoke it
+    /// and remove it from the Secret.
+    pub revoke_unused: bool,
     /// When the current token is due to rotate (for status).
     pub next_rotation_at: Option<Timestamp>,
     /// When to reconcile again even if nothing changes.
@@ -122,10 +132,14 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         push_wake(&mut d, p.due_at);
     }
 
+    if i.dormant && current.is_some() && d.mint.is_none() {
+        d.revoke_unused = true;
+    }
     // The current token stays until it expires, whatever else fails.
     if let Some(c) = current
         && d.mint.is_none()
         && c.data_intact
+        && !d.revoke_unused
     {
         if i.now >= c.expires_at {
             d.clear_expired = true;
@@ -175,8 +189,11 @@ fn wanted_mint(
     if changed(i.rotate_trigger, i.secret.rotate_handled.as_deref()) {
         return mint(RotationReason::Manual);
     }
-    if i.paused {
+    if i.paused || i.dormant {
         return None;
+    }
+    if i.was_dormant && current.is_none() {
+        return mint(RotationReason::InUseAgain);
     }
     let Some(c) = current else {
         // Never minted, or the Secret (or its token) was removed.
@@ -268,6 +285,8 @@ mod tests {
             rotate_trigger: None,
             revoke_trigger: None,
             compromised: None,
+            dormant: false,
+            was_dormant: false,
             secret,
             last_revision: 1,
             failed_attempts: 0,
@@ -434,6 +453,34 @@ mod tests {
         let d = decide(&i);
         assert_eq!(d.mint, None);
         assert!(d.floor_until.is_some());
+    }
+
+    #[test]
+    fn a_dormant_token_is_revoked_and_nothing_minted_until_in_use_again() {
+        let v = view("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z");
+        let mut i = inputs("2026-01-01T00:50:00Z", &v);
+        i.dormant = true;
+        let d = decide(&i);
+        assert_eq!(d.mint, None, "not even the scheduled rotation");
+        assert!(d.revoke_unused);
+        assert!(!d.clear_expired);
+        // A person's trigger still mints.
+        i.rotate_trigger = Some("1");
+        assert_eq!(decide(&i).mint.unwrap().reason, RotationReason::Manual);
+        // Revoked, still dormant: nothing (no SecretDrift mint).
+        let empty = SecretView {
+            current: None,
+            ..v.clone()
+        };
+        let mut i = inputs("2026-01-01T00:51:00Z", &empty);
+        i.last_revision = 1;
+        i.dormant = true;
+        i.was_dormant = true;
+        let d = decide(&i);
+        assert_eq!((d.mint, d.revoke_unused), (None, false));
+        // Something uses the Secret again.
+        i.dormant = false;
+        assert_eq!(decide(&i).mint.unwrap().reason, RotationReason::InUseAgain);
     }
 
     #[test]

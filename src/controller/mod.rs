@@ -18,6 +18,7 @@ pub mod secret;
 pub mod selector;
 pub mod sources;
 pub mod status;
+pub mod unused;
 pub mod workloads;
 
 use std::collections::HashMap;

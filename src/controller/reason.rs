@@ -35,11 +35,14 @@ pub enum Reason {
     // UnexpectedSource (condition and Event)
     UnexpectedSource,
     SourcesExpected,
+    // Unused (condition and Event)
+    Unused,
+    InUse,
 }
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 27] = [
         Reason::TokenValid,
         Reason::TokenExpired,
         Reason::Paused,
@@ -65,6 +68,8 @@ impl Reason {
         Reason::ConsumersUnknown,
         Reason::UnexpectedSource,
         Reason::SourcesExpected,
+        Reason::Unused,
+        Reason::InUse,
     ];
 
     /// The reason as it appears in conditions and Events.
@@ -95,6 +100,8 @@ impl Reason {
             Reason::ConsumersUnknown => "ConsumersUnknown",
             Reason::UnexpectedSource => "UnexpectedSource",
             Reason::SourcesExpected => "SourcesExpected",
+            Reason::Unused => "Unused",
+            Reason::InUse => "InUse",
         }
     }
 }

@@ -245,6 +245,9 @@ struct Observed {
     rotate_trigger: Option<String>,
     revoke_trigger: Option<String>,
     compromised: Option<i64>,
+    /// `spec.usage.unusedAfter`'s verdict, and when to look again.
+    unused: Option<(super::unused::Verdict, Option<Timestamp>)>,
+    dormant: bool,
     recent_mints: Vec<rotation::PastMint>,
     paused: bool,
 }
@@ -277,6 +280,8 @@ impl Observed {
             rotate_trigger: self.rotate_trigger.as_deref(),
             revoke_trigger: self.revoke_trigger.as_deref(),
             compromised: self.compromised,
+            dormant: self.dormant,
+            was_dormant: self.old_status.dormant_since.is_some(),
             secret: &self.view,
             last_revision: self.old_status.revision,
             failed_attempts: self.old_status.failed_attempts.max(0) as u32,
@@ -472,6 +477,7 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
         uid: identity.uid,
         type_: backend.kind().to_string(),
     };
+    let unused = unused_verdict(at, at.status.as_ref(), ctx, &ns, &secret_name, now);
     Ok(Observation::Seen(Box::new(Observed {
         spec_hash: spec_hash(at, &effective),
         window: renew_window(at),
@@ -479,6 +485,13 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
         rotate_trigger: annotations.get(labels::ROTATE).map(|v| trigger_value(v)),
         revoke_trigger: annotations.get(labels::REVOKE).map(|v| trigger_value(v)),
         compromised: compromised(at),
+        unused: unused.clone(),
+        dormant: at
+            .spec
+            .usage
+            .as_ref()
+            .is_some_and(|u| u.on_unused == crate::crd::UnusedAction::Revoke)
+            && matches!(unused, Some((super::unused::Verdict::Unused { .. }, _))),
         ns,
         name,
         uid,
@@ -500,6 +513,40 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
         recent_mints,
         paused: at.spec.paused,
     })))
+}
+
+/// `spec.usage.unusedAfter`'s verdict: whether a workload uses the Secret
+/// (from the workload index; when it cannot say, yes) and when any of the
+/// tokens was last used or issued.
+fn unused_verdict(
+    at: &AgentToken,
+    status: Option<&AgentTokenStatus>,
+    ctx: &Context,
+    ns: &str,
+    secret: &str,
+    now: Timestamp,
+) -> Option<(super::unused::Verdict, Option<Timestamp>)> {
+    let after = at.spec.usage.as_ref()?.unused_after.as_ref()?.get().ok()?;
+    let has_consumer = ctx
+        .workloads
+        .in_namespace(ns)
+        .map(|ws| ws.iter().any(|w| w.uses(secret)))
+        .unwrap_or(true);
+    let st = status;
+    let last_used = st.and_then(|s| s.usage.as_ref()).and_then(|u| {
+        u.tokens
+            .iter()
+            .filter_map(|t| t.last_used.as_ref())
+            .map(|t| t.0)
+            .max()
+    });
+    Some(super::unused::judge(&super::unused::Inputs {
+        now,
+        after,
+        has_consumer,
+        issued_at: st.and_then(|s| s.issued_at.as_ref()).map(|t| t.0),
+        last_used,
+    }))
 }
 
 /// The newest revision seen used from an unexpected address, when
@@ -634,6 +681,26 @@ async fn act(
                 "its grace period ended",
                 o.now,
             );
+        }
+        if acted.decision.revoke_unused
+            && let Some(cur) = ledger::current(&o.status).cloned()
+        {
+            ledger::retire(
+                &mut o.status,
+                cur.revision,
+                "unused: no workload uses the Secret and the token was not used for spec.usage.unusedAfter",
+                o.now,
+            );
+            o.status.dormant_since = Some(Time(rotation::whole_seconds(o.now)));
+            ctx.metrics.unused_token("revoke");
+            acted.events.push((
+                EventType::Warning,
+                Reason::Unused,
+                format!(
+                    "revision {} is unused (no workload uses Secret {} and the token was not used for spec.usage.unusedAfter): revoked; no new token until a workload uses the Secret (spec.usage.onUnused: Revoke)",
+                    cur.revision, o.secret_name
+                ),
+            ));
         }
         if acted.decision.clear_expired {
             acted.events.push((
@@ -1068,6 +1135,8 @@ async fn report(
         window,
         cron,
         jitter_key,
+        unused,
+        dormant,
         ..
     } = o;
     let Acted {
@@ -1116,13 +1185,37 @@ async fn report(
         ctx.metrics
             .token_expiry(&ns, &name, &issuer.key, slot(c).expires_at);
     }
-    let conditions = conditions(
+    if delivered {
+        status.dormant_since = None;
+    }
+    // Judged again on what this reconcile leaves (a token just delivered
+    // starts the clock).
+    let unused =
+        unused.and_then(|_| unused_verdict(at, Some(&status), ctx, &ns, &at.secret_name(), now));
+    let mut conditions = conditions(
         &status,
         token_valid,
         mint_failed.as_ref(),
         &decision,
         at.spec.paused,
     );
+    if let Some((verdict, _)) = &unused {
+        let was = old_status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == status::UNUSED && c.status == "True");
+        let want = unused_condition(verdict, status.dormant_since.is_some());
+        if want.status && !was && !dormant {
+            // Reported only (onUnused: Report); a revocation said so above.
+            ctx.metrics.unused_token("report");
+            events.push((
+                EventType::Warning,
+                Reason::Unused,
+                format!("{} (spec.usage.onUnused: Report)", want.message),
+            ));
+        }
+        conditions.push(want);
+    }
     // Events first: whoever sees the status also finds the Events that
     // explain it (what they say has happened either way).
     for (kind, reason, note) in events {
@@ -1157,6 +1250,13 @@ async fn report(
     // Consumers still rolling: look again soon (rollouts are polled, not
     // watched, so the operator does not cache every workload of the cluster).
     let wake = soonest(wake, consumers.as_ref().and_then(|r| r.poll));
+    // Unused: look again when it would turn unused; while dormant, every
+    // 30 s for a workload that uses the Secret again (an index lookup).
+    let wake = soonest(
+        wake,
+        unused.as_ref().and_then(|(_, w)| w.map(|w| until(now, w))),
+    );
+    let wake = soonest(wake, dormant.then_some(DORMANT_POLL));
     Ok(Action::requeue(
         wake.unwrap_or(MAX_WAKE)
             .clamp(Duration::from_millis(200), MAX_WAKE),
@@ -1906,6 +2006,32 @@ pub(super) async fn status_write(
                 }),
             );
             return Ok(());
+        }
+    }
+}
+
+/// How often a dormant AgentToken (its unused token revoked) looks for a
+/// workload that uses its Secret again.
+const DORMANT_POLL: Duration = Duration::from_secs(30);
+
+/// The `Unused` condition for a verdict.
+fn unused_condition(verdict: &super::unused::Verdict, dormant: bool) -> Want {
+    match verdict {
+        super::unused::Verdict::Unused { since } => Want::new(
+            status::UNUSED,
+            true,
+            Reason::Unused,
+            format!(
+                "no workload uses the Secret and no token was used since {since}{}",
+                if dormant {
+                    "; revoked, and no new token until a workload uses the Secret"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        super::unused::Verdict::InUse(why) => {
+            Want::new(status::UNUSED, false, Reason::InUse, why.clone())
         }
     }
 }
@@ -2848,6 +2974,8 @@ mod tests {
             rotate_trigger: None,
             revoke_trigger: None,
             compromised: None,
+            dormant: false,
+            was_dormant: false,
             secret: &view,
             last_revision: 0,
             failed_attempts: 0,

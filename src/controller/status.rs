@@ -11,6 +11,9 @@ pub const ISSUING: &str = "Issuing";
 /// A token was used from an address `spec.usage` does not expect (present
 /// once usage tracking has seen a use).
 pub const UNEXPECTED_SOURCE: &str = "UnexpectedSource";
+/// No workload uses the Secret and the token was not used for
+/// `spec.usage.unusedAfter` (present when that is set).
+pub const UNUSED: &str = "Unused";
 
 /// One condition as reconcile wants it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -542,3 +542,119 @@ async fn usage_a_vault_token_used_against_real_openbao_is_seen_through_its_socke
         "{metrics}"
     );
 }
+
+/// An AgentToken whose Secret no workload uses and whose token nobody uses
+/// becomes `Unused`; with `onUnused: Revoke` the token is revoked (dead at
+/// the API server), nothing new is minted while that lasts, and a
+/// Deployment that uses the Secret brings a new token (`InUseAgain`).
+#[tokio::test]
+async fn usage_an_unused_token_is_revoked_and_minting_resumes_when_a_workload_uses_the_secret() {
+    let ns = TestNamespace::new("usage-unused").await;
+    let _op = Operator::start(&ns.name);
+    applied(&ns, SA_ISSUER);
+    applied(
+        &ns,
+        r#"
+apiVersion: agenttoken.dev/v1alpha1
+kind: AgentToken
+metadata: {name: bot}
+spec:
+  issuerRef: {name: sa}
+  serviceAccountName: builder
+  lifetime: 10m
+  consumers: {restart: None}
+  usage: {unusedAfter: 10s, onUnused: Revoke}
+"#,
+    );
+    let ats: Api<AgentToken> = ns.api();
+    eventually(Duration::from_secs(30), "bot minted", || async {
+        (ats.get("bot").await.ok()?.status?.revision == 1).then_some(())
+    })
+    .await;
+    let first = token_of(&ns, "bot").await.expect("the first token");
+    let st = eventually(
+        Duration::from_secs(40),
+        "Unused=True, revision 1 revoked, dormant",
+        || async {
+            let st = ats.get("bot").await.ok()?.status?;
+            let unused = st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Unused" && c.status == "True" && c.reason == "Unused");
+            let revoked = st.history.iter().any(|e| {
+                e.revision == 1 && e.state == Some(agent_token_operator::crd::TokenLife::Revoked)
+            });
+            (unused && revoked && st.dormant_since.is_some()).then_some(st)
+        },
+    )
+    .await;
+    assert_eq!(st.revision, 1);
+    assert_eq!(
+        token_of(&ns, "bot").await,
+        None,
+        "the Secret no longer holds it"
+    );
+    eventually(Duration::from_secs(20), "the unused token dead", || async {
+        crate::agenttoken::review(&ns, &first)
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let events = String::from_utf8_lossy(
+        &ns.kubectl(&["get", "events.events.k8s.io", "-o", "json"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        events.contains("\"reason\": \"Unused\""),
+        "a Warning Event Unused"
+    );
+    // Nothing new while nothing uses the Secret.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(ats.get("bot").await.unwrap().status.unwrap().revision, 1);
+
+    // A workload that uses the Secret: a new token, said why.
+    applied(
+        &ns,
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: worker}
+spec:
+  replicas: 0
+  selector: {matchLabels: {app: worker}}
+  template:
+    metadata: {labels: {app: worker}}
+    spec:
+      containers:
+      - name: worker
+        image: agenttoken.local/agent:e2e
+        volumeMounts: [{name: token, mountPath: /var/run/secrets/agenttoken, readOnly: true}]
+      volumes: [{name: token, secret: {secretName: bot}}]
+"#,
+    );
+    let st = eventually(
+        Duration::from_secs(60),
+        "revision 2 minted for InUseAgain",
+        || async {
+            let st = ats.get("bot").await.ok()?.status?;
+            (st.revision == 2
+                && st.last_rotation_reason
+                    == Some(agent_token_operator::crd::RotationReason::InUseAgain))
+            .then_some(st)
+        },
+    )
+    .await;
+    assert!(st.dormant_since.is_none());
+    let second = token_of(&ns, "bot").await.expect("the new token");
+    assert!(crate::agenttoken::review(&ns, &second).await.is_some());
+    eventually(Duration::from_secs(30), "Unused=False (InUse)", || async {
+        let st = ats.get("bot").await.ok()?.status?;
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "Unused" && c.status == "False" && c.reason == "InUse")
+            .then_some(())
+    })
+    .await;
+}

@@ -1,0 +1,160 @@
+//! Whether a token is unused (issue 20): no workload in its namespace uses
+//! the Secret, and nothing has used the token for `spec.usage.unusedAfter`
+//! (since it was issued, or its last use as the usage tracker saw it).
+//! Pure: the reconcile reads the workload index and status, this says what
+//! they mean.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+
+/// What [`judge`] looks at.
+#[derive(Clone, Copy, Debug)]
+pub struct Inputs {
+    pub now: Timestamp,
+    /// `spec.usage.unusedAfter`.
+    pub after: Duration,
+    /// A Deployment, StatefulSet or DaemonSet in the namespace uses the
+    /// Secret (or the workload index cannot say: then this is true, so
+    /// nothing is revoked on a guess).
+    pub has_consumer: bool,
+    /// When the current token was issued; after an unused token was
+    /// revoked, when that one was.
+    pub issued_at: Option<Timestamp>,
+    /// The newest use of any of its tokens.
+    pub last_used: Option<Timestamp>,
+}
+
+/// The answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// A workload uses the Secret, or a use is recent.
+    InUse(String),
+    /// Unused since `since` (its last activity).
+    Unused { since: Timestamp },
+}
+
+/// Judges; also says when to look again (the moment it would turn
+/// `Unused` if nothing changes).
+pub fn judge(i: &Inputs) -> (Verdict, Option<Timestamp>) {
+    if i.has_consumer {
+        return (
+            Verdict::InUse("a workload in the namespace uses the Secret".into()),
+            None,
+        );
+    }
+    let last = match (i.issued_at, i.last_used) {
+        (Some(a), Some(b)) => a.max(b),
+        (a, b) => match a.or(b) {
+            Some(t) => t,
+            None => return (Verdict::InUse("no token issued yet".into()), None),
+        },
+    };
+    let after = SignedDuration::try_from(i.after).unwrap_or(SignedDuration::MAX);
+    match last.checked_add(after) {
+        Ok(due) if i.now >= due => (Verdict::Unused { since: last }, None),
+        Ok(due) => (
+            Verdict::InUse(match i.last_used {
+                Some(u) if u >= last => format!("last used at {u}"),
+                _ => format!("issued at {last}, not used yet"),
+            }),
+            Some(due),
+        ),
+        Err(_) => (
+            Verdict::InUse("unusedAfter is too long to reach".into()),
+            None,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_900_000_000 + s).unwrap()
+    }
+
+    #[test]
+    fn unused_needs_no_consumer_and_no_recent_use() {
+        let base = Inputs {
+            now: t(1000),
+            after: Duration::from_secs(600),
+            has_consumer: false,
+            issued_at: Some(t(0)),
+            last_used: None,
+        };
+        let table: Vec<(&str, Inputs, bool, Option<Timestamp>)> = vec![
+            ("never used, issued long ago", base, true, None),
+            (
+                "a consumer exists",
+                Inputs {
+                    has_consumer: true,
+                    ..base
+                },
+                false,
+                None,
+            ),
+            (
+                "used recently",
+                Inputs {
+                    last_used: Some(t(900)),
+                    ..base
+                },
+                false,
+                Some(t(1500)),
+            ),
+            (
+                "used long ago",
+                Inputs {
+                    last_used: Some(t(100)),
+                    ..base
+                },
+                true,
+                None,
+            ),
+            (
+                "issued recently",
+                Inputs {
+                    issued_at: Some(t(800)),
+                    ..base
+                },
+                false,
+                Some(t(1400)),
+            ),
+            (
+                "exactly due",
+                Inputs {
+                    now: t(600),
+                    ..base
+                },
+                true,
+                None,
+            ),
+            (
+                "nothing issued",
+                Inputs {
+                    issued_at: None,
+                    ..base
+                },
+                false,
+                None,
+            ),
+            (
+                "huge unusedAfter",
+                Inputs {
+                    after: Duration::MAX,
+                    ..base
+                },
+                false,
+                None,
+            ),
+        ];
+        for (what, i, unused, wake) in table {
+            let (v, w) = judge(&i);
+            assert_eq!(matches!(v, Verdict::Unused { .. }), unused, "{what}: {v:?}");
+            assert_eq!(w, wake, "{what}");
+        }
+        assert_eq!(judge(&base).0, Verdict::Unused { since: t(0) });
+    }
+}
