@@ -9,7 +9,7 @@
 //!
 //! `--only` takes scenario names, comma-separated: `floor`, `first-token`,
 //! `memory`, `revocation`, `idle`, `webhook`, `rotation`, `overload`,
-//! `spread`. (`first-token` and `webhook` also run `floor`: their tables
+//! `spread`, `usage`. (`first-token` and `webhook` also run `floor`: their tables
 //! compare the mint rate with the API server's write floor.)
 //!
 //! It starts its OWN cluster (state in `.cache/bench-cluster`, API server on
@@ -39,6 +39,8 @@ use agent_token_operator::crd::AgentToken;
 
 #[path = "scale/steady.rs"]
 mod steady;
+#[path = "scale/usage.rs"]
+mod usage;
 
 const CREATE_CONCURRENCY: usize = 32;
 
@@ -184,6 +186,11 @@ struct Operator {
 
 impl Operator {
     async fn start(kubeconfig: &Path, namespace: &str) -> Self {
+        Self::start_with(kubeconfig, namespace, &[]).await
+    }
+
+    /// With `extra` flags (the usage endpoint's).
+    async fn start_with(kubeconfig: &Path, namespace: &str, extra: &[String]) -> Self {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
@@ -209,6 +216,7 @@ impl Operator {
                     .unwrap_or_default()
                     .split_whitespace(),
             )
+            .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -1410,6 +1418,17 @@ async fn main() {
         }
         b.report.line("");
         b.requests_per_token();
+    }
+
+    if b.opts.wants("usage") {
+        b.report.line("### Usage tracking");
+        b.report.line("");
+        let (n, seconds, samples) = if b.opts.quick {
+            (200, 10, 10)
+        } else {
+            (1000, 20, 30)
+        };
+        b.usage(n, seconds, samples).await;
     }
 
     if b.opts.wants("rotation") {
