@@ -544,8 +544,13 @@ pub async fn serve_vault_audit(
     }
 }
 
+/// How long a new connection has to send its first (authenticated) line:
+/// an audit device connects only when it has an entry to write, so a
+/// connection that stays silent is not one, and must not hold a slot.
+const FIRST_LINE_WITHIN: Duration = Duration::from_secs(10);
+
 async fn read_vault_audit(
-    tcp: tokio::net::TcpStream,
+    tcp: impl tokio::io::AsyncRead + Unpin,
     prefix: &[u8],
     tracker: &Tracker,
     metrics: &Metrics,
@@ -553,13 +558,24 @@ async fn read_vault_audit(
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
     let mut reader = BufReader::new(tcp);
     let mut line = Vec::new();
+    let mut first = true;
     loop {
         line.clear();
-        match (&mut reader)
-            .take(MAX_VAULT_LINE)
-            .read_until(b'\n', &mut line)
-            .await
-        {
+        let mut limited = (&mut reader).take(MAX_VAULT_LINE);
+        let read = limited.read_until(b'\n', &mut line);
+        let read = if first {
+            match tokio::time::timeout(FIRST_LINE_WITHIN, read).await {
+                Ok(r) => r,
+                Err(_) => {
+                    metrics.usage_events("unauthorized", 1);
+                    return;
+                }
+            }
+        } else {
+            read.await
+        };
+        first = false;
+        match read {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
@@ -923,6 +939,44 @@ mod tests {
             Some("accessor:aXbYc123")
         );
         assert_eq!(credential_id("vault", "s.token", "vault-lease:x/y"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vault_audit_connection_must_authenticate_its_first_line_in_time() {
+        let tr = Tracker::default();
+        tr.track(
+            "t",
+            "bot",
+            &[entry(1, "accessor:acc1", TokenLife::Live)],
+            None,
+        );
+        let metrics = Metrics::new();
+        let line = |p: &str| {
+            format!(
+                "{p}{}\n",
+                serde_json::json!({"type": "response", "time": "2026-11-29T10:00:00Z",
+                    "auth": {"accessor": "acc1"}, "request": {"remote_address": "10.0.0.9"}})
+            )
+        };
+        // Authenticated lines are taken, until one is not.
+        let input = format!(
+            "{}{}{}",
+            line("0123456789abcdef"),
+            line("0123456789abcdef"),
+            line("wrong-prefix-xxxx")
+        );
+        read_vault_audit(input.as_bytes(), b"0123456789abcdef", &tr, &metrics).await;
+        assert_eq!(tr.take_dirty()[0].1.tokens[0].requests, 2);
+        // A silent connection is dropped after FIRST_LINE_WITHIN.
+        let (_client, server) = tokio::io::duplex(64);
+        let started = tokio::time::Instant::now();
+        read_vault_audit(server, b"0123456789abcdef", &tr, &metrics).await;
+        assert_eq!(started.elapsed(), FIRST_LINE_WITHIN);
+        assert!(
+            metrics
+                .encode()
+                .contains("agenttoken_usage_events_total{result=\"unauthorized\"} 2")
+        );
     }
 
     #[test]
