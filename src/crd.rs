@@ -610,6 +610,10 @@ pub struct UsageStatus {
     /// and the previous one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenUsage>,
+    /// The newest use of any of this AgentToken's tokens, kept across
+    /// rotations (what `spec.usage.unusedAfter` counts from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<Time>,
 }
 
 /// One token's use.

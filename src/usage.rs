@@ -52,10 +52,20 @@ const MAX_USER_AGENT: usize = 128;
 /// own tokens, and a Vault child token's accessor (from its ledger
 /// `handle`). `None` for anything else or anything malformed. The token is
 /// only decoded, never kept.
-pub fn credential_id(issuer_type: &str, token: &str, handle: &str) -> Option<String> {
+pub fn credential_id(
+    issuer_type: &str,
+    platform_issuer: bool,
+    token: &str,
+    handle: &str,
+) -> Option<String> {
     // A Vault/OpenBao child token: its accessor, as audit devices log it
-    // (with `hmac_accessor = false`).
+    // (with `hmac_accessor = false`). Only from a ClusterTokenIssuer: a
+    // namespaced issuer may point at a Vault its tenant runs, which can
+    // answer any accessor, another namespace's token's included.
     if issuer_type == "vault" {
+        if !platform_issuer {
+            return None;
+        }
         let accessor = handle.strip_prefix("vault-accessor:")?;
         return valid_id(accessor).then(|| format!("accessor:{accessor}"));
     }
@@ -101,6 +111,8 @@ struct Tracked {
     checked: HashMap<(Key, i64), HashSet<String>>,
     /// Sources to check against `spec.usage`, oldest first.
     pending: std::collections::VecDeque<Check>,
+    /// The newest use of any token of an AgentToken, across rotations.
+    last: HashMap<Key, Timestamp>,
 }
 
 /// Sources checked per token revision; beyond, uses are still counted but
@@ -180,7 +192,13 @@ impl Tracker {
         if wanted.is_empty() {
             t.uses.remove(&key);
             t.dirty.remove(&key);
+            t.checked.retain(|(k, _), _| *k != key);
+            t.last.remove(&key);
             return;
+        }
+        if let Some(seen) = usage.and_then(|u| u.last_used.as_ref()) {
+            let last = t.last.entry(key.clone()).or_insert(seen.0);
+            *last = (*last).max(seen.0);
         }
         let revisions: HashSet<i64> = wanted.values().copied().collect();
         for (id, revision) in &wanted {
@@ -231,6 +249,14 @@ impl Tracker {
                     ..Default::default()
                 });
             entry.requests += 1;
+            let at = crate::rotation::whole_seconds(u.at);
+            let last = t.last.entry(key.clone()).or_insert(at);
+            *last = (*last).max(at);
+            let entry = t
+                .uses
+                .get_mut(&key)
+                .and_then(|m| m.get_mut(&revision))
+                .expect("just inserted");
             if entry.last_used.as_ref().is_none_or(|l| l.0 < u.at) {
                 entry.last_used = Some(Time(crate::rotation::whole_seconds(u.at)));
                 if let Some(agent) = u.user_agent {
@@ -314,7 +340,8 @@ impl Tracker {
             .filter_map(|key| {
                 let uses = t.uses.get(&key)?;
                 let tokens = uses.values().rev().take(2).cloned().collect();
-                Some((key, UsageStatus { tokens }))
+                let last_used = t.last.get(&key).map(|l| Time(*l));
+                Some((key, UsageStatus { tokens, last_used }))
             })
             .collect()
     }
@@ -391,6 +418,8 @@ struct AuditEvent {
     #[serde(default)]
     stage: String,
     #[serde(default)]
+    verb: String,
+    #[serde(default)]
     user: AuditUser,
     #[serde(default)]
     source_i_ps: Vec<String>,
@@ -424,11 +453,14 @@ pub fn parse_audit(body: &[u8]) -> Result<Vec<Use>, serde_json::Error> {
     Ok(list
         .items
         .into_iter()
-        .filter(|e| {
-            matches!(
-                e.stage.as_str(),
-                "ResponseComplete" | "ResponseStarted" | "Panic"
-            )
+        // One use per request: a watch at ResponseStarted (its
+        // ResponseComplete comes when it ends), anything else at
+        // ResponseComplete (or Panic).
+        .filter(|e| match e.stage.as_str() {
+            "ResponseStarted" => e.verb == "watch",
+            "ResponseComplete" => e.verb != "watch",
+            "Panic" => true,
+            _ => false,
         })
         .filter_map(|e| {
             let jti = e
@@ -444,10 +476,13 @@ pub fn parse_audit(body: &[u8]) -> Result<Vec<Use>, serde_json::Error> {
             Some(Use {
                 credential_id: format!("jti:{jti}"),
                 at: e.request_received_timestamp.or(e.stage_timestamp)?,
+                // The last address is the one the API server saw; the
+                // ones before it come from X-Forwarded-For / X-Real-Ip,
+                // which the client itself writes.
                 source: e
                     .source_i_ps
                     .into_iter()
-                    .next()
+                    .next_back()
                     .filter(|s| s.parse::<std::net::IpAddr>().is_ok()),
                 user_agent: e.user_agent,
             })
@@ -782,12 +817,15 @@ mod tests {
     fn credential_ids_come_only_from_trusted_kinds_and_well_formed_jtis() {
         let t = jwt(r#"{"jti":"6f1c-aa","sub":"x"}"#);
         assert_eq!(
-            credential_id("serviceAccount", &t, "").as_deref(),
+            credential_id("serviceAccount", false, &t, "").as_deref(),
             Some("jti:6f1c-aa")
         );
-        assert_eq!(credential_id("jwt", &t, "").as_deref(), Some("jti:6f1c-aa"));
         assert_eq!(
-            credential_id("webhook", &t, "webhook-id:1"),
+            credential_id("jwt", false, &t, "").as_deref(),
+            Some("jti:6f1c-aa")
+        );
+        assert_eq!(
+            credential_id("webhook", true, &t, "webhook-id:1"),
             None,
             "a foreign issuer's claims are not trusted"
         );
@@ -800,7 +838,11 @@ mod tests {
             "opaque-token".into(),
             "a.!!!.b".into(),
         ] {
-            assert_eq!(credential_id("serviceAccount", &bad, ""), None, "{bad}");
+            assert_eq!(
+                credential_id("serviceAccount", false, &bad, ""),
+                None,
+                "{bad}"
+            );
         }
     }
 
@@ -878,6 +920,50 @@ mod tests {
     }
 
     #[test]
+    fn the_last_use_outlives_the_revisions_that_made_it() {
+        let tr = Tracker::default();
+        tr.track("t", "bot", &[entry(1, "jti:a", TokenLife::Live)], None);
+        let uses = parse_audit(
+            serde_json::json!({"items": [event("a", "10.0.0.1", "2026-11-29T11:00:00Z")]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        tr.record(uses);
+        let (_, written) = tr.take_dirty().remove(0);
+        assert_eq!(
+            written.last_used.as_ref().unwrap().0.to_string(),
+            "2026-11-29T11:00:00Z"
+        );
+        // Two rotations later, revision 1's record is gone; the last use is
+        // not (a restarted operator reads it back from status).
+        let fresh = Tracker::default();
+        fresh.track(
+            "t",
+            "bot",
+            &[
+                entry(3, "jti:c", TokenLife::Live),
+                entry(2, "jti:b", TokenLife::Grace),
+            ],
+            Some(&written),
+        );
+        let uses = parse_audit(
+            serde_json::json!({"items": [event("c", "10.0.0.1", "2026-11-29T10:00:00Z")]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        fresh.record(uses);
+        let (_, after) = fresh.take_dirty().remove(0);
+        assert_eq!(
+            after.last_used.as_ref().unwrap().0.to_string(),
+            "2026-11-29T11:00:00Z",
+            "an older use does not move it back"
+        );
+        assert!(after.tokens.iter().all(|t| t.revision != 1));
+    }
+
+    #[test]
     fn another_agent_tokens_ledger_cannot_take_over_a_tracked_id() {
         let tr = Tracker::default();
         tr.track("t", "bot", &[entry(1, "jti:a", TokenLife::Live)], None);
@@ -891,6 +977,26 @@ mod tests {
         tr.record(uses);
         let dirty = tr.take_dirty();
         assert_eq!(dirty[0].0, ("t".to_string(), "bot".to_string()));
+    }
+
+    #[test]
+    fn the_source_is_the_address_the_api_server_saw_and_a_watch_counts_once() {
+        let mut e = event("a", "10.0.0.1", "2026-11-29T11:00:00Z");
+        // A client that claims to be a consumer through X-Forwarded-For.
+        e["sourceIPs"] = serde_json::json!(["10.244.40.7", "192.0.2.66"]);
+        let mut started = event("a", "10.0.0.1", "2026-11-29T11:00:00Z");
+        started["verb"] = "watch".into();
+        started["stage"] = "ResponseStarted".into();
+        let mut ended = started.clone();
+        ended["stage"] = "ResponseComplete".into();
+        let uses = parse_audit(
+            serde_json::json!({"items": [e, started, ended]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(uses.len(), 2, "the watch once");
+        assert_eq!(uses[0].source.as_deref(), Some("192.0.2.66"));
     }
 
     #[test]
@@ -935,10 +1041,18 @@ mod tests {
         assert!(parse_vault_audit(entry("response", "").as_bytes()).is_none());
         assert!(parse_vault_audit(b"{not json").is_none());
         assert_eq!(
-            credential_id("vault", "s.token", "vault-accessor:aXbYc123").as_deref(),
+            credential_id("vault", true, "s.token", "vault-accessor:aXbYc123").as_deref(),
             Some("accessor:aXbYc123")
         );
-        assert_eq!(credential_id("vault", "s.token", "vault-lease:x/y"), None);
+        assert_eq!(
+            credential_id("vault", false, "s.token", "vault-accessor:aXbYc123"),
+            None,
+            "a namespaced issuer's Vault may be the tenant's"
+        );
+        assert_eq!(
+            credential_id("vault", true, "s.token", "vault-lease:x/y"),
+            None
+        );
     }
 
     #[tokio::test(start_paused = true)]

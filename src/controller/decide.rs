@@ -97,6 +97,10 @@ pub struct Decision {
     /// The current token is unused and `onUnused` is `Revoke`: revoke it
     /// and remove it from the Secret.
     pub revoke_unused: bool,
+    /// The previous token (in its grace period) was used from an
+    /// unexpected address and `onUnexpectedSource` is `Revoke`: revoke it
+    /// now, without waiting for the grace period or the consumers.
+    pub revoke_previous_now: bool,
     /// When the current token is due to rotate (for status).
     pub next_rotation_at: Option<Timestamp>,
     /// When to reconcile again even if nothing changes.
@@ -149,7 +153,9 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     }
 
     if let Some(prev) = &i.secret.previous {
-        if i.now >= prev.grace_until {
+        if i.compromised == Some(prev.revision) {
+            d.revoke_previous_now = true;
+        } else if i.now >= prev.grace_until {
             d.retire_previous = true;
         } else {
             push_wake(&mut d, prev.grace_until);
@@ -456,6 +462,26 @@ mod tests {
     }
 
     #[test]
+    fn a_stolen_previous_token_is_revoked_now_not_after_its_grace() {
+        let mut v = view("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z");
+        v.current.as_mut().unwrap().revision = 2;
+        v.previous = Some(PreviousToken {
+            revision: 1,
+            fingerprint: "sha256:1".into(),
+            expires_at: "2026-01-01T00:30:00Z".parse().unwrap(),
+            grace_until: "2026-01-01T00:20:00Z".parse().unwrap(),
+        });
+        let current = v.current.as_ref().unwrap().revision;
+        assert_ne!(current, 1);
+        let mut i = inputs("2026-01-01T00:05:00Z", &v);
+        assert!(!decide(&i).revoke_previous_now);
+        i.compromised = Some(1);
+        let d = decide(&i);
+        assert!(d.revoke_previous_now);
+        assert_eq!(d.mint, None, "the current token is not the stolen one");
+    }
+
+    #[test]
     fn a_dormant_token_is_revoked_and_nothing_minted_until_in_use_again() {
         let v = view("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z");
         let mut i = inputs("2026-01-01T00:50:00Z", &v);
@@ -518,6 +544,7 @@ mod tests {
     #[test]
     fn the_previous_token_is_retired_after_its_grace() {
         let mut v = view("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z");
+        v.current.as_mut().unwrap().revision = 2;
         v.previous = Some(PreviousToken {
             revision: 0,
             fingerprint: "sha256:1111111111111111".into(),

@@ -773,7 +773,10 @@ fn slim_cached_agent_token(at: &mut AgentToken) {
                     ..Default::default()
                 })
                 .collect();
-            (!tokens.is_empty()).then_some(crate::crd::UsageStatus { tokens })
+            (!tokens.is_empty()).then_some(crate::crd::UsageStatus {
+                tokens,
+                last_used: None,
+            })
         }),
         ..Default::default()
     });

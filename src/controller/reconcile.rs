@@ -486,12 +486,7 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
         revoke_trigger: annotations.get(labels::REVOKE).map(|v| trigger_value(v)),
         compromised: compromised(at),
         unused: unused.clone(),
-        dormant: at
-            .spec
-            .usage
-            .as_ref()
-            .is_some_and(|u| u.on_unused == crate::crd::UnusedAction::Revoke)
-            && matches!(unused, Some((super::unused::Verdict::Unused { .. }, _))),
+        dormant: dormant(at, unused.as_ref().map(|(v, _)| v)),
         ns,
         name,
         uid,
@@ -527,16 +522,19 @@ fn unused_verdict(
     now: Timestamp,
 ) -> Option<(super::unused::Verdict, Option<Timestamp>)> {
     let after = at.spec.usage.as_ref()?.unused_after.as_ref()?.get().ok()?;
+    // Unknown (the workload index not synced yet): no verdict, so neither a
+    // revocation nor the end of a dormancy rests on a guess.
     let has_consumer = ctx
         .workloads
         .in_namespace(ns)
-        .map(|ws| ws.iter().any(|w| w.uses(secret)))
-        .unwrap_or(true);
-    let st = status;
-    let last_used = st.and_then(|s| s.usage.as_ref()).and_then(|u| {
+        .ok()
+        .map(|ws| ws.iter().any(|w| w.uses(secret)))?;
+    let usage = status.and_then(|s| s.usage.as_ref());
+    let last_used = usage.and_then(|u| {
         u.tokens
             .iter()
             .filter_map(|t| t.last_used.as_ref())
+            .chain(u.last_used.as_ref())
             .map(|t| t.0)
             .max()
     });
@@ -544,7 +542,7 @@ fn unused_verdict(
         now,
         after,
         has_consumer,
-        issued_at: st.and_then(|s| s.issued_at.as_ref()).map(|t| t.0),
+        created_at: at.metadata.creation_timestamp.as_ref().map(|t| t.0),
         last_used,
     }))
 }
@@ -671,6 +669,16 @@ async fn act(
         // consumer has rolled (or its rollout timed out); an expired
         // current token leaves the Secret rather than stay stale.
         let settled = acted.consumers.as_ref().is_none_or(|r| r.settled);
+        if acted.decision.revoke_previous_now
+            && let Some(prev) = &o.previous
+        {
+            ledger::retire(
+                &mut o.status,
+                prev.revision,
+                "used from an unexpected address (spec.usage.onUnexpectedSource: Revoke)",
+                o.now,
+            );
+        }
         if acted.decision.retire_previous
             && settled
             && let Some(prev) = &o.previous
@@ -868,6 +876,7 @@ async fn mint_and_deliver(
                     handle: &t.handle.0,
                     credential_id: crate::usage::credential_id(
                         o.backend.kind(),
+                        o.record.kind == crate::crd::IssuerKind::ClusterTokenIssuer,
                         t.token.expose_secret(),
                         &t.handle.0,
                     ),
@@ -1257,6 +1266,14 @@ async fn report(
         unused.as_ref().and_then(|(_, w)| w.map(|w| until(now, w))),
     );
     let wake = soonest(wake, dormant.then_some(DORMANT_POLL));
+    // No verdict yet (the workload index not synced): look again soon.
+    let judged_later = unused.is_none()
+        && at
+            .spec
+            .usage
+            .as_ref()
+            .is_some_and(|u| u.unused_after.is_some());
+    let wake = soonest(wake, judged_later.then_some(Duration::from_secs(5)));
     Ok(Action::requeue(
         wake.unwrap_or(MAX_WAKE)
             .clamp(Duration::from_millis(200), MAX_WAKE),
@@ -2008,6 +2025,27 @@ pub(super) async fn status_write(
             return Ok(());
         }
     }
+}
+
+/// Whether nothing may be minted (`onUnused: Revoke`): the token is
+/// unused, or it was revoked as unused and no workload uses the Secret
+/// yet. While dormant only a workload ends it (a late-flushed use of the
+/// revoked token does not); with no verdict (the workload index not
+/// synced), as before.
+fn dormant(at: &AgentToken, verdict: Option<&super::unused::Verdict>) -> bool {
+    let revoke = at.spec.usage.as_ref().is_some_and(|u| {
+        u.unused_after.is_some() && u.on_unused == crate::crd::UnusedAction::Revoke
+    });
+    let was = at
+        .status
+        .as_ref()
+        .is_some_and(|s| s.dormant_since.is_some());
+    revoke
+        && match verdict {
+            None => was,
+            Some(super::unused::Verdict::Unused { .. }) => true,
+            Some(super::unused::Verdict::InUse(why)) => was && why != super::unused::CONSUMER,
+        }
 }
 
 /// How often a dormant AgentToken (its unused token revoked) looks for a

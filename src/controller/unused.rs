@@ -1,6 +1,7 @@
 //! Whether a token is unused (issue 20): no workload in its namespace uses
-//! the Secret, and nothing has used the token for `spec.usage.unusedAfter`
-//! (since it was issued, or its last use as the usage tracker saw it).
+//! the Secret, and nothing has used any of its tokens for
+//! `spec.usage.unusedAfter` (since the AgentToken was created, or the last
+//! use the usage tracker saw; scheduled rotations do not restart it).
 //! Pure: the reconcile reads the workload index and status, this says what
 //! they mean.
 
@@ -15,15 +16,19 @@ pub struct Inputs {
     /// `spec.usage.unusedAfter`.
     pub after: Duration,
     /// A Deployment, StatefulSet or DaemonSet in the namespace uses the
-    /// Secret (or the workload index cannot say: then this is true, so
-    /// nothing is revoked on a guess).
+    /// Secret (when the workload index cannot say, there is no verdict).
     pub has_consumer: bool,
-    /// When the current token was issued; after an unused token was
-    /// revoked, when that one was.
-    pub issued_at: Option<Timestamp>,
-    /// The newest use of any of its tokens.
+    /// When the AgentToken was created: the clock's start when no token
+    /// of it was ever seen used. (Not a token's issue time: a scheduled
+    /// rotation must not restart the clock.)
+    pub created_at: Option<Timestamp>,
+    /// The newest use of any of its tokens (`status.usage.lastUsed`, kept
+    /// across rotations).
     pub last_used: Option<Timestamp>,
 }
+
+/// The reason [`Verdict::InUse`] gives when a workload uses the Secret.
+pub const CONSUMER: &str = "a workload in the namespace uses the Secret";
 
 /// The answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,16 +43,13 @@ pub enum Verdict {
 /// `Unused` if nothing changes).
 pub fn judge(i: &Inputs) -> (Verdict, Option<Timestamp>) {
     if i.has_consumer {
-        return (
-            Verdict::InUse("a workload in the namespace uses the Secret".into()),
-            None,
-        );
+        return (Verdict::InUse(CONSUMER.into()), None);
     }
-    let last = match (i.issued_at, i.last_used) {
+    let last = match (i.created_at, i.last_used) {
         (Some(a), Some(b)) => a.max(b),
         (a, b) => match a.or(b) {
             Some(t) => t,
-            None => return (Verdict::InUse("no token issued yet".into()), None),
+            None => return (Verdict::InUse("not created yet".into()), None),
         },
     };
     let after = SignedDuration::try_from(i.after).unwrap_or(SignedDuration::MAX);
@@ -56,7 +58,7 @@ pub fn judge(i: &Inputs) -> (Verdict, Option<Timestamp>) {
         Ok(due) => (
             Verdict::InUse(match i.last_used {
                 Some(u) if u >= last => format!("last used at {u}"),
-                _ => format!("issued at {last}, not used yet"),
+                _ => format!("created at {last}, not used yet"),
             }),
             Some(due),
         ),
@@ -81,7 +83,7 @@ mod tests {
             now: t(1000),
             after: Duration::from_secs(600),
             has_consumer: false,
-            issued_at: Some(t(0)),
+            created_at: Some(t(0)),
             last_used: None,
         };
         let table: Vec<(&str, Inputs, bool, Option<Timestamp>)> = vec![
@@ -116,7 +118,7 @@ mod tests {
             (
                 "issued recently",
                 Inputs {
-                    issued_at: Some(t(800)),
+                    created_at: Some(t(800)),
                     ..base
                 },
                 false,
@@ -134,7 +136,7 @@ mod tests {
             (
                 "nothing issued",
                 Inputs {
-                    issued_at: None,
+                    created_at: None,
                     ..base
                 },
                 false,

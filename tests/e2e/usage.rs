@@ -475,13 +475,59 @@ async fn usage_a_vault_token_used_against_real_openbao_is_seen_through_its_socke
         dir.path().join("audit.log").display()
     );
     let bao = crate::vault::OpenBao::start_with_config(&config).await;
-    crate::vault::setup(
+    // A ClusterTokenIssuer: accessors are mapped only for the platform's
+    // issuers (a namespaced one may point at a Vault its tenant runs). Its
+    // token Secret lives in the operator's namespace, here the test's.
+    let s: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "bao-token"},
+        "stringData": {"token": bao.root},
+    }))
+    .unwrap();
+    ns.api::<k8s_openapi::api::core::v1::Secret>()
+        .create(&Default::default(), &s)
+        .await
+        .unwrap();
+    let issuer = format!("bao-{}", ns.name);
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = crate::support::kubectl_as(
+                &crate::support::cluster().admin_kubeconfig,
+                None,
+                &["delete", "clustertokenissuer", &self.0, "--wait=false"],
+            );
+        }
+    }
+    let _cleanup = Cleanup(issuer.clone());
+    applied(
         &ns,
-        &bao,
-        "",
-        "  scopes: [default]\n  consumers: {restart: None}",
-    )
-    .await;
+        &format!(
+            r#"
+apiVersion: agenttoken.dev/v1alpha1
+kind: ClusterTokenIssuer
+metadata: {{name: {issuer}}}
+spec:
+  vault:
+    address: {addr}
+    auth: {{tokenSecretRef: {{name: bao-token, key: token}}}}
+  policy:
+    maxLifetime: 1h
+    allowedScopes: [default]
+    allowedNamespaces: [{ns}]
+---
+apiVersion: agenttoken.dev/v1alpha1
+kind: AgentToken
+metadata: {{name: bot}}
+spec:
+  issuerRef: {{kind: ClusterTokenIssuer, name: {issuer}}}
+  lifetime: 10m
+  scopes: [default]
+  consumers: {{restart: None}}
+"#,
+            addr = bao.addr,
+            ns = ns.name
+        ),
+    );
     let ats: Api<AgentToken> = ns.api();
     let credential = eventually(
         Duration::from_secs(30),
