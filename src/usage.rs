@@ -795,6 +795,11 @@ mod tests {
         format!("{}.{}.sig", b(r#"{"alg":"RS256"}"#), b(claims))
     }
 
+    /// The uses in an EventList of `items`.
+    fn uses_in(items: Vec<serde_json::Value>) -> Vec<Use> {
+        parse_audit(serde_json::json!({"items": items}).to_string().as_bytes()).unwrap()
+    }
+
     fn entry(revision: i64, id: &str, state: TokenLife) -> HistoryEntry {
         HistoryEntry {
             revision,
@@ -910,12 +915,7 @@ mod tests {
         // The two newest tokens are tracked (a revoked one's uses are the
         // evidence); the oldest id is forgotten.
         assert_eq!(tr.tracked(), 2);
-        let late = parse_audit(
-            serde_json::json!({"items": [event("a", "10.0.0.1", "2026-11-29T11:00:00Z")]})
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
+        let late = uses_in(vec![event("a", "10.0.0.1", "2026-11-29T11:00:00Z")]);
         assert_eq!(tr.record(late), (0, 1));
     }
 
@@ -923,12 +923,7 @@ mod tests {
     fn the_last_use_outlives_the_revisions_that_made_it() {
         let tr = Tracker::default();
         tr.track("t", "bot", &[entry(1, "jti:a", TokenLife::Live)], None);
-        let uses = parse_audit(
-            serde_json::json!({"items": [event("a", "10.0.0.1", "2026-11-29T11:00:00Z")]})
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
+        let uses = uses_in(vec![event("a", "10.0.0.1", "2026-11-29T11:00:00Z")]);
         tr.record(uses);
         let (_, written) = tr.take_dirty().remove(0);
         assert_eq!(
@@ -947,12 +942,7 @@ mod tests {
             ],
             Some(&written),
         );
-        let uses = parse_audit(
-            serde_json::json!({"items": [event("c", "10.0.0.1", "2026-11-29T10:00:00Z")]})
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
+        let uses = uses_in(vec![event("c", "10.0.0.1", "2026-11-29T10:00:00Z")]);
         fresh.record(uses);
         let (_, after) = fresh.take_dirty().remove(0);
         assert_eq!(
@@ -968,12 +958,7 @@ mod tests {
         let tr = Tracker::default();
         tr.track("t", "bot", &[entry(1, "jti:a", TokenLife::Live)], None);
         tr.track("evil", "thief", &[entry(1, "jti:a", TokenLife::Live)], None);
-        let uses = parse_audit(
-            serde_json::json!({"items": [event("a", "10.0.0.1", "2026-11-29T11:00:00Z")]})
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
+        let uses = uses_in(vec![event("a", "10.0.0.1", "2026-11-29T11:00:00Z")]);
         tr.record(uses);
         let dirty = tr.take_dirty();
         assert_eq!(dirty[0].0, ("t".to_string(), "bot".to_string()));
@@ -989,12 +974,7 @@ mod tests {
         started["stage"] = "ResponseStarted".into();
         let mut ended = started.clone();
         ended["stage"] = "ResponseComplete".into();
-        let uses = parse_audit(
-            serde_json::json!({"items": [e, started, ended]})
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
+        let uses = uses_in(vec![e, started, ended]);
         assert_eq!(uses.len(), 2, "the watch once");
         assert_eq!(uses[0].source.as_deref(), Some("192.0.2.66"));
     }
@@ -1007,12 +987,7 @@ mod tests {
         e["stage"] = "RequestReceived".into();
         let mut no_ip = event("a", "not-an-ip", "2026-11-29T11:00:00Z");
         no_ip["userAgent"] = serde_json::Value::Null;
-        let uses = parse_audit(
-            serde_json::json!({"items": [e, no_ip]})
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
+        let uses = uses_in(vec![e, no_ip]);
         assert_eq!(uses.len(), 1);
         assert_eq!(uses[0].source, None);
     }

@@ -235,6 +235,8 @@ async fn the_operator_serves_exactly_the_namespaces_it_is_given() {
 
 #[tokio::test]
 async fn every_example_is_accepted_by_the_api_server() {
+    // Run first on a fresh cluster, the CRDs were not there yet.
+    crate::support::install_crds();
     let ns = TestNamespace::new("examples").await;
     let dir = crate::support::repo_root().join("examples");
     let mut seen = 0;

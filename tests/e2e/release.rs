@@ -36,35 +36,20 @@ pub(crate) fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
     REGISTRY.get_or_init(|| {
         crate::node::node();
-        let out = ok(
-            Command::new(repo_root().join("e2e/cluster"))
-                .arg("registry")
-                .output()
-                .expect("run e2e/cluster registry"),
-            "e2e/cluster registry",
-        );
-        let mut words = out.split_whitespace();
+        let w = crate::support::cluster_words("registry");
+        assert_eq!(w.len(), 2, "registry address and CA file: {w:?}");
         Registry {
-            host: words.next().expect("registry address").to_string(),
-            ca: PathBuf::from(words.next().expect("registry CA file")),
+            host: w[0].clone(),
+            ca: PathBuf::from(&w[1]),
         }
     })
 }
 
 /// Where Pods on the node reach the API server: (address, port).
 pub(crate) fn pod_api() -> (String, String) {
-    let out = ok(
-        Command::new(repo_root().join("e2e/cluster"))
-            .arg("pod-api")
-            .output()
-            .expect("run e2e/cluster pod-api"),
-        "e2e/cluster pod-api",
-    );
-    let mut words = out.split_whitespace();
-    (
-        words.next().expect("address").to_string(),
-        words.next().expect("port").to_string(),
-    )
+    let w = crate::support::cluster_words("pod-api");
+    assert_eq!(w.len(), 2, "address and port: {w:?}");
+    (w[0].clone(), w[1].clone())
 }
 
 fn skopeo(args: &[&str]) -> Output {

@@ -54,6 +54,23 @@ pub fn cluster() -> &'static Cluster {
     })
 }
 
+/// The words `e2e/cluster <cmd>` prints (`registry`, `pod-api`, `usage`).
+pub fn cluster_words(cmd: &str) -> Vec<String> {
+    let out = Command::new(repo_root().join("e2e/cluster"))
+        .arg(cmd)
+        .output()
+        .unwrap_or_else(|e| panic!("run e2e/cluster {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "e2e/cluster {cmd} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
 /// Where `e2e/cluster` puts the binaries it builds.
 pub fn bin_dir() -> PathBuf {
     std::env::var_os("AGENTTOKEN_BIN_DIR")

@@ -7,7 +7,6 @@
 //! The API server's audit webhook has one fixed address, so the tests here
 //! take turns ([`ENDPOINT`]).
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -16,34 +15,45 @@ use kube::api::{Api, ListParams};
 use agent_token_operator::crd::AgentToken;
 
 use crate::helm::ok;
-use crate::support::{Operator, SA_ISSUER, TestNamespace, applied, eventually, repo_root};
+use crate::support::{Operator, SA_ISSUER, TestNamespace, applied, eventually};
 
 /// One operator at a time listens where the API server sends audit events.
 static ENDPOINT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// `--usage-*` flags for an operator, from `e2e/cluster usage`.
 fn usage_flags() -> Vec<String> {
-    let out = ok(
-        Command::new(repo_root().join("e2e/cluster"))
-            .arg("usage")
-            .output()
-            .expect("run e2e/cluster usage"),
-        "e2e/cluster usage",
-    );
-    let w: Vec<&str> = out.split_whitespace().collect();
-    assert_eq!(w.len(), 4, "address, certificate, key, token file: {out}");
+    let w = crate::support::cluster_words("usage");
+    assert_eq!(w.len(), 4, "address, certificate, key, token file: {w:?}");
     [
         "--usage-address",
-        w[0],
+        &w[0],
         "--usage-tls-cert-file",
-        w[1],
+        &w[1],
         "--usage-tls-key-file",
-        w[2],
+        &w[2],
         "--usage-token-file",
-        w[3],
+        &w[3],
     ]
     .map(String::from)
     .to_vec()
+}
+
+/// An operator for `ns` serving the API server's audit webhook, and its
+/// usage flags.
+fn usage_operator(ns: &TestNamespace) -> (Operator, Vec<String>) {
+    let flags = usage_flags();
+    let mut args: Vec<&str> = vec!["--leader-election=false"];
+    args.extend(flags.iter().map(String::as_str));
+    (Operator::start_with(&ns.name, "usage", &args), flags)
+}
+
+/// An AgentToken `bot` on the `sa` issuer (SA_ISSUER), with `extra` spec
+/// lines (two-space indented).
+fn sa_bot(extra: &str) -> String {
+    format!(
+        "apiVersion: agenttoken.dev/v1alpha1\nkind: AgentToken\nmetadata: {{name: bot}}\n\
+         spec:\n  issuerRef: {{name: sa}}\n  serviceAccountName: builder\n  lifetime: 10m\n{extra}"
+    )
 }
 
 /// The test agent using its token against the API server every second,
@@ -87,24 +97,9 @@ async fn usage_an_agent_pod_using_its_token_appears_in_status_with_its_pod_addre
     crate::node::node();
     let _turn = ENDPOINT.lock().await;
     let ns = TestNamespace::new("usage-pod").await;
-    let flags = usage_flags();
-    let mut args: Vec<&str> = vec!["--leader-election=false"];
-    args.extend(flags.iter().map(String::as_str));
-    let op = Operator::start_with(&ns.name, "usage", &args);
+    let (op, flags) = usage_operator(&ns);
     applied(&ns, SA_ISSUER);
-    applied(
-        &ns,
-        r#"
-apiVersion: agenttoken.dev/v1alpha1
-kind: AgentToken
-metadata: {name: bot}
-spec:
-  issuerRef: {name: sa}
-  serviceAccountName: builder
-  lifetime: 10m
-  consumers: {restart: None}
-"#,
-    );
+    applied(&ns, &sa_bot("  consumers: {restart: None}\n"));
     let ats: Api<AgentToken> = ns.api();
     let credential = eventually(
         Duration::from_secs(30),
@@ -243,10 +238,7 @@ async fn usage_a_token_used_from_the_host_is_unexpected_and_with_revoke_dies_at_
     crate::node::node();
     let _turn = ENDPOINT.lock().await;
     let ns = TestNamespace::new("usage-steal").await;
-    let flags = usage_flags();
-    let mut args: Vec<&str> = vec!["--leader-election=false"];
-    args.extend(flags.iter().map(String::as_str));
-    let _op = Operator::start_with(&ns.name, "usage", &args);
+    let (_op, flags) = usage_operator(&ns);
     applied(&ns, SA_ISSUER);
     // A tenant's malformed expected sources are refused at admission.
     crate::hostile::tenant(&ns).await;
@@ -263,18 +255,9 @@ async fn usage_a_token_used_from_the_host_is_unexpected_and_with_revoke_dies_at_
     );
     applied(
         &ns,
-        r#"
-apiVersion: agenttoken.dev/v1alpha1
-kind: AgentToken
-metadata: {name: bot}
-spec:
-  issuerRef: {name: sa}
-  serviceAccountName: builder
-  lifetime: 10m
-  previousTokenGracePeriod: 0s
-  consumers: {strategy: RolloutRestart}
-  usage: {onUnexpectedSource: Revoke}
-"#,
+        &sa_bot(
+            "  previousTokenGracePeriod: 0s\n  consumers: {strategy: RolloutRestart}\n  usage: {onUnexpectedSource: Revoke}\n",
+        ),
     );
     let (api_host, api_port) = crate::release::pod_api();
     applied(
@@ -600,17 +583,7 @@ async fn usage_an_unused_token_is_revoked_and_minting_resumes_when_a_workload_us
     applied(&ns, SA_ISSUER);
     applied(
         &ns,
-        r#"
-apiVersion: agenttoken.dev/v1alpha1
-kind: AgentToken
-metadata: {name: bot}
-spec:
-  issuerRef: {name: sa}
-  serviceAccountName: builder
-  lifetime: 10m
-  consumers: {restart: None}
-  usage: {unusedAfter: 10s, onUnused: Revoke}
-"#,
+        &sa_bot("  consumers: {restart: None}\n  usage: {unusedAfter: 10s, onUnused: Revoke}\n"),
     );
     let ats: Api<AgentToken> = ns.api();
     eventually(Duration::from_secs(30), "bot minted", || async {
