@@ -180,6 +180,29 @@ fn package(dir: &Path, version: &str, app_version: &str) -> PathBuf {
 
 /// The image of the chart's Deployment and how many of its replicas are
 /// updated and available.
+/// Waits until the Deployment's own status shows both replicas updated and
+/// available on `image`. `helm --wait` returns once the new ReplicaSet's Pods
+/// are ready; the Deployment controller copies that into the Deployment's
+/// status a moment later, so the test allows it 30 s to catch up.
+async fn rolled_out(ops: &TestNamespace, name: &str, image: &str) {
+    let mut last = None;
+    let settled = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let now = rollout(ops, name).await;
+            if now.as_ref().is_some_and(|(i, u, a)| i == image && (*u, *a) == (2, 2)) {
+                return;
+            }
+            last = now;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(
+        settled.is_ok(),
+        "the Deployment never showed two replicas updated and available on {image}; last (image, updated, available): {last:?}"
+    );
+}
+
 async fn rollout(ops: &TestNamespace, name: &str) -> Option<(String, i32, i32)> {
     let d = Api::<Deployment>::namespaced(ops.client.clone(), &ops.name)
         .get(name)
@@ -334,9 +357,7 @@ async fn release_oci_chart_installs_upgrades_and_rolls_back_with_two_replicas_mi
     install.extend(&values);
     ok(helm(&install), "helm install from oci://");
     // The image tag came from the chart's appVersion; the node pulled it.
-    let (image, _, available) = rollout(&ops, &fullname).await.expect("the Deployment");
-    assert_eq!(image, v1.reference());
-    assert_eq!(available, 2, "two replicas available after --wait");
+    rolled_out(&ops, &fullname, &v1.reference()).await;
     pulled(&ops, &v1.reference()).await;
 
     // Tokens keep coming while the operator is upgraded and rolled back.
@@ -374,9 +395,7 @@ async fn release_oci_chart_installs_upgrades_and_rolls_back_with_two_replicas_mi
     upgrade.extend(&common);
     upgrade.extend(&values);
     ok(helm(&upgrade), "helm upgrade to 1.0.1");
-    let (image, updated, available) = rollout(&ops, &fullname).await.expect("the Deployment");
-    assert_eq!(image, v2.reference(), "upgraded to the second image");
-    assert_eq!((updated, available), (2, 2));
+    rolled_out(&ops, &fullname, &v2.reference()).await;
     pulled(&ops, &v2.reference()).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -384,9 +403,7 @@ async fn release_oci_chart_installs_upgrades_and_rolls_back_with_two_replicas_mi
     rollback.extend(&common[..2]);
     rollback.extend(["--wait", "--timeout", "180s"]);
     ok(helm(&rollback), "helm rollback to revision 1");
-    let (image, updated, available) = rollout(&ops, &fullname).await.expect("the Deployment");
-    assert_eq!(image, v1.reference(), "rolled back to the first image");
-    assert_eq!((updated, available), (2, 2));
+    rolled_out(&ops, &fullname, &v1.reference()).await;
     let history = ok(
         helm(&["history", &release, "-n", &ops.name, "-o", "json"]),
         "helm history",
