@@ -639,6 +639,17 @@ pub struct TokenUsage {
     /// The user agent of the last request (at most 128 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<String>,
+    /// Requests made with it after the operator revoked or withdrew it
+    /// (a copy still being tried). Not counted in `requests`.
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub requests_after_revocation: i64,
+    /// The last of those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_after_revocation: Option<Time>,
+}
+
+fn is_zero_i64(n: &i64) -> bool {
+    *n == 0
 }
 
 /// Entries kept in `status.consumers`.
@@ -748,9 +759,12 @@ pub struct HistoryEntry {
     /// Who abandoned its revocation (state `Abandoned`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abandoned_by: Option<String>,
-    /// The id the issuer puts into its audit records for this token
-    /// (`jti:<id>`, a service-account token's JWT ID), by which a use is
-    /// mapped back to this revision. An identifier, not a secret.
+    /// The id uses of this token are reported under, by which a use is
+    /// mapped back to this revision: `jti:<id>` (a service-account token's
+    /// JWT ID, in kube-apiserver's audit records), `accessor:<id>` (a Vault
+    /// child token's accessor), `jwt-sha256:<hex>` (the SHA-256 of a jwt
+    /// issuer's token, which the introspection endpoint matches). An
+    /// identifier, not a secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_id: Option<String>,
 }
@@ -1126,6 +1140,16 @@ pub struct TokenIssuerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<IssuerPolicy>,
 }
+
+/// Every issuer type's name, as `IssuerRecord.type` and metrics say it.
+pub const ISSUER_TYPES: [&str; 6] = [
+    "serviceAccount",
+    "oauth2",
+    "vault",
+    "githubApp",
+    "webhook",
+    "jwt",
+];
 
 impl TokenIssuerSpec {
     /// The name of the issuer kind that is set (the first one, if several are).

@@ -110,8 +110,10 @@ struct RunArgs {
     /// ClusterTokenIssuers may call anything.
     #[arg(long, env = "ISSUER_ALLOW_CIDR", value_delimiter = ',')]
     issuer_allow_cidr: Vec<String>,
-    /// Serve usage reports here over HTTPS (POST /audit: kube-apiserver's
-    /// audit webhook). Off when unset; needs the three --usage-* files.
+    /// Serve usage reports (POST /audit: kube-apiserver's audit webhook)
+    /// and jwt token introspection (RFC 7662) here over HTTPS. Off when
+    /// unset; needs the TLS files and at least one of --usage-token-file
+    /// and --usage-introspection-token-file.
     #[arg(long, env = "USAGE_ADDRESS")]
     usage_address: Option<SocketAddr>,
     /// The usage endpoint's certificate chain (PEM).
@@ -124,6 +126,16 @@ struct RunArgs {
     /// webhook's kubeconfig presents one).
     #[arg(long, env = "USAGE_TOKEN_FILE", requires = "usage_address")]
     usage_token_file: Option<std::path::PathBuf>,
+    /// Bearer tokens the introspection endpoint accepts, one per line
+    /// (resource servers present one): POST
+    /// /introspect/clustertokenissuers/NAME and
+    /// /introspect/tokenissuers/NAMESPACE/NAME.
+    #[arg(
+        long,
+        env = "USAGE_INTROSPECTION_TOKEN_FILE",
+        requires = "usage_address"
+    )]
+    usage_introspection_token_file: Option<std::path::PathBuf>,
     /// Take a Vault/OpenBao `socket` audit device's entries here (TCP).
     /// Needs --usage-vault-audit-prefix-file.
     #[arg(long, env = "USAGE_VAULT_AUDIT_ADDRESS")]
@@ -225,6 +237,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown(),
     ));
 
+    // The usage Service selects the leader's Pod by a label: only the
+    // leader listens, and a standby (or this Pod's container restarted
+    // after losing the Lease) must not receive reports it would refuse.
+    let serves_usage = args.usage_address.is_some() || args.usage_vault_audit_address.is_some();
+    let own_pod = args
+        .identity
+        .clone()
+        .filter(|_| serves_usage)
+        .map(|pod| (args.lease_namespace.clone(), pod));
+    if let Some((ns, pod)) = &own_pod {
+        agent_token_operator::usage::label_leader(&client, ns, pod, false).await;
+    }
+
     let mut election = None;
     let leadership = if args.leader_election {
         let (leadership, elector) = Leadership::elect(
@@ -280,22 +305,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let usage = Arc::new(agent_token_operator::usage::Tracker::default());
     let mut usage_tasks = Vec::new();
     if let Some(addr) = args.usage_address {
-        let (Some(cert), Some(key), Some(tokens)) = (
-            &args.usage_tls_cert_file,
-            &args.usage_tls_key_file,
-            &args.usage_token_file,
-        ) else {
-            anyhow::bail!(
-                "--usage-address needs --usage-tls-cert-file, --usage-tls-key-file and --usage-token-file"
-            );
+        let (Some(cert), Some(key)) = (&args.usage_tls_cert_file, &args.usage_tls_key_file) else {
+            anyhow::bail!("--usage-address needs --usage-tls-cert-file and --usage-tls-key-file");
         };
+        if args.usage_token_file.is_none() && args.usage_introspection_token_file.is_none() {
+            anyhow::bail!(
+                "--usage-address needs --usage-token-file (audit webhook), --usage-introspection-token-file (introspection), or both"
+            );
+        }
         let tls = agent_token_operator::usage::tls_config(cert, key).map_err(anyhow::Error::msg)?;
-        let tokens =
-            agent_token_operator::usage::read_tokens(tokens).map_err(anyhow::Error::msg)?;
+        let read = |file: &Option<std::path::PathBuf>| -> anyhow::Result<_> {
+            file.as_deref()
+                .map(|f| agent_token_operator::usage::read_tokens(f).map(Arc::new))
+                .transpose()
+                .map_err(anyhow::Error::msg)
+        };
         let endpoint = agent_token_operator::usage::Endpoint {
             tracker: usage.clone(),
             metrics: metrics.clone(),
-            tokens: Arc::new(tokens),
+            tokens: read(&args.usage_token_file)?,
+            introspection: read(&args.usage_introspection_token_file)?,
         };
         let stopped = shutdown();
         usage_tasks.push(tokio::spawn(async move {
@@ -331,6 +360,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 error!(error = %e, %addr, "the Vault audit listener stopped");
             }
         }));
+    }
+    if let Some((ns, pod)) = &own_pod {
+        agent_token_operator::usage::label_leader(&client, ns, pod, true).await;
     }
     if !usage_tasks.is_empty() {
         let is_leader = {

@@ -135,6 +135,12 @@ pub struct Metrics {
     usage_events: Family<UsageLabels, Counter>,
     unexpected_uses: Family<ActionLabels, Counter>,
     unused_tokens: Family<ActionLabels, Counter>,
+    uses_after_revocation: Family<IssuerTypeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IssuerTypeLabels {
+    issuer_type: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -231,7 +237,14 @@ impl Metrics {
             "Tokens found unused (no workload uses the Secret, no use for spec.usage.unusedAfter), by what was done (report, revoke)",
             unused_tokens.clone(),
         );
+        let uses_after_revocation = Family::<IssuerTypeLabels, Counter>::default();
+        registry.register(
+            "uses_after_revocation",
+            "Token revisions used after the operator revoked or withdrew them (a copy still being tried), by issuer type",
+            uses_after_revocation.clone(),
+        );
         Metrics {
+            uses_after_revocation,
             unused_tokens,
             unexpected_uses,
             usage_events,
@@ -282,6 +295,18 @@ impl Metrics {
     pub fn unused_token(&self, action: &'static str) {
         self.unused_tokens
             .get_or_create(&ActionLabels { action })
+            .inc();
+    }
+
+    /// Counts a token revision used after its revocation (once each).
+    pub fn use_after_revocation(&self, issuer_type: &str) {
+        let issuer_type = crate::crd::ISSUER_TYPES
+            .iter()
+            .find(|t| **t == issuer_type)
+            .copied()
+            .unwrap_or("other");
+        self.uses_after_revocation
+            .get_or_create(&IssuerTypeLabels { issuer_type })
             .inc();
     }
 

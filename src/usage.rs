@@ -6,7 +6,12 @@
 //! carries `authentication.kubernetes.io/credential-id: JTI=<jti>` for a
 //! service-account token; the operator recorded that JWT ID in the ledger
 //! entry of the revision it minted (`credentialId: jti:<jti>`), never the
-//! token. A use is mapped back by that id alone.
+//! token. A use is mapped back by that id alone. Vault/OpenBao child tokens
+//! are mapped by accessor (a socket audit device, [`serve_vault_audit`]),
+//! the jwt issuer's tokens by their SHA-256, which the RFC 7662
+//! introspection endpoint ([`introspect`]) recomputes from the token a
+//! resource server shows it. A use of a token after the ledger says it was
+//! revoked or withdrawn is counted apart and reported once per revision.
 //!
 //! [`Tracker`] keeps, per AgentToken, the uses of its current and previous
 //! token in memory and writes them to `status.usage` (its own field manager,
@@ -21,7 +26,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::post;
 use jiff::Timestamp;
@@ -31,7 +36,10 @@ use kube::{Client, Resource};
 use serde::Deserialize;
 use tracing::{debug, warn};
 
-use crate::crd::{AgentToken, HistoryEntry, MAX_USAGE_SOURCES, TokenLife, TokenUsage, UsageStatus};
+use crate::crd::{
+    AgentToken, HistoryEntry, IssuerKind, MAX_USAGE_SOURCES, RevocationState, TokenLife,
+    TokenUsage, UsageStatus,
+};
 use crate::telemetry::Metrics;
 
 /// The field manager of `status.usage`.
@@ -49,8 +57,8 @@ const MAX_USER_AGENT: usize = 128;
 /// The id under which the issuer reports uses of `token`, for the kinds
 /// whose tokens carry one the operator can trust: a service-account token
 /// (the API server signed it, and audits `JTI=<jti>`), the jwt issuer's
-/// own tokens, and a Vault child token's accessor (from its ledger
-/// `handle`). `None` for anything else or anything malformed. The token is
+/// own tokens (their digest, see [`jwt_credential`]), and a Vault child
+/// token's accessor (from its ledger `handle`). `None` for anything else or anything malformed. The token is
 /// only decoded, never kept.
 pub fn credential_id(
     issuer_type: &str,
@@ -69,7 +77,14 @@ pub fn credential_id(
         let accessor = handle.strip_prefix("vault-accessor:")?;
         return valid_id(accessor).then(|| format!("accessor:{accessor}"));
     }
-    if issuer_type != "serviceAccount" && issuer_type != "jwt" {
+    // The operator's own jwt: the token's SHA-256, which the
+    // introspection endpoint recomputes from the token it is shown. An
+    // exact match of every byte: a token someone built with the same
+    // claims (its `jti` is in status) matches nothing.
+    if issuer_type == "jwt" {
+        return Some(jwt_credential(token));
+    }
+    if issuer_type != "serviceAccount" {
         return None;
     }
     let payload = token.split('.').nth(1)?;
@@ -86,6 +101,15 @@ pub fn credential_id(
     valid_id(&jti).then(|| format!("jti:{jti}"))
 }
 
+/// The credential id of a jwt issuer's token: `jwt-sha256:<hex>`.
+pub fn jwt_credential(token: &str) -> String {
+    use sha2::Digest;
+    format!(
+        "jwt-sha256:{}",
+        hex::encode(sha2::Sha256::digest(token.as_bytes()))
+    )
+}
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_CREDENTIAL_ID
@@ -97,10 +121,25 @@ fn valid_id(id: &str) -> bool {
 /// An AgentToken, by namespace and name.
 type Key = (String, String);
 
+/// What the tracker knows of one tracked token, from its ledger entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Credential {
+    /// The AgentToken that minted it.
+    pub key: Key,
+    pub revision: i64,
+    /// The issuer that minted it: kind and name.
+    pub issuer: Option<(IssuerKind, String)>,
+    pub expires_at: Option<Timestamp>,
+    /// When the operator revoked or withdrew it: `revokedAt`, else when the
+    /// tracker first saw it out of `Live` and `Grace` (never earlier than
+    /// the truth). `None` while it is the Secret's current or previous token.
+    pub withdrawn_at: Option<Timestamp>,
+}
+
 #[derive(Default)]
 struct Tracked {
-    /// Credential id -> the AgentToken and revision that minted it.
-    by_credential: HashMap<String, (Key, i64)>,
+    /// Credential id -> the AgentToken revision that minted it.
+    by_credential: HashMap<String, Credential>,
     /// Credential ids registered per AgentToken (to forget them).
     credentials: HashMap<Key, HashSet<String>>,
     /// Uses per AgentToken, by revision.
@@ -109,8 +148,11 @@ struct Tracked {
     dirty: HashSet<Key>,
     /// Sources already checked (or queued) per token revision.
     checked: HashMap<(Key, i64), HashSet<String>>,
-    /// Sources to check against `spec.usage`, oldest first.
+    /// Sources to check against `spec.usage`, and uses after revocation
+    /// to report, oldest first.
     pending: std::collections::VecDeque<Check>,
+    /// Token revisions whose use after revocation was queued for a report.
+    reported: HashSet<(Key, i64)>,
     /// The newest use of any token of an AgentToken, across rotations.
     last: HashMap<Key, Timestamp>,
 }
@@ -122,13 +164,26 @@ const MAX_CHECKED: usize = 32;
 /// Checks waiting at most; beyond, new sources wait for their next use.
 const MAX_PENDING: usize = 4096;
 
-/// A source to check against an AgentToken's `spec.usage`.
+/// Something the source-check loop looks at, off the endpoint's path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
     pub namespace: String,
     pub name: String,
     pub revision: i64,
-    pub source: String,
+    pub finding: Finding,
+}
+
+/// What was seen of a token revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// A new source address, to check against `spec.usage`.
+    Source(String),
+    /// A use after the token was revoked or withdrawn (reported once per
+    /// revision): when, and from where if the issuer said.
+    AfterRevocation {
+        at: Timestamp,
+        source: Option<String>,
+    },
 }
 
 /// Maps uses to AgentToken revisions and keeps them until flushed.
@@ -171,28 +226,68 @@ impl Tracker {
         usage: Option<&UsageStatus>,
     ) {
         let key: Key = (namespace.to_string(), name.to_string());
-        let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Timestamp::now();
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let t = &mut *guard;
         // The two newest tokens with an id, whatever their state: the
         // current and the previous one (a revoked token's record of use is
-        // the evidence of why it was revoked).
-        let mut with_id: Vec<(i64, String)> = history
+        // the evidence of why it was revoked, and a use of it afterwards
+        // is a copy being tried).
+        let mut with_id: Vec<&HistoryEntry> = history
             .iter()
             .filter(|e| !matches!(e.state, Some(TokenLife::Minting)))
-            .filter_map(|e| Some((e.revision, e.credential_id.clone()?)))
+            .filter(|e| e.credential_id.is_some())
             .collect();
-        with_id.sort_by_key(|e| std::cmp::Reverse(e.0));
-        let wanted: HashMap<String, i64> =
-            with_id.into_iter().take(2).map(|(r, id)| (id, r)).collect();
+        with_id.sort_by_key(|e| std::cmp::Reverse(e.revision));
+        let wanted: HashMap<String, Credential> = with_id
+            .into_iter()
+            .take(2)
+            .filter_map(|e| {
+                let id = e.credential_id.clone()?;
+                let withdrawn = match e.state {
+                    Some(TokenLife::Minting | TokenLife::Live | TokenLife::Grace) => false,
+                    Some(_) => true,
+                    None => e.revocation != RevocationState::Pending,
+                };
+                let seen_before = t
+                    .by_credential
+                    .get(&id)
+                    .filter(|c| c.key == key)
+                    .and_then(|c| c.withdrawn_at);
+                let withdrawn_at = withdrawn
+                    .then(|| e.revoked_at.as_ref().map(|r| r.0).or(seen_before))
+                    .map(|at| at.unwrap_or(now));
+                let credential = Credential {
+                    key: key.clone(),
+                    revision: e.revision,
+                    issuer: e.issuer.as_ref().map(|i| (i.kind, i.name.clone())),
+                    expires_at: e.expires_at.as_ref().map(|x| x.0),
+                    withdrawn_at,
+                };
+                Some((id, credential))
+            })
+            .collect();
+        let revisions: HashSet<i64> = wanted.values().map(|c| c.revision).collect();
         let old = t.credentials.remove(&key).unwrap_or_default();
-        for id in old.difference(&wanted.keys().cloned().collect()) {
-            if t.by_credential.get(id).is_some_and(|(k, _)| *k == key) {
+        for id in &old {
+            if !wanted.contains_key(id) && t.by_credential.get(id).is_some_and(|c| c.key == key) {
                 t.by_credential.remove(id);
             }
+        }
+        // What is kept per revision goes with the revisions no longer
+        // tracked (looked up by key: no scan of every AgentToken's).
+        let old_revisions: Vec<i64> = t
+            .uses
+            .get(&key)
+            .map(|u| u.keys().copied().collect())
+            .unwrap_or_default();
+        for r in old_revisions.into_iter().filter(|r| !revisions.contains(r)) {
+            t.checked.remove(&(key.clone(), r));
+            t.reported.remove(&(key.clone(), r));
         }
         if wanted.is_empty() {
             t.uses.remove(&key);
             t.dirty.remove(&key);
-            t.checked.retain(|(k, _), _| *k != key);
             t.last.remove(&key);
             return;
         }
@@ -200,26 +295,30 @@ impl Tracker {
             let last = t.last.entry(key.clone()).or_insert(seen.0);
             *last = (*last).max(seen.0);
         }
-        let revisions: HashSet<i64> = wanted.values().copied().collect();
-        for (id, revision) in &wanted {
+        let mut ids = HashSet::new();
+        for (id, credential) in wanted {
             // First come keeps an id: another AgentToken's ledger cannot
             // take over a credential id already tracked (ids are unique
             // per issuer; a clash is someone's error, not a reason to
             // misattribute uses).
-            match t.by_credential.get(id) {
-                Some((k, _)) if *k != key => continue,
+            match t.by_credential.get(&id) {
+                Some(c) if c.key != key => continue,
                 _ => {
-                    t.by_credential.insert(id.clone(), (key.clone(), *revision));
+                    t.by_credential.insert(id.clone(), credential);
+                    ids.insert(id);
                 }
             }
         }
-        t.credentials
-            .insert(key.clone(), wanted.keys().cloned().collect());
-        let uses = t.uses.entry(key).or_default();
+        t.credentials.insert(key.clone(), ids);
+        let uses = t.uses.entry(key.clone()).or_default();
         uses.retain(|r, _| revisions.contains(r));
         for seen in usage.map(|u| u.tokens.as_slice()).unwrap_or_default() {
             if revisions.contains(&seen.revision) {
                 uses.entry(seen.revision).or_insert_with(|| seen.clone());
+                if seen.requests_after_revocation > 0 {
+                    // Reported before (by this process or the last one).
+                    t.reported.insert((key.clone(), seen.revision));
+                }
             }
         }
     }
@@ -229,16 +328,29 @@ impl Tracker {
         self.track(namespace, name, &[], None);
     }
 
+    /// What is tracked under a credential id.
+    pub fn credential(&self, id: &str) -> Option<Credential> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_credential
+            .get(id)
+            .cloned()
+    }
+
     /// Records uses; returns how many were mapped to an AgentToken.
     pub fn record(&self, uses: impl IntoIterator<Item = Use>) -> (usize, usize) {
-        let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let t = &mut *guard;
         let (mut matched, mut unmatched) = (0, 0);
         for u in uses {
-            let Some((key, revision)) = t.by_credential.get(&u.credential_id).cloned() else {
+            let Some(c) = t.by_credential.get(&u.credential_id) else {
                 unmatched += 1;
                 continue;
             };
             matched += 1;
+            let (key, revision, withdrawn_at) = (c.key.clone(), c.revision, c.withdrawn_at);
+            let at = crate::rotation::whole_seconds(u.at);
             let entry = t
                 .uses
                 .entry(key.clone())
@@ -248,17 +360,39 @@ impl Tracker {
                     revision,
                     ..Default::default()
                 });
+            // A use at least a second after the withdrawal (the use's time
+            // is the issuer's, the withdrawal's the operator's in whole
+            // seconds): a use from just before it is never called one after.
+            if let Some(withdrawn) = withdrawn_at
+                && u.at >= withdrawn + jiff::SignedDuration::from_secs(1)
+            {
+                entry.requests_after_revocation += 1;
+                if entry
+                    .last_used_after_revocation
+                    .as_ref()
+                    .is_none_or(|l| l.0 < at)
+                {
+                    entry.last_used_after_revocation = Some(Time(at));
+                }
+                t.dirty.insert(key.clone());
+                if t.pending.len() < MAX_PENDING && t.reported.insert((key.clone(), revision)) {
+                    t.pending.push_back(Check {
+                        namespace: key.0.clone(),
+                        name: key.1.clone(),
+                        revision,
+                        finding: Finding::AfterRevocation {
+                            at,
+                            source: u.source,
+                        },
+                    });
+                    self.checks.notify_one();
+                    self.urgent.notify_one();
+                }
+                continue;
+            }
             entry.requests += 1;
-            let at = crate::rotation::whole_seconds(u.at);
-            let last = t.last.entry(key.clone()).or_insert(at);
-            *last = (*last).max(at);
-            let entry = t
-                .uses
-                .get_mut(&key)
-                .and_then(|m| m.get_mut(&revision))
-                .expect("just inserted");
             if entry.last_used.as_ref().is_none_or(|l| l.0 < u.at) {
-                entry.last_used = Some(Time(crate::rotation::whole_seconds(u.at)));
+                entry.last_used = Some(Time(at));
                 if let Some(agent) = u.user_agent {
                     entry.user_agent = Some(agent.chars().take(MAX_USER_AGENT).collect());
                 }
@@ -269,6 +403,8 @@ impl Tracker {
             {
                 entry.sources.push(source.clone());
             }
+            let last = t.last.entry(key.clone()).or_insert(at);
+            *last = (*last).max(at);
             t.dirty.insert(key.clone());
             if let Some(source) = u.source {
                 let pending = t.pending.len();
@@ -281,7 +417,7 @@ impl Tracker {
                         namespace: key.0.clone(),
                         name: key.1.clone(),
                         revision,
-                        source,
+                        finding: Finding::Source(source),
                     });
                     self.checks.notify_one();
                 }
@@ -306,27 +442,37 @@ impl Tracker {
 
     /// A checked source was not expected: recorded with the token's use.
     pub fn unexpected(&self, c: &Check) {
+        let Finding::Source(source) = &c.finding else {
+            return;
+        };
         let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let key = (c.namespace.clone(), c.name.clone());
         let Some(entry) = t.uses.get_mut(&key).and_then(|u| u.get_mut(&c.revision)) else {
             return;
         };
         if entry.unexpected_sources.len() < MAX_USAGE_SOURCES
-            && !entry.unexpected_sources.contains(&c.source)
+            && !entry.unexpected_sources.contains(source)
         {
-            entry.unexpected_sources.push(c.source.clone());
+            entry.unexpected_sources.push(source.clone());
             t.dirty.insert(key);
             self.urgent.notify_one();
         }
     }
 
-    /// A check that could not be made: the source is checked again at its
-    /// next use.
+    /// A check that could not be made: the source is checked again (the
+    /// use after revocation reported) at its next use.
     pub fn unchecked(&self, c: &Check) {
         let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let key = (c.namespace.clone(), c.name.clone());
-        if let Some(set) = t.checked.get_mut(&(key, c.revision)) {
-            set.remove(&c.source);
+        match &c.finding {
+            Finding::Source(source) => {
+                if let Some(set) = t.checked.get_mut(&(key, c.revision)) {
+                    set.remove(source);
+                }
+            }
+            Finding::AfterRevocation { .. } => {
+                t.reported.remove(&(key, c.revision));
+            }
         }
     }
 
@@ -642,44 +788,78 @@ async fn read_vault_audit(
 pub struct Endpoint {
     pub tracker: Arc<Tracker>,
     pub metrics: Arc<Metrics>,
-    /// Bearer tokens accepted (from `--usage-token-file`), as SHA-256 digests.
-    pub tokens: Arc<Vec<[u8; 32]>>,
+    /// Bearer tokens `POST /audit` accepts (`--usage-token-file`), as
+    /// SHA-256 digests; `None`: no audit webhook here.
+    pub tokens: Option<Arc<Vec<[u8; 32]>>>,
+    /// Bearer tokens the introspection endpoint accepts
+    /// (`--usage-introspection-token-file`); `None`: no introspection.
+    pub introspection: Option<Arc<Vec<[u8; 32]>>>,
 }
 
-impl Endpoint {
-    fn authorized(&self, headers: &HeaderMap) -> bool {
-        use sha2::Digest;
-        let Some(presented) = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-        else {
-            return false;
-        };
-        let digest: [u8; 32] = sha2::Sha256::digest(presented.trim().as_bytes()).into();
-        // Digests compared whole: no early exit on the first differing byte.
-        self.tokens.iter().fold(false, |ok, t| {
-            ok | (t.iter().zip(digest).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0)
-        })
-    }
+/// Whether the request carries one of `tokens` as its bearer token.
+fn authorized(tokens: &[[u8; 32]], headers: &HeaderMap) -> bool {
+    use sha2::Digest;
+    let Some(presented) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let digest: [u8; 32] = sha2::Sha256::digest(presented.trim().as_bytes()).into();
+    // Digests compared whole: no early exit on the first differing byte.
+    tokens.iter().fold(false, |ok, t| {
+        ok | (t.iter().zip(digest).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0)
+    })
 }
+
+/// The largest introspection request read (a token and a hint).
+const MAX_INTROSPECTION_BYTES: usize = 64 * 1024;
 
 /// `POST /audit`: kube-apiserver's audit webhook (a bearer token from the
 /// webhook's kubeconfig). Answers 200 once the batch is recorded, 400 for
-/// what is not an EventList, 401 without a valid token, 413 over
-/// [`MAX_BATCH_BYTES`].
+/// what is not an EventList, 401 without a valid token (before the body is
+/// read), 413 over [`MAX_BATCH_BYTES`].
+///
+/// `POST /introspect/clustertokenissuers/{name}` and
+/// `POST /introspect/tokenissuers/{namespace}/{name}`: RFC 7662 token
+/// introspection for the jwt tokens that issuer minted ([`introspect`]).
 pub fn router(endpoint: Endpoint) -> Router {
     Router::new()
         .route("/audit", post(audit))
-        .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
+        .route(
+            "/introspect/clustertokenissuers/{name}",
+            post(introspect_cluster),
+        )
+        .route(
+            "/introspect/tokenissuers/{namespace}/{name}",
+            post(introspect_namespaced),
+        )
         .with_state(endpoint)
 }
 
-async fn audit(State(e): State<Endpoint>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    if !e.authorized(&headers) {
+/// The body, read only up to `limit`: `Err(413)` beyond.
+async fn body_within(body: axum::body::Body, limit: usize) -> Result<Bytes, StatusCode> {
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| StatusCode::PAYLOAD_TOO_LARGE)
+}
+
+async fn audit(State(e): State<Endpoint>, request: axum::extract::Request) -> StatusCode {
+    let Some(tokens) = &e.tokens else {
+        return StatusCode::NOT_FOUND;
+    };
+    if !authorized(tokens, request.headers()) {
         e.metrics.usage_events("unauthorized", 1);
         return StatusCode::UNAUTHORIZED;
     }
+    let body = match body_within(request.into_body(), MAX_BATCH_BYTES).await {
+        Ok(b) => b,
+        Err(status) => {
+            e.metrics.usage_events("invalid", 1);
+            return status;
+        }
+    };
     match parse_audit(&body) {
         Ok(uses) => {
             let oldest = uses.iter().map(|u| u.at).min();
@@ -698,6 +878,189 @@ async fn audit(State(e): State<Endpoint>, headers: HeaderMap, body: Bytes) -> St
     }
 }
 
+/// The issuer an introspection request is addressed to (its URL path): a
+/// resource server trusts one issuer, and only that issuer's tokens are
+/// active there. A tenant's TokenIssuer may sign with any `iss` it likes;
+/// it cannot make its tokens active at another issuer's endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IssuerPath {
+    Cluster(String),
+    Namespaced { namespace: String, name: String },
+}
+
+impl IssuerPath {
+    fn minted(&self, c: &Credential) -> bool {
+        match (self, &c.issuer) {
+            (IssuerPath::Cluster(name), Some((IssuerKind::ClusterTokenIssuer, n))) => name == n,
+            (IssuerPath::Namespaced { namespace, name }, Some((IssuerKind::TokenIssuer, n))) => {
+                name == n && *namespace == c.key.0
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The RFC 7662 answer for `token` at `issuer`, and the use it is. Active
+/// only for the current or previous token of an AgentToken (as its ledger
+/// says), minted by that very issuer, not expired, and byte for byte the
+/// token the operator minted (its SHA-256 is the revision's credential id).
+/// An active answer carries the token's own claims; any other answer is
+/// `{"active": false}` alone (RFC 7662 section 2.2).
+pub fn introspect(
+    tracker: &Tracker,
+    issuer: &IssuerPath,
+    token: &str,
+    now: Timestamp,
+) -> (serde_json::Value, Option<Use>) {
+    let inactive = serde_json::json!({"active": false});
+    let id = jwt_credential(token);
+    let Some(c) = tracker.credential(&id) else {
+        return (inactive, None);
+    };
+    // Shown to a resource server: a use of the token, wherever it went.
+    let seen = Use {
+        credential_id: id,
+        at: now,
+        source: None,
+        user_agent: None,
+    };
+    let active =
+        c.withdrawn_at.is_none() && c.expires_at.is_some_and(|x| now < x) && issuer.minted(&c);
+    if !active {
+        return (inactive, Some(seen));
+    }
+    let Some(claims) = claims_of(token) else {
+        return (inactive, Some(seen));
+    };
+    let mut answer = serde_json::Map::new();
+    answer.insert("active".into(), true.into());
+    for claim in ["scope", "sub", "aud", "iss", "exp", "iat", "nbf", "jti"] {
+        if let Some(v) = claims.get(claim) {
+            answer.insert(claim.into(), v.clone());
+        }
+    }
+    answer.insert("token_type".into(), "Bearer".into());
+    (serde_json::Value::Object(answer), Some(seen))
+}
+
+/// A JWT's claims (its payload), undecoded trust aside: only called on a
+/// token whose every byte the operator minted.
+fn claims_of(token: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::Engine::decode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        payload.trim_end_matches('='),
+    )
+    .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+async fn introspect_cluster(
+    State(e): State<Endpoint>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    introspection(e, IssuerPath::Cluster(name), request).await
+}
+
+async fn introspect_namespaced(
+    State(e): State<Endpoint>,
+    axum::extract::Path((namespace, name)): axum::extract::Path<(String, String)>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    introspection(e, IssuerPath::Namespaced { namespace, name }, request).await
+}
+
+#[derive(Deserialize)]
+struct IntrospectionRequest {
+    token: String,
+}
+
+async fn introspection(
+    e: Endpoint,
+    issuer: IssuerPath,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let Some(tokens) = &e.introspection else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    if !authorized(tokens, request.headers()) {
+        e.metrics.usage_events("unauthorized", 1);
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+        )
+            .into_response();
+    }
+    let invalid = || {
+        (
+            StatusCode::BAD_REQUEST,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"error":"invalid_request"}"#,
+        )
+            .into_response()
+    };
+    let form = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if !form {
+        e.metrics.usage_events("invalid", 1);
+        return invalid();
+    }
+    let body = match body_within(request.into_body(), MAX_INTROSPECTION_BYTES).await {
+        Ok(b) => b,
+        Err(status) => {
+            e.metrics.usage_events("invalid", 1);
+            return status.into_response();
+        }
+    };
+    let Ok(asked) = serde_urlencoded::from_bytes::<IntrospectionRequest>(&body) else {
+        e.metrics.usage_events("invalid", 1);
+        return invalid();
+    };
+    let (answer, seen) = introspect(&e.tracker, &issuer, &asked.token, Timestamp::now());
+    // A token the operator does not track is counted as unmatched.
+    let (matched, unmatched) = match seen {
+        Some(u) => e.tracker.record([u]),
+        None => (0, 1),
+    };
+    e.metrics.usage_events("matched", matched as u64);
+    e.metrics.usage_events("unmatched", unmatched as u64);
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        answer.to_string(),
+    )
+        .into_response()
+}
+
+/// The label on the leader's own Pod (`"true"`), which the chart's usage
+/// Service selects: only the leader serves usage reports and
+/// introspection.
+pub const LEADER_LABEL: &str = "agenttoken.dev/usage-leader";
+
+/// Sets or removes [`LEADER_LABEL`] on this replica's own Pod. A failure is
+/// logged, not fatal: reports then reach the leader only by chance, and
+/// their senders retry.
+pub async fn label_leader(client: &Client, namespace: &str, pod: &str, leading: bool) {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    let value = leading.then_some("true");
+    let patch = serde_json::json!({"metadata": {"labels": {LEADER_LABEL: value}}});
+    match pods
+        .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => debug!(pod, leading, "usage leader label set"),
+        Err(e) => warn!(pod, leading, error = %e, "could not label this Pod for the usage Service"),
+    }
+}
+
 /// Serves [`router`] over TLS on `addr` until `shutdown`.
 pub async fn serve(
     addr: std::net::SocketAddr,
@@ -705,21 +1068,70 @@ pub async fn serve(
     endpoint: Endpoint,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving usage reports (POST /audit)");
-    let listener = TlsListener {
-        tcp: listener,
-        acceptor: tokio_rustls::TlsAcceptor::from(tls),
-    };
+    let tcp = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving usage reports (POST /audit) and introspection");
+    let listener = TlsListener::new(tcp, tokio_rustls::TlsAcceptor::from(tls));
     axum::serve(listener, router(endpoint))
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-/// A TLS listener for axum: a failed handshake drops that connection only.
+/// TLS handshakes in progress at most; beyond, new connections are closed.
+const MAX_HANDSHAKES: usize = 64;
+/// How long a handshake may take.
+const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
+
+/// A TLS listener for axum. Each handshake runs in its own task (at most
+/// [`MAX_HANDSHAKES`] at once, each within [`HANDSHAKE_WITHIN`]): a slow or
+/// silent client holds up no one else, and a failed handshake drops that
+/// connection only.
 struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    ready: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        std::net::SocketAddr,
+    )>,
+    local: std::io::Result<std::net::SocketAddr>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl TlsListener {
+    fn new(tcp: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> Self {
+        let local = tcp.local_addr();
+        let (tx, ready) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let accepting = tokio::spawn(async move {
+            loop {
+                let Ok((stream, peer)) = tcp.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    // Too many handshakes at once: this one is dropped.
+                    continue;
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    if let Ok(Ok(tls)) =
+                        tokio::time::timeout(HANDSHAKE_WITHIN, acceptor.accept(stream)).await
+                    {
+                        let _ = tx.send((tls, peer)).await;
+                    }
+                });
+            }
+        });
+        TlsListener {
+            ready,
+            local,
+            accepting,
+        }
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
 }
 
 impl axum::serve::Listener for TlsListener {
@@ -727,21 +1139,18 @@ impl axum::serve::Listener for TlsListener {
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok((tcp, peer)) = self.tcp.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            // A slow or silent client must not hold up the next one.
-            match tokio::time::timeout(Duration::from_secs(10), self.acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => return (tls, peer),
-                _ => continue,
-            }
+        match self.ready.recv().await {
+            Some(ready) => ready,
+            // The accept task ended (it never does before the drop).
+            None => std::future::pending().await,
         }
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
+        match &self.local {
+            Ok(a) => Ok(*a),
+            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+        }
     }
 }
 
@@ -826,8 +1235,13 @@ mod tests {
             Some("jti:6f1c-aa")
         );
         assert_eq!(
-            credential_id("jwt", false, &t, "").as_deref(),
-            Some("jti:6f1c-aa")
+            credential_id("jwt", false, &t, "jwt:6f1c-aa"),
+            Some(jwt_credential(&t)),
+            "the operator's own jwt: the whole token's digest, not its claimed jti"
+        );
+        assert_eq!(
+            jwt_credential("abc"),
+            "jwt-sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(
             credential_id("webhook", true, &t, "webhook-id:1"),
@@ -1068,22 +1482,175 @@ mod tests {
         );
     }
 
+    fn jwt_entry(
+        revision: i64,
+        token: &str,
+        state: TokenLife,
+        issuer: (IssuerKind, &str),
+    ) -> HistoryEntry {
+        HistoryEntry {
+            revision,
+            credential_id: Some(jwt_credential(token)),
+            state: Some(state),
+            expires_at: Some(Time("2026-11-29T12:00:00Z".parse().unwrap())),
+            issuer: Some(crate::crd::IssuerRecord {
+                kind: issuer.0,
+                name: issuer.1.into(),
+                uid: "u1".into(),
+                type_: "jwt".into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn introspection_is_active_only_for_a_live_token_at_the_issuer_that_minted_it() {
+        let now: Timestamp = "2026-11-29T11:00:00Z".parse().unwrap();
+        let current = jwt(r#"{"jti":"c1","sub":"t/bot","scope":"read","iss":"https://i","exp":1}"#);
+        let previous = jwt(r#"{"jti":"p1","sub":"t/bot","scope":"read"}"#);
+        let cluster = (IssuerKind::ClusterTokenIssuer, "platform");
+        let tr = Tracker::default();
+        tr.track(
+            "t",
+            "bot",
+            &[
+                jwt_entry(1, &previous, TokenLife::Grace, cluster),
+                jwt_entry(2, &current, TokenLife::Live, cluster),
+            ],
+            None,
+        );
+        let at = |name: &str| IssuerPath::Cluster(name.into());
+        let (answer, used) = introspect(&tr, &at("platform"), &current, now);
+        assert_eq!(answer["active"], true);
+        assert_eq!(answer["sub"], "t/bot");
+        assert_eq!(answer["scope"], "read");
+        assert_eq!(answer["jti"], "c1");
+        assert!(used.is_some());
+        assert_eq!(
+            introspect(&tr, &at("platform"), &previous, now).0["active"],
+            true
+        );
+
+        // Another issuer's endpoint, the same name as a TokenIssuer, a
+        // token someone built with the same claims, an unknown token, and
+        // the same token after its expiry: inactive, and nothing else said.
+        let inactive = serde_json::json!({"active": false});
+        assert_eq!(introspect(&tr, &at("other"), &current, now).0, inactive);
+        let namespaced = IssuerPath::Namespaced {
+            namespace: "t".into(),
+            name: "platform".into(),
+        };
+        assert_eq!(introspect(&tr, &namespaced, &current, now).0, inactive);
+        let forged = format!("{}x", &current[..current.len() - 1]);
+        let (answer, used) = introspect(&tr, &at("platform"), &forged, now);
+        assert_eq!((answer, used), (inactive.clone(), None));
+        let late: Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
+        assert_eq!(introspect(&tr, &at("platform"), &current, late).0, inactive);
+
+        // A TokenIssuer's tokens are active at its own path, in its namespace.
+        let own = (IssuerKind::TokenIssuer, "team-jwt");
+        tr.track(
+            "t",
+            "ci",
+            &[jwt_entry(1, "a.e30.b", TokenLife::Live, own)],
+            None,
+        );
+        let path = |namespace: &str| IssuerPath::Namespaced {
+            namespace: namespace.into(),
+            name: "team-jwt".into(),
+        };
+        assert_eq!(
+            introspect(&tr, &path("t"), "a.e30.b", now).0["active"],
+            true
+        );
+        assert_eq!(introspect(&tr, &path("u"), "a.e30.b", now).0, inactive);
+    }
+
+    #[test]
+    fn a_use_after_revocation_is_counted_apart_and_reported_once_per_revision() {
+        let t0: Timestamp = "2026-11-29T11:00:00Z".parse().unwrap();
+        let token = jwt(r#"{"jti":"c1"}"#);
+        let cluster = (IssuerKind::ClusterTokenIssuer, "platform");
+        let tr = Tracker::default();
+        tr.track(
+            "t",
+            "bot",
+            &[jwt_entry(1, &token, TokenLife::Live, cluster)],
+            None,
+        );
+        let use_at = |at: Timestamp| Use {
+            credential_id: jwt_credential(&token),
+            at,
+            source: Some("10.0.0.9".into()),
+            user_agent: None,
+        };
+        tr.record([use_at(t0)]);
+        // Revoked at t0 + 10 s (the ledger's revokedAt).
+        let mut revoked = jwt_entry(1, &token, TokenLife::Revoked, cluster);
+        revoked.revoked_at = Some(Time(t0 + jiff::SignedDuration::from_secs(10)));
+        tr.track(
+            "t",
+            "bot",
+            &[jwt_entry(2, "n.e30.s", TokenLife::Live, cluster), revoked],
+            None,
+        );
+        let (answer, _) = introspect(&tr, &IssuerPath::Cluster("platform".into()), &token, t0);
+        assert_eq!(answer["active"], false, "revoked: inactive");
+        // Before, in the same second as, and well after the revocation.
+        let s = |n| t0 + jiff::SignedDuration::from_secs(n);
+        tr.record([use_at(s(5)), use_at(s(10)), use_at(s(11)), use_at(s(30))]);
+        let usage = tr.take_dirty().remove(0).1;
+        let r1 = usage.tokens.iter().find(|u| u.revision == 1).unwrap();
+        assert_eq!(
+            r1.requests, 3,
+            "the use before and the one in the second of the revocation"
+        );
+        assert_eq!(r1.requests_after_revocation, 2);
+        assert_eq!(r1.last_used_after_revocation, Some(Time(s(30))));
+        assert_eq!(
+            usage.last_used,
+            Some(Time(s(10))),
+            "not moved by a stolen copy"
+        );
+        let mut reports = Vec::new();
+        while let Some(c) = tr.next_check() {
+            if let Finding::AfterRevocation { at, .. } = c.finding {
+                reports.push((c.revision, at));
+            }
+        }
+        assert_eq!(reports, [(1, s(11))], "one report per revision");
+        // A restarted operator that reads the count back reports no more.
+        let fresh = Tracker::default();
+        fresh.track(
+            "t",
+            "bot",
+            &[
+                jwt_entry(2, "n.e30.s", TokenLife::Live, cluster),
+                jwt_entry(1, &token, TokenLife::NotSupported, cluster),
+            ],
+            Some(&usage),
+        );
+        fresh.record([use_at(
+            Timestamp::now() + jiff::SignedDuration::from_secs(5),
+        )]);
+        assert!(
+            std::iter::from_fn(|| fresh.next_check())
+                .all(|c| !matches!(c.finding, Finding::AfterRevocation { .. }))
+        );
+    }
+
     #[test]
     fn only_a_listed_bearer_token_is_authorized() {
         use sha2::Digest;
-        let e = Endpoint {
-            tracker: Arc::new(Tracker::default()),
-            metrics: Arc::new(Metrics::new()),
-            tokens: Arc::new(vec![sha2::Sha256::digest(b"right").into()]),
-        };
+        let tokens: Vec<[u8; 32]> = vec![sha2::Sha256::digest(b"right").into()];
         let with = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert(header::AUTHORIZATION, v.parse().unwrap());
             h
         };
-        assert!(e.authorized(&with("Bearer right")));
-        assert!(!e.authorized(&with("Bearer wrong")));
-        assert!(!e.authorized(&with("Basic right")));
-        assert!(!e.authorized(&HeaderMap::new()));
+        assert!(authorized(&tokens, &with("Bearer right")));
+        assert!(!authorized(&tokens, &with("Bearer wrong")));
+        assert!(!authorized(&tokens, &with("Basic right")));
+        assert!(!authorized(&tokens, &HeaderMap::new()));
     }
 }

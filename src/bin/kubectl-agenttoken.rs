@@ -298,17 +298,36 @@ async fn status(
                     (0, stuck) => format!("{stuck} stuck"),
                     (open, stuck) => format!("{open} open, {stuck} stuck"),
                 },
-                // The current token's use: when last, how often, from where.
-                match r.usage.iter().find(|u| u.revision == r.revision) {
-                    Some(u) => format!(
-                        "{}, {} req, from {}",
-                        u.last_used
-                            .as_ref()
-                            .map_or("-".into(), |t| relative(t.0, now)),
-                        u.requests,
-                        u.sources.join(" ")
-                    ),
-                    None => "-".into(),
+                // The current token's use: when last, how often, from
+                // where; and any revoked token still being tried.
+                {
+                    let current = match r.usage.iter().find(|u| u.revision == r.revision) {
+                        Some(u) => format!(
+                            "{}, {} req, from {}",
+                            u.last_used
+                                .as_ref()
+                                .map_or("-".into(), |t| relative(t.0, now)),
+                            u.requests,
+                            u.sources.join(" ")
+                        ),
+                        None => "-".into(),
+                    };
+                    let revoked: Vec<String> = r
+                        .usage
+                        .iter()
+                        .filter(|u| u.requests_after_revocation > 0)
+                        .map(|u| {
+                            format!(
+                                "r{} used {}x after revocation",
+                                u.revision, u.requests_after_revocation
+                            )
+                        })
+                        .collect();
+                    if revoked.is_empty() {
+                        current
+                    } else {
+                        format!("{current}; {}", revoked.join(", "))
+                    }
                 },
             ]
         })

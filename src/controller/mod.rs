@@ -689,7 +689,12 @@ fn reconcile_trigger(at: &AgentToken) -> Option<u64> {
     }
     if let Some(u) = at.status.as_ref().and_then(|s| s.usage.as_ref()) {
         for t in &u.tokens {
-            (t.revision, &t.unexpected_sources).hash(&mut h);
+            (
+                t.revision,
+                &t.unexpected_sources,
+                t.requests_after_revocation > 0,
+            )
+                .hash(&mut h);
         }
     }
     Some(h.finish())
@@ -761,15 +766,17 @@ fn slim_cached_agent_token(at: &mut AgentToken) {
             rotate: None,
             revoke: h.revoke,
         }),
-        // Only the unexpected sources, for `reconcile_trigger` (rarely any).
+        // Only the unexpected sources and whether a revoked token was
+        // used, for `reconcile_trigger` (rarely any).
         usage: st.usage.and_then(|u| {
             let tokens: Vec<_> = u
                 .tokens
                 .into_iter()
-                .filter(|t| !t.unexpected_sources.is_empty())
+                .filter(|t| !t.unexpected_sources.is_empty() || t.requests_after_revocation > 0)
                 .map(|t| crate::crd::TokenUsage {
                     revision: t.revision,
                     unexpected_sources: t.unexpected_sources,
+                    requests_after_revocation: t.requests_after_revocation.min(1),
                     ..Default::default()
                 })
                 .collect();

@@ -38,11 +38,14 @@ pub enum Reason {
     // Unused (condition and Event)
     Unused,
     InUse,
+    // UsedAfterRevocation (condition and Event)
+    UsedAfterRevocation,
+    NotUsedAfterRevocation,
 }
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 29] = [
         Reason::TokenValid,
         Reason::TokenExpired,
         Reason::Paused,
@@ -70,6 +73,8 @@ impl Reason {
         Reason::SourcesExpected,
         Reason::Unused,
         Reason::InUse,
+        Reason::UsedAfterRevocation,
+        Reason::NotUsedAfterRevocation,
     ];
 
     /// The reason as it appears in conditions and Events.
@@ -102,6 +107,8 @@ impl Reason {
             Reason::SourcesExpected => "SourcesExpected",
             Reason::Unused => "Unused",
             Reason::InUse => "InUse",
+            Reason::UsedAfterRevocation => "UsedAfterRevocation",
+            Reason::NotUsedAfterRevocation => "NotUsedAfterRevocation",
         }
     }
 }

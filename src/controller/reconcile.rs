@@ -22,7 +22,7 @@ use super::keeper::Keeper;
 use super::queue::Urgency;
 use super::reason::Reason;
 use super::secret::{self, Desired, Ownership, SlotState, TokenState};
-use super::status::{self, ISSUING, READY, UNEXPECTED_SOURCE, Want};
+use super::status::{self, ISSUING, READY, UNEXPECTED_SOURCE, USED_AFTER_REVOCATION, Want};
 use super::workloads::Unavailable;
 use super::{Context, Error, FIELD_MANAGER, STATUS_MANAGER};
 use super::{ledger, revoke};
@@ -1866,7 +1866,47 @@ fn conditions(
     };
     let mut wants = vec![ready, issuing];
     wants.extend(unexpected_source(status));
+    wants.extend(used_after_revocation(status));
     wants
+}
+
+/// The `UsedAfterRevocation` condition, once usage tracking has seen a use.
+fn used_after_revocation(status: &AgentTokenStatus) -> Option<Want> {
+    let usage = status.usage.as_ref()?;
+    let seen: Vec<String> = usage
+        .tokens
+        .iter()
+        .filter(|t| t.requests_after_revocation > 0)
+        .map(|t| {
+            format!(
+                "revision {} ({} requests, the last at {})",
+                t.revision,
+                t.requests_after_revocation,
+                t.last_used_after_revocation
+                    .as_ref()
+                    .map(|l| l.0.to_string())
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    Some(if seen.is_empty() {
+        Want::new(
+            USED_AFTER_REVOCATION,
+            false,
+            Reason::NotUsedAfterRevocation,
+            "no revoked token was seen used",
+        )
+    } else {
+        Want::new(
+            USED_AFTER_REVOCATION,
+            true,
+            Reason::UsedAfterRevocation,
+            format!(
+                "revoked tokens were used again, a copy of each is still being tried: {}",
+                seen.join("; ")
+            ),
+        )
+    })
 }
 
 /// The `UnexpectedSource` condition, once usage tracking has seen a use.

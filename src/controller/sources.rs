@@ -10,6 +10,10 @@
 //! Warning Event `UnexpectedSource`; the reconcile that the status change
 //! brings sets the condition and, with `onUnexpectedSource: Revoke`,
 //! revokes the token at once and mints a new one.
+//!
+//! It also reports a revision used after its revocation (the tracker queues
+//! the first such use of each): a Warning Event `UsedAfterRevocation` and
+//! its metric, when the ledger it reads agrees the token was withdrawn.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -21,8 +25,8 @@ use tracing::{info, warn};
 
 use super::Context;
 use super::reason::Reason;
-use crate::crd::{AgentToken, UnexpectedSourceAction};
-use crate::usage::Check;
+use crate::crd::{AgentToken, TokenLife, UnexpectedSourceAction};
+use crate::usage::{Check, Finding};
 
 /// What a check found.
 #[derive(Debug, PartialEq, Eq)]
@@ -53,12 +57,21 @@ async fn handle(ctx: &Context, check: &Check) {
         Ok(Some(at)) => at,
         Ok(None) => return,
         Err(e) => {
-            warn!(namespace = %check.namespace, agenttoken = %check.name, error = %e, "could not read the AgentToken to check a source; checked at its next use");
+            warn!(namespace = %check.namespace, agenttoken = %check.name, error = %e, "could not read the AgentToken to look at a use; looked at on its next use");
             ctx.usage.unchecked(check);
             return;
         }
     };
-    let verdict = match verdict(ctx, &at, &check.source).await {
+    match &check.finding {
+        Finding::Source(source) => unexpected_source(ctx, &at, check, source).await,
+        Finding::AfterRevocation { at: when, source } => {
+            after_revocation(ctx, &at, check, *when, source.as_deref()).await
+        }
+    }
+}
+
+async fn unexpected_source(ctx: &Context, at: &AgentToken, check: &Check, source: &str) {
+    let verdict = match verdict(ctx, at, source).await {
         Ok(v) => v,
         Err(e) => {
             warn!(namespace = %check.namespace, agenttoken = %check.name, error = %e, "could not check a source; checked at its next use");
@@ -75,7 +88,7 @@ async fn handle(ctx: &Context, check: &Check) {
         .as_ref()
         .map(|u| u.on_unexpected_source)
         .unwrap_or_default();
-    info!(namespace = %check.namespace, agenttoken = %check.name, revision = check.revision, source = %check.source, ?action, "token used from an unexpected address");
+    info!(namespace = %check.namespace, agenttoken = %check.name, revision = check.revision, %source, ?action, "token used from an unexpected address");
     ctx.usage.unexpected(check);
     ctx.metrics.unexpected_use(match action {
         UnexpectedSourceAction::Report => "report",
@@ -88,12 +101,58 @@ async fn handle(ctx: &Context, check: &Check) {
         }
     };
     ctx.publish(
-        &at,
+        at,
         EventType::Warning,
         Reason::UnexpectedSource,
         format!(
-            "revision {} was used from {}, {why}: {then}",
-            check.revision, check.source
+            "revision {} was used from {source}, {why}: {then}",
+            check.revision
+        ),
+    )
+    .await;
+}
+
+/// A revision used after its revocation: a Warning Event and the metric,
+/// once per revision, when the ledger (not only the tracker) says the
+/// token was revoked or withdrawn.
+async fn after_revocation(
+    ctx: &Context,
+    at: &AgentToken,
+    check: &Check,
+    when: jiff::Timestamp,
+    source: Option<&str>,
+) {
+    let Some(entry) = at
+        .status
+        .as_ref()
+        .and_then(|s| s.history.iter().find(|e| e.revision == check.revision))
+    else {
+        return;
+    };
+    let state = match entry.state {
+        Some(TokenLife::Minting | TokenLife::Live | TokenLife::Grace) | None => return,
+        Some(state) => state,
+    };
+    let issuer_type = entry
+        .issuer
+        .as_ref()
+        .map(|i| i.type_.as_str())
+        .unwrap_or("");
+    info!(namespace = %check.namespace, agenttoken = %check.name, revision = check.revision, ?state, source, "token used after its revocation");
+    ctx.metrics.use_after_revocation(issuer_type);
+    let from = source.map(|s| format!(" from {s}")).unwrap_or_default();
+    let revoked = entry
+        .revoked_at
+        .as_ref()
+        .map(|r| format!(", revoked at {}", r.0))
+        .unwrap_or_default();
+    ctx.publish(
+        at,
+        EventType::Warning,
+        Reason::UsedAfterRevocation,
+        format!(
+            "revision {} ({state:?}{revoked}) was used at {when}{from}: a copy of it is still being tried",
+            check.revision
         ),
     )
     .await;

@@ -14,6 +14,9 @@ pub const UNEXPECTED_SOURCE: &str = "UnexpectedSource";
 /// No workload uses the Secret and the token was not used for
 /// `spec.usage.unusedAfter` (present when that is set).
 pub const UNUSED: &str = "Unused";
+/// A token was used after the operator revoked or withdrew it (present once
+/// usage tracking has seen a use).
+pub const USED_AFTER_REVOCATION: &str = "UsedAfterRevocation";
 
 /// One condition as reconcile wants it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -289,6 +289,53 @@ fn usage_values_render_the_endpoints_their_secrets_and_pods_list_only_when_enabl
         "{opened}"
     );
     assert!(pods_rule(&docs), "pods list for expected sources");
+    assert_eq!(
+        svc["spec"]["selector"]["agenttoken.dev/usage-leader"], "true",
+        "the usage Service reaches the leader alone"
+    );
+
+    // Introspection alone: the HTTPS listener without the audit webhook's
+    // token file, and usage.from narrowing who may connect.
+    let docs = render(&[
+        "--set",
+        "usage.introspection.enabled=true",
+        "--set",
+        "usage.introspection.tokenSecretName=resource-servers",
+        "--set",
+        "usage.auditWebhook.tlsSecretName=usage-tls",
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "usage.from[0].ipBlock.cidr=10.8.0.0/16",
+    ]);
+    let args = operator_args(&docs);
+    assert!(args.contains(&"--usage-address=0.0.0.0:8443".to_string()));
+    assert!(args.contains(
+        &"--usage-introspection-token-file=/etc/agenttoken/introspection-token/tokens".to_string()
+    ));
+    assert!(
+        !args.iter().any(|a| a.starts_with("--usage-token-file")),
+        "{args:?}"
+    );
+    let np = docs.iter().find(|d| d["kind"] == "NetworkPolicy").unwrap();
+    assert_eq!(
+        np["spec"]["ingress"][1]["from"][0]["ipBlock"]["cidr"],
+        "10.8.0.0/16"
+    );
+    let c = chart();
+    let out = helm(&[
+        "template",
+        "t",
+        c.to_str().unwrap(),
+        "--set",
+        "usage.introspection.enabled=true",
+        "--set",
+        "usage.introspection.tokenSecretName=resource-servers",
+    ]);
+    assert!(
+        !out.status.success(),
+        "introspection without the listener's TLS Secret renders"
+    );
 
     let c = chart();
     let out = helm(&[

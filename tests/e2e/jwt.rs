@@ -167,7 +167,7 @@ spec:
 }
 
 /// The jwt TokenIssuer `agents` and the AgentToken `bot` that uses it.
-const ISSUER: &str = r#"
+pub(crate) const ISSUER: &str = r#"
 apiVersion: agenttoken.dev/v1alpha1
 kind: TokenIssuer
 metadata: {name: agents}
@@ -180,7 +180,7 @@ spec:
     allowedScopes: ["deploy", "read"]
     allowedAudiences: ["https://api.internal"]
 "#;
-const BOT: &str = r#"
+pub(crate) const BOT: &str = r#"
 apiVersion: agenttoken.dev/v1alpha1
 kind: AgentToken
 metadata: {name: bot}
@@ -192,7 +192,7 @@ spec:
   previousTokenGracePeriod: 0s
 "#;
 
-fn ec_pem() -> String {
+pub(crate) fn ec_pem() -> String {
     key(&[
         "genpkey",
         "-algorithm",

@@ -189,7 +189,10 @@ async fn rolled_out(ops: &TestNamespace, name: &str, image: &str) {
     let settled = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             let now = rollout(ops, name).await;
-            if now.as_ref().is_some_and(|(i, u, a)| i == image && (*u, *a) == (2, 2)) {
+            if now
+                .as_ref()
+                .is_some_and(|(i, u, a)| i == image && (*u, *a) == (2, 2))
+            {
                 return;
             }
             last = now;
@@ -217,6 +220,59 @@ async fn rollout(ops: &TestNamespace, name: &str) -> Option<(String, i32, i32)> 
         s.updated_replicas.unwrap_or(0),
         s.available_replicas.unwrap_or(0),
     ))
+}
+
+/// Waits until exactly one running operator Pod carries the usage leader
+/// label, it is the Lease holder, and the usage Service's endpoints are
+/// that Pod alone: a standby (which does not listen) receives nothing.
+async fn usage_goes_to_the_leader_alone(ops: &TestNamespace, fullname: &str) {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let mut last = String::new();
+    let settled = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let labeled: Vec<Pod> = operator_pods(ops)
+                .await
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter(|p| p.labels().get(agent_token_operator::usage::LEADER_LABEL).map(String::as_str) == Some("true"))
+                .collect();
+            let holder = ops
+                .api::<Lease>()
+                .get(fullname)
+                .await
+                .ok()
+                .and_then(|l| l.spec?.holder_identity);
+            let endpoints: Vec<String> = ops
+                .api::<EndpointSlice>()
+                .list(&ListParams::default().labels(&format!(
+                    "kubernetes.io/service-name={fullname}-usage"
+                )))
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default()
+                .into_iter()
+                .flat_map(|s| s.endpoints)
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                .flat_map(|e| e.addresses)
+                .collect();
+            let names: Vec<String> = labeled.iter().map(|p| p.name_any()).collect();
+            let ips: Vec<String> = labeled
+                .iter()
+                .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+                .collect();
+            if names.len() == 1 && holder.as_ref() == Some(&names[0]) && endpoints == ips {
+                return;
+            }
+            last = format!("labeled {names:?} (IPs {ips:?}), Lease holder {holder:?}, usage endpoints {endpoints:?}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+    assert!(
+        settled.is_ok(),
+        "the usage Service does not reach the leader alone: {last}"
+    );
 }
 
 async fn operator_pods(ops: &TestNamespace) -> Vec<Pod> {
@@ -313,6 +369,31 @@ async fn release_oci_chart_installs_upgrades_and_rolls_back_with_two_replicas_mi
         );
     };
 
+    // Introspection on, so the chart makes the usage Service: its TLS
+    // Secret (the local cluster's usage certificate) and a bearer token
+    // made now.
+    let w = crate::support::cluster_words("usage");
+    let usage_tls: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "usage-tls"},
+        "type": "kubernetes.io/tls",
+        "stringData": {
+            "tls.crt": std::fs::read_to_string(&w[1]).unwrap(),
+            "tls.key": std::fs::read_to_string(&w[2]).unwrap(),
+        },
+    }))
+    .unwrap();
+    let intro: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "usage-intro"},
+        "stringData": {"tokens": hex::encode(rand::random::<[u8; 16]>())},
+    }))
+    .unwrap();
+    for s in [usage_tls, intro] {
+        ops.api::<Secret>()
+            .create(&PostParams::default(), &s)
+            .await
+            .unwrap();
+    }
+
     let (api_host, api_port) = pod_api();
     let release = format!("rel-{}", &ops.name[ops.name.len() - 6..]);
     let fullname = format!("{release}-agent-token-operator");
@@ -349,6 +430,12 @@ async fn release_oci_chart_installs_upgrades_and_rolls_back_with_two_replicas_mi
         "extraEnv[1].name=KUBERNETES_SERVICE_PORT",
         "--set-string",
         &port_env,
+        "--set",
+        "usage.introspection.enabled=true",
+        "--set",
+        "usage.introspection.tokenSecretName=usage-intro",
+        "--set",
+        "usage.auditWebhook.tlsSecretName=usage-tls",
     ];
     verified(&format!("{chart_ref}:1.0.0"));
     verified(&v1.reference());
@@ -359,6 +446,7 @@ async fn release_oci_chart_installs_upgrades_and_rolls_back_with_two_replicas_mi
     // The image tag came from the chart's appVersion; the node pulled it.
     rolled_out(&ops, &fullname, &v1.reference()).await;
     pulled(&ops, &v1.reference()).await;
+    usage_goes_to_the_leader_alone(&ops, &fullname).await;
 
     // Tokens keep coming while the operator is upgraded and rolled back.
     let stand_in = StandIn::start_on(api_host.parse().unwrap()).await;
@@ -404,6 +492,8 @@ async fn release_oci_chart_installs_upgrades_and_rolls_back_with_two_replicas_mi
     rollback.extend(["--wait", "--timeout", "180s"]);
     ok(helm(&rollback), "helm rollback to revision 1");
     rolled_out(&ops, &fullname, &v1.reference()).await;
+    // The leader changed hands in the rollouts; the usage Service followed.
+    usage_goes_to_the_leader_alone(&ops, &fullname).await;
     let history = ok(
         helm(&["history", &release, "-n", &ops.name, "-o", "json"]),
         "helm history",

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 
-use agent_token_operator::crd::AgentToken;
+use agent_token_operator::crd::{AgentToken, TokenLife};
 
 use crate::helm::ok;
 use crate::support::{Operator, SA_ISSUER, TestNamespace, applied, eventually};
@@ -312,6 +312,56 @@ async fn usage_a_token_used_from_the_host_is_unexpected_and_with_revoke_dies_at_
         .status();
     let used_at = jiff::Timestamp::now();
     assert_eq!(status.as_u16(), 200, "the copy worked until now");
+
+    // The operator revokes it (deletes its binding) within seconds. The
+    // API server caches a successful token authentication for 10 s
+    // (TokenSuccessCacheTTL, not a flag), so the copy, tried again a
+    // second after the revocation, still works: a use after revocation,
+    // reported as one. (Once the cache is gone, kube-apiserver refuses the
+    // token and its audit record names no credential: nothing to map.)
+    let revoked_at = eventually(Duration::from_secs(20), "revision 1 revoked", || async {
+        let st = ats.get("bot").await.ok()?.status?;
+        let e = st.history.iter().find(|e| e.revision == 1)?;
+        e.revoked_at.as_ref().map(|t| t.0)
+    })
+    .await;
+    let wait = (revoked_at + jiff::SignedDuration::from_millis(1200))
+        .duration_since(jiff::Timestamp::now())
+        .as_secs_f64();
+    if wait > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+    }
+    let again = client
+        .get(format!("{server}/api"))
+        .bearer_auth(&stolen)
+        .send()
+        .await
+        .expect("the copy tried again")
+        .status()
+        .as_u16();
+    eprintln!(
+        "the copy tried again after its revocation: HTTP {again}, {:?} after the first use",
+        used.elapsed()
+    );
+    if again == 200 {
+        eventually(
+            Duration::from_secs(15),
+            "the use after revocation reported",
+            || async {
+                let st = ats.get("bot").await.ok()?.status?;
+                let u = st.usage?.tokens.into_iter().find(|t| t.revision == 1)?;
+                let cond = st
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "UsedAfterRevocation")?
+                    .clone();
+                (u.requests_after_revocation >= 1 && cond.status == "True").then_some(())
+            },
+        )
+        .await;
+    } else {
+        assert_eq!(again, 401, "refused, or accepted from the cache");
+    }
 
     // Dead at the API server within seconds of its use.
     eventually(
@@ -676,4 +726,227 @@ spec:
             .then_some(())
     })
     .await;
+}
+
+/// An operator in `ns` serving introspection alone (no audit webhook) on a
+/// port of its own, with a bearer token made now; the URL base and the
+/// token.
+fn introspecting_operator(ns: &TestNamespace) -> (Operator, String, String) {
+    let w = crate::support::cluster_words("usage");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = crate::support::repo_root().join(format!("target/e2e-introspection/{}", ns.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bearer = hex::encode(rand::random::<[u8; 16]>());
+    let file = dir.join("tokens");
+    std::fs::write(&file, format!("{bearer}\n")).unwrap();
+    let address = format!("127.0.0.1:{port}");
+    let args = [
+        "--leader-election=false",
+        "--usage-address",
+        &address,
+        "--usage-tls-cert-file",
+        &w[1],
+        "--usage-tls-key-file",
+        &w[2],
+        "--usage-introspection-token-file",
+        file.to_str().unwrap(),
+    ];
+    let op = Operator::start_with(&ns.name, "introspect", &args);
+    (op, format!("https://{address}/introspect"), bearer)
+}
+
+/// A jwt the operator signed, checked by a resource server through RFC 7662
+/// introspection: active (with its claims) at its own issuer's endpoint
+/// and nowhere else, its use in `status.usage`; once revoked, the same
+/// token answers `active: false` and its use after the revocation is
+/// reported (the `UsedAfterRevocation` condition, a Warning Event, a
+/// metric). The AgentToken is the restricted tenant's; the tenant, who
+/// knows the endpoint but not its bearer token, is refused.
+#[tokio::test]
+async fn usage_a_jwt_checked_through_introspection_is_seen_and_once_revoked_answers_inactive() {
+    let ns = TestNamespace::new("usage-intro").await;
+    let (op, base, bearer) = introspecting_operator(&ns);
+    crate::jwt::put_key(&ns, &crate::jwt::ec_pem()).await;
+    applied(&ns, crate::jwt::ISSUER);
+    crate::hostile::tenant(&ns).await;
+    let out = crate::hostile::apply_as_tenant(&ns.name, crate::jwt::BOT);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ats: Api<AgentToken> = ns.api();
+    eventually(Duration::from_secs(30), "bot Ready", || async {
+        let st = ats.get("bot").await.ok()?.status?;
+        (st.revision == 1 && st.history.iter().any(|e| e.credential_id.is_some())).then_some(())
+    })
+    .await;
+    let token = token_of(&ns, "bot").await.expect("the jwt");
+
+    let w = crate::support::cluster_words("usage");
+    let ca = std::path::Path::new(&w[3]).with_file_name("ca.crt");
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let own = format!("{base}/tokenissuers/{}/agents", ns.name);
+    let ask = |url: String, bearer: Option<String>, token: String| {
+        let client = client.clone();
+        async move {
+            let mut req = client
+                .post(url)
+                .form(&[("token", token), ("token_type_hint", "access_token".into())]);
+            if let Some(b) = bearer {
+                req = req.bearer_auth(b);
+            }
+            let resp = req
+                .send()
+                .await
+                .expect("the introspection endpoint answers");
+            let status = resp.status().as_u16();
+            let body: serde_json::Value = resp.json().await.unwrap_or_default();
+            (status, body)
+        }
+    };
+    // The tenant, without the resource servers' bearer token.
+    for bearer in [None, Some("guessed".to_string())] {
+        let (status, _) = ask(own.clone(), bearer, token.clone()).await;
+        assert_eq!(status, 401);
+    }
+    let (status, answer) = ask(own.clone(), Some(bearer.clone()), token.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["active"], true, "{answer}");
+    assert_eq!(answer["sub"], format!("{}/bot", ns.name));
+    assert_eq!(answer["scope"], "deploy");
+    assert_eq!(answer["iss"], "https://agents.example");
+    // Not active where another issuer (a ClusterTokenIssuer of that name,
+    // a TokenIssuer of another namespace) is trusted.
+    for elsewhere in [
+        format!("{base}/clustertokenissuers/agents"),
+        format!("{base}/tokenissuers/default/agents"),
+    ] {
+        let (_, answer) = ask(elsewhere, Some(bearer.clone()), token.clone()).await;
+        assert_eq!(answer, serde_json::json!({"active": false}));
+    }
+    // A token that is not the operator's, with the same claims.
+    let forged = format!("{}A", &token[..token.len() - 1]);
+    let forged = if forged == token {
+        format!("{}B", &token[..token.len() - 1])
+    } else {
+        forged
+    };
+    let (_, answer) = ask(own.clone(), Some(bearer.clone()), forged).await;
+    assert_eq!(answer, serde_json::json!({"active": false}));
+    eventually(
+        Duration::from_secs(15),
+        "the introspected use in status",
+        || async {
+            let st = ats.get("bot").await.ok()?.status?;
+            let u = st.usage?.tokens.into_iter().find(|t| t.revision == 1)?;
+            (u.requests >= 2 && u.last_used.is_some()).then_some(())
+        },
+    )
+    .await;
+
+    // Revoked: a new token replaces it, and the old one is inactive.
+    let out = crate::hostile::apply_as_tenant(
+        &ns.name,
+        &crate::jwt::BOT.replace(
+            "metadata: {name: bot}",
+            "metadata: {name: bot, annotations: {agenttoken.dev/revoke: drill-1}}",
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(Duration::from_secs(30), "revision 1 withdrawn", || async {
+        let st = ats.get("bot").await.ok()?.status?;
+        let old = st.history.iter().find(|e| e.revision == 1)?;
+        (st.revision == 2
+            && !matches!(
+                old.state,
+                Some(TokenLife::Live | TokenLife::Grace | TokenLife::Minting)
+            ))
+        .then_some(())
+    })
+    .await;
+    let fresh = token_of(&ns, "bot").await.expect("the new jwt");
+    assert_ne!(fresh, token);
+    // A second after the tracker saw the revocation (a use in the same
+    // second as the revocation is never called one after it).
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (_, answer) = ask(own.clone(), Some(bearer.clone()), token.clone()).await;
+    assert_eq!(
+        answer,
+        serde_json::json!({"active": false}),
+        "revoked: inactive"
+    );
+    let (_, answer) = ask(own.clone(), Some(bearer.clone()), fresh.clone()).await;
+    assert_eq!(answer["active"], true);
+
+    let at = eventually(
+        Duration::from_secs(20),
+        "the use after revocation in status and its condition",
+        || async {
+            let at = ats.get("bot").await.ok()?;
+            let st = at.status.as_ref()?;
+            let old = st.usage.as_ref()?.tokens.iter().find(|t| t.revision == 1)?;
+            let cond = st
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "UsedAfterRevocation")?;
+            (old.requests_after_revocation >= 1 && cond.status == "True").then_some(at)
+        },
+    )
+    .await;
+    let st = at.status.unwrap();
+    let old = st
+        .usage
+        .as_ref()
+        .unwrap()
+        .tokens
+        .iter()
+        .find(|t| t.revision == 1)
+        .unwrap();
+    assert!(old.last_used_after_revocation.is_some());
+    let events = eventually(
+        Duration::from_secs(20),
+        "a Warning Event UsedAfterRevocation",
+        || async {
+            let events = ns
+                .kubectl(&["get", "events.events.k8s.io", "-o", "json"])
+                .stdout;
+            let events = String::from_utf8_lossy(&events).to_string();
+            events
+                .contains("\"reason\": \"UsedAfterRevocation\"")
+                .then_some(events)
+        },
+    )
+    .await;
+    assert!(events.contains("revision 1"), "{events}");
+    assert!(
+        !events.contains(&token) && !op.logs().contains(&token),
+        "no token in Events or logs"
+    );
+    assert!(!op.logs().contains(&bearer), "no bearer token in logs");
+    let metrics = op
+        .http_get("/metrics")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    assert!(
+        metrics.contains("agenttoken_uses_after_revocation_total{issuer_type=\"jwt\"} 1"),
+        "{metrics}"
+    );
+    let table = ok(
+        crate::plugin::plugin(&ns, &["status", "bot"], None),
+        "kubectl agenttoken status",
+    );
+    assert!(table.contains("r1 used 1x after revocation"), "{table}");
 }

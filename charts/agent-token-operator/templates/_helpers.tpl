@@ -79,3 +79,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   verbs: [create, get]
 {{- end }}
 {{- end -}}
+
+{{/* Whether the usage HTTPS listener runs (audit webhook or introspection). */}}
+{{- define "ato.usageHttps" -}}
+{{- if or .Values.usage.auditWebhook.enabled .Values.usage.introspection.enabled }}true{{ end -}}
+{{- end }}
+
+{{/* Whether any usage port is open. */}}
+{{- define "ato.usagePorts" -}}
+{{- if or (include "ato.usageHttps" .) .Values.usage.vaultAudit.enabled }}true{{ end -}}
+{{- end }}
