@@ -150,7 +150,7 @@ struct Tracked {
     checked: HashMap<(Key, i64), HashSet<String>>,
     /// Sources to check against `spec.usage`, and uses after revocation
     /// to report, oldest first.
-    pending: std::collections::VecDeque<Check>,
+    pending: Pending,
     /// Token revisions whose use after revocation was queued for a report.
     reported: HashSet<(Key, i64)>,
     /// The newest use of any token of an AgentToken, across rotations.
@@ -163,6 +163,56 @@ struct Tracked {
 const MAX_CHECKED: usize = 32;
 /// Checks waiting at most; beyond, new sources wait for their next use.
 const MAX_PENDING: usize = 4096;
+/// Checks one namespace may have waiting: a tenant that uses its tokens
+/// from thousands of addresses fills its own share, not everyone's.
+const MAX_PENDING_PER_NAMESPACE: usize = 256;
+
+/// Checks waiting, by namespace, taken in turn: one namespace's flood
+/// delays another's check by at most one of its own per turn.
+#[derive(Default)]
+struct Pending {
+    by_namespace: HashMap<String, std::collections::VecDeque<Check>>,
+    /// Namespaces with checks waiting, in the order they are served.
+    turns: std::collections::VecDeque<String>,
+    len: usize,
+}
+
+impl Pending {
+    /// Whether a check for `namespace` would be taken.
+    fn has_room(&self, namespace: &str) -> bool {
+        self.len < MAX_PENDING
+            && self
+                .by_namespace
+                .get(namespace)
+                .is_none_or(|q| q.len() < MAX_PENDING_PER_NAMESPACE)
+    }
+
+    /// Queues `check` (the caller checked [`Pending::has_room`]).
+    fn push(&mut self, check: Check) {
+        let queue = self
+            .by_namespace
+            .entry(check.namespace.clone())
+            .or_default();
+        if queue.is_empty() {
+            self.turns.push_back(check.namespace.clone());
+        }
+        queue.push_back(check);
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Option<Check> {
+        let namespace = self.turns.pop_front()?;
+        let queue = self.by_namespace.get_mut(&namespace)?;
+        let check = queue.pop_front();
+        if queue.is_empty() {
+            self.by_namespace.remove(&namespace);
+        } else {
+            self.turns.push_back(namespace);
+        }
+        self.len -= usize::from(check.is_some());
+        check
+    }
+}
 
 /// Something the source-check loop looks at, off the endpoint's path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -375,8 +425,8 @@ impl Tracker {
                     entry.last_used_after_revocation = Some(Time(at));
                 }
                 t.dirty.insert(key.clone());
-                if t.pending.len() < MAX_PENDING && t.reported.insert((key.clone(), revision)) {
-                    t.pending.push_back(Check {
+                if t.pending.has_room(&key.0) && t.reported.insert((key.clone(), revision)) {
+                    t.pending.push(Check {
                         namespace: key.0.clone(),
                         name: key.1.clone(),
                         revision,
@@ -407,13 +457,10 @@ impl Tracker {
             *last = (*last).max(at);
             t.dirty.insert(key.clone());
             if let Some(source) = u.source {
-                let pending = t.pending.len();
+                let room = t.pending.has_room(&key.0);
                 let checked = t.checked.entry((key.clone(), revision)).or_default();
-                if checked.len() < MAX_CHECKED
-                    && pending < MAX_PENDING
-                    && checked.insert(source.clone())
-                {
-                    t.pending.push_back(Check {
+                if checked.len() < MAX_CHECKED && room && checked.insert(source.clone()) {
+                    t.pending.push(Check {
                         namespace: key.0.clone(),
                         name: key.1.clone(),
                         revision,
@@ -432,7 +479,7 @@ impl Tracker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pending
-            .pop_front()
+            .pop()
     }
 
     /// Resolves when a check may be waiting.
@@ -1636,6 +1683,54 @@ mod tests {
         assert!(
             std::iter::from_fn(|| fresh.next_check())
                 .all(|c| !matches!(c.finding, Finding::AfterRevocation { .. }))
+        );
+    }
+
+    #[test]
+    fn one_namespace_flooding_the_source_checks_delays_another_by_one_turn() {
+        let tr = Tracker::default();
+        let ids: Vec<String> = (0..40).map(|i| format!("jti:e{i}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            tr.track(
+                "evil",
+                &format!("t{i}"),
+                &[entry(1, id, TokenLife::Live)],
+                None,
+            );
+        }
+        tr.track("good", "bot", &[entry(1, "jti:g", TokenLife::Live)], None);
+        let at = |s: i64| Timestamp::from_second(1_900_000_000 + s).unwrap();
+        // 40 tokens from 32 addresses each: 1,280 new sources, capped.
+        let flood: Vec<Use> = ids
+            .iter()
+            .flat_map(|id| {
+                (0..32).map(move |n| Use {
+                    credential_id: id.clone(),
+                    at: at(n),
+                    source: Some(format!("10.9.{}.{n}", id.len())),
+                    user_agent: None,
+                })
+            })
+            .collect();
+        tr.record(flood);
+        tr.record([Use {
+            credential_id: "jti:g".into(),
+            at: at(99),
+            source: Some("10.244.1.5".into()),
+            user_agent: None,
+        }]);
+        let order: Vec<String> = std::iter::from_fn(|| tr.next_check())
+            .map(|c| c.namespace)
+            .collect();
+        assert_eq!(
+            order.len(),
+            MAX_PENDING_PER_NAMESPACE + 1,
+            "the flood keeps its share only"
+        );
+        let good = order.iter().position(|n| n == "good").unwrap();
+        assert!(
+            good <= 1,
+            "the other namespace's check comes within a turn: {good}"
         );
     }
 
