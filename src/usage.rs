@@ -32,7 +32,7 @@ use axum::routing::post;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
-use kube::{Client, Resource};
+use kube::Client;
 use serde::Deserialize;
 use tracing::{debug, warn};
 
@@ -155,6 +155,9 @@ struct Tracked {
     reported: HashSet<(Key, i64)>,
     /// The newest use of any token of an AgentToken, across rotations.
     last: HashMap<Key, Timestamp>,
+    /// The UID of the AgentToken each key was tracked for: usage is
+    /// written to that object only, never to one made later under its name.
+    uids: HashMap<Key, String>,
 }
 
 /// Sources checked per token revision; beyond, uses are still counted but
@@ -262,6 +265,33 @@ pub struct Use {
     pub user_agent: Option<String>,
 }
 
+/// An AgentToken's usage to write.
+#[derive(Debug)]
+pub struct Dirty {
+    pub key: Key,
+    /// The object it is for: the write fails on any other.
+    pub uid: String,
+    pub usage: UsageStatus,
+}
+
+impl Tracked {
+    /// Drops everything kept for `key`.
+    fn forget_all(&mut self, key: &Key) {
+        for id in self.credentials.remove(key).unwrap_or_default() {
+            if self.by_credential.get(&id).is_some_and(|c| c.key == *key) {
+                self.by_credential.remove(&id);
+            }
+        }
+        for r in self.uses.remove(key).unwrap_or_default().into_keys() {
+            self.checked.remove(&(key.clone(), r));
+            self.reported.remove(&(key.clone(), r));
+        }
+        self.dirty.remove(key);
+        self.last.remove(key);
+        self.uids.remove(key);
+    }
+}
+
 impl Tracker {
     /// Registers the credential ids of an AgentToken's current and
     /// previous tokens (its two newest ledger entries with one), as its status
@@ -272,6 +302,7 @@ impl Tracker {
         &self,
         namespace: &str,
         name: &str,
+        uid: &str,
         history: &[HistoryEntry],
         usage: Option<&UsageStatus>,
     ) {
@@ -279,6 +310,11 @@ impl Tracker {
         let now = Timestamp::now();
         let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let t = &mut *guard;
+        if t.uids.get(&key).is_some_and(|u| u != uid) {
+            // Deleted and made again under the same name: nothing of the
+            // old object's carries over.
+            t.forget_all(&key);
+        }
         // The two newest tokens with an id, whatever their state: the
         // current and the previous one (a revoked token's record of use is
         // the evidence of why it was revoked, and a use of it afterwards
@@ -339,8 +375,10 @@ impl Tracker {
             t.uses.remove(&key);
             t.dirty.remove(&key);
             t.last.remove(&key);
+            t.uids.remove(&key);
             return;
         }
+        t.uids.insert(key.clone(), uid.to_string());
         if let Some(seen) = usage.and_then(|u| u.last_used.as_ref()) {
             let last = t.last.entry(key.clone()).or_insert(seen.0);
             *last = (*last).max(seen.0);
@@ -375,7 +413,11 @@ impl Tracker {
 
     /// Forgets an AgentToken (deleted).
     pub fn forget(&self, namespace: &str, name: &str) {
-        self.track(namespace, name, &[], None);
+        let key: Key = (namespace.to_string(), name.to_string());
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget_all(&key);
     }
 
     /// What is tracked under a credential id.
@@ -525,7 +567,7 @@ impl Tracker {
 
     /// The changed AgentTokens' `status.usage`, newest revision first, at
     /// most two; the dirty set is cleared.
-    pub fn take_dirty(&self) -> Vec<(Key, UsageStatus)> {
+    pub fn take_dirty(&self) -> Vec<Dirty> {
         let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let dirty: Vec<Key> = t.dirty.drain().collect();
         dirty
@@ -534,9 +576,23 @@ impl Tracker {
                 let uses = t.uses.get(&key)?;
                 let tokens = uses.values().rev().take(2).cloned().collect();
                 let last_used = t.last.get(&key).map(|l| Time(*l));
-                Some((key, UsageStatus { tokens, last_used }))
+                let uid = t.uids.get(&key)?.clone();
+                Some(Dirty {
+                    key,
+                    uid,
+                    usage: UsageStatus { tokens, last_used },
+                })
             })
             .collect()
+    }
+
+    /// Forgets an AgentToken if it is still tracked as `uid`.
+    fn forget_uid(&self, namespace: &str, name: &str, uid: &str) {
+        let key: Key = (namespace.to_string(), name.to_string());
+        let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if t.uids.get(&key).is_some_and(|u| u == uid) {
+            t.forget_all(&key);
+        }
     }
 
     /// Marks an AgentToken dirty again (its write failed).
@@ -578,23 +634,37 @@ pub async fn flush_loop(
         if !is_leader() {
             continue;
         }
-        for ((ns, name), usage) in tracker.take_dirty() {
+        for Dirty {
+            key: (ns, name),
+            uid,
+            usage,
+        } in tracker.take_dirty()
+        {
             let api: Api<AgentToken> = Api::namespaced(client.clone(), &ns);
-            let patch = serde_json::json!({
-                "apiVersion": AgentToken::api_version(&()),
-                "kind": AgentToken::kind(&()),
-                "status": {"usage": usage},
-            });
+            // A JSON patch whose `test` of the UID makes it fail (422) on
+            // an AgentToken made later under the same name. (A UID in a
+            // server-side apply of /status is not checked: the status
+            // strategy drops metadata.)
+            let patch: json_patch::Patch = match serde_json::from_value(serde_json::json!([
+                {"op": "test", "path": "/metadata/uid", "value": uid},
+                {"op": "add", "path": "/status/usage", "value": usage},
+            ])) {
+                Ok(p) => p,
+                Err(_) => continue,
+            };
+            let params = PatchParams {
+                field_manager: Some(USAGE_MANAGER.into()),
+                ..Default::default()
+            };
             match api
-                .patch_status(
-                    &name,
-                    &PatchParams::apply(USAGE_MANAGER).force(),
-                    &Patch::Apply(&patch),
-                )
+                .patch_status(&name, &params, &Patch::<()>::Json(patch))
                 .await
             {
                 Ok(_) => debug!(namespace = %ns, agenttoken = %name, "usage written"),
-                Err(kube::Error::Api(e)) if e.code == 404 => tracker.forget(&ns, &name),
+                Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409 | 422) => {
+                    debug!(namespace = %ns, agenttoken = %name, code = e.code, "usage not written: the AgentToken is gone or another");
+                    tracker.forget_uid(&ns, &name, &uid)
+                }
                 Err(e) => {
                     warn!(namespace = %ns, agenttoken = %name, error = %e, "usage write failed; retried");
                     tracker.retry((ns, name));
@@ -1318,6 +1388,7 @@ mod tests {
         tr.track(
             "t",
             "bot",
+            "uid",
             &[
                 entry(1, "jti:a", TokenLife::Grace),
                 entry(2, "jti:b", TokenLife::Live),
@@ -1334,7 +1405,7 @@ mod tests {
         assert_eq!(tr.record(uses), (3, 1));
         let dirty = tr.take_dirty();
         assert_eq!(dirty.len(), 1);
-        let (key, usage) = &dirty[0];
+        let Dirty { key, usage, .. } = &dirty[0];
         assert_eq!(key, &("t".to_string(), "bot".to_string()));
         assert_eq!(
             usage.tokens.iter().map(|t| t.revision).collect::<Vec<_>>(),
@@ -1360,12 +1431,13 @@ mod tests {
             .collect();
         tr.record(many);
         assert_eq!(
-            tr.take_dirty()[0].1.tokens[0].sources.len(),
+            tr.take_dirty()[0].usage.tokens[0].sources.len(),
             MAX_USAGE_SOURCES
         );
         tr.track(
             "t",
             "bot",
+            "uid",
             &[
                 entry(3, "jti:c", TokenLife::Live),
                 entry(2, "jti:b", TokenLife::Revoked),
@@ -1383,10 +1455,16 @@ mod tests {
     #[test]
     fn the_last_use_outlives_the_revisions_that_made_it() {
         let tr = Tracker::default();
-        tr.track("t", "bot", &[entry(1, "jti:a", TokenLife::Live)], None);
+        tr.track(
+            "t",
+            "bot",
+            "uid",
+            &[entry(1, "jti:a", TokenLife::Live)],
+            None,
+        );
         let uses = uses_in(vec![event("a", "10.0.0.1", "2026-11-29T11:00:00Z")]);
         tr.record(uses);
-        let (_, written) = tr.take_dirty().remove(0);
+        let written = tr.take_dirty().remove(0).usage;
         assert_eq!(
             written.last_used.as_ref().unwrap().0.to_string(),
             "2026-11-29T11:00:00Z"
@@ -1397,6 +1475,7 @@ mod tests {
         fresh.track(
             "t",
             "bot",
+            "uid",
             &[
                 entry(3, "jti:c", TokenLife::Live),
                 entry(2, "jti:b", TokenLife::Grace),
@@ -1405,7 +1484,7 @@ mod tests {
         );
         let uses = uses_in(vec![event("c", "10.0.0.1", "2026-11-29T10:00:00Z")]);
         fresh.record(uses);
-        let (_, after) = fresh.take_dirty().remove(0);
+        let after = fresh.take_dirty().remove(0).usage;
         assert_eq!(
             after.last_used.as_ref().unwrap().0.to_string(),
             "2026-11-29T11:00:00Z",
@@ -1415,14 +1494,59 @@ mod tests {
     }
 
     #[test]
+    fn an_agent_token_made_again_under_the_same_name_starts_with_nothing() {
+        let tr = Tracker::default();
+        tr.track(
+            "t",
+            "bot",
+            "uid-1",
+            &[entry(1, "jti:a", TokenLife::Live)],
+            None,
+        );
+        let uses = uses_in(vec![event("a", "10.0.0.1", "2026-11-29T11:00:00Z")]);
+        tr.record(uses);
+        // Deleted and made again before the flush: the old object's use is
+        // neither written to the new one nor kept for it.
+        tr.track(
+            "t",
+            "bot",
+            "uid-2",
+            &[entry(1, "jti:b", TokenLife::Live)],
+            None,
+        );
+        assert!(tr.take_dirty().is_empty());
+        assert!(tr.credential("jti:a").is_none());
+        let uses = uses_in(vec![event("b", "10.0.0.2", "2026-11-29T11:00:05Z")]);
+        tr.record(uses);
+        let dirty = tr.take_dirty();
+        assert_eq!(
+            dirty[0].uid, "uid-2",
+            "written with the new object's UID as precondition"
+        );
+        assert_eq!(dirty[0].usage.tokens[0].sources, ["10.0.0.2"]);
+    }
+
+    #[test]
     fn another_agent_tokens_ledger_cannot_take_over_a_tracked_id() {
         let tr = Tracker::default();
-        tr.track("t", "bot", &[entry(1, "jti:a", TokenLife::Live)], None);
-        tr.track("evil", "thief", &[entry(1, "jti:a", TokenLife::Live)], None);
+        tr.track(
+            "t",
+            "bot",
+            "uid",
+            &[entry(1, "jti:a", TokenLife::Live)],
+            None,
+        );
+        tr.track(
+            "evil",
+            "thief",
+            "uid",
+            &[entry(1, "jti:a", TokenLife::Live)],
+            None,
+        );
         let uses = uses_in(vec![event("a", "10.0.0.1", "2026-11-29T11:00:00Z")]);
         tr.record(uses);
         let dirty = tr.take_dirty();
-        assert_eq!(dirty[0].0, ("t".to_string(), "bot".to_string()));
+        assert_eq!(dirty[0].key, ("t".to_string(), "bot".to_string()));
     }
 
     #[test]
@@ -1497,6 +1621,7 @@ mod tests {
         tr.track(
             "t",
             "bot",
+            "uid",
             &[entry(1, "accessor:acc1", TokenLife::Live)],
             None,
         );
@@ -1516,7 +1641,7 @@ mod tests {
             line("wrong-prefix-xxxx")
         );
         read_vault_audit(input.as_bytes(), b"0123456789abcdef", &tr, &metrics).await;
-        assert_eq!(tr.take_dirty()[0].1.tokens[0].requests, 2);
+        assert_eq!(tr.take_dirty()[0].usage.tokens[0].requests, 2);
         // A silent connection is dropped after FIRST_LINE_WITHIN.
         let (_client, server) = tokio::io::duplex(64);
         let started = tokio::time::Instant::now();
@@ -1560,6 +1685,7 @@ mod tests {
         tr.track(
             "t",
             "bot",
+            "uid",
             &[
                 jwt_entry(1, &previous, TokenLife::Grace, cluster),
                 jwt_entry(2, &current, TokenLife::Live, cluster),
@@ -1599,6 +1725,7 @@ mod tests {
         tr.track(
             "t",
             "ci",
+            "uid",
             &[jwt_entry(1, "a.e30.b", TokenLife::Live, own)],
             None,
         );
@@ -1622,6 +1749,7 @@ mod tests {
         tr.track(
             "t",
             "bot",
+            "uid",
             &[jwt_entry(1, &token, TokenLife::Live, cluster)],
             None,
         );
@@ -1638,6 +1766,7 @@ mod tests {
         tr.track(
             "t",
             "bot",
+            "uid",
             &[jwt_entry(2, "n.e30.s", TokenLife::Live, cluster), revoked],
             None,
         );
@@ -1646,7 +1775,7 @@ mod tests {
         // Before, in the same second as, and well after the revocation.
         let s = |n| t0 + jiff::SignedDuration::from_secs(n);
         tr.record([use_at(s(5)), use_at(s(10)), use_at(s(11)), use_at(s(30))]);
-        let usage = tr.take_dirty().remove(0).1;
+        let usage = tr.take_dirty().remove(0).usage;
         let r1 = usage.tokens.iter().find(|u| u.revision == 1).unwrap();
         assert_eq!(
             r1.requests, 3,
@@ -1671,6 +1800,7 @@ mod tests {
         fresh.track(
             "t",
             "bot",
+            "uid",
             &[
                 jwt_entry(2, "n.e30.s", TokenLife::Live, cluster),
                 jwt_entry(1, &token, TokenLife::NotSupported, cluster),
@@ -1694,11 +1824,18 @@ mod tests {
             tr.track(
                 "evil",
                 &format!("t{i}"),
+                "uid",
                 &[entry(1, id, TokenLife::Live)],
                 None,
             );
         }
-        tr.track("good", "bot", &[entry(1, "jti:g", TokenLife::Live)], None);
+        tr.track(
+            "good",
+            "bot",
+            "uid",
+            &[entry(1, "jti:g", TokenLife::Live)],
+            None,
+        );
         let at = |s: i64| Timestamp::from_second(1_900_000_000 + s).unwrap();
         // 40 tokens from 32 addresses each: 1,280 new sources, capped.
         let flood: Vec<Use> = ids

@@ -155,8 +155,13 @@ async fn reconcile_unguarded(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<A
     };
     let at = live;
     if let Some(st) = &at.status {
-        ctx.usage
-            .track(&ns, &at.name_any(), &st.history, st.usage.as_ref());
+        ctx.usage.track(
+            &ns,
+            &at.name_any(),
+            &at.uid().unwrap_or_default(),
+            &st.history,
+            st.usage.as_ref(),
+        );
     }
     // Writes of this reconcile go on the version just read (an entry left
     // by a reconcile that panicked is stale).
@@ -2014,6 +2019,7 @@ pub(super) async fn status_write(
                     ctx.usage.track(
                         &at.namespace().unwrap_or_default(),
                         &at.name_any(),
+                        &uid,
                         &st.history,
                         st.usage.as_ref(),
                     );
