@@ -1280,6 +1280,18 @@ pub struct VaultIssuerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
     pub ca_bundle: Option<String>,
+    /// The path of the audit device that streams to the operator (usage
+    /// tracking). For each new child token the operator asks Vault for the
+    /// token's HMAC under that device (`sys/audit-hash/<path>`: the
+    /// operator's token needs `update` there), so that a request made with
+    /// the token after its revocation, which Vault logs with that HMAC and
+    /// no accessor, is recognised. ClusterTokenIssuers only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 128),
+        regex(pattern = r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+    )]
+    pub audit_device: Option<String>,
 }
 
 /// A Vault dynamic-secret endpoint.

@@ -31,8 +31,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::post;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
 use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
 use serde::Deserialize;
 use tracing::{debug, warn};
 
@@ -65,14 +65,20 @@ pub fn credential_id(
     platform_issuer: bool,
     token: &str,
     handle: &str,
+    audit_id: Option<&str>,
 ) -> Option<String> {
-    // A Vault/OpenBao child token: its accessor, as audit devices log it
-    // (with `hmac_accessor = false`). Only from a ClusterTokenIssuer: a
+    // A Vault/OpenBao child token: its HMAC under the issuer's audit
+    // device when Vault gave it (every entry carries it, a request with a
+    // revoked token too), else its accessor, as audit devices log it (with
+    // `hmac_accessor = false`). Only from a ClusterTokenIssuer: a
     // namespaced issuer may point at a Vault its tenant runs, which can
     // answer any accessor, another namespace's token's included.
     if issuer_type == "vault" {
         if !platform_issuer {
             return None;
+        }
+        if let Some(hmac) = audit_id.and_then(vault_hmac) {
+            return Some(hmac);
         }
         let accessor = handle.strip_prefix("vault-accessor:")?;
         return valid_id(accessor).then(|| format!("accessor:{accessor}"));
@@ -99,6 +105,14 @@ pub fn credential_id(
     }
     let jti = serde_json::from_slice::<Claims>(&bytes).ok()?.jti?;
     valid_id(&jti).then(|| format!("jti:{jti}"))
+}
+
+/// The credential id of a Vault audit HMAC (`hmac-sha256:<64 hex>`):
+/// `vault-hmac:<hex>`; `None` for anything else.
+fn vault_hmac(hash: &str) -> Option<String> {
+    let hex = hash.strip_prefix("hmac-sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| format!("vault-hmac:{}", hex.to_ascii_lowercase()))
 }
 
 /// The credential id of a jwt issuer's token: `jwt-sha256:<hex>`.
@@ -260,6 +274,10 @@ impl std::fmt::Debug for Tracker {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Use {
     pub credential_id: String,
+    /// Another id the same record names the credential by (a Vault
+    /// entry's token HMAC beside its accessor), tried when the first is not
+    /// tracked.
+    pub also: Option<String>,
     pub at: Timestamp,
     pub source: Option<String>,
     pub user_agent: Option<String>,
@@ -436,7 +454,11 @@ impl Tracker {
         let t = &mut *guard;
         let (mut matched, mut unmatched) = (0, 0);
         for u in uses {
-            let Some(c) = t.by_credential.get(&u.credential_id) else {
+            let found = t
+                .by_credential
+                .get(&u.credential_id)
+                .or_else(|| t.by_credential.get(u.also.as_deref()?));
+            let Some(c) = found else {
                 unmatched += 1;
                 continue;
             };
@@ -738,6 +760,7 @@ pub fn parse_audit(body: &[u8]) -> Result<Vec<Use>, serde_json::Error> {
             }
             Some(Use {
                 credential_id: format!("jti:{jti}"),
+                also: None,
                 at: e.request_received_timestamp.or(e.stage_timestamp)?,
                 // The last address is the one the API server saw; the
                 // ones before it come from X-Forwarded-For / X-Real-Ip,
@@ -776,27 +799,41 @@ struct VaultAuth {
 struct VaultRequest {
     #[serde(default)]
     remote_address: Option<String>,
+    /// The token's HMAC under this device: there whenever the request
+    /// carried a token, valid or not.
+    #[serde(default)]
+    client_token: Option<String>,
 }
 
 /// The use in one Vault/OpenBao audit entry (JSON, its prefix removed):
-/// the `response` entry of a request made with a token whose accessor is
-/// logged in clear (`hmac_accessor = false`). `None` for request entries,
-/// requests without a token, hashed accessors, or what is not an entry.
+/// the `response` entry of a request made with a token, named by its
+/// accessor when logged in clear (`hmac_accessor = false`) and by its HMAC
+/// (`request.client_token`). A request with a revoked token is logged with
+/// the HMAC alone. `None` for request entries, requests without a token,
+/// or what is not an entry.
 pub fn parse_vault_audit(line: &[u8]) -> Option<Use> {
     let e: VaultEntry = serde_json::from_slice(line).ok()?;
     if e.kind != "response" {
         return None;
     }
-    let accessor = e.auth?.accessor?;
-    if !valid_id(&accessor) {
-        return None;
-    }
+    let accessor = e
+        .auth
+        .and_then(|a| a.accessor)
+        .filter(|a| valid_id(a))
+        .map(|a| format!("accessor:{a}"));
+    let request = e.request?;
+    let hmac = request.client_token.as_deref().and_then(vault_hmac);
+    let (credential_id, also) = match (accessor, hmac) {
+        (Some(a), h) => (a, h),
+        (None, Some(h)) => (h, None),
+        (None, None) => return None,
+    };
     Some(Use {
-        credential_id: format!("accessor:{accessor}"),
+        credential_id,
+        also,
         at: e.time?,
-        source: e
-            .request
-            .and_then(|r| r.remote_address)
+        source: request
+            .remote_address
             .filter(|a| a.parse::<std::net::IpAddr>().is_ok()),
         user_agent: None,
     })
@@ -1037,6 +1074,7 @@ pub fn introspect(
     // Shown to a resource server: a use of the token, wherever it went.
     let seen = Use {
         credential_id: id,
+        also: None,
         at: now,
         source: None,
         user_agent: None,
@@ -1348,11 +1386,11 @@ mod tests {
     fn credential_ids_come_only_from_trusted_kinds_and_well_formed_jtis() {
         let t = jwt(r#"{"jti":"6f1c-aa","sub":"x"}"#);
         assert_eq!(
-            credential_id("serviceAccount", false, &t, "").as_deref(),
+            credential_id("serviceAccount", false, &t, "", None).as_deref(),
             Some("jti:6f1c-aa")
         );
         assert_eq!(
-            credential_id("jwt", false, &t, "jwt:6f1c-aa"),
+            credential_id("jwt", false, &t, "jwt:6f1c-aa", None),
             Some(jwt_credential(&t)),
             "the operator's own jwt: the whole token's digest, not its claimed jti"
         );
@@ -1361,7 +1399,7 @@ mod tests {
             "jwt-sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(
-            credential_id("webhook", true, &t, "webhook-id:1"),
+            credential_id("webhook", true, &t, "webhook-id:1", None),
             None,
             "a foreign issuer's claims are not trusted"
         );
@@ -1375,7 +1413,7 @@ mod tests {
             "a.!!!.b".into(),
         ] {
             assert_eq!(
-                credential_id("serviceAccount", false, &bad, ""),
+                credential_id("serviceAccount", false, &bad, "", None),
                 None,
                 "{bad}"
             );
@@ -1424,6 +1462,7 @@ mod tests {
         let many: Vec<Use> = (0..20)
             .map(|i| Use {
                 credential_id: "jti:b".into(),
+                also: None,
                 at: Timestamp::from_second(1_900_000_000 + i).unwrap(),
                 source: Some(format!("10.0.0.{i}")),
                 user_agent: None,
@@ -1601,17 +1640,72 @@ mod tests {
         assert!(parse_vault_audit(entry("response", "").as_bytes()).is_none());
         assert!(parse_vault_audit(b"{not json").is_none());
         assert_eq!(
-            credential_id("vault", true, "s.token", "vault-accessor:aXbYc123").as_deref(),
+            credential_id("vault", true, "s.token", "vault-accessor:aXbYc123", None).as_deref(),
             Some("accessor:aXbYc123")
         );
         assert_eq!(
-            credential_id("vault", false, "s.token", "vault-accessor:aXbYc123"),
+            credential_id("vault", false, "s.token", "vault-accessor:aXbYc123", None),
             None,
             "a namespaced issuer's Vault may be the tenant's"
         );
         assert_eq!(
-            credential_id("vault", true, "s.token", "vault-lease:x/y"),
+            credential_id("vault", true, "s.token", "vault-lease:x/y", None),
             None
+        );
+    }
+
+    #[test]
+    fn a_revoked_vault_token_is_known_by_its_audit_hmac_alone() {
+        let hmac = format!("hmac-sha256:{}", "ab".repeat(32));
+        // Minted with an audit device: the HMAC is the credential id.
+        let id = credential_id("vault", true, "s.t", "vault-accessor:acc9", Some(&hmac)).unwrap();
+        assert_eq!(id, format!("vault-hmac:{}", "ab".repeat(32)));
+        assert_eq!(
+            credential_id(
+                "vault",
+                true,
+                "s.t",
+                "vault-accessor:acc9",
+                Some("hmac-sha256:short")
+            ),
+            Some("accessor:acc9".into()),
+            "a malformed hash falls back to the accessor"
+        );
+        assert_eq!(
+            credential_id("vault", false, "s.t", "vault-accessor:acc9", Some(&hmac)),
+            None
+        );
+        let tr = Tracker::default();
+        let mut e = entry(1, &id, TokenLife::Revoked);
+        e.revoked_at = Some(Time("2026-11-29T10:00:00Z".parse().unwrap()));
+        tr.track("t", "bot", "uid", &[e], None);
+        // Before: accessor and HMAC (either maps). After revocation, as
+        // OpenBao 2.7 logs it: no accessor, `auth` all but empty, the HMAC
+        // in request.client_token, a permission-denied error.
+        let valid = serde_json::json!({"type": "response", "time": "2026-11-29T09:59:00Z",
+            "auth": {"accessor": "acc9", "client_token": hmac},
+            "request": {"client_token": hmac, "remote_address": "10.0.0.9"}});
+        let revoked = serde_json::json!({"type": "response", "time": "2026-11-29T10:00:05Z",
+            "auth": {"token_type": "default"},
+            "request": {"client_token": hmac, "path": "auth/token/lookup-self", "remote_address": "10.0.0.66"},
+            "error": "1 error occurred:\n\t* permission denied\n\n"});
+        let uses: Vec<Use> = [valid, revoked]
+            .iter()
+            .filter_map(|l| parse_vault_audit(l.to_string().as_bytes()))
+            .collect();
+        assert_eq!(uses[0].credential_id, "accessor:acc9");
+        assert_eq!(uses[1].credential_id, id);
+        assert_eq!(tr.record(uses), (2, 0));
+        let usage = tr.take_dirty().remove(0).usage;
+        assert_eq!(usage.tokens[0].requests, 1);
+        assert_eq!(usage.tokens[0].requests_after_revocation, 1);
+        let reported: Vec<Finding> = std::iter::from_fn(|| tr.next_check())
+            .map(|c| c.finding)
+            .filter(|f| matches!(f, Finding::AfterRevocation { .. }))
+            .collect();
+        assert!(
+            matches!(&reported[..], [Finding::AfterRevocation { source: Some(s), .. }] if s == "10.0.0.66"),
+            "{reported:?}"
         );
     }
 
@@ -1755,6 +1849,7 @@ mod tests {
         );
         let use_at = |at: Timestamp| Use {
             credential_id: jwt_credential(&token),
+            also: None,
             at,
             source: Some("10.0.0.9".into()),
             user_agent: None,
@@ -1843,6 +1938,7 @@ mod tests {
             .flat_map(|id| {
                 (0..32).map(move |n| Use {
                     credential_id: id.clone(),
+                    also: None,
                     at: at(n),
                     source: Some(format!("10.9.{}.{n}", id.len())),
                     user_agent: None,
@@ -1852,6 +1948,7 @@ mod tests {
         tr.record(flood);
         tr.record([Use {
             credential_id: "jti:g".into(),
+            also: None,
             at: at(99),
             source: Some("10.244.1.5".into()),
             user_agent: None,

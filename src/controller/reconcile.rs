@@ -884,6 +884,7 @@ async fn mint_and_deliver(
                         o.record.kind == crate::crd::IssuerKind::ClusterTokenIssuer,
                         t.token.expose_secret(),
                         &t.handle.0,
+                        t.audit_id.as_deref(),
                     ),
                 },
             );

@@ -209,6 +209,7 @@ impl GithubAppIssuer {
             issued_at,
             expires_at,
             handle: RevocationHandle(format!("github-installation:{installation}:{fp}")),
+            audit_id: None,
         })
     }
 

@@ -759,6 +759,7 @@ impl JwtIssuer {
             issued_at: now,
             expires_at,
             handle: RevocationHandle(format!("jwt:{jti}")),
+            audit_id: None,
         })
     }
 

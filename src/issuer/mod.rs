@@ -48,6 +48,11 @@ pub struct MintedToken {
     /// The token's REAL expiry as the issuer reports it.
     pub expires_at: Timestamp,
     pub handle: RevocationHandle,
+    /// What the issuer's audit records will call this token when they
+    /// cannot name it otherwise (a Vault child token's HMAC under the
+    /// issuer's audit device, which a request with a revoked token is
+    /// logged with). An identifier, not a secret.
+    pub audit_id: Option<String>,
 }
 
 impl std::fmt::Debug for MintedToken {
@@ -57,6 +62,7 @@ impl std::fmt::Debug for MintedToken {
             .field("issued_at", &self.issued_at)
             .field("expires_at", &self.expires_at)
             .field("handle", &self.handle)
+            .field("audit_id", &self.audit_id)
             .finish()
     }
 }

@@ -288,6 +288,7 @@ fn read_token(reply: &web::Reply, issued_at: Timestamp) -> Result<MintedToken, I
         issued_at,
         expires_at,
         handle: RevocationHandle(format!("oauth2:{fingerprint}")),
+        audit_id: None,
     })
 }
 

@@ -123,6 +123,7 @@ impl ServiceAccountIssuer {
             issued_at,
             expires_at,
             handle: RevocationHandle(binding_name),
+            audit_id: None,
         })
     }
 

@@ -173,6 +173,7 @@ impl WebhookIssuer {
             issued_at,
             expires_at,
             handle: RevocationHandle(handle),
+            audit_id: None,
         })
     }
 

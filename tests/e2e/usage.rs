@@ -543,6 +543,7 @@ spec:
   vault:
     address: {addr}
     auth: {{tokenSecretRef: {{name: bao-token, key: token}}}}
+    auditDevice: agenttoken
   policy:
     maxLifetime: 1h
     allowedScopes: [default]
@@ -562,17 +563,20 @@ spec:
         ),
     );
     let ats: Api<AgentToken> = ns.api();
-    let credential = eventually(
+    // The credential id is the token's HMAC under the socket device
+    // (sys/audit-hash at mint): every entry carries it, a request with the
+    // token after its revocation too.
+    let (credential, handle) = eventually(
         Duration::from_secs(30),
-        "bot minted, its accessor in the ledger",
+        "bot minted, its audit HMAC in the ledger",
         || async {
             let st = ats.get("bot").await.ok()?.status?;
             let e = st.history.iter().find(|e| e.revision == st.revision)?;
-            e.credential_id.clone()
+            Some((e.credential_id.clone()?, e.handle.clone()?))
         },
     )
     .await;
-    assert!(credential.starts_with("accessor:"), "{credential}");
+    assert!(credential.starts_with("vault-hmac:"), "{credential}");
     let token = crate::vault::token_in_secret(&ns).await;
     for _ in 0..3 {
         let (status, _) = bao
@@ -595,7 +599,7 @@ spec:
     // Without the prefix, nothing is taken.
     use tokio::io::AsyncWriteExt;
     let mut forged = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let accessor = credential.trim_start_matches("accessor:");
+    let accessor = handle.trim_start_matches("vault-accessor:");
     let line = format!(
         "{{\"type\":\"response\",\"time\":\"2026-11-29T10:00:00Z\",\"auth\":{{\"accessor\":\"{accessor}\"}},\"request\":{{\"remote_address\":\"203.0.113.9\"}}}}\n"
     );
@@ -619,6 +623,66 @@ spec:
     assert!(
         metrics.contains("agenttoken_usage_events_total{result=\"unauthorized\"}"),
         "{metrics}"
+    );
+
+    // Revoked now; the copy tried again is refused by OpenBao, which logs
+    // the request with the token's HMAC alone: a use after revocation.
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {"agenttoken.dev/revoke": "stolen"}}});
+    ats.patch(
+        "bot",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+    let revoked_at = eventually(Duration::from_secs(30), "revision 1 revoked", || async {
+        let st = ats.get("bot").await.ok()?.status?;
+        let e = st.history.iter().find(|e| e.revision == 1)?;
+        (e.state == Some(TokenLife::Revoked)).then_some(e.revoked_at.as_ref()?.0)
+    })
+    .await;
+    let wait = (revoked_at + jiff::SignedDuration::from_millis(1200))
+        .duration_since(jiff::Timestamp::now())
+        .as_secs_f64();
+    if wait > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+    }
+    let (status, _) = bao
+        .call_as(token.trim(), "GET", "auth/token/lookup-self", None)
+        .await;
+    assert_eq!(status, 403, "the revoked child token is refused");
+    eventually(
+        Duration::from_secs(20),
+        "the use after revocation in status, its condition and Event",
+        || async {
+            let st = ats.get("bot").await.ok()?.status?;
+            let u = st.usage?.tokens.into_iter().find(|t| t.revision == 1)?;
+            let cond = st
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "UsedAfterRevocation")?
+                .clone();
+            let events = ns
+                .kubectl(&["get", "events.events.k8s.io", "-o", "json"])
+                .stdout;
+            let reported = String::from_utf8_lossy(&events).contains("\"UsedAfterRevocation\"");
+            (u.requests_after_revocation >= 1 && cond.status == "True" && reported).then_some(())
+        },
+    )
+    .await;
+    let metrics = op
+        .http_get("/metrics")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    assert!(
+        metrics.contains("agenttoken_uses_after_revocation_total{issuer_type=\"vault\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !op.logs().contains(token.trim()),
+        "no token in the operator's logs"
     );
 }
 
