@@ -9,6 +9,7 @@ pub mod finalize;
 pub mod issuers;
 pub mod keeper;
 pub mod ledger;
+pub mod others;
 pub mod queue;
 pub mod reason;
 pub mod reconcile;
@@ -168,6 +169,8 @@ pub struct Context {
     /// Deployments, StatefulSets and DaemonSets by namespace, from watches:
     /// consumers are found here, never with a LIST.
     pub workloads: workloads::Workloads,
+    /// Pods, Jobs and CronJobs that use a Secret, asked before `Unused`.
+    pub others: others::OtherConsumers,
     /// Applies consumer rollout restarts.
     pub restarter: Arc<restarts::Restarter>,
     /// Where a ClusterTokenIssuer's Secrets live.
@@ -565,6 +568,7 @@ pub async fn run(
         secret_versions: secret_versions.clone(),
         issuers: issuer_cache,
         workloads: all_workloads.clone(),
+        others: others::OtherConsumers::new(client.clone()),
         queue: queue::FairQueue::new(usize::from(config.concurrency.max(1))),
         tenant_egress: config.tenant_egress.clone(),
         protected_namespaces: config.protected_namespaces.clone(),

@@ -516,8 +516,9 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
 }
 
 /// `spec.usage.unusedAfter`'s verdict: whether a workload uses the Secret
-/// (from the workload index; when it cannot say, yes) and when any of the
-/// tokens was last used or issued.
+/// (from the workload index, then, before saying `Unused`, the namespace's
+/// Pods, Jobs and CronJobs; when either cannot say, no verdict) and when
+/// any of the tokens was last used or issued.
 fn unused_verdict(
     at: &AgentToken,
     status: Option<&AgentTokenStatus>,
@@ -543,13 +544,23 @@ fn unused_verdict(
             .map(|t| t.0)
             .max()
     });
-    Some(super::unused::judge(&super::unused::Inputs {
+    let judged = super::unused::judge(&super::unused::Inputs {
         now,
         after,
         has_consumer,
         created_at: at.metadata.creation_timestamp.as_ref().map(|t| t.0),
         last_used,
-    }))
+    });
+    // Unused by the index and by time: first make sure no bare Pod, Job or
+    // CronJob uses the Secret (a snapshot shared by the namespace; none
+    // yet: no verdict, asked again in 5 s).
+    if matches!(judged.0, super::unused::Verdict::Unused { .. }) && ctx.others.uses(ns, secret)? {
+        return Some((
+            super::unused::Verdict::InUse(super::unused::OTHER_CONSUMER.into()),
+            None,
+        ));
+    }
+    Some(judged)
 }
 
 /// The newest revision seen used from an unexpected address, when
@@ -2091,7 +2102,7 @@ fn dormant(at: &AgentToken, verdict: Option<&super::unused::Verdict>) -> bool {
         && match verdict {
             None => was,
             Some(super::unused::Verdict::Unused { .. }) => true,
-            Some(super::unused::Verdict::InUse(why)) => was && why != super::unused::CONSUMER,
+            Some(super::unused::Verdict::InUse(why)) => was && !super::unused::consumed(why),
         }
 }
 

@@ -29,6 +29,13 @@ pub struct Inputs {
 
 /// The reason [`Verdict::InUse`] gives when a workload uses the Secret.
 pub const CONSUMER: &str = "a workload in the namespace uses the Secret";
+/// The reason when a Pod, Job or CronJob does ([`super::others`]).
+pub const OTHER_CONSUMER: &str = "a Pod, Job or CronJob in the namespace uses the Secret";
+
+/// Whether `why` says something consumes the Secret (not a recent use).
+pub fn consumed(why: &str) -> bool {
+    why == CONSUMER || why == OTHER_CONSUMER
+}
 
 /// The answer.
 #[derive(Clone, Debug, PartialEq, Eq)]

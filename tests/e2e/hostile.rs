@@ -42,6 +42,12 @@ rules:
 - apiGroups: [apps]
   resources: [deployments, statefulsets, daemonsets]
   verbs: ["*"]
+- apiGroups: [batch]
+  resources: [jobs, cronjobs]
+  verbs: ["*"]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: ["*"]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding

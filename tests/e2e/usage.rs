@@ -1014,3 +1014,112 @@ async fn usage_a_jwt_checked_through_introspection_is_seen_and_once_revoked_answ
     );
     assert!(table.contains("r1 used 1x after revocation"), "{table}");
 }
+
+/// A Secret used only by a CronJob (or a bare Pod, or a Job) is not
+/// unused: before a token is called `Unused`, the operator lists the
+/// namespace's Pods, Jobs and CronJobs (once per 30 s per namespace). The
+/// tenant's CronJob keeps its token; the tenant's token nothing uses is
+/// revoked. The CronJob is suspended: what counts is that it would use the
+/// Secret on its next run.
+#[tokio::test]
+async fn usage_a_secret_only_a_cron_job_or_a_bare_pod_uses_is_not_unused() {
+    let ns = TestNamespace::new("usage-cron").await;
+    let _op = Operator::start(&ns.name);
+    applied(&ns, SA_ISSUER);
+    crate::hostile::tenant(&ns).await;
+    let unused = "  consumers: {restart: None}\n  usage: {unusedAfter: 10s, onUnused: Revoke}\n";
+    for (name, consumer) in [
+        (
+            "nightly",
+            r#"
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: nightly}
+spec:
+  schedule: "0 3 * * *"
+  suspend: true
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: Never
+          containers:
+          - name: job
+            image: agenttoken.local/agent:e2e
+            env: [{name: TOKEN, valueFrom: {secretKeyRef: {name: nightly, key: token}}}]
+"#,
+        ),
+        (
+            "by-hand",
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: by-hand}
+spec:
+  nodeName: does-not-exist
+  containers:
+  - name: agent
+    image: agenttoken.local/agent:e2e
+    volumeMounts: [{name: t, mountPath: /t}]
+  volumes: [{name: t, projected: {sources: [{secret: {name: by-hand}}]}}]
+"#,
+        ),
+        ("idle", ""),
+    ] {
+        let at = sa_bot(unused).replace(
+            "metadata: {name: bot}",
+            &format!("metadata: {{name: {name}}}"),
+        );
+        for yaml in [at.as_str(), consumer] {
+            if yaml.is_empty() {
+                continue;
+            }
+            let out = crate::hostile::apply_as_tenant(&ns.name, yaml);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let ats: Api<AgentToken> = ns.api();
+    eventually(
+        Duration::from_secs(60),
+        "idle Unused and revoked",
+        || async {
+            let st = ats.get("idle").await.ok()?.status?;
+            (st.dormant_since.is_some()
+                && st.history.iter().any(|e| {
+                    e.revision == 1
+                        && e.state == Some(agent_token_operator::crd::TokenLife::Revoked)
+                }))
+            .then_some(())
+        },
+    )
+    .await;
+    // Well past unusedAfter for the other two as well.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for name in ["nightly", "by-hand"] {
+        let st = ats.get(name).await.unwrap().status.unwrap();
+        let cond = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Unused")
+            .unwrap_or_else(|| panic!("{name}: an Unused condition: {:?}", st.conditions));
+        assert_eq!(
+            (cond.status.as_str(), cond.reason.as_str()),
+            ("False", "InUse"),
+            "{name}: {cond:?}"
+        );
+        assert!(
+            cond.message.contains("Pod, Job or CronJob"),
+            "{name}: {}",
+            cond.message
+        );
+        assert!(st.dormant_since.is_none(), "{name}");
+        assert!(
+            token_of(&ns, name).await.is_some(),
+            "{name} keeps its token"
+        );
+    }
+}

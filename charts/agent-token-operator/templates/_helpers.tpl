@@ -63,9 +63,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   verbs: [create, patch]
 {{- if or .Values.usage.auditWebhook.enabled .Values.usage.vaultAudit.enabled }}
 # Usage: a token's use from a new address is expected when a Pod with that
-# address (a status.podIP field selector) uses the Secret.
+# address (a status.podIP field selector) uses the Secret; before a token is
+# called Unused, no Pod, Job or CronJob of the namespace may use its Secret
+# (listed at most every 30 s per namespace, only then).
 - apiGroups: [""]
   resources: [pods]
+  verbs: [list]
+- apiGroups: [batch]
+  resources: [jobs, cronjobs]
   verbs: [list]
 {{- end }}
 {{- if .Values.consumers.signal }}
