@@ -40,9 +40,10 @@ pub enum Verdict {
 /// standby's tracker has nothing queued).
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()>) {
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut recent = Recent::default();
     loop {
         while let Some(check) = ctx.usage.next_check() {
-            handle(&ctx, &check).await;
+            handle(&ctx, &check, &mut recent).await;
         }
         tokio::select! {
             _ = &mut shutdown => return,
@@ -51,7 +52,37 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     }
 }
 
-async fn handle(ctx: &Context, check: &Check) {
+/// How long an address stays a consumer's after its Pod was last seen
+/// with it: a Pod that used the token and was deleted before its use was
+/// checked (a rollout replacing it, audit batches a second late) is not a
+/// thief. Only while no Pod of the namespace has the address.
+const RECENT_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+/// Addresses remembered at most.
+const MAX_RECENT: usize = 16_384;
+
+/// Consumer Pods' addresses seen lately, by namespace and Secret.
+#[derive(Default)]
+pub struct Recent(std::collections::HashMap<(String, String, IpAddr), tokio::time::Instant>);
+
+impl Recent {
+    fn saw(&mut self, ns: &str, secret: &str, addr: IpAddr) {
+        let now = tokio::time::Instant::now();
+        if self.0.len() >= MAX_RECENT {
+            self.0.retain(|_, at| now.duration_since(*at) < RECENT_FOR);
+        }
+        if self.0.len() < MAX_RECENT {
+            self.0.insert((ns.into(), secret.into(), addr), now);
+        }
+    }
+
+    fn had(&self, ns: &str, secret: &str, addr: IpAddr) -> bool {
+        self.0
+            .get(&(ns.to_string(), secret.to_string(), addr))
+            .is_some_and(|at| at.elapsed() < RECENT_FOR)
+    }
+}
+
+async fn handle(ctx: &Context, check: &Check, recent: &mut Recent) {
     let api: Api<AgentToken> = Api::namespaced(ctx.client.clone(), &check.namespace);
     let at = match api.get_opt(&check.name).await {
         Ok(Some(at)) => at,
@@ -63,15 +94,21 @@ async fn handle(ctx: &Context, check: &Check) {
         }
     };
     match &check.finding {
-        Finding::Source(source) => unexpected_source(ctx, &at, check, source).await,
+        Finding::Source(source) => unexpected_source(ctx, &at, check, source, recent).await,
         Finding::AfterRevocation { at: when, source } => {
             after_revocation(ctx, &at, check, *when, source.as_deref()).await
         }
     }
 }
 
-async fn unexpected_source(ctx: &Context, at: &AgentToken, check: &Check, source: &str) {
-    let verdict = match verdict(ctx, at, source).await {
+async fn unexpected_source(
+    ctx: &Context,
+    at: &AgentToken,
+    check: &Check,
+    source: &str,
+    recent: &mut Recent,
+) {
+    let verdict = match verdict(ctx, at, source, recent).await {
         Ok(v) => v,
         Err(e) => {
             warn!(namespace = %check.namespace, agenttoken = %check.name, error = %e, "could not check a source; checked at its next use");
@@ -159,7 +196,12 @@ async fn after_revocation(
 }
 
 /// Whether `source` is where `at`'s token may be used from.
-pub async fn verdict(ctx: &Context, at: &AgentToken, source: &str) -> Result<Verdict, kube::Error> {
+pub async fn verdict(
+    ctx: &Context,
+    at: &AgentToken,
+    source: &str,
+    recent: &mut Recent,
+) -> Result<Verdict, kube::Error> {
     let Ok(addr) = source.parse::<IpAddr>() else {
         return Ok(Verdict::Unexpected("not an address".into()));
     };
@@ -190,13 +232,18 @@ pub async fn verdict(ctx: &Context, at: &AgentToken, source: &str) -> Result<Ver
             .is_some_and(|ph| ph == "Succeeded" || ph == "Failed");
         !done && p.spec.as_ref().is_some_and(|s| uses_secret(s, &secret))
     });
-    Ok(if consumer {
-        Verdict::Expected
-    } else {
-        Verdict::Unexpected(format!(
-            "which is not a Pod in namespace {ns} that uses Secret {secret}"
-        ))
-    })
+    if consumer {
+        recent.saw(&ns, &secret, addr);
+    }
+    Ok(
+        if consumer || (found.items.is_empty() && recent.had(&ns, &secret, addr)) {
+            Verdict::Expected
+        } else {
+            Verdict::Unexpected(format!(
+                "which is not a Pod in namespace {ns} that uses Secret {secret}"
+            ))
+        },
+    )
 }
 
 /// Whether `addr` is in one of `ranges` (CIDRs or single addresses; what
@@ -293,5 +340,17 @@ mod tests {
         ] {
             assert_eq!(uses_secret(&spec, "bot"), want, "{spec:?}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_consumer_address_is_remembered_for_a_minute_per_secret() {
+        let mut r = Recent::default();
+        let ip: IpAddr = "10.244.40.7".parse().unwrap();
+        r.saw("t", "bot", ip);
+        assert!(r.had("t", "bot", ip));
+        assert!(!r.had("t", "other", ip), "another Secret's consumer");
+        assert!(!r.had("u", "bot", ip), "another namespace");
+        tokio::time::advance(RECENT_FOR).await;
+        assert!(!r.had("t", "bot", ip), "forgotten after a minute");
     }
 }
