@@ -702,6 +702,9 @@ pub enum RotationReason {
     /// The last token was revoked as unused (`spec.usage.onUnused:
     /// Revoke`) and a workload uses the Secret again.
     InUseAgain,
+    /// The issuer's kill switch (`spec.revokeIssuedBefore`): the token it
+    /// replaced was revoked at once.
+    KillSwitch,
 }
 
 /// One minted token in the revocation ledger.
@@ -884,6 +887,7 @@ impl RotationReason {
                 | RotationReason::SecretDrift
                 | RotationReason::SpecChanged
                 | RotationReason::UnexpectedSource
+                | RotationReason::KillSwitch
         )
     }
 }
@@ -1118,6 +1122,17 @@ impl AgentToken {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TokenIssuerSpec {
+    /// Mint nothing (fail closed): AgentTokens on this issuer keep the
+    /// tokens they hold until those expire, get no new ones, and say why
+    /// (`IssuerSuspended`); nothing falls back to another issuer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+    /// The kill switch: every token this issuer minted before this time is
+    /// revoked at once and replaced (only revoked while `suspend` is set).
+    /// Set it to now to revoke everything the issuer ever minted; it stays
+    /// in force for tokens minted before it, so it is safe to leave set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke_issued_before: Option<Time>,
     /// Kubernetes TokenRequest for ServiceAccounts in the AgentToken's own namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account: Option<ServiceAccountIssuerSpec>,
@@ -1536,6 +1551,10 @@ pub struct TokenIssuerStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The `spec.revokeIssuedBefore` the operator announced (an Event on
+    /// this issuer) and its AgentTokens act on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke_issued_before: Option<Time>,
 }
 
 /// The three CRDs as one multi-document YAML (what `crds/` holds).

@@ -58,7 +58,47 @@ enum Cmd {
     /// Rotate now; the old token stays valid for its grace period.
     Rotate { name: String },
     /// The token is compromised: rotate and revoke the old one at once.
-    Revoke { name: String },
+    /// With --selector or -A, every AgentToken that matches; with
+    /// --issuer NAME --all, the issuer's kill switch: every token the
+    /// issuer minted so far (spec.revokeIssuedBefore).
+    Revoke {
+        /// One AgentToken.
+        name: Option<String>,
+        /// Every AgentToken with these labels (in the namespace, or in
+        /// every namespace with -A).
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// The issuer whose every token to revoke and replace (with --all).
+        #[arg(long, requires = "all")]
+        issuer: Option<String>,
+        /// --issuer names a ClusterTokenIssuer (default: a TokenIssuer in
+        /// the namespace).
+        #[arg(long, requires = "issuer")]
+        cluster: bool,
+        /// Everything the issuer minted.
+        #[arg(long, requires = "issuer")]
+        all: bool,
+    },
+    /// Suspend an issuer: it mints nothing (fail closed) until resumed; its
+    /// AgentTokens keep what they hold until it expires and say why.
+    Suspend {
+        /// The issuer.
+        #[arg(long)]
+        issuer: String,
+        /// It is a ClusterTokenIssuer.
+        #[arg(long)]
+        cluster: bool,
+    },
+    /// Resume a suspended issuer.
+    Resume {
+        #[arg(long)]
+        issuer: String,
+        #[arg(long)]
+        cluster: bool,
+    },
     /// The revocation ledger of one AgentToken: each revision's state,
     /// revocation attempts, next attempt and message, and a summary of the
     /// revocations still open (being retried) or stuck (needing a person).
@@ -153,7 +193,29 @@ async fn main() -> anyhow::Result<()> {
             output,
         } => status(&client, &ns, name, all_namespaces, output).await,
         Cmd::Rotate { name } => trigger(&client, &ns, &name, "agenttoken.dev/rotate").await,
-        Cmd::Revoke { name } => trigger(&client, &ns, &name, "agenttoken.dev/revoke").await,
+        Cmd::Revoke {
+            name,
+            selector,
+            all_namespaces,
+            issuer,
+            cluster,
+            all: _,
+        } => match (name, issuer) {
+            (Some(name), None) if selector.is_none() && !all_namespaces => {
+                trigger(&client, &ns, &name, "agenttoken.dev/revoke").await
+            }
+            (None, Some(issuer)) if selector.is_none() && !all_namespaces => {
+                kill_switch(&client, &ns, &issuer, cluster).await
+            }
+            (None, None) if selector.is_some() || all_namespaces => {
+                revoke_many(&client, &ns, selector.as_deref(), all_namespaces).await
+            }
+            _ => bail!(
+                "say what to revoke: NAME, --selector/-A, or --issuer NAME --all (one of them)"
+            ),
+        },
+        Cmd::Suspend { issuer, cluster } => suspend(&client, &ns, &issuer, cluster, true).await,
+        Cmd::Resume { issuer, cluster } => suspend(&client, &ns, &issuer, cluster, false).await,
         Cmd::Plan { filename, output } => plan(&client, &ns, &filename, output).await,
         Cmd::History { name, output } => history(&client, &ns, &name, output).await,
         Cmd::Abandon {
@@ -363,6 +425,109 @@ async fn trigger(client: &Client, ns: &str, name: &str, annotation: &str) -> any
         "rotation (old token kept for its grace period)"
     };
     println!("agenttoken/{name} annotated {annotation}={value}: {verb} requested");
+    Ok(())
+}
+
+/// The issuer's object, as a dynamic API (TokenIssuer in `ns`, or the
+/// ClusterTokenIssuer).
+fn issuer_api(client: &Client, ns: &str, cluster: bool) -> (Api<DynamicObject>, String) {
+    let (kind, plural) = if cluster {
+        ("ClusterTokenIssuer", "clustertokenissuers")
+    } else {
+        ("TokenIssuer", "tokenissuers")
+    };
+    let ar = ApiResource {
+        group: "agenttoken.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "agenttoken.dev/v1alpha1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    };
+    let api = if cluster {
+        Api::all_with(client.clone(), &ar)
+    } else {
+        Api::namespaced_with(client.clone(), ns, &ar)
+    };
+    (api, kind.to_string())
+}
+
+/// The kill switch: `spec.revokeIssuedBefore` set to the next whole second
+/// (the ledger keeps whole seconds: a token issued in this second is
+/// covered too, and one minted after it is at most replaced once more).
+async fn kill_switch(client: &Client, ns: &str, issuer: &str, cluster: bool) -> anyhow::Result<()> {
+    let (api, kind) = issuer_api(client, ns, cluster);
+    let before = Timestamp::from_second(Timestamp::now().as_second() + 1)?;
+    let patch = serde_json::json!({"spec": {"revokeIssuedBefore": before.to_string()}});
+    api.patch(issuer, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("{kind} {issuer:?}"))?;
+    println!(
+        "{kind}/{issuer}: kill switch set (spec.revokeIssuedBefore={before}): every token it minted before then is revoked at once and replaced"
+    );
+    Ok(())
+}
+
+async fn suspend(
+    client: &Client,
+    ns: &str,
+    issuer: &str,
+    cluster: bool,
+    on: bool,
+) -> anyhow::Result<()> {
+    let (api, kind) = issuer_api(client, ns, cluster);
+    let patch = serde_json::json!({"spec": {"suspend": if on { serde_json::Value::Bool(true) } else { serde_json::Value::Null }}});
+    api.patch(issuer, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("{kind} {issuer:?}"))?;
+    if on {
+        println!("{kind}/{issuer} suspended: it mints nothing until resumed");
+    } else {
+        println!("{kind}/{issuer} resumed");
+    }
+    Ok(())
+}
+
+/// The revoke annotation on every AgentToken that matches.
+async fn revoke_many(
+    client: &Client,
+    ns: &str,
+    selector: Option<&str>,
+    all_namespaces: bool,
+) -> anyhow::Result<()> {
+    let api: Api<AgentToken> = if all_namespaces {
+        Api::all(client.clone())
+    } else {
+        Api::namespaced(client.clone(), ns)
+    };
+    let mut params = ListParams::default();
+    if let Some(s) = selector {
+        params = params.labels(s);
+    }
+    let found = api.list(&params).await.context("listing AgentTokens")?;
+    let value = Timestamp::now().as_second().to_string();
+    let patch = serde_json::json!({"metadata": {"annotations": {"agenttoken.dev/revoke": value}}});
+    let (mut done, mut failed) = (0, 0);
+    for at in &found.items {
+        let at_ns = at.namespace().unwrap_or_default();
+        let name = at.name_any();
+        let one: Api<AgentToken> = Api::namespaced(client.clone(), &at_ns);
+        match one
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => done += 1,
+            Err(e) => {
+                failed += 1;
+                eprintln!("{at_ns}/{name}: {e}");
+            }
+        }
+    }
+    println!(
+        "revocation requested for {done} AgentToken(s) (agenttoken.dev/revoke={value}): new tokens now, old ones revoked at once"
+    );
+    if failed > 0 {
+        bail!("{failed} AgentToken(s) could not be annotated");
+    }
     Ok(())
 }
 

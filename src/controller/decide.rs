@@ -63,6 +63,15 @@ pub struct Inputs<'a> {
     /// The last token was revoked as unused (`status.dormantSince`): a mint
     /// now is because something uses the Secret again.
     pub was_dormant: bool,
+    /// The issuer is suspended (`spec.suspend`): nothing is minted; a token
+    /// to revoke at once is revoked without a replacement.
+    pub suspended: bool,
+    /// The issuer's kill switch (`spec.revokeIssuedBefore`) covers the
+    /// current token (this issuer minted it before that time), or, with no
+    /// current token, the newest one it revoked without a replacement.
+    pub kill_current: bool,
+    /// The kill switch covers the previous token (in its grace period).
+    pub kill_previous: bool,
     pub secret: &'a SecretView,
     /// status.revision: the last revision this AgentToken ever minted.
     pub last_revision: i64,
@@ -98,9 +107,14 @@ pub struct Decision {
     /// and remove it from the Secret.
     pub revoke_unused: bool,
     /// The previous token (in its grace period) was used from an
-    /// unexpected address and `onUnexpectedSource` is `Revoke`: revoke it
-    /// now, without waiting for the grace period or the consumers.
+    /// unexpected address and `onUnexpectedSource` is `Revoke`, or the
+    /// kill switch covers it: revoke it now, without waiting for the grace
+    /// period or the consumers.
     pub revoke_previous_now: bool,
+    /// The current token must die now but nothing may be minted now (the
+    /// issuer is suspended, or the replacement waits for the mint floor or
+    /// a failure backoff): revoke it and remove it from the Secret.
+    pub withdraw_current: bool,
     /// When the current token is due to rotate (for status).
     pub next_rotation_at: Option<Timestamp>,
     /// When to reconcile again even if nothing changes.
@@ -118,7 +132,12 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     });
     d.next_rotation_at = plan.as_ref().map(|p| p.due_at);
 
-    let wanted = wanted_mint(i, current, plan.as_ref());
+    let mut wanted = wanted_mint(i, current, plan.as_ref());
+    if i.suspended {
+        // Fail closed: no mint; what had to die now still does.
+        d.withdraw_current = current.is_some() && wanted.is_some_and(|m| m.revoke_current_now);
+        wanted = None;
+    }
     if let Some(mint) = wanted {
         // Failures back off; every mint, forced or not, respects the floor.
         let backoff = backoff_until(i).filter(|t| *t > i.now);
@@ -127,7 +146,12 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         d.backoff_until = backoff;
         d.floor_until = floor.filter(|f| backoff.is_none_or(|b| *f > b));
         match backoff.max(floor) {
-            Some(until) => push_wake(&mut d, until),
+            Some(until) => {
+                // A token to revoke at once is revoked now; its
+                // replacement waits (the Secret is empty meanwhile).
+                d.withdraw_current |= mint.revoke_current_now && current.is_some();
+                push_wake(&mut d, until)
+            }
             None => d.mint = Some(mint),
         }
     } else if let Some(p) = &plan
@@ -144,6 +168,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         && d.mint.is_none()
         && c.data_intact
         && !d.revoke_unused
+        && !d.withdraw_current
     {
         if i.now >= c.expires_at {
             d.clear_expired = true;
@@ -153,7 +178,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     }
 
     if let Some(prev) = &i.secret.previous {
-        if i.compromised == Some(prev.revision) {
+        if i.compromised == Some(prev.revision) || i.kill_previous {
             d.revoke_previous_now = true;
         } else if i.now >= prev.grace_until {
             d.retire_previous = true;
@@ -182,6 +207,14 @@ fn wanted_mint(
             revoke_current_now: true,
         });
     }
+    // The issuer's kill switch: replaced, the old one revoked at once, even
+    // while paused.
+    if current.is_some() && i.kill_current {
+        return Some(Mint {
+            reason: RotationReason::KillSwitch,
+            revoke_current_now: true,
+        });
+    }
     // A token used from where it should not be: replaced, the old one
     // revoked at once, even while paused.
     if let (Some(c), Some(r)) = (current, i.compromised)
@@ -202,6 +235,11 @@ fn wanted_mint(
         return mint(RotationReason::InUseAgain);
     }
     let Some(c) = current else {
+        // Revoked by the kill switch before its replacement could be
+        // minted (the mint floor, a suspended issuer): replaced now.
+        if i.kill_current {
+            return mint(RotationReason::KillSwitch);
+        }
         // Never minted, or the Secret (or its token) was removed.
         return if i.last_revision == 0 {
             mint(RotationReason::Initial)
@@ -293,12 +331,132 @@ mod tests {
             compromised: None,
             dormant: false,
             was_dormant: false,
+            suspended: false,
+            kill_current: false,
+            kill_previous: false,
             secret,
             last_revision: 1,
             failed_attempts: 0,
             last_failure: None,
             recent_mints: &[],
         }
+    }
+
+    #[test]
+    fn the_kill_switch_replaces_and_suspension_only_withdraws() {
+        let v = view("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z");
+        let mut with_prev = v.clone();
+        with_prev.previous = Some(PreviousToken {
+            revision: 0,
+            fingerprint: "sha256:1111111111111111".into(),
+            expires_at: ts("2026-01-01T00:50:00Z"),
+            grace_until: ts("2026-01-01T00:20:00Z"),
+        });
+        let now = "2026-01-01T00:10:00Z";
+        type Edit = fn(&mut Inputs<'_>);
+        // (what, edit, mint reason, revoke current now, withdraw current,
+        // revoke previous now)
+        type Row = (&'static str, Edit, Option<RotationReason>, bool, bool, bool);
+        let rows: [Row; 7] = [
+            ("nothing", |_| {}, None, false, false, false),
+            (
+                "kill switch",
+                |i| i.kill_current = true,
+                Some(RotationReason::KillSwitch),
+                true,
+                false,
+                false,
+            ),
+            (
+                "kill switch while paused",
+                |i| {
+                    i.kill_current = true;
+                    i.paused = true
+                },
+                Some(RotationReason::KillSwitch),
+                true,
+                false,
+                false,
+            ),
+            (
+                "kill switch on the previous only",
+                |i| i.kill_previous = true,
+                None,
+                false,
+                false,
+                true,
+            ),
+            (
+                "suspended",
+                |i| i.suspended = true,
+                None,
+                false,
+                false,
+                false,
+            ),
+            (
+                "suspended and killed",
+                |i| {
+                    i.suspended = true;
+                    i.kill_current = true;
+                    i.kill_previous = true
+                },
+                None,
+                false,
+                true,
+                true,
+            ),
+            (
+                "suspended, revoke trigger",
+                |i| {
+                    i.suspended = true;
+                    i.revoke_trigger = Some("x")
+                },
+                None,
+                false,
+                true,
+                false,
+            ),
+        ];
+        for (what, edit, reason, now_revoke, withdraw, prev) in rows {
+            let mut i = inputs(now, &with_prev);
+            edit(&mut i);
+            let d = decide(&i);
+            assert_eq!(d.mint.map(|m| m.reason), reason, "{what}");
+            assert_eq!(
+                d.mint.is_some_and(|m| m.revoke_current_now),
+                now_revoke,
+                "{what}"
+            );
+            assert_eq!(d.withdraw_current, withdraw, "{what}");
+            assert_eq!(d.revoke_previous_now, prev, "{what}");
+            assert!(!d.clear_expired, "{what}");
+        }
+        // Held by the mint floor: the token dies now, the replacement waits.
+        let recent = [rotation::PastMint {
+            at: ts("2026-01-01T00:09:57Z"),
+            forced: false,
+        }];
+        let mut i = inputs(now, &with_prev);
+        i.recent_mints = &recent;
+        i.kill_current = true;
+        let d = decide(&i);
+        assert_eq!((d.mint, d.withdraw_current), (None, true));
+        assert!(d.wake_at.is_some());
+        // Withdrawn by the kill switch: the replacement says why.
+        let none = SecretView::default();
+        let mut i = inputs(now, &none);
+        i.kill_current = true;
+        assert_eq!(
+            decide(&i).mint.map(|m| m.reason),
+            Some(RotationReason::KillSwitch)
+        );
+        // Suspended with no token: nothing minted, not even the first.
+        let none = SecretView::default();
+        let mut i = inputs(now, &none);
+        i.last_revision = 0;
+        i.suspended = true;
+        assert_eq!(decide(&i).mint, None);
     }
 
     #[test]

@@ -12,12 +12,14 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
+use super::reason::Reason;
 use super::status::{self, READY, Want};
 use super::{Context, Error, STATUS_MANAGER, ledger};
 use crate::crd::{
     AgentToken, ClusterTokenIssuer, IssuerKind, TokenIssuer, TokenIssuerSpec, TokenIssuerStatus,
 };
 use crate::labels;
+use kube::runtime::events::EventType;
 use tracing::info;
 
 /// How often an issuer's health is looked at again with nothing changing.
@@ -62,6 +64,7 @@ trait IssuerObject:
     const KIND: IssuerKind;
     fn spec(&self) -> &TokenIssuerSpec;
     fn conditions(&self) -> Vec<Condition>;
+    fn status(&self) -> TokenIssuerStatus;
     fn api(&self, ctx: &Context) -> Api<Self>;
 }
 
@@ -72,6 +75,9 @@ impl IssuerObject for TokenIssuer {
     }
     fn conditions(&self) -> Vec<Condition> {
         self.status.clone().unwrap_or_default().conditions
+    }
+    fn status(&self) -> TokenIssuerStatus {
+        self.status.clone().unwrap_or_default()
     }
     fn api(&self, ctx: &Context) -> Api<Self> {
         Api::namespaced(ctx.client.clone(), &self.namespace().unwrap_or_default())
@@ -85,6 +91,9 @@ impl IssuerObject for ClusterTokenIssuer {
     }
     fn conditions(&self) -> Vec<Condition> {
         self.status.clone().unwrap_or_default().conditions
+    }
+    fn status(&self) -> TokenIssuerStatus {
+        self.status.clone().unwrap_or_default()
     }
     fn api(&self, _ctx: &Context) -> Api<Self> {
         Api::all(_ctx.client.clone())
@@ -112,21 +121,77 @@ async fn reconcile<K: IssuerObject>(issuer: Arc<K>, ctx: Arc<Context>) -> Result
         finalizers.push(labels::ISSUER_FINALIZER.to_string());
         patch_finalizers(&*issuer, &ctx, finalizers).await?;
     }
-    let backend = match ctx.issuer_backend(
-        issuer.spec(),
-        issuer.namespace().as_deref(),
-        &issuer.name_any(),
-    ) {
-        Err(m) => Err(Unready::NotSupported(m)),
-        Ok(b) => match b.check().await {
-            Ok(()) => Ok(()),
-            Err(e @ crate::issuer::IssuerError::Invalid(_)) => {
-                Err(Unready::InvalidConfig(e.to_string()))
-            }
-            Err(e) => Err(Unready::Unreachable(e.to_string())),
-        },
+    // Suspended: nothing calls the issuer, not even a health check.
+    let want = if issuer.spec().suspend {
+        Want::new(
+            READY,
+            false,
+            Reason::IssuerSuspended,
+            "spec.suspend: this issuer mints nothing; its AgentTokens keep the tokens they hold until they expire",
+        )
+    } else {
+        let backend = match ctx.issuer_backend(
+            issuer.spec(),
+            issuer.namespace().as_deref(),
+            &issuer.name_any(),
+        ) {
+            Err(m) => Err(Unready::NotSupported(m)),
+            Ok(b) => match b.check().await {
+                Ok(()) => Ok(()),
+                Err(e @ crate::issuer::IssuerError::Invalid(_)) => {
+                    Err(Unready::InvalidConfig(e.to_string()))
+                }
+                Err(e) => Err(Unready::Unreachable(e.to_string())),
+            },
+        };
+        readiness(issuer.spec(), backend)
     };
-    let want = readiness(issuer.spec(), backend);
+    let old = issuer.status();
+    let was_suspended = old
+        .conditions
+        .iter()
+        .any(|c| c.type_ == READY && c.reason == Reason::IssuerSuspended.as_str());
+    let announce = |type_, reason: Reason, note: String| {
+        let ctx = ctx.clone();
+        let reference = issuer.object_ref(&());
+        async move {
+            let event = kube::runtime::events::Event {
+                type_,
+                reason: reason.as_str().into(),
+                note: Some(note),
+                action: reason.as_str().into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+                tracing::warn!(error = %e, %reason, "could not publish event");
+            }
+        }
+    };
+    if issuer.spec().suspend != was_suspended {
+        let note = if issuer.spec().suspend {
+            "suspended (spec.suspend): it mints nothing; its AgentTokens say IssuerSuspended"
+        } else {
+            "resumed: it mints again"
+        };
+        announce(EventType::Warning, Reason::IssuerSuspended, note.into()).await;
+    }
+    let kill = issuer.spec().revoke_issued_before.clone();
+    if kill.is_some() && kill != old.revoke_issued_before {
+        let when = kill.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
+        let then = if issuer.spec().suspend {
+            "revoked at once, not replaced while the issuer is suspended"
+        } else {
+            "revoked at once and replaced"
+        };
+        announce(
+            EventType::Warning,
+            Reason::KillSwitch,
+            format!(
+                "kill switch: every token this issuer minted before {when} is {then}; each AgentToken's ledger records its own"
+            ),
+        )
+        .await;
+    }
     let conditions = status::merge(
         &issuer.conditions(),
         &[want],
@@ -136,10 +201,11 @@ async fn reconcile<K: IssuerObject>(issuer: Arc<K>, ctx: Arc<Context>) -> Result
     let ready = conditions
         .iter()
         .any(|c| c.type_ == READY && c.status == "True");
-    if conditions != issuer.conditions() {
+    if conditions != issuer.conditions() || kill != old.revoke_issued_before {
         let st = TokenIssuerStatus {
             conditions,
             observed_generation: issuer.meta().generation,
+            revoke_issued_before: kill,
         };
         let patch = serde_json::json!({
             "apiVersion": K::api_version(&()),

@@ -41,11 +41,14 @@ pub enum Reason {
     // UsedAfterRevocation (condition and Event)
     UsedAfterRevocation,
     NotUsedAfterRevocation,
+    // The issuer's kill switch and suspension (Issuing condition, Events)
+    IssuerSuspended,
+    KillSwitch,
 }
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 29] = [
+    pub const ALL: [Reason; 31] = [
         Reason::TokenValid,
         Reason::TokenExpired,
         Reason::Paused,
@@ -75,6 +78,8 @@ impl Reason {
         Reason::InUse,
         Reason::UsedAfterRevocation,
         Reason::NotUsedAfterRevocation,
+        Reason::IssuerSuspended,
+        Reason::KillSwitch,
     ];
 
     /// The reason as it appears in conditions and Events.
@@ -109,6 +114,8 @@ impl Reason {
             Reason::InUse => "InUse",
             Reason::UsedAfterRevocation => "UsedAfterRevocation",
             Reason::NotUsedAfterRevocation => "NotUsedAfterRevocation",
+            Reason::IssuerSuspended => "IssuerSuspended",
+            Reason::KillSwitch => "KillSwitch",
         }
     }
 }

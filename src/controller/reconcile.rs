@@ -255,6 +255,11 @@ struct Observed {
     dormant: bool,
     recent_mints: Vec<rotation::PastMint>,
     paused: bool,
+    /// The issuer is suspended (`spec.suspend`).
+    suspended: bool,
+    /// The issuer's kill switch covers the current / previous token.
+    kill_current: bool,
+    kill_previous: bool,
 }
 
 impl Observed {
@@ -287,6 +292,9 @@ impl Observed {
             compromised: self.compromised,
             dormant: self.dormant,
             was_dormant: self.old_status.dormant_since.is_some(),
+            suspended: self.suspended,
+            kill_current: self.kill_current,
+            kill_previous: self.kill_previous,
             secret: &self.view,
             last_revision: self.old_status.revision,
             failed_attempts: self.old_status.failed_attempts.max(0) as u32,
@@ -490,6 +498,16 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
         rotate_trigger: annotations.get(labels::ROTATE).map(|v| trigger_value(v)),
         revoke_trigger: annotations.get(labels::REVOKE).map(|v| trigger_value(v)),
         compromised: compromised(at),
+        suspended: issuer.spec.suspend,
+        kill_current: killed(
+            current
+                .as_ref()
+                .or_else(|| status.history.iter().max_by_key(|e| e.revision)),
+            &record,
+            &issuer.spec,
+            now,
+        ),
+        kill_previous: killed(previous.as_ref(), &record, &issuer.spec, now),
         unused: unused.clone(),
         dormant: dormant(at, unused.as_ref().map(|(v, _)| v)),
         ns,
@@ -563,6 +581,27 @@ fn unused_verdict(
     Some(judged)
 }
 
+/// Whether the issuer's kill switch (`spec.revokeIssuedBefore`) covers
+/// `entry`: that very issuer (by UID) minted it before that time. A token
+/// another issuer minted (before `spec.issuerRef` changed) is not its to
+/// kill.
+/// A time still to come is not in force yet: the AgentTokens look again
+/// then (a kill switch set for later is a scheduled one), and a token
+/// minted meanwhile is not replaced over and over.
+fn killed(
+    entry: Option<&HistoryEntry>,
+    record: &IssuerRecord,
+    spec: &TokenIssuerSpec,
+    now: Timestamp,
+) -> bool {
+    let (Some(e), Some(before)) = (entry, spec.revoke_issued_before.as_ref()) else {
+        return false;
+    };
+    before.0 <= now
+        && e.issuer.as_ref().is_some_and(|i| i.uid == record.uid)
+        && e.issued_at.as_ref().is_some_and(|t| t.0 < before.0)
+}
+
 /// The newest revision seen used from an unexpected address, when
 /// `spec.usage.onUnexpectedSource` is `Revoke`.
 fn compromised(at: &AgentToken) -> Option<i64> {
@@ -629,9 +668,12 @@ async fn act(
     if plan.backlog {
         warn!(namespace = %o.ns, agenttoken = %o.name, "too many tokens await revocation; not minting");
     }
-    if decision.mint.is_some()
+    if let Some(m) = decision.mint
         && let Err(wait) = ctx.try_budget(&o.issuer.key, &o.issuer.spec)
     {
+        // Over the issuer's rate: the replacement waits, a token to revoke
+        // at once does not.
+        decision.withdraw_current |= m.revoke_current_now && o.current.is_some();
         decision.mint = None;
         hold_wait = Some(wait);
     }
@@ -688,12 +730,56 @@ async fn act(
         if acted.decision.revoke_previous_now
             && let Some(prev) = &o.previous
         {
-            ledger::retire(
-                &mut o.status,
-                prev.revision,
-                "used from an unexpected address (spec.usage.onUnexpectedSource: Revoke)",
-                o.now,
-            );
+            let why = if o.kill_previous {
+                "revoked by the issuer's kill switch (spec.revokeIssuedBefore)"
+            } else {
+                "used from an unexpected address (spec.usage.onUnexpectedSource: Revoke)"
+            };
+            ledger::retire(&mut o.status, prev.revision, why, o.now);
+        }
+        if acted.decision.withdraw_current
+            && let Some(cur) = ledger::current(&o.status).cloned()
+        {
+            let (what, reason) = if o.kill_current {
+                (
+                    "revoked by the issuer's kill switch (spec.revokeIssuedBefore)",
+                    Reason::KillSwitch,
+                )
+            } else if o.compromised == Some(cur.revision) {
+                (
+                    "used from an unexpected address (spec.usage.onUnexpectedSource: Revoke)",
+                    Reason::UnexpectedSource,
+                )
+            } else {
+                (
+                    "revoked on request (agenttoken.dev/revoke)",
+                    Reason::TokenRevoked,
+                )
+            };
+            let (why, until) = if o.suspended {
+                (
+                    format!("{what}; not replaced: the issuer is suspended"),
+                    "until the issuer is resumed",
+                )
+            } else {
+                (
+                    format!("{what}; replaced as soon as a mint is allowed"),
+                    "until its replacement is minted (mint floor, backoff or the issuer's rate)",
+                )
+            };
+            ledger::retire(&mut o.status, cur.revision, &why, o.now);
+            acted.events.push((
+                EventType::Warning,
+                if o.suspended {
+                    Reason::IssuerSuspended
+                } else {
+                    reason
+                },
+                format!(
+                    "revision {}: {why}; Secret {} holds no token {until}",
+                    cur.revision, o.secret_name
+                ),
+            ));
         }
         if acted.decision.retire_previous
             && settled
@@ -1163,6 +1249,7 @@ async fn report(
         jitter_key,
         unused,
         dormant,
+        suspended,
         ..
     } = o;
     let Acted {
@@ -1224,6 +1311,7 @@ async fn report(
         mint_failed.as_ref(),
         &decision,
         at.spec.paused,
+        suspended,
     );
     if let Some((verdict, _)) = &unused {
         let was = old_status
@@ -1283,6 +1371,16 @@ async fn report(
         unused.as_ref().and_then(|(_, w)| w.map(|w| until(now, w))),
     );
     let wake = soonest(wake, dormant.then_some(DORMANT_POLL));
+    // A kill switch set for later: in force then.
+    let wake = soonest(
+        wake,
+        issuer
+            .spec
+            .revoke_issued_before
+            .as_ref()
+            .filter(|t| t.0 > now)
+            .map(|t| until(now, t.0)),
+    );
     // No verdict yet (the workload index not synced): look again soon.
     let judged_later = unused.is_none()
         && at
@@ -1812,7 +1910,9 @@ fn conditions(
     mint_failed: Option<&IssuerError>,
     decision: &Decision,
     paused: bool,
+    suspended: bool,
 ) -> Vec<Want> {
+    const SUSPENDED: &str = "the issuer is suspended (spec.suspend): it mints nothing";
     let ready = if token_valid {
         Want::new(
             READY,
@@ -1827,6 +1927,13 @@ fn conditions(
     {
         // Backing off between attempts: keep saying why there is no token.
         Want::new(READY, false, Reason::RotationFailed, m.clone())
+    } else if suspended {
+        Want::new(
+            READY,
+            false,
+            Reason::IssuerSuspended,
+            format!("{SUSPENDED}; no valid token is in the Secret"),
+        )
     } else if paused {
         Want::new(
             READY,
@@ -1878,6 +1985,7 @@ fn conditions(
                     .unwrap_or_default()
             ),
         ),
+        (None, None) if suspended => Want::new(ISSUING, false, Reason::IssuerSuspended, SUSPENDED),
         (None, None) if paused => Want::new(ISSUING, false, Reason::Paused, "rotation is paused"),
         (None, None) => Want::new(ISSUING, false, Reason::Idle, "no mint in progress"),
     };
@@ -2228,7 +2336,15 @@ fn shift_slots(
     let cur = current?;
     let expires = slot(cur).expires_at;
     let why = if m.revoke_current_now {
-        Some("revoked on request (agenttoken.dev/revoke)")
+        Some(match m.reason {
+            RotationReason::KillSwitch => {
+                "revoked by the issuer's kill switch (spec.revokeIssuedBefore)"
+            }
+            RotationReason::UnexpectedSource => {
+                "used from an unexpected address (spec.usage.onUnexpectedSource: Revoke)"
+            }
+            _ => "revoked on request (agenttoken.dev/revoke)",
+        })
     } else if values.get(cur.revision).is_none() {
         Some("its value in the Secret was changed or removed")
     } else if now >= expires {
@@ -3072,6 +3188,9 @@ mod tests {
             compromised: None,
             dormant: false,
             was_dormant: false,
+            suspended: false,
+            kill_current: false,
+            kill_previous: false,
             secret: &view,
             last_revision: 0,
             failed_attempts: 0,

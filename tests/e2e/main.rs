@@ -11,6 +11,7 @@ mod github_app;
 mod helm;
 mod hostile;
 mod jwt;
+mod killswitch;
 mod leadership;
 mod ledger;
 mod node;

@@ -1,0 +1,287 @@
+//! The issuer kill switch and suspension (issue 21), on the local control
+//! plane with the real serviceAccount issuer: `kubectl agenttoken revoke
+//! --issuer NAME --all` revokes and replaces every token the issuer minted
+//! (the API server refuses the old ones), touches nothing another issuer
+//! minted, and is announced on the issuer; a suspended issuer mints nothing
+//! and every AgentToken on it says so, while revocations go on.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+
+use agent_token_operator::crd::{AgentToken, RotationReason, TokenIssuer, TokenLife};
+
+use crate::helm::ok;
+use crate::support::{Operator, SA_ISSUER, TestNamespace, applied, eventually};
+
+const BOTS: usize = 8;
+
+/// An AgentToken `name` on the serviceAccount issuer `issuer`.
+fn bot(name: &str, issuer: &str) -> String {
+    format!(
+        "apiVersion: agenttoken.dev/v1alpha1\nkind: AgentToken\nmetadata: {{name: {name}}}\n\
+         spec:\n  issuerRef: {{name: {issuer}}}\n  serviceAccountName: builder\n  lifetime: 10m\n\
+         \x20 previousTokenGracePeriod: 10m\n  consumers: {{restart: None}}\n"
+    )
+}
+
+async fn token_of(ns: &TestNamespace, name: &str) -> Option<String> {
+    let s: Secret = ns.api().get(name).await.ok()?;
+    let v = s.data?.remove("token")?;
+    Some(String::from_utf8_lossy(&v.0).trim().to_string())
+}
+
+async fn condition(ats: &Api<AgentToken>, name: &str, type_: &str) -> Option<(String, String)> {
+    let st = ats.get(name).await.ok()?.status?;
+    let c = st.conditions.into_iter().find(|c| c.type_ == type_)?;
+    Some((c.status, c.reason))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_switch_revokes_and_replaces_every_token_an_issuer_minted_and_suspension_mints_nothing()
+ {
+    let ns = TestNamespace::new("kill").await;
+    let op = Operator::start(&ns.name);
+    applied(&ns, SA_ISSUER);
+    applied(
+        &ns,
+        "apiVersion: agenttoken.dev/v1alpha1\nkind: TokenIssuer\nmetadata: {name: other}\nspec:\n  serviceAccount: {}\n",
+    );
+    // The tenant's AgentTokens: eight on `sa`, one on `other`.
+    let tenant = crate::hostile::tenant(&ns).await;
+    let names: Vec<String> = (0..BOTS).map(|i| format!("bot-{i}")).collect();
+    for name in &names {
+        let out = crate::hostile::apply_as_tenant(&ns.name, &bot(name, "sa"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = crate::hostile::apply_as_tenant(&ns.name, &bot("elsewhere", "other"));
+    assert!(out.status.success());
+    let ats: Api<AgentToken> = ns.api();
+    let all: Vec<String> = names.iter().cloned().chain(["elsewhere".into()]).collect();
+    for name in &all {
+        eventually(Duration::from_secs(60), "a first token", || async {
+            (ats.get(name).await.ok()?.status?.revision == 1).then_some(())
+        })
+        .await;
+    }
+    // bot-0 rotates: its revision 1 is the previous token, in its grace.
+    ok(
+        crate::plugin::plugin(&ns, &["rotate", "bot-0"], None),
+        "kubectl agenttoken rotate",
+    );
+    eventually(Duration::from_secs(40), "bot-0 rotated", || async {
+        (ats.get("bot-0").await.ok()?.status?.revision == 2).then_some(())
+    })
+    .await;
+    let mut before: BTreeMap<String, String> = BTreeMap::new();
+    let mut before_revision: BTreeMap<String, i64> = BTreeMap::new();
+    for name in &all {
+        before.insert(name.clone(), token_of(&ns, name).await.expect("a token"));
+        let revision = ats.get(name).await.unwrap().status.unwrap().revision;
+        before_revision.insert(name.clone(), revision);
+    }
+    // bot-0's previous token, still valid in its grace period.
+    let previous = ats.get("bot-0").await.unwrap().status.unwrap();
+    assert!(
+        previous
+            .history
+            .iter()
+            .any(|e| e.revision == 1 && e.state == Some(TokenLife::Grace))
+    );
+
+    // The tenant cannot pull the switch: it cannot write issuers.
+    let tenant_issuers: Api<TokenIssuer> = Api::namespaced(tenant, &ns.name);
+    let refused = tenant_issuers
+        .patch(
+            "other",
+            &PatchParams::default(),
+            &Patch::Merge(
+                &serde_json::json!({"spec": {"revokeIssuedBefore": "2030-01-01T00:00:00Z"}}),
+            ),
+        )
+        .await;
+    assert!(refused.is_err(), "a tenant set an issuer's kill switch");
+
+    // The platform pulls it.
+    let said = ok(
+        crate::plugin::plugin(&ns, &["revoke", "--issuer", "sa", "--all"], None),
+        "kubectl agenttoken revoke --issuer sa --all",
+    );
+    assert!(said.contains("kill switch set"), "{said}");
+    let pulled = std::time::Instant::now();
+    // Revoked at once: the replacement may wait for the per-AgentToken mint
+    // floor (10 s after the last mint), the revocation does not.
+    for name in &names {
+        let old = before_revision[name];
+        eventually(Duration::from_secs(30), "the old token revoked", || async {
+            let st = ats.get(name).await.ok()?.status?;
+            st.history
+                .iter()
+                .any(|e| e.revision == old && e.state == Some(TokenLife::Revoked))
+                .then_some(())
+        })
+        .await;
+    }
+    let revoked_in = pulled.elapsed();
+    for name in &names {
+        eventually(
+            Duration::from_secs(60),
+            "replaced for KillSwitch, the old token revoked",
+            || async {
+                let st = ats.get(name).await.ok()?.status?;
+                let old = st.revision - 1;
+                let revoked = st.history.iter().any(|e| {
+                    e.revision == old
+                        && e.state == Some(TokenLife::Revoked)
+                        && e.message
+                            .as_deref()
+                            .is_some_and(|m| m.contains("kill switch"))
+                });
+                (st.last_rotation_reason == Some(RotationReason::KillSwitch) && revoked)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    let replaced_in = pulled.elapsed();
+    // The API server refuses every old token, bot-0's previous one too.
+    for name in &names {
+        let old = before[name].clone();
+        eventually(Duration::from_secs(20), "the old token refused", || async {
+            crate::agenttoken::review(&ns, &old)
+                .await
+                .is_none()
+                .then_some(())
+        })
+        .await;
+        let new = token_of(&ns, name).await.expect("a new token");
+        assert_ne!(new, old, "{name}");
+        assert!(
+            crate::agenttoken::review(&ns, &new).await.is_some(),
+            "{name}: the new token works"
+        );
+    }
+    let st = ats.get("bot-0").await.unwrap().status.unwrap();
+    assert!(
+        st.history
+            .iter()
+            .any(|e| e.revision == 1 && e.state == Some(TokenLife::Revoked)),
+        "the previous token, in its grace period, revoked too: {:?}",
+        st.history
+    );
+    eprintln!(
+        "kill switch: {BOTS} AgentTokens' tokens revoked in {revoked_in:?}, all replaced in {replaced_in:?}"
+    );
+    assert!(
+        revoked_in < Duration::from_secs(8),
+        "revoked ahead of the mint floor: {revoked_in:?}"
+    );
+    // Another issuer's token is not this issuer's to kill.
+    let st = ats.get("elsewhere").await.unwrap().status.unwrap();
+    assert_eq!(st.revision, 1);
+    assert_eq!(
+        token_of(&ns, "elsewhere").await,
+        Some(before["elsewhere"].clone())
+    );
+    // Announced on the issuer, once.
+    let events = String::from_utf8_lossy(
+        &ns.kubectl(&["get", "events.events.k8s.io", "-o", "json"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        events.contains("\"reason\": \"KillSwitch\""),
+        "a KillSwitch Event on the issuer"
+    );
+    let issuers: Api<TokenIssuer> = ns.api();
+    let announced = issuers
+        .get("sa")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .revoke_issued_before;
+    assert!(announced.is_some());
+
+    // Suspended: nothing is minted, and every AgentToken on it says so.
+    ok(
+        crate::plugin::plugin(&ns, &["suspend", "--issuer", "sa"], None),
+        "kubectl agenttoken suspend",
+    );
+    let out = crate::hostile::apply_as_tenant(&ns.name, &bot("late", "sa"));
+    assert!(out.status.success());
+    eventually(
+        Duration::from_secs(30),
+        "late: Ready=False IssuerSuspended",
+        || async {
+            (condition(&ats, "late", "Ready").await? == ("False".into(), "IssuerSuspended".into()))
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(ats.get("late").await.unwrap().status.unwrap().revision, 0);
+    assert_eq!(token_of(&ns, "late").await, None);
+    let issuer_ready = eventually(
+        Duration::from_secs(30),
+        "the issuer says it is suspended",
+        || async {
+            let st = issuers.get("sa").await.ok()?.status?;
+            let c = st.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+            (c.reason == "IssuerSuspended").then_some(c.status)
+        },
+    )
+    .await;
+    assert_eq!(issuer_ready, "False");
+    // The tokens held stay; a kill switch now revokes them without a
+    // replacement.
+    for name in &names {
+        assert!(
+            token_of(&ns, name).await.is_some(),
+            "{name} keeps its token"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ok(
+        crate::plugin::plugin(&ns, &["revoke", "--issuer", "sa", "--all"], None),
+        "kill switch while suspended",
+    );
+    for name in &names {
+        eventually(Duration::from_secs(60), "revoked, not replaced", || async {
+            let st = ats.get(name).await.ok()?.status?;
+            let current = st.history.iter().find(|e| e.revision == st.revision)?;
+            (current.state == Some(TokenLife::Revoked)).then_some(())
+        })
+        .await;
+        eventually(Duration::from_secs(20), "the Secret emptied", || async {
+            token_of(&ns, name).await.is_none().then_some(())
+        })
+        .await;
+        assert_eq!(
+            condition(&ats, name, "Issuing").await,
+            Some(("False".into(), "IssuerSuspended".into()))
+        );
+    }
+
+    // Resumed: every AgentToken gets a token again.
+    ok(
+        crate::plugin::plugin(&ns, &["resume", "--issuer", "sa"], None),
+        "kubectl agenttoken resume",
+    );
+    for name in names.iter().chain(std::iter::once(&"late".to_string())) {
+        eventually(Duration::from_secs(60), "a token after resume", || async {
+            let t = token_of(&ns, name).await?;
+            crate::agenttoken::review(&ns, &t).await.map(|_| ())
+        })
+        .await;
+    }
+    assert!(
+        !op.logs().contains(&before["bot-1"]),
+        "no token in the operator's logs"
+    );
+}
