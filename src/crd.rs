@@ -283,6 +283,89 @@ pub struct AgentTokenSpec {
     /// "Usage tracking").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageSpec>,
+    /// Revocation drills (`agenttoken.dev/drill`, `kubectl agenttoken
+    /// drill`): what a drill must achieve to pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<DrillSpec>,
+}
+
+/// `spec.drill`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrillSpec {
+    /// A drill passes when, within this time of its start, the issuer
+    /// refuses the old token and every consumer holds the new one
+    /// (default 5m, 1s to 1h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "drill_target_schema")]
+    pub target: Option<SpecDuration>,
+}
+
+fn drill_target_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "maxLength": crate::duration::MAX_TEXT,
+        "pattern": crate::duration::PATTERN,
+        "x-kubernetes-validations": [{
+            "rule": "duration(self) >= duration('1s') && duration(self) <= duration('1h')",
+            "message": "drill.target must be between 1s and 1h",
+        }],
+    })
+}
+
+/// The last revocation drill of an AgentToken: each phase's time from the
+/// drill's start, in milliseconds.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrillStatus {
+    /// The `agenttoken.dev/drill` value that started it.
+    pub id: String,
+    /// The revision drilled (revoked at once and replaced).
+    pub revision: i64,
+    pub started_at: Time,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// Until the operator had the old token revoked at the issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_ms: Option<i64>,
+    /// Until the issuer refused the old token, checked the way it allows
+    /// (`refusedBy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_ms: Option<i64>,
+    /// How the refusal was checked (`TokenReview`, `Vault lookup-self`,
+    /// `introspection`), or why it could not be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_by: Option<String>,
+    /// Until every consumer held the new token (rollout complete, signal
+    /// delivered; at delivery when nothing consumes the Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumers_ready_ms: Option<i64>,
+    /// Whether the old token was seen used after its revocation (usage
+    /// tracking).
+    #[serde(default)]
+    pub used_after_revocation: bool,
+    /// The target it was held to, in milliseconds.
+    pub target_ms: i64,
+    /// `Running`, `Passed`, `Failed` or `Unverified`.
+    pub result: DrillResult,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// How a drill ended.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DrillResult {
+    /// Under way.
+    #[default]
+    Running,
+    /// The old token was refused and every consumer held the new one
+    /// within the target.
+    Passed,
+    /// A phase missed the target, or a consumer did not get the new token.
+    Failed,
+    /// Within the target as far as it could be checked, but the issuer
+    /// offers no way to ask whether the old token is refused.
+    Unverified,
 }
 
 /// `spec.usage`.
@@ -592,6 +675,10 @@ pub struct AgentTokenStatus {
     /// operator's usage tracker, not by reconciles.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageStatus>,
+    /// The last revocation drill (`agenttoken.dev/drill`). Written by the
+    /// operator's drill runner, not by reconciles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_drill: Option<DrillStatus>,
     /// Set when the last token was revoked as unused
     /// (`spec.usage.onUnused: Revoke`): no token is minted until a workload
     /// uses the Secret again.
@@ -665,6 +752,9 @@ pub struct HandledTriggers {
     /// The last `agenttoken.dev/revoke` value that minted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoke: Option<String>,
+    /// The last `agenttoken.dev/drill` value that started a drill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<String>,
 }
 
 /// How a trigger annotation's value is remembered: as written when short,
@@ -705,6 +795,9 @@ pub enum RotationReason {
     /// The issuer's kill switch (`spec.revokeIssuedBefore`): the token it
     /// replaced was revoked at once.
     KillSwitch,
+    /// A revocation drill (`agenttoken.dev/drill`): the token it replaced
+    /// was revoked at once.
+    Drill,
 }
 
 /// One minted token in the revocation ledger.
@@ -888,6 +981,7 @@ impl RotationReason {
                 | RotationReason::SpecChanged
                 | RotationReason::UnexpectedSource
                 | RotationReason::KillSwitch
+                | RotationReason::Drill
         )
     }
 }
@@ -915,6 +1009,7 @@ impl AgentTokenSpec {
             secret: None,
             previous_token_grace_period: None,
             consumers: None,
+            drill: None,
             paused: false,
             usage: None,
         }

@@ -19,6 +19,8 @@ pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=agent-token-ope
 pub const ROTATE: &str = "agenttoken.dev/rotate";
 /// Trigger annotation on an AgentToken: rotate now and revoke the old token at once.
 pub const REVOKE: &str = "agenttoken.dev/revoke";
+/// Annotation: a revocation drill (a new value starts one).
+pub const DRILL: &str = "agenttoken.dev/drill";
 /// Workload annotation: `"false"` opts a workload out of automatic restarts.
 pub const RESTART: &str = "agenttoken.dev/restart";
 /// Finalizer that revokes an AgentToken's tokens before it goes.

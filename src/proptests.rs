@@ -248,6 +248,7 @@ proptest! {
                 jitter_key: "k",
                 rotate_trigger: rotate.as_deref(),
                 revoke_trigger: None,
+                drill_trigger: None,
                 compromised: None,
                 dormant: false,
                 was_dormant: false,

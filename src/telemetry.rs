@@ -136,6 +136,25 @@ pub struct Metrics {
     unexpected_uses: Family<ActionLabels, Counter>,
     unused_tokens: Family<ActionLabels, Counter>,
     uses_after_revocation: Family<IssuerTypeLabels, Counter>,
+    drills: Family<DrillLabels, Counter>,
+    drill_phases: Family<PhaseLabels, Histogram, fn() -> Histogram>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DrillLabels {
+    issuer_type: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    issuer_type: &'static str,
+    phase: &'static str,
+}
+
+fn drill_histogram() -> Histogram {
+    // 0.25 s to about 17 minutes.
+    Histogram::new(exponential_buckets(0.25, 2.0, 13))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -243,7 +262,24 @@ impl Metrics {
             "Token revisions used after the operator revoked or withdrew them (a copy still being tried), by issuer type",
             uses_after_revocation.clone(),
         );
+        let drills = Family::<DrillLabels, Counter>::default();
+        registry.register(
+            "drills",
+            "Revocation drills by issuer type and result (Passed, Failed, Unverified)",
+            drills.clone(),
+        );
+        let drill_phases =
+            Family::<PhaseLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                drill_histogram,
+            );
+        registry.register(
+            "drill_phase_seconds",
+            "Revocation drills: seconds from the start until each phase (revoked, refused, consumers_ready)",
+            drill_phases.clone(),
+        );
         Metrics {
+            drills,
+            drill_phases,
             uses_after_revocation,
             unused_tokens,
             unexpected_uses,
@@ -298,15 +334,32 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a finished drill.
+    pub fn drill(&self, issuer_type: &str, result: &'static str) {
+        self.drills
+            .get_or_create(&DrillLabels {
+                issuer_type: known_type(issuer_type),
+                result,
+            })
+            .inc();
+    }
+
+    /// Records a drill phase's time from the drill's start.
+    pub fn drill_phase(&self, issuer_type: &str, phase: &'static str, took: Duration) {
+        self.drill_phases
+            .get_or_create(&PhaseLabels {
+                issuer_type: known_type(issuer_type),
+                phase,
+            })
+            .observe(took.as_secs_f64());
+    }
+
     /// Counts a token revision used after its revocation (once each).
     pub fn use_after_revocation(&self, issuer_type: &str) {
-        let issuer_type = crate::crd::ISSUER_TYPES
-            .iter()
-            .find(|t| **t == issuer_type)
-            .copied()
-            .unwrap_or("other");
         self.uses_after_revocation
-            .get_or_create(&IssuerTypeLabels { issuer_type })
+            .get_or_create(&IssuerTypeLabels {
+                issuer_type: known_type(issuer_type),
+            })
             .inc();
     }
 
@@ -411,6 +464,15 @@ impl Metrics {
 
 fn result(ok: bool) -> &'static str {
     if ok { "success" } else { "failure" }
+}
+
+/// An issuer type as a bounded label value.
+fn known_type(issuer_type: &str) -> &'static str {
+    crate::crd::ISSUER_TYPES
+        .iter()
+        .find(|t| **t == issuer_type)
+        .copied()
+        .unwrap_or("other")
 }
 
 #[cfg(test)]

@@ -82,6 +82,20 @@ enum Cmd {
         #[arg(long, requires = "issuer")]
         all: bool,
     },
+    /// A revocation drill: revoke the live token now (a new one replaces
+    /// it) and measure how long until the issuer refuses the old one and
+    /// every consumer holds the new one; prints the report when done.
+    Drill {
+        name: String,
+        /// Start it and return (the report is in status.lastDrill).
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the report.
+        #[arg(long, default_value = "15m", value_parser = humantime_secs)]
+        timeout: Duration,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Suspend an issuer: it mints nothing (fail closed) until resumed; its
     /// AgentTokens keep what they hold until it expires and say why.
     Suspend {
@@ -214,6 +228,12 @@ async fn main() -> anyhow::Result<()> {
                 "say what to revoke: NAME, --selector/-A, or --issuer NAME --all (one of them)"
             ),
         },
+        Cmd::Drill {
+            name,
+            no_wait,
+            timeout,
+            output,
+        } => drill(&client, &ns, &name, no_wait, timeout, output).await,
         Cmd::Suspend { issuer, cluster } => suspend(&client, &ns, &issuer, cluster, true).await,
         Cmd::Resume { issuer, cluster } => suspend(&client, &ns, &issuer, cluster, false).await,
         Cmd::Plan { filename, output } => plan(&client, &ns, &filename, output).await,
@@ -425,6 +445,96 @@ async fn trigger(client: &Client, ns: &str, name: &str, annotation: &str) -> any
         "rotation (old token kept for its grace period)"
     };
     println!("agenttoken/{name} annotated {annotation}={value}: {verb} requested");
+    Ok(())
+}
+
+fn humantime_secs(s: &str) -> Result<Duration, String> {
+    agent_token_operator::duration::parse(s).map_err(|e| e.to_string())
+}
+
+/// Starts a drill and, unless told not to, waits for its report.
+async fn drill(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    no_wait: bool,
+    timeout: Duration,
+    output: Output,
+) -> anyhow::Result<()> {
+    let api: Api<AgentToken> = Api::namespaced(client.clone(), ns);
+    let id = format!("drill-{}", Timestamp::now().as_second());
+    let patch = serde_json::json!({"metadata": {"annotations": {"agenttoken.dev/drill": id}}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("AgentToken {name:?} in namespace {ns:?}"))?;
+    if output == Output::Table {
+        println!(
+            "agenttoken/{name}: drill {id} started (the live token is revoked now and replaced)"
+        );
+    }
+    if no_wait {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let report = loop {
+        let last = api
+            .get(name)
+            .await
+            .ok()
+            .and_then(|a| a.status)
+            .and_then(|s| s.last_drill)
+            .filter(|d| d.id == id);
+        if let Some(d) =
+            last.filter(|d| d.result != agent_token_operator::crd::DrillResult::Running)
+        {
+            break d;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("drill {id}: no result within {timeout:?} (see status.lastDrill)");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Yaml => print!("{}", serde_saphyr::to_string(&report)?),
+        Output::Table => {
+            let secs = |ms: Option<i64>| {
+                ms.map_or("-".to_string(), |m| format!("{:.1}s", m as f64 / 1000.0))
+            };
+            println!(
+                "drill {} on revision {}: {:?}",
+                report.id, report.revision, report.result
+            );
+            println!("  revoked by the operator   {}", secs(report.revoked_ms));
+            println!(
+                "  refused by the issuer     {}   ({})",
+                secs(report.refused_ms),
+                report.refused_by.clone().unwrap_or_default()
+            );
+            println!(
+                "  consumers on the new one  {}",
+                secs(report.consumers_ready_ms)
+            );
+            println!(
+                "  old token tried after    {}",
+                if report.used_after_revocation {
+                    "yes"
+                } else {
+                    "no (or not tracked)"
+                }
+            );
+            println!(
+                "  target                    {}",
+                secs(Some(report.target_ms))
+            );
+            if let Some(m) = &report.message {
+                println!("  {m}");
+            }
+        }
+    }
+    if report.result == agent_token_operator::crd::DrillResult::Failed {
+        std::process::exit(2);
+    }
     Ok(())
 }
 

@@ -39,6 +39,7 @@ pub struct SecretView {
     /// Trigger values already acted on.
     pub rotate_handled: Option<String>,
     pub revoke_handled: Option<String>,
+    pub drill_handled: Option<String>,
 }
 
 /// Everything decide looks at.
@@ -53,6 +54,9 @@ pub struct Inputs<'a> {
     pub jitter_key: &'a str,
     pub rotate_trigger: Option<&'a str>,
     pub revoke_trigger: Option<&'a str>,
+    /// `agenttoken.dev/drill`: a revocation drill, a revoke-now of the
+    /// current token that is measured.
+    pub drill_trigger: Option<&'a str>,
     /// A revision used from an unexpected address, when `spec.usage` says
     /// to revoke such a token (`onUnexpectedSource: Revoke`).
     pub compromised: Option<i64>,
@@ -207,6 +211,13 @@ fn wanted_mint(
             revoke_current_now: true,
         });
     }
+    // A drill: the current token revoked at once and replaced, measured.
+    if current.is_some() && changed(i.drill_trigger, i.secret.drill_handled.as_deref()) {
+        return Some(Mint {
+            reason: RotationReason::Drill,
+            revoke_current_now: true,
+        });
+    }
     // The issuer's kill switch: replaced, the old one revoked at once, even
     // while paused.
     if current.is_some() && i.kill_current {
@@ -328,6 +339,7 @@ mod tests {
             jitter_key: "uid/1",
             rotate_trigger: None,
             revoke_trigger: None,
+            drill_trigger: None,
             compromised: None,
             dormant: false,
             was_dormant: false,

@@ -5,6 +5,7 @@
 pub mod bindings;
 pub mod consumers;
 pub mod decide;
+pub mod drills;
 pub mod finalize;
 pub mod issuers;
 pub mod keeper;
@@ -171,6 +172,8 @@ pub struct Context {
     pub workloads: workloads::Workloads,
     /// Pods, Jobs and CronJobs that use a Secret, asked before `Unused`.
     pub others: others::OtherConsumers,
+    /// Revocation drills being measured.
+    pub drills: drills::Drills,
     /// Applies consumer rollout restarts.
     pub restarter: Arc<restarts::Restarter>,
     /// Where a ClusterTokenIssuer's Secrets live.
@@ -557,7 +560,7 @@ pub async fn run(
     ));
     let ctx = Arc::new(Context {
         client: client.clone(),
-        recorder,
+        recorder: recorder.clone(),
         restarter: restarter.clone(),
         operator_namespace: config.operator_namespace.clone(),
         usage: config.usage.clone(),
@@ -569,6 +572,7 @@ pub async fn run(
         issuers: issuer_cache,
         workloads: all_workloads.clone(),
         others: others::OtherConsumers::new(client.clone()),
+        drills: drills::Drills::new(client.clone(), recorder.clone(), metrics.clone()),
         queue: queue::FairQueue::new(usize::from(config.concurrency.max(1))),
         tenant_egress: config.tenant_egress.clone(),
         protected_namespaces: config.protected_namespaces.clone(),
@@ -688,7 +692,7 @@ fn reconcile_trigger(at: &AgentToken) -> Option<u64> {
         .map(|t| t.0.as_second())
         .hash(&mut h);
     let annotations = at.metadata.annotations.as_ref();
-    for key in [labels::ROTATE, labels::REVOKE] {
+    for key in [labels::ROTATE, labels::REVOKE, labels::DRILL] {
         annotations.and_then(|a| a.get(key)).hash(&mut h);
     }
     if let Some(u) = at.status.as_ref().and_then(|s| s.usage.as_ref()) {
@@ -769,6 +773,7 @@ fn slim_cached_agent_token(at: &mut AgentToken) {
         handled_triggers: st.handled_triggers.map(|h| crate::crd::HandledTriggers {
             rotate: None,
             revoke: h.revoke,
+            drill: None,
         }),
         // Only the unexpected sources and whether a revoked token was
         // used, for `reconcile_trigger` (rarely any).
@@ -796,7 +801,7 @@ fn slim_cached_agent_token(at: &mut AgentToken) {
     // The trigger annotations: the revoke one for urgency, both for
     // `reconcile_trigger`.
     meta.annotations = meta.annotations.take().map(|mut a| {
-        [labels::REVOKE, labels::ROTATE]
+        [labels::REVOKE, labels::ROTATE, labels::DRILL]
             .into_iter()
             .filter_map(|k| Some((k.to_string(), a.remove(k)?)))
             .collect()

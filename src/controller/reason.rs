@@ -44,11 +44,14 @@ pub enum Reason {
     // The issuer's kill switch and suspension (Issuing condition, Events)
     IssuerSuspended,
     KillSwitch,
+    // Revocation drills (Events)
+    DrillPassed,
+    DrillFailed,
 }
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 31] = [
+    pub const ALL: [Reason; 33] = [
         Reason::TokenValid,
         Reason::TokenExpired,
         Reason::Paused,
@@ -80,6 +83,8 @@ impl Reason {
         Reason::NotUsedAfterRevocation,
         Reason::IssuerSuspended,
         Reason::KillSwitch,
+        Reason::DrillPassed,
+        Reason::DrillFailed,
     ];
 
     /// The reason as it appears in conditions and Events.
@@ -116,6 +121,8 @@ impl Reason {
             Reason::NotUsedAfterRevocation => "NotUsedAfterRevocation",
             Reason::IssuerSuspended => "IssuerSuspended",
             Reason::KillSwitch => "KillSwitch",
+            Reason::DrillPassed => "DrillPassed",
+            Reason::DrillFailed => "DrillFailed",
         }
     }
 }

@@ -249,6 +249,7 @@ struct Observed {
     jitter_key: String,
     rotate_trigger: Option<String>,
     revoke_trigger: Option<String>,
+    drill_trigger: Option<String>,
     compromised: Option<i64>,
     /// `spec.usage.unusedAfter`'s verdict, and when to look again.
     unused: Option<(super::unused::Verdict, Option<Timestamp>)>,
@@ -289,6 +290,7 @@ impl Observed {
             jitter_key: &self.jitter_key,
             rotate_trigger: self.rotate_trigger.as_deref(),
             revoke_trigger: self.revoke_trigger.as_deref(),
+            drill_trigger: self.drill_trigger.as_deref(),
             compromised: self.compromised,
             dormant: self.dormant,
             was_dormant: self.old_status.dormant_since.is_some(),
@@ -497,6 +499,7 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
         jitter_key: format!("{uid}/{}", view.current.as_ref().map_or(0, |c| c.revision)),
         rotate_trigger: annotations.get(labels::ROTATE).map(|v| trigger_value(v)),
         revoke_trigger: annotations.get(labels::REVOKE).map(|v| trigger_value(v)),
+        drill_trigger: annotations.get(labels::DRILL).map(|v| trigger_value(v)),
         compromised: compromised(at),
         suspended: issuer.spec.suspend,
         kill_current: killed(
@@ -717,6 +720,35 @@ async fn act(
         );
     }
 
+    // A drill: measured from now, with the old token in hand.
+    if let Some(m) = acted.decision.mint
+        && m.reason == RotationReason::Drill
+        && let (Some(cur), Some(id)) = (&o.current, &o.drill_trigger)
+        && let Some(token) = o.values.get(cur.revision)
+        && let Ok(backend) = ctx.issuer_backend(
+            &o.issuer.spec,
+            o.issuer.namespace(&o.ns),
+            &at.spec.issuer_ref.name,
+        )
+    {
+        let target = at
+            .spec
+            .drill
+            .as_ref()
+            .and_then(|d| d.target.as_ref())
+            .and_then(|t| t.get().ok())
+            .unwrap_or(super::drills::DEFAULT_TARGET);
+        ctx.drills.start(super::drills::Start {
+            uid: o.uid.clone(),
+            namespace: o.ns.clone(),
+            name: o.name.clone(),
+            id: id.clone(),
+            revision: cur.revision,
+            token: token.clone(),
+            backend,
+            target,
+        });
+    }
     if let Some(m) = acted.decision.mint
         && let Err(r) = mint_and_deliver(at, ctx, o, m, deadline, &mut acted, &mut keeper).await?
     {
@@ -1130,6 +1162,7 @@ async fn mint_and_deliver(
     next.handled_triggers = Some(HandledTriggers {
         rotate: o.rotate_trigger.clone().or(o.view.rotate_handled.clone()),
         revoke: o.revoke_trigger.clone().or(o.view.revoke_handled.clone()),
+        drill: o.drill_trigger.clone().or(o.view.drill_handled.clone()),
     });
     let previous_token = held_previous.and_then(|r| o.values.get(r).cloned());
     let written = o
@@ -2102,6 +2135,7 @@ pub(super) async fn status_write(
     // `usage` is the usage tracker's field (its own field manager): never
     // written here, and never a difference.
     status.usage = None;
+    status.last_drill = None;
     // Compared as the API server would store it (times in whole seconds).
     if let Ok(stored) = serde_json::to_value(&status).and_then(serde_json::from_value) {
         status = stored;
@@ -2240,10 +2274,11 @@ fn unused_condition(verdict: &super::unused::Verdict, dormant: bool) -> Want {
     }
 }
 
-/// A status without the usage tracker's field.
+/// A status without the usage tracker's and the drill runner's fields.
 fn without_usage(s: &AgentTokenStatus) -> AgentTokenStatus {
     AgentTokenStatus {
         usage: None,
+        last_drill: None,
         ..s.clone()
     }
 }
@@ -2313,6 +2348,7 @@ fn ledger_view(
         }),
         rotate_handled: handled.rotate,
         revoke_handled: handled.revoke,
+        drill_handled: handled.drill,
     }
 }
 
@@ -2343,6 +2379,7 @@ fn shift_slots(
             RotationReason::UnexpectedSource => {
                 "used from an unexpected address (spec.usage.onUnexpectedSource: Revoke)"
             }
+            RotationReason::Drill => "revoked by a drill (agenttoken.dev/drill)",
             _ => "revoked on request (agenttoken.dev/revoke)",
         })
     } else if values.get(cur.revision).is_none() {
@@ -3185,6 +3222,7 @@ mod tests {
             jitter_key: "k",
             rotate_trigger: None,
             revoke_trigger: None,
+            drill_trigger: None,
             compromised: None,
             dormant: false,
             was_dormant: false,

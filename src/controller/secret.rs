@@ -132,6 +132,7 @@ pub fn view(secret: Option<&Secret>, key: &str) -> SecretView {
         previous,
         rotate_handled: state.rotate_handled,
         revoke_handled: state.revoke_handled,
+        drill_handled: None,
     }
 }
 

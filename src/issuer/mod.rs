@@ -169,6 +169,23 @@ pub trait Issuer: Send + Sync {
     fn write_ahead(&self) -> WriteAhead {
         WriteAhead::Full
     }
+    /// Whether the issuer refuses `token` now, asked the way it allows (a
+    /// revocation drill measures until it does): `Ok(true)` refused,
+    /// `Ok(false)` still accepted, `Err` the question cannot be asked
+    /// (why, for the drill's record).
+    fn refuses<'a>(&'a self, token: &'a SecretString) -> BoxFuture<'a, Result<bool, String>> {
+        let _ = token;
+        let kind = self.kind();
+        Box::pin(async move {
+            Err(format!(
+                "the {kind} issuer offers no way to ask whether a token is still accepted"
+            ))
+        })
+    }
+    /// How [`Issuer::refuses`] asks (`TokenReview`, ...), for the record.
+    fn refusal_check(&self) -> &'static str {
+        "not checkable"
+    }
 }
 
 /// What the ledger records in status around a mint, before the tenant's

@@ -251,6 +251,31 @@ impl Issuer for ServiceAccountIssuer {
         "serviceAccount"
     }
 
+    fn refuses<'a>(
+        &'a self,
+        token: &'a SecretString,
+    ) -> futures::future::BoxFuture<'a, Result<bool, String>> {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        Box::pin(async move {
+            let review = TokenReview {
+                spec: TokenReviewSpec {
+                    token: Some(secrecy::ExposeSecret::expose_secret(token).to_string()),
+                    audiences: None,
+                },
+                ..Default::default()
+            };
+            let answer = kube::Api::<TokenReview>::all(self.client.clone())
+                .create(&Default::default(), &review)
+                .await
+                .map_err(|e| format!("TokenReview failed: {e}"))?;
+            Ok(!answer.status.and_then(|s| s.authenticated).unwrap_or(false))
+        })
+    }
+
+    fn refusal_check(&self) -> &'static str {
+        "TokenReview"
+    }
+
     fn write_ahead(&self) -> super::WriteAhead {
         super::WriteAhead::AnswerOnly
     }

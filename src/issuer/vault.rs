@@ -468,6 +468,42 @@ impl Issuer for VaultIssuer {
         "vault"
     }
 
+    fn refuses<'a>(&'a self, token: &'a SecretString) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            if self.spec.dynamic_secret.is_some() {
+                return Err("a dynamic secret is not a Vault token: nothing to look up".into());
+            }
+            // The token asks about itself: 403 once it is revoked.
+            let http = web::client(
+                self.spec.ca_bundle.as_deref(),
+                self.spec.timeout.as_ref(),
+                &self.egress,
+            )
+            .map_err(|e| e.to_string())?;
+            let mut rb = http
+                .get(self.url("auth/token/lookup-self"))
+                .header("X-Vault-Token", token.expose_secret());
+            if let Some(ns) = self.spec.namespace.as_deref().filter(|n| !n.is_empty()) {
+                rb = rb.header("X-Vault-Namespace", ns);
+            }
+            let status = rb
+                .send()
+                .await
+                .map_err(|e| format!("lookup-self failed: {}", web::excerpt(&e.to_string(), 200)))?
+                .status()
+                .as_u16();
+            match status {
+                200 => Ok(false),
+                401 | 403 => Ok(true),
+                other => Err(format!("lookup-self answered HTTP {other}")),
+            }
+        })
+    }
+
+    fn refusal_check(&self) -> &'static str {
+        "Vault lookup-self"
+    }
+
     fn mint<'a>(&'a self, req: &'a MintRequest) -> BoxFuture<'a, Result<MintedToken, IssuerError>> {
         self.mint_inner(req).boxed()
     }

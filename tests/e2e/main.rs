@@ -6,6 +6,7 @@ mod apiproxy;
 mod chaos;
 mod cluster;
 mod consumers;
+mod drill;
 mod egress;
 mod github_app;
 mod helm;

@@ -54,7 +54,7 @@ spec:
 }
 
 /// The test agent, reading the Secret through a volume.
-fn agent_deployment(name: &str, secret: &str) -> String {
+pub(crate) fn agent_deployment(name: &str, secret: &str) -> String {
     format!(
         r#"
 apiVersion: apps/v1

@@ -48,6 +48,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [""]
   resources: [serviceaccounts/token]
   verbs: [create]
+# Revocation drills: whether the API server still accepts a drilled
+# serviceAccount token (the token under test, nothing else).
+- apiGroups: [authentication.k8s.io]
+  resources: [tokenreviews]
+  verbs: [create]
 # jwt issuer: the JWKS ConfigMap it publishes (watched by name, so a
 # mint does not read it).
 - apiGroups: [""]

@@ -1,0 +1,158 @@
+//! Revocation drills (issue 21) on the local control plane with the real
+//! node: a drill on a serviceAccount token whose Secret a running
+//! Deployment consumes revokes the live token, and reports each phase: the
+//! operator's revocation, the API server refusing the old token
+//! (TokenReview), the consumer's new Pod ready with the new token. A drill
+//! whose target is shorter than the rollout fails visibly.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+
+use agent_token_operator::crd::{AgentToken, DrillResult, DrillStatus, RotationReason};
+
+use crate::support::{Operator, SA_ISSUER, TestNamespace, applied, eventually};
+
+async fn token_of(ns: &TestNamespace, name: &str) -> Option<String> {
+    let s: Secret = ns.api().get(name).await.ok()?;
+    let v = s.data?.remove("token")?;
+    Some(String::from_utf8_lossy(&v.0).trim().to_string())
+}
+
+fn drill(ns: &TestNamespace, name: &str) -> (std::process::Output, Option<DrillStatus>) {
+    let out = crate::plugin::plugin(ns, &["drill", name, "-o", "json", "--timeout", "3m"], None);
+    let report = serde_json::from_slice(&out.stdout).ok();
+    (out, report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_on_a_service_account_token_with_a_running_consumer_reports_each_phase() {
+    crate::node::node();
+    let ns = TestNamespace::new("drill").await;
+    let op = Operator::start(&ns.name);
+    applied(&ns, SA_ISSUER);
+    crate::hostile::tenant(&ns).await;
+    let at = "apiVersion: agenttoken.dev/v1alpha1\nkind: AgentToken\nmetadata: {name: bot}\n\
+              spec:\n  issuerRef: {name: sa}\n  serviceAccountName: builder\n  lifetime: 10m\n\
+              \x20 previousTokenGracePeriod: 0s\n  consumers: {strategy: RolloutRestart}\n  drill: {target: 2m}\n";
+    for yaml in [
+        at.to_string(),
+        crate::node::agent_deployment("agent", "bot"),
+    ] {
+        let out = crate::hostile::apply_as_tenant(&ns.name, &yaml);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let deployments: Api<Deployment> = ns.api();
+    eventually(Duration::from_secs(120), "the consumer running", || async {
+        let d = deployments.get("agent").await.ok()?;
+        (d.status?.ready_replicas? >= 1).then_some(())
+    })
+    .await;
+    let ats: Api<AgentToken> = ns.api();
+    eventually(Duration::from_secs(30), "bot minted", || async {
+        (ats.get("bot").await.ok()?.status?.revision >= 1).then_some(())
+    })
+    .await;
+    // Past the mint floor and the first rollout, so the drill measures
+    // itself alone.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let old = token_of(&ns, "bot").await.expect("the token");
+    let revision = ats.get("bot").await.unwrap().status.unwrap().revision;
+
+    let (out, report) = drill(&ns, "bot");
+    let report = report.unwrap_or_else(|| {
+        panic!(
+            "a JSON report: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    eprintln!("drill report: {}", serde_json::to_string(&report).unwrap());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report.result, DrillResult::Passed, "{report:?}");
+    assert_eq!(report.revision, revision);
+    assert_eq!(report.refused_by.as_deref(), Some("TokenReview"));
+    let (revoked, refused, ready) = (
+        report.revoked_ms.expect("revoked"),
+        report.refused_ms.expect("refused"),
+        report.consumers_ready_ms.expect("consumers ready"),
+    );
+    assert!(refused <= 20_000, "refused within seconds: {refused} ms");
+    assert!(revoked <= 20_000, "revoked within seconds: {revoked} ms");
+    assert!(
+        ready >= refused.min(revoked),
+        "a new Pod takes longer than a revocation"
+    );
+    assert_eq!(report.target_ms, 120_000);
+    // What it measured is true: the old token is dead, the new one in the
+    // Secret and in the rolled-out Pod.
+    assert!(crate::agenttoken::review(&ns, &old).await.is_none());
+    let st = ats.get("bot").await.unwrap().status.unwrap();
+    assert_eq!(st.last_rotation_reason, Some(RotationReason::Drill));
+    let new = token_of(&ns, "bot").await.expect("the new token");
+    assert_ne!(new, old);
+    assert!(crate::agenttoken::review(&ns, &new).await.is_some());
+    let events = String::from_utf8_lossy(
+        &ns.kubectl(&["get", "events.events.k8s.io", "-o", "json"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        events.contains("\"reason\": \"DrillPassed\""),
+        "a DrillPassed Event"
+    );
+    assert!(
+        !events.contains(&old) && !op.logs().contains(&old),
+        "no token in Events or logs"
+    );
+    let metrics = op
+        .http_get("/metrics")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    assert!(
+        metrics.contains(
+            "agenttoken_drills_total{issuer_type=\"serviceAccount\",result=\"Passed\"} 1"
+        ),
+        "{metrics}"
+    );
+
+    // A target the rollout cannot meet: the drill fails, visibly.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let out = crate::hostile::apply_as_tenant(&ns.name, &at.replace("target: 2m", "target: 1s"));
+    assert!(out.status.success());
+    let (out, report) = drill(&ns, "bot");
+    let report = report.expect("a JSON report");
+    assert_eq!(report.result, DrillResult::Failed, "{report:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the plugin exits 2 on a failed drill"
+    );
+    assert!(
+        report
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("over the 1.0s target")),
+        "{report:?}"
+    );
+    eventually(Duration::from_secs(10), "a DrillFailed Event", || async {
+        let events = ns
+            .kubectl(&["get", "events.events.k8s.io", "-o", "json"])
+            .stdout;
+        String::from_utf8_lossy(&events)
+            .contains("\"reason\": \"DrillFailed\"")
+            .then_some(())
+    })
+    .await;
+}
