@@ -156,3 +156,46 @@ async fn drill_on_a_service_account_token_with_a_running_consumer_reports_each_p
     })
     .await;
 }
+
+/// A drill on a Vault child token against the real OpenBao (from PyPI):
+/// the issuer-side death is seen through the old token's own
+/// `lookup-self`, refused once the operator revoked it by accessor.
+#[tokio::test]
+async fn drill_on_a_vault_child_token_against_real_openbao_reports_the_issuer_side_death() {
+    let b = crate::vault::OpenBao::start().await;
+    let ns = TestNamespace::new("drill-bao").await;
+    let _op = Operator::start(&ns.name);
+    crate::vault::setup(&ns, &b, "", "  scopes: [\"default\"]\n").await;
+    let ats: Api<AgentToken> = ns.api();
+    eventually(Duration::from_secs(45), "revision 1", || async {
+        (ats.get("bot").await.ok()?.status?.revision == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let old = crate::vault::token_in_secret(&ns).await;
+    assert_eq!(
+        b.call_as(&old, "GET", "auth/token/lookup-self", None)
+            .await
+            .0,
+        200
+    );
+    let (out, report) = drill(&ns, "bot");
+    let report = report.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    eprintln!("drill report: {}", serde_json::to_string(&report).unwrap());
+    assert_eq!(report.result, DrillResult::Passed, "{report:?}");
+    assert_eq!(report.refused_by.as_deref(), Some("Vault lookup-self"));
+    assert!(
+        report.refused_ms.is_some_and(|ms| ms <= 20_000),
+        "{report:?}"
+    );
+    assert!(
+        report.consumers_ready_ms.is_some(),
+        "nothing consumes it: ready at delivery"
+    );
+    assert_eq!(
+        b.call_as(&old, "GET", "auth/token/lookup-self", None)
+            .await
+            .0,
+        403
+    );
+}

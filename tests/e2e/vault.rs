@@ -70,7 +70,7 @@ impl OpenBao {
     /// its health check within 30 s is replaced by one on another port (a
     /// port picked as free can be taken by another test before the server
     /// binds it); the last health-check error is printed.
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self::start_with_config("").await
     }
 
