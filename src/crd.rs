@@ -1352,6 +1352,16 @@ pub struct OAuth2IssuerSpec {
     )]
     #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
     pub revocation_url: Option<String>,
+    /// RFC 7662 introspection endpoint (optional), authenticated like the
+    /// token endpoint: a revocation drill asks it whether the old token is
+    /// still active.
+    #[serde(
+        rename = "introspectionURL",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
+    pub introspection_url: Option<String>,
     /// Time allowed for one HTTP request, connecting included (default 10s,
     /// 1s-60s). A request that times out is retried (3 attempts in all).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -377,6 +377,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )));
     }
     let config = Config {
+        jwt_introspection: args.usage_address.is_some()
+            && args.usage_introspection_token_file.is_some(),
         usage,
         namespaces: {
             let mut n: Vec<String> = args

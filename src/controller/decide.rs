@@ -251,6 +251,11 @@ fn wanted_mint(
         if i.kill_current {
             return mint(RotationReason::KillSwitch);
         }
+        // A drill whose token was revoked before its replacement could be
+        // minted (the mint floor).
+        if i.last_revision > 0 && changed(i.drill_trigger, i.secret.drill_handled.as_deref()) {
+            return mint(RotationReason::Drill);
+        }
         // Never minted, or the Secret (or its token) was removed.
         return if i.last_revision == 0 {
             mint(RotationReason::Initial)

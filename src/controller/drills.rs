@@ -66,6 +66,11 @@ pub struct Drills {
     client: Client,
     recorder: Recorder,
     metrics: Arc<Metrics>,
+    /// The usage tracker: what the operator's own introspection endpoint
+    /// answers for a jwt.
+    usage: Arc<crate::usage::Tracker>,
+    /// Whether the operator serves jwt introspection here.
+    introspection: bool,
     running: Arc<AtomicUsize>,
     /// (AgentToken UID, drill id) being measured: a reconcile that tries
     /// the drill's mint again does not start it twice.
@@ -150,11 +155,19 @@ impl Seen {
 }
 
 impl Drills {
-    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        usage: Arc<crate::usage::Tracker>,
+        introspection: bool,
+    ) -> Self {
         Drills {
             client,
             recorder,
             metrics,
+            usage,
+            introspection,
             running: Arc::default(),
             active: Arc::default(),
         }
@@ -218,7 +231,11 @@ impl Drills {
     async fn run(&self, s: Start) {
         let started = Instant::now();
         let mut status = self.initial(&s, Timestamp::now());
-        status.refused_by = Some(s.backend.refusal_check().to_string());
+        status.refused_by = Some(if s.backend.kind() == "jwt" {
+            "the operator's introspection (services that verify with the JWKS alone accept it until it expires)".to_string()
+        } else {
+            s.backend.refusal_check().to_string()
+        });
         self.write(&s, &status).await;
         // Waits for twice the target, at least a minute, at most 15.
         let give_up = (s.target * 2).clamp(Duration::from_secs(60), Duration::from_secs(900));
@@ -244,7 +261,16 @@ impl Drills {
             // would be a use of the token, and kube-apiserver caches a
             // successful authentication for 10 s.
             if seen.revoked.is_some() && seen.refused.is_none() && seen.uncheckable.is_none() {
-                match s.backend.refuses(&s.token).await {
+                let asked = if s.backend.kind() == "jwt" && self.introspection {
+                    // The operator is this issuer's introspection endpoint:
+                    // inactive once the tracker sees the token withdrawn.
+                    Ok(self.introspection_refuses(&s.token))
+                } else if s.backend.kind() == "jwt" {
+                    Err("a jwt verified with the JWKS alone stays valid until it expires, and this operator serves no introspection (--usage-introspection-token-file)".into())
+                } else {
+                    s.backend.refuses(&s.token).await
+                };
+                match asked {
                     Ok(true) => seen.refused = Some(started.elapsed()),
                     Ok(false) => {}
                     Err(why) => seen.uncheckable = Some(why),
@@ -312,6 +338,16 @@ impl Drills {
         if let Err(e) = self.recorder.publish(&event, &reference).await {
             warn!(error = %e, "could not publish the drill's Event");
         }
+    }
+
+    /// Whether the operator's introspection endpoint answers `active:
+    /// false` for this jwt now (withdrawn, or no longer tracked at all).
+    fn introspection_refuses(&self, token: &SecretString) -> bool {
+        use secrecy::ExposeSecret;
+        let id = crate::usage::jwt_credential(token.expose_secret());
+        self.usage
+            .credential(&id)
+            .is_none_or(|c| c.withdrawn_at.is_some())
     }
 
     /// Writes `status.lastDrill` on the AgentToken `s` names (its UID).

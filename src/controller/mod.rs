@@ -129,6 +129,9 @@ pub struct Config {
     pub leadership: crate::leadership::Leadership,
     /// Where uses reported by the usage endpoint are kept.
     pub usage: Arc<crate::usage::Tracker>,
+    /// Whether this operator serves jwt introspection (a jwt's revocation
+    /// means something to the services that introspect).
+    pub jwt_introspection: bool,
 }
 
 /// The namespaces the operator never serves unless told to: the cluster's
@@ -572,7 +575,13 @@ pub async fn run(
         issuers: issuer_cache,
         workloads: all_workloads.clone(),
         others: others::OtherConsumers::new(client.clone()),
-        drills: drills::Drills::new(client.clone(), recorder.clone(), metrics.clone()),
+        drills: drills::Drills::new(
+            client.clone(),
+            recorder.clone(),
+            metrics.clone(),
+            config.usage.clone(),
+            config.jwt_introspection,
+        ),
         queue: queue::FairQueue::new(usize::from(config.concurrency.max(1))),
         tenant_egress: config.tenant_egress.clone(),
         protected_namespaces: config.protected_namespaces.clone(),

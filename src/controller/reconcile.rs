@@ -720,9 +720,16 @@ async fn act(
         );
     }
 
-    // A drill: measured from now, with the old token in hand.
-    if let Some(m) = acted.decision.mint
-        && m.reason == RotationReason::Drill
+    // A drill: measured from now, with the old token in hand (revoked now,
+    // replaced now or once the mint floor allows).
+    let drilling = acted
+        .decision
+        .mint
+        .is_some_and(|m| m.reason == RotationReason::Drill)
+        || (acted.decision.withdraw_current
+            && o.drill_trigger.is_some()
+            && o.drill_trigger != o.view.drill_handled);
+    if drilling
         && let (Some(cur), Some(id)) = (&o.current, &o.drill_trigger)
         && let Some(token) = o.values.get(cur.revision)
         && let Ok(backend) = ctx.issuer_backend(
@@ -776,6 +783,11 @@ async fn act(
                 (
                     "revoked by the issuer's kill switch (spec.revokeIssuedBefore)",
                     Reason::KillSwitch,
+                )
+            } else if o.drill_trigger.is_some() && o.drill_trigger != o.view.drill_handled {
+                (
+                    "revoked by a drill (agenttoken.dev/drill)",
+                    Reason::TokenRevoked,
                 )
             } else if o.compromised == Some(cur.revision) {
                 (

@@ -172,6 +172,44 @@ impl OAuth2Issuer {
         }
     }
 
+    /// RFC 7662: whether the provider says `token` is no longer active.
+    async fn refuses_inner(&self, token: &SecretString) -> Result<bool, String> {
+        let Some(url) = self.spec.introspection_url.as_deref() else {
+            return Err("the oauth2 issuer sets no introspectionURL".into());
+        };
+        let http = web::client(
+            self.spec.ca_bundle.as_deref(),
+            self.spec.timeout.as_ref(),
+            &self.egress,
+        )
+        .map_err(|e| e.to_string())?;
+        let secret = self.secret().await.map_err(|e| e.to_string())?;
+        let reply = web::send(
+            "introspection request",
+            self.spec.timeout.as_ref(),
+            &self.egress,
+            || {
+                let mut form = vec![
+                    ("token".to_string(), token.expose_secret().to_string()),
+                    ("token_type_hint".to_string(), "access_token".to_string()),
+                ];
+                let rb = self.authenticate(http.post(url), &mut form, &secret);
+                rb.form(&form)
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        if !(200..300).contains(&reply.status) {
+            return Err(format!("introspection refused: {}", reply.describe()));
+        }
+        let answer: serde_json::Value = serde_json::from_slice(&reply.body)
+            .map_err(|_| "introspection answered something that is not JSON".to_string())?;
+        match answer.get("active").and_then(|a| a.as_bool()) {
+            Some(active) => Ok(!active),
+            None => Err("introspection answered without \"active\"".into()),
+        }
+    }
+
     async fn check_inner(&self) -> Result<(), IssuerError> {
         let http = web::client(
             self.spec.ca_bundle.as_deref(),
@@ -191,6 +229,14 @@ impl OAuth2Issuer {
 impl Issuer for OAuth2Issuer {
     fn kind(&self) -> &'static str {
         "oauth2"
+    }
+
+    fn refuses<'a>(&'a self, token: &'a SecretString) -> BoxFuture<'a, Result<bool, String>> {
+        self.refuses_inner(token).boxed()
+    }
+
+    fn refusal_check(&self) -> &'static str {
+        "RFC 7662 introspection"
     }
 
     fn mint<'a>(&'a self, req: &'a MintRequest) -> BoxFuture<'a, Result<MintedToken, IssuerError>> {

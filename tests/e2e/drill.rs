@@ -199,3 +199,37 @@ async fn drill_on_a_vault_child_token_against_real_openbao_reports_the_issuer_si
         403
     );
 }
+
+/// A drill on an oauth2 token from the real oidc-provider (from npm): the
+/// operator revokes it per RFC 7009 and asks the provider's RFC 7662
+/// introspection endpoint until it answers `active: false`.
+#[tokio::test]
+async fn drill_on_an_oauth2_token_against_real_oidc_provider_reports_the_issuer_side_death() {
+    let p = crate::oauth2::start_provider(900);
+    let ns = TestNamespace::new("drill-oidc").await;
+    let _op = Operator::start(&ns.name);
+    crate::oauth2::client_secret(&ns, &p.basic.1).await;
+    applied(
+        &ns,
+        &crate::oauth2::issuer_yaml(&p, "ClientSecretBasic", &p.basic.0),
+    );
+    applied(&ns, crate::oauth2::AGENT_TOKEN);
+    let ats: Api<AgentToken> = ns.api();
+    eventually(Duration::from_secs(45), "revision 1", || async {
+        (ats.get("bot").await.ok()?.status?.revision == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let old = crate::oauth2::token_in_secret(&ns).await;
+    assert_eq!(crate::oauth2::introspect(&p, &old).await["active"], true);
+    let (out, report) = drill(&ns, "bot");
+    let report = report.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    eprintln!("drill report: {}", serde_json::to_string(&report).unwrap());
+    assert_eq!(report.result, DrillResult::Passed, "{report:?}");
+    assert_eq!(report.refused_by.as_deref(), Some("RFC 7662 introspection"));
+    assert!(
+        report.refused_ms.is_some_and(|ms| ms <= 20_000),
+        "{report:?}"
+    );
+    assert_eq!(crate::oauth2::introspect(&p, &old).await["active"], false);
+}

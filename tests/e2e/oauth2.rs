@@ -109,7 +109,7 @@ pub(crate) fn start_provider_with(token_ttl: u64, answer_delay: Duration) -> Pro
 }
 
 impl Provider {
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
@@ -187,12 +187,14 @@ spec:
     clientSecretRef: {{name: idp-client, key: secret}}
     authMethod: {method}
     revocationURL: {revoke}
+    introspectionURL: {introspect}
   policy:
     maxLifetime: 1h
     allowedScopes: ["deploy", "read"]
 "#,
         token = p.url("/token"),
         revoke = p.url("/token/revocation"),
+        introspect = p.url("/token/introspection"),
     )
 }
 

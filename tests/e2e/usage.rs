@@ -1013,6 +1013,34 @@ async fn usage_a_jwt_checked_through_introspection_is_seen_and_once_revoked_answ
         "kubectl agenttoken status",
     );
     assert!(table.contains("r1 used 1x after revocation"), "{table}");
+
+    // A drill on the jwt: the operator's own introspection is the issuer's
+    // answer, inactive as soon as the drill revoked it.
+    let out = crate::plugin::plugin(
+        &ns,
+        &["drill", "bot", "-o", "json", "--timeout", "2m"],
+        None,
+    );
+    let report: agent_token_operator::crd::DrillStatus = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(
+        report.result,
+        agent_token_operator::crd::DrillResult::Passed,
+        "{report:?}"
+    );
+    assert!(
+        report
+            .refused_by
+            .as_deref()
+            .is_some_and(|r| r.starts_with("the operator's introspection")),
+        "{report:?}"
+    );
+    let (_, answer) = ask(own.clone(), Some(bearer.clone()), fresh.clone()).await;
+    assert_eq!(
+        answer,
+        serde_json::json!({"active": false}),
+        "the drilled token"
+    );
 }
 
 /// A Secret used only by a CronJob (or a bare Pod, or a Job) is not
