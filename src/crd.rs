@@ -299,6 +299,13 @@ pub struct DrillSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "drill_target_schema")]
     pub target: Option<SpecDuration>,
+    /// Also drill at these times: a 5-field cron expression in UTC. Off
+    /// when unset. A scheduled drill waits for the issuer's rate limit and
+    /// the mint floor instead of revoking ahead of them, and its restarts
+    /// queue behind the cluster-wide restart cap like any rotation's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub schedule: Option<String>,
 }
 
 fn drill_target_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

@@ -249,6 +249,7 @@ proptest! {
                 rotate_trigger: rotate.as_deref(),
                 revoke_trigger: None,
                 drill_trigger: None,
+                drill_scheduled: false,
                 compromised: None,
                 dormant: false,
                 was_dormant: false,

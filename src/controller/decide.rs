@@ -57,6 +57,9 @@ pub struct Inputs<'a> {
     /// `agenttoken.dev/drill`: a revocation drill, a revoke-now of the
     /// current token that is measured.
     pub drill_trigger: Option<&'a str>,
+    /// The drill trigger comes from `spec.drill.schedule`: it waits for
+    /// the mint floor and backoff rather than revoke ahead of them.
+    pub drill_scheduled: bool,
     /// A revision used from an unexpected address, when `spec.usage` says
     /// to revoke such a token (`onUnexpectedSource: Revoke`).
     pub compromised: Option<i64>,
@@ -153,7 +156,8 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             Some(until) => {
                 // A token to revoke at once is revoked now; its
                 // replacement waits (the Secret is empty meanwhile).
-                d.withdraw_current |= mint.revoke_current_now && current.is_some();
+                let scheduled = mint.reason == RotationReason::Drill && i.drill_scheduled;
+                d.withdraw_current |= mint.revoke_current_now && current.is_some() && !scheduled;
                 push_wake(&mut d, until)
             }
             None => d.mint = Some(mint),
@@ -345,6 +349,7 @@ mod tests {
             rotate_trigger: None,
             revoke_trigger: None,
             drill_trigger: None,
+            drill_scheduled: false,
             compromised: None,
             dormant: false,
             was_dormant: false,
@@ -460,6 +465,16 @@ mod tests {
         let d = decide(&i);
         assert_eq!((d.mint, d.withdraw_current), (None, true));
         assert!(d.wake_at.is_some());
+        // A scheduled drill held by the floor waits whole: nothing revoked.
+        let mut i = inputs(now, &with_prev);
+        i.recent_mints = &recent;
+        i.drill_trigger = Some("scheduled-1");
+        i.drill_scheduled = true;
+        let d = decide(&i);
+        assert_eq!((d.mint, d.withdraw_current), (None, false));
+        // Asked for by a person, it revokes now and replaces later.
+        i.drill_scheduled = false;
+        assert!(decide(&i).withdraw_current);
         // Withdrawn by the kill switch: the replacement says why.
         let none = SecretView::default();
         let mut i = inputs(now, &none);

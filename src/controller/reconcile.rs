@@ -250,6 +250,8 @@ struct Observed {
     rotate_trigger: Option<String>,
     revoke_trigger: Option<String>,
     drill_trigger: Option<String>,
+    /// `drill_trigger` is from `spec.drill.schedule`.
+    drill_scheduled: bool,
     compromised: Option<i64>,
     /// `spec.usage.unusedAfter`'s verdict, and when to look again.
     unused: Option<(super::unused::Verdict, Option<Timestamp>)>,
@@ -291,6 +293,7 @@ impl Observed {
             rotate_trigger: self.rotate_trigger.as_deref(),
             revoke_trigger: self.revoke_trigger.as_deref(),
             drill_trigger: self.drill_trigger.as_deref(),
+            drill_scheduled: self.drill_scheduled,
             compromised: self.compromised,
             dormant: self.dormant,
             was_dormant: self.old_status.dormant_since.is_some(),
@@ -398,6 +401,25 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
         None => None,
     };
 
+    // A drill: the annotation's, else one `spec.drill.schedule` says is due.
+    let (drill_trigger, drill_scheduled) = match drill_due(at, Timestamp::now()) {
+        Err(e) => {
+            return Ok(Observation::Refused(Refusal {
+                reason: Reason::InvalidSpec,
+                message: format!("spec.drill.schedule: {e}"),
+                event: None,
+                requeue: None,
+            }));
+        }
+        Ok(Some(id)) => (Some(id), true),
+        Ok(None) => (
+            at.annotations()
+                .get(labels::DRILL)
+                .map(|v| trigger_value(v)),
+            false,
+        ),
+    };
+
     // The Secret: only ever ours.
     let secret_name = at.secret_name();
     let key = at.secret_key();
@@ -499,7 +521,8 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
         jitter_key: format!("{uid}/{}", view.current.as_ref().map_or(0, |c| c.revision)),
         rotate_trigger: annotations.get(labels::ROTATE).map(|v| trigger_value(v)),
         revoke_trigger: annotations.get(labels::REVOKE).map(|v| trigger_value(v)),
-        drill_trigger: annotations.get(labels::DRILL).map(|v| trigger_value(v)),
+        drill_trigger: drill_trigger.clone(),
+        drill_scheduled,
         compromised: compromised(at),
         suspended: issuer.spec.suspend,
         kill_current: killed(
@@ -582,6 +605,37 @@ fn unused_verdict(
         ));
     }
     Some(judged)
+}
+
+/// The id of a scheduled drill due now (`spec.drill.schedule`): the
+/// schedule's latest time since the last drill started (or the AgentToken
+/// was created), as `scheduled-<unix seconds>`, unless that drill was
+/// handled already.
+fn drill_due(at: &AgentToken, now: Timestamp) -> Result<Option<String>, String> {
+    let Some(expr) = at.spec.drill.as_ref().and_then(|d| d.schedule.as_deref()) else {
+        return Ok(None);
+    };
+    let cron = CronSchedule::parse(expr)?;
+    let st = at.status.as_ref();
+    let since = st
+        .and_then(|s| s.last_drill.as_ref())
+        .map(|d| d.started_at.0)
+        .or(at.metadata.creation_timestamp.as_ref().map(|t| t.0))
+        .unwrap_or(now);
+    let Some(due) = cron.next_after(since).filter(|d| *d <= now) else {
+        return Ok(None);
+    };
+    let id = format!("scheduled-{}", due.as_second());
+    let handled = st
+        .and_then(|s| s.handled_triggers.as_ref())
+        .and_then(|h| h.drill.as_deref());
+    Ok((handled != Some(id.as_str())).then_some(id))
+}
+
+/// When the next scheduled drill is due, for the wake-up.
+fn next_drill(at: &AgentToken, now: Timestamp) -> Option<Timestamp> {
+    let expr = at.spec.drill.as_ref()?.schedule.as_deref()?;
+    CronSchedule::parse(expr).ok()?.next_after(now)
 }
 
 /// Whether the issuer's kill switch (`spec.revokeIssuedBefore`) covers
@@ -675,8 +729,9 @@ async fn act(
         && let Err(wait) = ctx.try_budget(&o.issuer.key, &o.issuer.spec)
     {
         // Over the issuer's rate: the replacement waits, a token to revoke
-        // at once does not.
-        decision.withdraw_current |= m.revoke_current_now && o.current.is_some();
+        // at once does not (a scheduled drill waits whole).
+        let scheduled = m.reason == RotationReason::Drill && o.drill_scheduled;
+        decision.withdraw_current |= m.revoke_current_now && o.current.is_some() && !scheduled;
         decision.mint = None;
         hold_wait = Some(wait);
     }
@@ -1174,7 +1229,13 @@ async fn mint_and_deliver(
     next.handled_triggers = Some(HandledTriggers {
         rotate: o.rotate_trigger.clone().or(o.view.rotate_handled.clone()),
         revoke: o.revoke_trigger.clone().or(o.view.revoke_handled.clone()),
-        drill: o.drill_trigger.clone().or(o.view.drill_handled.clone()),
+        // Handled only by a drill's own mint: a first token delivered
+        // while a drill was asked for does not count as the drill.
+        drill: if m.reason == RotationReason::Drill {
+            o.drill_trigger.clone().or(o.view.drill_handled.clone())
+        } else {
+            o.view.drill_handled.clone()
+        },
     });
     let previous_token = held_previous.and_then(|r| o.values.get(r).cloned());
     let written = o
@@ -1416,6 +1477,8 @@ async fn report(
         unused.as_ref().and_then(|(_, w)| w.map(|w| until(now, w))),
     );
     let wake = soonest(wake, dormant.then_some(DORMANT_POLL));
+    // The next scheduled drill.
+    let wake = soonest(wake, next_drill(at, now).map(|t| until(now, t)));
     // A kill switch set for later: in force then.
     let wake = soonest(
         wake,
@@ -2879,6 +2942,49 @@ async fn consumers_step(
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_scheduled_drill_is_due_once_per_schedule_time() {
+        let at = |status: serde_json::Value| -> AgentToken {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "agenttoken.dev/v1alpha1", "kind": "AgentToken",
+                "metadata": {"name": "bot", "namespace": "t", "creationTimestamp": "2026-11-29T09:30:00Z"},
+                "spec": {"issuerRef": {"name": "sa"}, "drill": {"schedule": "0 * * * *"}},
+                "status": status,
+            }))
+            .unwrap()
+        };
+        let ts = |s: &str| s.parse::<Timestamp>().unwrap();
+        let fresh = at(serde_json::json!({}));
+        assert_eq!(drill_due(&fresh, ts("2026-11-29T09:59:00Z")), Ok(None));
+        let due = drill_due(&fresh, ts("2026-11-29T10:00:05Z")).unwrap();
+        assert_eq!(due.as_deref(), Some("scheduled-1795946400"));
+        // Handled: not again until the next hour.
+        let handled = at(serde_json::json!({"handledTriggers": {"drill": "scheduled-1795946400"}}));
+        assert_eq!(drill_due(&handled, ts("2026-11-29T10:30:00Z")), Ok(None));
+        // After a drill at 10:00, the 11:00 one.
+        let drilled = at(
+            serde_json::json!({"lastDrill": {"id": "scheduled-1795946400", "revision": 1,
+            "startedAt": "2026-11-29T10:00:01Z", "targetMs": 300000, "result": "Passed"}}),
+        );
+        assert_eq!(drill_due(&drilled, ts("2026-11-29T10:59:00Z")), Ok(None));
+        assert!(
+            drill_due(&drilled, ts("2026-11-29T11:00:01Z"))
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            next_drill(&fresh, ts("2026-11-29T10:10:00Z")),
+            Some(ts("2026-11-29T11:00:00Z"))
+        );
+        let bad = serde_json::from_value::<AgentToken>(serde_json::json!({
+            "apiVersion": "agenttoken.dev/v1alpha1", "kind": "AgentToken",
+            "metadata": {"name": "bot", "namespace": "t"},
+            "spec": {"issuerRef": {"name": "sa"}, "drill": {"schedule": "every hour"}},
+        }))
+        .unwrap();
+        assert!(drill_due(&bad, ts("2026-11-29T10:10:00Z")).is_err());
+    }
+
     #[tokio::test]
     async fn a_panicking_reconcile_fails_that_object_and_the_process_goes_on() {
         let r = guarded(async {
@@ -3235,6 +3341,7 @@ mod tests {
             rotate_trigger: None,
             revoke_trigger: None,
             drill_trigger: None,
+            drill_scheduled: false,
             compromised: None,
             dormant: false,
             was_dormant: false,

@@ -233,3 +233,33 @@ async fn drill_on_an_oauth2_token_against_real_oidc_provider_reports_the_issuer_
     );
     assert_eq!(crate::oauth2::introspect(&p, &old).await["active"], false);
 }
+
+/// `spec.drill.schedule`: a drill every minute runs on its own, measured
+/// like one asked for.
+#[tokio::test]
+async fn drill_on_a_schedule_runs_by_itself() {
+    let ns = TestNamespace::new("drill-cron").await;
+    let _op = Operator::start(&ns.name);
+    applied(&ns, SA_ISSUER);
+    applied(
+        &ns,
+        "apiVersion: agenttoken.dev/v1alpha1\nkind: AgentToken\nmetadata: {name: bot}\n\
+         spec:\n  issuerRef: {name: sa}\n  serviceAccountName: builder\n  lifetime: 10m\n\
+         \x20 drill: {schedule: \"* * * * *\", target: 30s}\n",
+    );
+    let ats: Api<AgentToken> = ns.api();
+    let report = eventually(
+        Duration::from_secs(150),
+        "a scheduled drill's report",
+        || async {
+            let d = ats.get("bot").await.ok()?.status?.last_drill?;
+            (d.result != DrillResult::Running).then_some(d)
+        },
+    )
+    .await;
+    assert!(report.id.starts_with("scheduled-"), "{report:?}");
+    assert_eq!(report.result, DrillResult::Passed, "{report:?}");
+    assert_eq!(report.refused_by.as_deref(), Some("TokenReview"));
+    let st = ats.get("bot").await.unwrap().status.unwrap();
+    assert_eq!(st.last_rotation_reason, Some(RotationReason::Drill));
+}
