@@ -9,7 +9,7 @@
 //!
 //! `--only` takes scenario names, comma-separated: `floor`, `first-token`,
 //! `memory`, `revocation`, `idle`, `webhook`, `rotation`, `overload`,
-//! `spread`, `usage`. (`first-token` and `webhook` also run `floor`: their tables
+//! `spread`, `usage`, `killswitch`. (`first-token` and `webhook` also run `floor`: their tables
 //! compare the mint rate with the API server's write floor.)
 //!
 //! It starts its OWN cluster (state in `.cache/bench-cluster`, API server on
@@ -37,6 +37,8 @@ use serde_json::{Value, json};
 
 use agent_token_operator::crd::AgentToken;
 
+#[path = "scale/killswitch.rs"]
+mod killswitch;
 #[path = "scale/steady.rs"]
 mod steady;
 #[path = "scale/usage.rs"]
@@ -1374,6 +1376,21 @@ async fn main() {
             }
         };
         b.idle_report(idle);
+    }
+
+    if b.opts.wants("killswitch") {
+        // Its own 1,000 (or 200 with --quick): the switch revokes them all.
+        let n = if b.opts.quick { 200 } else { 1000 };
+        let ft = b.first_token(Kind::ServiceAccount, n, 0).await;
+        b.report.line("### Kill switch");
+        b.report.line("");
+        b.report.line(format!("`spec.revokeIssuedBefore` set on the serviceAccount issuer of {n} AgentTokens (just minted, so every replacement also waits for the per-AgentToken mint floor, 10 s after its last mint). Seconds from the patch: (a) the old token revoked in the AgentToken's ledger, (b) the API server refusing it (a TokenReview per token, first asked once its ledger says revoked), (c) the AgentToken holding its replacement. p50 and the last of them; \"done\" counts how many got there."));
+        b.report.line("");
+        b.report.line("| issuer | AgentTokens | (a) done | (a) p50 s | (a) last s | (b) done | (b) p50 s | (b) last s: the last old token valid | (c) done | (c) p50 s | (c) last s |");
+        b.report
+            .line("|---|---|---|---|---|---|---|---|---|---|---|");
+        b.killswitch(&ft).await;
+        b.report.line("");
     }
 
     if b.opts.wants("revocation")

@@ -142,7 +142,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     let mut wanted = wanted_mint(i, current, plan.as_ref());
     if i.suspended {
         // Fail closed: no mint; what had to die now still does.
-        d.withdraw_current = current.is_some() && wanted.is_some_and(|m| m.revoke_current_now);
+        d.withdraw_current |= current.is_some() && wanted.is_some_and(|m| m.revoke_current_now);
         wanted = None;
     }
     if let Some(mint) = wanted {

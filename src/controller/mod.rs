@@ -779,6 +779,8 @@ fn slim_cached_agent_token(at: &mut AgentToken) {
     // revoke trigger is still to be handled.
     at.status = at.status.take().map(|st| crate::crd::AgentTokenStatus {
         expires_at: st.expires_at,
+        // For urgency: a token its issuer's kill switch covers.
+        issued_at: st.issued_at,
         handled_triggers: st.handled_triggers.map(|h| crate::crd::HandledTriggers {
             rotate: None,
             revoke: h.revoke,

@@ -78,7 +78,7 @@ pub async fn reconcile(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<Action,
         .queue
         .admit(
             &at.namespace().unwrap_or_default(),
-            urgency(&at, ctx.clock.now()),
+            urgency(&at, ctx.clock.now(), kill_switch(&at, &ctx)),
         )
         .await;
     // Boxed: a reconcile waiting for its slot is then a small future; the
@@ -111,16 +111,42 @@ where
     }
 }
 
-/// How urgent a reconcile is, from the cached object (see `queue`).
-pub fn urgency(at: &AgentToken, now: Timestamp) -> Urgency {
+/// The kill switch of the issuer `at` names, from the issuer cache.
+fn kill_switch(at: &AgentToken, ctx: &Context) -> Option<Timestamp> {
+    let r = &at.spec.issuer_ref;
+    let spec = match r.kind {
+        IssuerKind::ClusterTokenIssuer => ctx.issuers.cluster_issuer(&r.name)?.spec.0.clone(),
+        IssuerKind::TokenIssuer => ctx
+            .issuers
+            .token_issuer(&at.namespace().unwrap_or_default(), &r.name)?
+            .spec
+            .clone(),
+    };
+    spec.revoke_issued_before.map(|t| t.0)
+}
+
+/// How urgent a reconcile is, from the cached object (see `queue`). A
+/// token the issuer's kill switch (`kill`) covers is a revocation: those
+/// go ahead of every replacement.
+pub fn urgency(at: &AgentToken, now: Timestamp, kill: Option<Timestamp>) -> Urgency {
     let status = at.status.as_ref();
     let handled = status
         .and_then(|s| s.handled_triggers.as_ref())
         .and_then(|h| h.revoke.as_deref());
-    let revoke_pending = at
-        .annotations()
-        .get(labels::REVOKE)
-        .is_some_and(|v| !v.is_empty() && Some(trigger_value(v).as_str()) != handled);
+    let killed = kill.is_some_and(|before| {
+        before <= now
+            && status
+                .and_then(|s| s.issued_at.as_ref())
+                .is_some_and(|t| t.0 < before)
+            && status
+                .and_then(|s| s.expires_at.as_ref())
+                .is_some_and(|t| t.0 > now)
+    });
+    let revoke_pending = killed
+        || at
+            .annotations()
+            .get(labels::REVOKE)
+            .is_some_and(|v| !v.is_empty() && Some(trigger_value(v).as_str()) != handled);
     Urgency::of(
         at.meta().deletion_timestamp.is_some(),
         revoke_pending,
@@ -867,6 +893,10 @@ async fn act(
                 )
             };
             ledger::retire(&mut o.status, cur.revision, &why, o.now);
+            // No token in the Secret: the summary no longer names one (and
+            // the queue serves the replacement after pending revocations).
+            o.status.issued_at = None;
+            o.status.expires_at = None;
             acted.events.push((
                 EventType::Warning,
                 if o.suspended {
