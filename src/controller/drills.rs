@@ -13,9 +13,9 @@
 //! is timed from the drill's start; the result goes to `status.lastDrill`
 //! (its own field manager, a JSON patch tested on the AgentToken's UID), a
 //! Normal or Warning Event, and metrics. The old token is dropped when the
-//! drill ends. A drill interrupted by an operator restart stays `Running`
-//! in status (its token is gone with the process: it cannot be measured
-//! further); the next drill replaces it.
+//! drill ends. A drill interrupted by an operator restart (its token is
+//! gone with the process) is marked `Failed` as interrupted by the next
+//! reconcile of its AgentToken on the leader ([`Drills::interrupted`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -350,11 +350,46 @@ impl Drills {
             .is_none_or(|c| c.withdrawn_at.is_some())
     }
 
+    /// Whether this process measures drill `id` of the AgentToken `uid`.
+    pub fn is_active(&self, uid: &str, id: &str) -> bool {
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(uid.to_string(), id.to_string()))
+    }
+
+    /// A drill `Running` in status that this process does not measure: it
+    /// was interrupted (an operator restart, a leader change), and its old
+    /// token went with the process that held it. Recorded as `Failed`.
+    pub fn interrupted(&self, namespace: &str, name: &str, uid: &str, drill: &DrillStatus) {
+        if self.is_active(uid, &drill.id) || drill.result != DrillResult::Running {
+            return;
+        }
+        let mut status = drill.clone();
+        status.result = DrillResult::Failed;
+        status.finished_at = Some(Time(crate::rotation::whole_seconds(Timestamp::now())));
+        status.message = Some(
+            "interrupted: the operator that measured it stopped (restart or leader change); the token was still revoked and replaced, the rest was not measured"
+                .into(),
+        );
+        let (this, ns, name, uid) = (
+            self.clone(),
+            namespace.to_string(),
+            name.to_string(),
+            uid.to_string(),
+        );
+        tokio::spawn(async move { this.write_to(&ns, &name, &uid, &status).await });
+    }
+
     /// Writes `status.lastDrill` on the AgentToken `s` names (its UID).
     async fn write(&self, s: &Start, status: &DrillStatus) {
-        let api: Api<AgentToken> = Api::namespaced(self.client.clone(), &s.namespace);
+        self.write_to(&s.namespace, &s.name, &s.uid, status).await
+    }
+
+    async fn write_to(&self, namespace: &str, name: &str, uid: &str, status: &DrillStatus) {
+        let api: Api<AgentToken> = Api::namespaced(self.client.clone(), namespace);
         let patch: json_patch::Patch = match serde_json::from_value(serde_json::json!([
-            {"op": "test", "path": "/metadata/uid", "value": s.uid},
+            {"op": "test", "path": "/metadata/uid", "value": uid},
             {"op": "add", "path": "/status/lastDrill", "value": status},
         ])) {
             Ok(p) => p,
@@ -365,10 +400,10 @@ impl Drills {
             ..Default::default()
         };
         if let Err(e) = api
-            .patch_status(&s.name, &params, &Patch::<()>::Json(patch))
+            .patch_status(name, &params, &Patch::<()>::Json(patch))
             .await
         {
-            warn!(namespace = %s.namespace, agenttoken = %s.name, error = %e, "could not write the drill's status");
+            warn!(namespace, agenttoken = name, error = %e, "could not write the drill's status");
         }
     }
 }

@@ -180,6 +180,11 @@ async fn reconcile_unguarded(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<A
         }
     };
     let at = live;
+    // A drill this process does not measure, still `Running`: interrupted.
+    if let Some(drill) = at.status.as_ref().and_then(|s| s.last_drill.as_ref()) {
+        ctx.drills
+            .interrupted(&ns, &at.name_any(), &at.uid().unwrap_or_default(), drill);
+    }
     if let Some(st) = &at.status {
         ctx.usage.track(
             &ns,

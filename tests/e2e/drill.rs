@@ -263,3 +263,69 @@ async fn drill_on_a_schedule_runs_by_itself() {
     let st = ats.get("bot").await.unwrap().status.unwrap();
     assert_eq!(st.last_rotation_reason, Some(RotationReason::Drill));
 }
+
+/// A drill whose operator is SIGKILLed before it ends (its consumer's
+/// rollout cannot complete: its image does not exist) is not left
+/// `Running`: the next operator records it as interrupted, and the token
+/// it drilled was still revoked.
+#[tokio::test]
+async fn drill_interrupted_by_a_sigkill_is_recorded_as_interrupted_not_left_running() {
+    let ns = TestNamespace::new("drill-kill").await;
+    let mut op = Operator::start(&ns.name);
+    applied(&ns, SA_ISSUER);
+    applied(
+        &ns,
+        "apiVersion: agenttoken.dev/v1alpha1\nkind: AgentToken\nmetadata: {name: bot}\n\
+         spec:\n  issuerRef: {name: sa}\n  serviceAccountName: builder\n  lifetime: 10m\n\
+         \x20 previousTokenGracePeriod: 0s\n  consumers: {strategy: RolloutRestart}\n",
+    );
+    applied(
+        &ns,
+        &crate::node::agent_deployment("stuck", "bot").replace(
+            "image: agenttoken.local/agent:e2e",
+            "image: agenttoken.local/absent:e2e",
+        ),
+    );
+    let ats: Api<AgentToken> = ns.api();
+    eventually(Duration::from_secs(30), "bot minted", || async {
+        (ats.get("bot").await.ok()?.status?.revision == 1).then_some(())
+    })
+    .await;
+    let out = crate::plugin::plugin(&ns, &["drill", "bot", "--no-wait"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the drill running, revision 1 revoked",
+        || async {
+            let st = ats.get("bot").await.ok()?.status?;
+            let d = st.last_drill?;
+            let revoked = st.history.iter().any(|e| {
+                e.revision == 1 && e.state == Some(agent_token_operator::crd::TokenLife::Revoked)
+            });
+            (d.result == DrillResult::Running && revoked).then_some(())
+        },
+    )
+    .await;
+    op.kill();
+    let _op = Operator::start(&ns.name);
+    let d = eventually(
+        Duration::from_secs(60),
+        "the drill recorded as interrupted",
+        || async {
+            let d = ats.get("bot").await.ok()?.status?.last_drill?;
+            (d.result != DrillResult::Running).then_some(d)
+        },
+    )
+    .await;
+    assert_eq!(d.result, DrillResult::Failed, "{d:?}");
+    assert!(
+        d.message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("interrupted")),
+        "{d:?}"
+    );
+}
