@@ -270,6 +270,33 @@ impl Issuer for GithubAppIssuer {
         "githubApp"
     }
 
+    /// `GET /installation/repositories` with the token itself: 401 once it
+    /// is revoked (a read that changes nothing).
+    fn refuses<'a>(&'a self, token: &'a SecretString) -> BoxFuture<'a, Result<bool, String>> {
+        async move {
+            let auth = format!("Bearer {}", token.expose_secret());
+            match self
+                .request(
+                    "installation repositories",
+                    reqwest::Method::GET,
+                    "/installation/repositories?per_page=1",
+                    &auth,
+                    None,
+                )
+                .await
+            {
+                Ok(_) => Ok(false),
+                Err(IssuerError::Invalid(m)) if m.contains("HTTP 401") => Ok(true),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        .boxed()
+    }
+
+    fn refusal_check(&self) -> &'static str {
+        "GitHub GET /installation/repositories"
+    }
+
     fn mint<'a>(&'a self, req: &'a MintRequest) -> BoxFuture<'a, Result<MintedToken, IssuerError>> {
         self.mint_inner(req).boxed()
     }

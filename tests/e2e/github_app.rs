@@ -198,6 +198,31 @@ async fn revoke(State(s): State<Shared>, headers: HeaderMap) -> StatusCode {
     }
 }
 
+/// `GET /installation/repositories` (GitHub's documented API): the
+/// repositories a live installation token may reach; 401 for a revoked or
+/// unknown token.
+async fn repositories(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>, StatusCode> {
+    let gh = s.lock().unwrap();
+    match bearer(&headers).and_then(|t| gh.tokens.get(&t)) {
+        Some((repos, _, true)) => {
+            let list: Vec<Value> = repos
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| json!({"name": r}))
+                .collect();
+            Ok(axum::Json(
+                json!({"total_count": list.len(), "repositories": list}),
+            ))
+        }
+        _ => Err(StatusCode::UNAUTHORIZED),
+    }
+}
+
 /// An installation token as the stand-in knows it (a fingerprint, never
 /// the value).
 pub(crate) struct Minted {
@@ -284,6 +309,7 @@ async fn start() -> (Shared, u16, String) {
         .route("/app/installations", get(installations))
         .route("/app/installations/{id}/access_tokens", post(access_tokens))
         .route("/installation/token", delete(revoke))
+        .route("/installation/repositories", get(repositories))
         .with_state(shared.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -291,7 +317,7 @@ async fn start() -> (Shared, u16, String) {
     (shared, port, private_pem)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn github_app_stand_in_installation_token_scoped_and_revoked() {
     let (gh, port, private_pem) = start().await;
     let ns = TestNamespace::new("github").await;
@@ -374,6 +400,27 @@ spec:
     })
     .await;
     assert!(!gh.lock().unwrap().tokens[&first].2, "revoked at GitHub");
+
+    // A drill: the installation token's death seen by GitHub's own answer
+    // to it (GET /installation/repositories, 401 once revoked). (The
+    // plugin runs blocking: the stand-in serves from the other worker.)
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let out = crate::plugin::plugin(
+        &ns,
+        &["drill", "bot", "-o", "json", "--timeout", "2m"],
+        None,
+    );
+    let report: agent_token_operator::crd::DrillStatus = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(
+        report.result,
+        agent_token_operator::crd::DrillResult::Passed,
+        "{report:?}"
+    );
+    assert_eq!(
+        report.refused_by.as_deref(),
+        Some("GitHub GET /installation/repositories")
+    );
 
     // Outside the issuer's policy, fail closed: a permission it does not
     // list, no permissions at all (GitHub would grant every one of the
