@@ -18,7 +18,6 @@
 //! reconcile of its AgentToken on the leader ([`Drills::interrupted`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -44,6 +43,9 @@ pub const DEFAULT_TARGET: Duration = Duration::from_secs(300);
 /// Drills measured at once; beyond, a drill still revokes and replaces
 /// the token but is recorded as not measured.
 pub const MAX_RUNNING: usize = 32;
+/// Drills measured at once in one namespace: a tenant drilling all its
+/// AgentTokens at once takes this share, not all of [`MAX_RUNNING`].
+pub const MAX_RUNNING_PER_NAMESPACE: usize = 4;
 /// Field manager of `status.lastDrill`.
 pub const DRILL_MANAGER: &str = "agent-token-operator-drill";
 
@@ -71,10 +73,10 @@ pub struct Drills {
     usage: Arc<crate::usage::Tracker>,
     /// Whether the operator serves jwt introspection here.
     introspection: bool,
-    running: Arc<AtomicUsize>,
-    /// (AgentToken UID, drill id) being measured: a reconcile that tries
-    /// the drill's mint again does not start it twice.
-    active: Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>>,
+    /// (AgentToken UID, drill id, namespace) being measured: a reconcile
+    /// that tries the drill's mint again does not start it twice, and the
+    /// limits count them.
+    active: Arc<std::sync::Mutex<std::collections::HashSet<(String, String, String)>>>,
 }
 
 /// What a drill has seen so far (pure: [`Seen::result`]).
@@ -168,7 +170,6 @@ impl Drills {
             metrics,
             usage,
             introspection,
-            running: Arc::default(),
             active: Arc::default(),
         }
     }
@@ -178,35 +179,36 @@ impl Drills {
     /// is recorded as not measured.
     pub fn start(&self, s: Start) -> bool {
         let key = (s.uid.clone(), s.id.clone());
-        if !self
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone())
-        {
-            return true;
-        }
-        if self.running.fetch_add(1, Ordering::SeqCst) >= MAX_RUNNING {
-            self.running.fetch_sub(1, Ordering::SeqCst);
-            let this = self.clone();
+        let refused = {
+            let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+            if active.iter().any(|(u, i, _)| (u, i) == (&key.0, &key.1)) {
+                return true;
+            }
+            let refused = refusal(active.iter().map(|(_, _, ns)| ns.as_str()), &s.namespace);
+            if refused.is_none() {
+                active.insert((key.0.clone(), key.1.clone(), s.namespace.clone()));
+            }
+            refused
+        };
+        let this = self.clone();
+        if let Some(why) = refused {
             tokio::spawn(async move {
                 let mut status = this.initial(&s, Timestamp::now());
                 status.result = DrillResult::Failed;
                 status.message = Some(format!(
-                    "not measured: {MAX_RUNNING} drills were running; the token was still revoked and replaced"
+                    "not measured: {why}; the token was still revoked and replaced"
                 ));
                 this.write(&s, &status).await;
             });
             return false;
         }
-        let this = self.clone();
         tokio::spawn(async move {
+            let ns = s.namespace.clone();
             this.run(s).await;
-            this.running.fetch_sub(1, Ordering::SeqCst);
             this.active
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
+                .remove(&(key.0, key.1, ns));
         });
         true
     }
@@ -273,7 +275,17 @@ impl Drills {
                 match asked {
                     Ok(true) => seen.refused = Some(started.elapsed()),
                     Ok(false) => {}
-                    Err(why) => seen.uncheckable = Some(why),
+                    // An issuer's words were shown the token: never
+                    // keep the token in what is recorded.
+                    Err(why) => {
+                        use secrecy::ExposeSecret;
+                        let token = s.token.expose_secret();
+                        seen.uncheckable = Some(if token.is_empty() {
+                            why
+                        } else {
+                            why.replace(token, "<token>")
+                        })
+                    }
                 }
             }
             if seen.done() {
@@ -355,7 +367,8 @@ impl Drills {
         self.active
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(&(uid.to_string(), id.to_string()))
+            .iter()
+            .any(|(u, i, _)| u == uid && i == id)
     }
 
     /// A drill `Running` in status that this process does not measure: it
@@ -408,6 +421,26 @@ impl Drills {
     }
 }
 
+/// Why a new drill in `namespace` is not measured, given the namespaces
+/// of the drills running (pure): the cluster-wide and the per-namespace
+/// limits.
+fn refusal<'a>(running: impl Iterator<Item = &'a str>, namespace: &str) -> Option<String> {
+    let (mut all, mut here) = (0, 0);
+    for ns in running {
+        all += 1;
+        here += usize::from(ns == namespace);
+    }
+    if all >= MAX_RUNNING {
+        Some(format!("{MAX_RUNNING} drills were running"))
+    } else if here >= MAX_RUNNING_PER_NAMESPACE {
+        Some(format!(
+            "{MAX_RUNNING_PER_NAMESPACE} drills were running in namespace {namespace}"
+        ))
+    } else {
+        None
+    }
+}
+
 /// What the AgentToken's status says of the drill's phases, `now` from its
 /// start (pure).
 pub fn observe(at: &AgentToken, revision: i64, now: Duration, seen: &mut Seen) {
@@ -451,6 +484,21 @@ mod tests {
     use super::*;
 
     const T: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn one_namespace_drilling_everything_takes_its_share_only() {
+        let flood = ["evil"; MAX_RUNNING_PER_NAMESPACE];
+        assert!(
+            refusal(flood.iter().copied(), "evil").is_some_and(|w| w.contains("namespace evil"))
+        );
+        assert_eq!(
+            refusal(flood.iter().copied(), "good"),
+            None,
+            "another namespace still drills"
+        );
+        let full = ["a"; MAX_RUNNING];
+        assert!(refusal(full.iter().copied(), "good").is_some());
+    }
 
     #[test]
     fn a_drill_passes_only_when_every_phase_is_within_the_target() {

@@ -287,7 +287,8 @@ impl Issuer for GithubAppIssuer {
             {
                 Ok(_) => Ok(false),
                 Err(IssuerError::Invalid(m)) if m.contains("HTTP 401") => Ok(true),
-                Err(e) => Err(e.to_string()),
+                // Not GitHub's message: it was shown the token.
+                Err(_) => Err("GET /installation/repositories failed".into()),
             }
         }
         .boxed()

@@ -199,8 +199,10 @@ impl OAuth2Issuer {
         )
         .await
         .map_err(|e| e.to_string())?;
+        // The status alone: the answer's text is foreign, and it was
+        // shown the token.
         if !(200..300).contains(&reply.status) {
-            return Err(format!("introspection refused: {}", reply.describe()));
+            return Err(format!("introspection refused: HTTP {}", reply.status));
         }
         let answer: serde_json::Value = serde_json::from_slice(&reply.body)
             .map_err(|_| "introspection answered something that is not JSON".to_string())?;
