@@ -662,26 +662,7 @@ pub async fn flush_loop(
             usage,
         } in tracker.take_dirty()
         {
-            let api: Api<AgentToken> = Api::namespaced(client.clone(), &ns);
-            // A JSON patch whose `test` of the UID makes it fail (422) on
-            // an AgentToken made later under the same name. (A UID in a
-            // server-side apply of /status is not checked: the status
-            // strategy drops metadata.)
-            let patch: json_patch::Patch = match serde_json::from_value(serde_json::json!([
-                {"op": "test", "path": "/metadata/uid", "value": uid},
-                {"op": "add", "path": "/status/usage", "value": usage},
-            ])) {
-                Ok(p) => p,
-                Err(_) => continue,
-            };
-            let params = PatchParams {
-                field_manager: Some(USAGE_MANAGER.into()),
-                ..Default::default()
-            };
-            match api
-                .patch_status(&name, &params, &Patch::<()>::Json(patch))
-                .await
-            {
+            match patch_status_of(&client, &ns, &name, &uid, "usage", &usage, USAGE_MANAGER).await {
                 Ok(_) => debug!(namespace = %ns, agenttoken = %name, "usage written"),
                 Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409 | 422) => {
                     debug!(namespace = %ns, agenttoken = %name, code = e.code, "usage not written: the AgentToken is gone or another");
@@ -694,6 +675,34 @@ pub async fn flush_loop(
             }
         }
     }
+}
+
+/// Sets `status.<field>` of the AgentToken `namespace/name` as
+/// `manager`, only if it is still the object `uid` names: a JSON patch
+/// whose `test` of the UID fails (422) on one made later under the same
+/// name. (A UID in a server-side apply of /status is not checked: the
+/// status strategy drops metadata.)
+pub async fn patch_status_of<T: serde::Serialize>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    field: &str,
+    value: &T,
+    manager: &str,
+) -> Result<AgentToken, kube::Error> {
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        {"op": "test", "path": "/metadata/uid", "value": uid},
+        {"op": "add", "path": format!("/status/{field}"), "value": value},
+    ]))
+    .map_err(kube::Error::SerdeError)?;
+    let params = PatchParams {
+        field_manager: Some(manager.into()),
+        ..Default::default()
+    };
+    Api::<AgentToken>::namespaced(client.clone(), namespace)
+        .patch_status(name, &params, &Patch::<()>::Json(patch))
+        .await
 }
 
 /// The parts of an `audit.k8s.io/v1` Event the tracker reads.

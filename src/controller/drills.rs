@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::events::{Event, EventType};
 
 use crate::events::Recorder;
@@ -400,22 +400,17 @@ impl Drills {
     }
 
     async fn write_to(&self, namespace: &str, name: &str, uid: &str, status: &DrillStatus) {
-        let api: Api<AgentToken> = Api::namespaced(self.client.clone(), namespace);
-        let patch: json_patch::Patch = match serde_json::from_value(serde_json::json!([
-            {"op": "test", "path": "/metadata/uid", "value": uid},
-            {"op": "add", "path": "/status/lastDrill", "value": status},
-        ])) {
-            Ok(p) => p,
-            Err(_) => return,
-        };
-        let params = PatchParams {
-            field_manager: Some(DRILL_MANAGER.into()),
-            ..Default::default()
-        };
-        if let Err(e) = api
-            .patch_status(name, &params, &Patch::<()>::Json(patch))
-            .await
-        {
+        let written = crate::usage::patch_status_of(
+            &self.client,
+            namespace,
+            name,
+            uid,
+            "lastDrill",
+            status,
+            DRILL_MANAGER,
+        )
+        .await;
+        if let Err(e) = written {
             warn!(namespace, agenttoken = name, error = %e, "could not write the drill's status");
         }
     }

@@ -181,7 +181,7 @@ where
 
 /// Adds the Secret names `spec` uses (volumes, projected volumes, `env`
 /// and `envFrom` of every container and init container).
-fn secrets_of(spec: &PodSpec, used: &mut HashSet<String>) {
+pub fn secrets_of(spec: &PodSpec, used: &mut HashSet<String>) {
     for v in spec.volumes.iter().flatten() {
         if let Some(name) = v.secret.as_ref().and_then(|s| s.secret_name.clone()) {
             used.insert(name);

@@ -114,15 +114,22 @@ where
 /// The kill switch of the issuer `at` names, from the issuer cache.
 fn kill_switch(at: &AgentToken, ctx: &Context) -> Option<Timestamp> {
     let r = &at.spec.issuer_ref;
-    let spec = match r.kind {
-        IssuerKind::ClusterTokenIssuer => ctx.issuers.cluster_issuer(&r.name)?.spec.0.clone(),
+    let before = match r.kind {
+        IssuerKind::ClusterTokenIssuer => ctx
+            .issuers
+            .cluster_issuer(&r.name)?
+            .spec
+            .0
+            .revoke_issued_before
+            .clone(),
         IssuerKind::TokenIssuer => ctx
             .issuers
             .token_issuer(&at.namespace().unwrap_or_default(), &r.name)?
             .spec
+            .revoke_issued_before
             .clone(),
     };
-    spec.revoke_issued_before.map(|t| t.0)
+    before.map(|t| t.0)
 }
 
 /// How urgent a reconcile is, from the cached object (see `queue`). A
@@ -2250,7 +2257,7 @@ pub(super) async fn status_write(
     if let Ok(stored) = serde_json::to_value(&status).and_then(serde_json::from_value) {
         status = stored;
     }
-    if status == without_usage(&base) {
+    if status == without_foreign_fields(&base) {
         return Ok(());
     }
     let api: Api<AgentToken> =
@@ -2313,7 +2320,7 @@ pub(super) async fn status_write(
         // A change of metadata only (a tenant's annotation) or of usage
         // (the tracker's) is no reason to give up: only conflicts over the
         // reconcile's status count.
-        if without_usage(&theirs) != without_usage(&base) {
+        if without_foreign_fields(&theirs) != without_foreign_fields(&base) {
             conflicts += 1;
         }
         if conflicts >= STATUS_WRITE_ATTEMPTS || tries >= STATUS_WRITE_TRIES {
@@ -2323,7 +2330,7 @@ pub(super) async fn status_write(
         ledger::apply_foreign(&mut status, &foreign);
         version = now.resource_version().unwrap_or_default();
         base = theirs;
-        if status == without_usage(&base) {
+        if status == without_foreign_fields(&base) {
             ctx.set_written(
                 &uid,
                 Some(super::Written {
@@ -2385,7 +2392,7 @@ fn unused_condition(verdict: &super::unused::Verdict, dormant: bool) -> Want {
 }
 
 /// A status without the usage tracker's and the drill runner's fields.
-fn without_usage(s: &AgentTokenStatus) -> AgentTokenStatus {
+fn without_foreign_fields(s: &AgentTokenStatus) -> AgentTokenStatus {
     AgentTokenStatus {
         usage: None,
         last_drill: None,

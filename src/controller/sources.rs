@@ -259,34 +259,9 @@ pub fn in_ranges(ranges: &[String], addr: IpAddr) -> bool {
 /// Whether a Pod's volumes (plain or projected) or its containers'
 /// environment use Secret `name`.
 pub fn uses_secret(spec: &PodSpec, name: &str) -> bool {
-    let volumes = spec.volumes.iter().flatten().any(|v| {
-        v.secret
-            .as_ref()
-            .is_some_and(|s| s.secret_name.as_deref() == Some(name))
-            || v.projected.as_ref().is_some_and(|p| {
-                p.sources
-                    .iter()
-                    .flatten()
-                    .any(|s| s.secret.as_ref().is_some_and(|s| s.name == name))
-            })
-    });
-    let containers = spec
-        .containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten())
-        .any(|c| {
-            c.env.iter().flatten().any(|e| {
-                e.value_from
-                    .as_ref()
-                    .and_then(|v| v.secret_key_ref.as_ref())
-                    .is_some_and(|r| r.name == name)
-            }) || c
-                .env_from
-                .iter()
-                .flatten()
-                .any(|e| e.secret_ref.as_ref().is_some_and(|r| r.name == name))
-        });
-    volumes || containers
+    let mut used = std::collections::HashSet::new();
+    super::others::secrets_of(spec, &mut used);
+    used.contains(name)
 }
 
 #[cfg(test)]

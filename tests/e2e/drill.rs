@@ -8,20 +8,14 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 
 use agent_token_operator::crd::{AgentToken, DrillResult, DrillStatus, RotationReason};
 
-use crate::support::{Operator, SA_ISSUER, TestNamespace, applied, eventually};
+use crate::support::{Operator, SA_ISSUER, TestNamespace, applied, eventually, token_of};
 
-async fn token_of(ns: &TestNamespace, name: &str) -> Option<String> {
-    let s: Secret = ns.api().get(name).await.ok()?;
-    let v = s.data?.remove("token")?;
-    Some(String::from_utf8_lossy(&v.0).trim().to_string())
-}
-
-fn drill(ns: &TestNamespace, name: &str) -> (std::process::Output, Option<DrillStatus>) {
+/// `kubectl agenttoken drill NAME -o json`: its output and its report.
+pub(crate) fn drill(ns: &TestNamespace, name: &str) -> (std::process::Output, Option<DrillStatus>) {
     let out = crate::plugin::plugin(ns, &["drill", name, "-o", "json", "--timeout", "3m"], None);
     let report = serde_json::from_slice(&out.stdout).ok();
     (out, report)

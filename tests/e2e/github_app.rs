@@ -405,13 +405,8 @@ spec:
     // to it (GET /installation/repositories, 401 once revoked). (The
     // plugin runs blocking: the stand-in serves from the other worker.)
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let out = crate::plugin::plugin(
-        &ns,
-        &["drill", "bot", "-o", "json", "--timeout", "2m"],
-        None,
-    );
-    let report: agent_token_operator::crd::DrillStatus = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let (out, report) = crate::drill::drill(&ns, "bot");
+    let report = report.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(
         report.result,
         agent_token_operator::crd::DrillResult::Passed,

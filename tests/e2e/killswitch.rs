@@ -8,13 +8,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 
 use agent_token_operator::crd::{AgentToken, RotationReason, TokenIssuer, TokenLife};
 
 use crate::helm::ok;
-use crate::support::{Operator, SA_ISSUER, TestNamespace, applied, eventually};
+use crate::support::{Operator, SA_ISSUER, TestNamespace, applied, eventually, token_of};
 
 const BOTS: usize = 8;
 
@@ -25,12 +24,6 @@ fn bot(name: &str, issuer: &str) -> String {
          spec:\n  issuerRef: {{name: {issuer}}}\n  serviceAccountName: builder\n  lifetime: 10m\n\
          \x20 previousTokenGracePeriod: 10m\n  consumers: {{restart: None}}\n"
     )
-}
-
-async fn token_of(ns: &TestNamespace, name: &str) -> Option<String> {
-    let s: Secret = ns.api().get(name).await.ok()?;
-    let v = s.data?.remove("token")?;
-    Some(String::from_utf8_lossy(&v.0).trim().to_string())
 }
 
 async fn condition(ats: &Api<AgentToken>, name: &str, type_: &str) -> Option<(String, String)> {

@@ -499,3 +499,10 @@ pub fn kubectl_stdin(
         .unwrap();
     child.wait_with_output().expect("kubectl")
 }
+
+/// The current token in Secret `secret` (read by the test, never printed).
+pub async fn token_of(ns: &TestNamespace, secret: &str) -> Option<String> {
+    let s: k8s_openapi::api::core::v1::Secret = ns.api().get(secret).await.ok()?;
+    let v = s.data?.remove("token")?;
+    Some(String::from_utf8_lossy(&v.0).trim().to_string())
+}

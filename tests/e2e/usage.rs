@@ -15,7 +15,7 @@ use kube::api::{Api, ListParams};
 use agent_token_operator::crd::{AgentToken, TokenLife};
 
 use crate::helm::ok;
-use crate::support::{Operator, SA_ISSUER, TestNamespace, applied, eventually};
+use crate::support::{Operator, SA_ISSUER, TestNamespace, applied, eventually, token_of};
 
 /// One operator at a time listens where the API server sends audit events.
 static ENDPOINT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -216,17 +216,6 @@ async fn usage_an_agent_pod_using_its_token_appears_in_status_with_its_pod_addre
             .status();
         assert_eq!(status.as_u16(), 401, "{auth:?}");
     }
-}
-
-/// The current token of `name` (read by the test, never printed).
-async fn token_of(ns: &TestNamespace, secret: &str) -> Option<String> {
-    let s = ns
-        .api::<k8s_openapi::api::core::v1::Secret>()
-        .get(secret)
-        .await
-        .ok()?;
-    let v = s.data?.remove("token")?;
-    Some(String::from_utf8_lossy(&v.0).trim().to_string())
 }
 
 /// The same token used from the host (not a Pod that uses the Secret)
@@ -1016,13 +1005,8 @@ async fn usage_a_jwt_checked_through_introspection_is_seen_and_once_revoked_answ
 
     // A drill on the jwt: the operator's own introspection is the issuer's
     // answer, inactive as soon as the drill revoked it.
-    let out = crate::plugin::plugin(
-        &ns,
-        &["drill", "bot", "-o", "json", "--timeout", "2m"],
-        None,
-    );
-    let report: agent_token_operator::crd::DrillStatus = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let (out, report) = crate::drill::drill(&ns, "bot");
+    let report = report.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(
         report.result,
         agent_token_operator::crd::DrillResult::Passed,
