@@ -870,6 +870,12 @@ pub struct HistoryEntry {
     /// identifier, not a secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_id: Option<String>,
+    /// Its revocation was ordered at once (the kill switch, the
+    /// `agenttoken.dev/revoke` annotation, a stolen copy, a drill): it goes
+    /// ahead of other work and may spend the issuer's
+    /// `policy.rateLimit.emergency` budget.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub urgent: bool,
 }
 
 fn is_zero(n: &i32) -> bool {
@@ -1215,12 +1221,16 @@ impl AgentToken {
     printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
     validation = Rule::new("!has(self.spec.policy) || (!has(self.spec.policy.allowedNamespaces) && !has(self.spec.policy.namespaceSelector))")
-        .message("policy.allowedNamespaces and policy.namespaceSelector are for ClusterTokenIssuer: a TokenIssuer serves its own namespace only")
+        .message("policy.allowedNamespaces and policy.namespaceSelector are for ClusterTokenIssuer: a TokenIssuer serves its own namespace only"),
+    validation = Rule::new("!has(self.spec.revokeScope) || (!has(self.spec.revokeScope.namespaces) && !has(self.spec.revokeScope.namespaceSelector))")
+        .message("revokeScope.namespaces and revokeScope.namespaceSelector are for ClusterTokenIssuer: a TokenIssuer serves its own namespace only")
 )]
 #[x_kube(
     validation = Rule::new(
         "[has(self.serviceAccount), has(self.oauth2), has(self.vault), has(self.githubApp), has(self.webhook), has(self.jwt)].filter(x, x).size() == 1"
-    ).message("set exactly one issuer kind: serviceAccount, oauth2, vault, githubApp, webhook or jwt")
+    ).message("set exactly one issuer kind: serviceAccount, oauth2, vault, githubApp, webhook or jwt"),
+    validation = Rule::new("!has(self.revokeScope) || has(self.revokeIssuedBefore)")
+        .message("revokeScope narrows the kill switch: set revokeIssuedBefore with it")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TokenIssuerSpec {
@@ -1230,11 +1240,17 @@ pub struct TokenIssuerSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
     /// The kill switch: every token this issuer minted before this time is
-    /// revoked at once and replaced (only revoked while `suspend` is set).
-    /// Set it to now to revoke everything the issuer ever minted; it stays
-    /// in force for tokens minted before it, so it is safe to leave set.
+    /// revoked at once and replaced (while `suspend` is set, revoked and not
+    /// replaced). Set it to now to revoke everything the issuer ever
+    /// minted; it stays in force for tokens minted before it, so it is
+    /// safe to leave set. `revokeScope` narrows it to some AgentTokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoke_issued_before: Option<Time>,
+    /// Which AgentTokens the kill switch covers: a compromised team or
+    /// workload rather than the whole issuer. Every part that is set must
+    /// match; absent, it covers all of this issuer's AgentTokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke_scope: Option<RevokeScope>,
     /// Kubernetes TokenRequest for ServiceAccounts in the AgentToken's own namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account: Option<ServiceAccountIssuerSpec>,
@@ -1516,6 +1532,17 @@ pub struct WebhookIssuerSpec {
     #[serde(rename = "revokeURL", default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
     pub revoke_url: Option<String>,
+    /// RFC 7662 introspection endpoint (optional): POSTed the form
+    /// `token=...&token_type_hint=access_token` with the `Authorization`
+    /// header; it answers `{"active": true|false}`. A revocation drill asks
+    /// it whether the old token is still accepted.
+    #[serde(
+        rename = "introspectionURL",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
+    pub introspection_url: Option<String>,
     /// Time allowed for one HTTP request, connecting included (default 10s,
     /// 1s-60s). A request that times out is retried (3 attempts in all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1639,6 +1666,24 @@ pub struct IssuerPolicy {
     pub allowed_permissions: BTreeMap<String, String>,
 }
 
+/// The AgentTokens a kill switch covers.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokeScope {
+    /// Namespaces (globs; ClusterTokenIssuer only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024), inner(length(min = 1, max = 63)))]
+    pub namespaces: Vec<String>,
+    /// Namespaces by label (ClusterTokenIssuer only). Namespace labels are
+    /// the cluster admins' to set, so a team cannot step out of this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// AgentTokens by label. Those labels are the namespace admins' to
+    /// change: against a team you do not trust, scope by namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
+
 /// A token bucket.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -1647,6 +1692,25 @@ pub struct RateLimit {
     #[schemars(range(min = 1, max = 10000))]
     pub per_second: u32,
     /// Requests allowed in a burst (default: perSecond).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 100000))]
+    pub burst: u32,
+    /// Revocations ordered now (kill switch, `agenttoken.dev/revoke`, a
+    /// stolen copy, a person's drill) go ahead of all other work and spend
+    /// this budget, beyond `perSecond`, once the shared one is spent.
+    /// Absent: they keep within `perSecond` like every other request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emergency: Option<EmergencyRate>,
+}
+
+/// The extra budget a platform allows revocations in an emergency.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EmergencyRate {
+    /// Sustained revocations per second beyond the shared budget.
+    #[schemars(range(min = 1, max = 10000))]
+    pub per_second: u32,
+    /// Revocations allowed in a burst (default: perSecond).
     #[serde(default)]
     #[schemars(range(min = 0, max = 100000))]
     pub burst: u32,
@@ -1667,6 +1731,9 @@ pub struct TokenIssuerStatus {
     /// this issuer) and its AgentTokens act on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoke_issued_before: Option<Time>,
+    /// The `spec.revokeScope` announced with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke_scope: Option<RevokeScope>,
 }
 
 /// The three CRDs as one multi-document YAML (what `crds/` holds).

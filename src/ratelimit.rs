@@ -57,6 +57,31 @@ impl RateLimiters {
     }
 }
 
+impl RateLimiters {
+    /// Spends one revocation of `key`'s budget under `limit`: the shared
+    /// budget first; an urgent revocation (kill switch, revoke annotation,
+    /// a stolen copy, a drill) then `limit.emergency`, when the platform
+    /// set one. Otherwise says how long until either has one.
+    pub fn try_revocation(
+        &self,
+        key: &str,
+        limit: &crate::crd::RateLimit,
+        urgent: bool,
+    ) -> Result<(), Duration> {
+        let shared = self.try_acquire(key, f64::from(limit.per_second), limit.burst);
+        match (&limit.emergency, shared) {
+            (Some(e), Err(wait)) if urgent => self
+                .try_acquire(
+                    &format!("{key}#emergency"),
+                    f64::from(e.per_second),
+                    e.burst,
+                )
+                .map_err(|w| w.min(wait)),
+            (_, shared) => shared,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +122,39 @@ mod tests {
             let in_window = times[i..].iter().filter(|u| **u < t + 1.0).count();
             assert!(in_window <= 15, "{in_window} requests within 1s from {t}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn urgent_revocations_spend_the_emergency_budget_only_past_the_shared_one() {
+        let limit: crate::crd::RateLimit = serde_json::from_value(serde_json::json!({
+            "perSecond": 1, "burst": 2, "emergency": {"perSecond": 10, "burst": 5}
+        }))
+        .unwrap();
+        let l = RateLimiters::default();
+        let count = |urgent: bool| {
+            (0..100)
+                .filter(|_| l.try_revocation("i", &limit, urgent).is_ok())
+                .count()
+        };
+        // The shared burst (2), then nothing for ordinary work.
+        assert_eq!(count(false), 2);
+        // Urgent: the emergency burst on top (5); ordinary work still waits.
+        assert_eq!(count(true), 5);
+        assert_eq!(count(false), 0);
+        // One second on: 1 shared + 10 emergency for urgent work.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(count(true), 6);
+        // Without an emergency budget, urgent work keeps within perSecond.
+        let plain: crate::crd::RateLimit =
+            serde_json::from_value(serde_json::json!({"perSecond": 1, "burst": 2})).unwrap();
+        let count = |urgent: bool| {
+            (0..100)
+                .filter(|_| l.try_revocation("j", &plain, urgent).is_ok())
+                .count()
+        };
+        assert_eq!(count(true), 2);
+        let wait = l.try_revocation("j", &plain, true).unwrap_err();
+        assert!((0.99..=1.01).contains(&wait.as_secs_f64()), "{wait:?}");
     }
 
     #[tokio::test(start_paused = true)]

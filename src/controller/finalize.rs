@@ -102,12 +102,7 @@ pub async fn cleanup(at: &AgentToken, ctx: &Context) -> Result<Action, Error> {
         ctx,
         &who,
         &mut status,
-        current
-            .as_ref()
-            .map(|(record, backend)| revoke::CurrentIssuer {
-                record,
-                backend: backend.as_ref(),
-            }),
+        current.as_ref().map(|c| c.as_current()),
         &values,
         &mut keeper,
         now,
@@ -159,7 +154,7 @@ pub async fn cleanup(at: &AgentToken, ctx: &Context) -> Result<Action, Error> {
         .count();
     let kind = current
         .as_ref()
-        .map_or("unknown", |(record, _)| record.type_.as_str());
+        .map_or("unknown", |c| c.record.type_.as_str());
     ctx.metrics
         .revocations_on_delete(kind, revoked, gave_up.len());
     if let Some(k) = keeper.as_mut()

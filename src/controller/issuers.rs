@@ -176,8 +176,14 @@ async fn reconcile<K: IssuerObject>(issuer: Arc<K>, ctx: Arc<Context>) -> Result
         announce(EventType::Warning, Reason::IssuerSuspended, note.into()).await;
     }
     let kill = issuer.spec().revoke_issued_before.clone();
-    if kill.is_some() && kill != old.revoke_issued_before {
+    let revoke_scope = kill.as_ref().and(issuer.spec().revoke_scope.clone());
+    let announced = kill != old.revoke_issued_before || revoke_scope != old.revoke_scope;
+    if kill.is_some() && announced {
         let when = kill.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
+        let scope = revoke_scope
+            .as_ref()
+            .map(|s| format!(" for {}", describe_scope(s)))
+            .unwrap_or_default();
         let then = if issuer.spec().suspend {
             "revoked at once, not replaced while the issuer is suspended"
         } else {
@@ -187,7 +193,7 @@ async fn reconcile<K: IssuerObject>(issuer: Arc<K>, ctx: Arc<Context>) -> Result
             EventType::Warning,
             Reason::KillSwitch,
             format!(
-                "kill switch: every token this issuer minted before {when} is {then}; each AgentToken's ledger records its own"
+                "kill switch: every token this issuer minted before {when}{scope} is {then}; each AgentToken's ledger records its own"
             ),
         )
         .await;
@@ -201,11 +207,12 @@ async fn reconcile<K: IssuerObject>(issuer: Arc<K>, ctx: Arc<Context>) -> Result
     let ready = conditions
         .iter()
         .any(|c| c.type_ == READY && c.status == "True");
-    if conditions != issuer.conditions() || kill != old.revoke_issued_before {
+    if conditions != issuer.conditions() || announced {
         let st = TokenIssuerStatus {
             conditions,
             observed_generation: issuer.meta().generation,
             revoke_issued_before: kill,
+            revoke_scope,
         };
         let patch = serde_json::json!({
             "apiVersion": K::api_version(&()),
@@ -332,4 +339,44 @@ pub async fn run_cluster(
         )
         .for_each(|_| futures::future::ready(()))
         .await
+}
+
+/// A kill switch's scope in words, for its Event.
+fn describe_scope(s: &crate::crd::RevokeScope) -> String {
+    let mut parts = Vec::new();
+    if !s.namespaces.is_empty() {
+        parts.push(format!("namespaces {}", s.namespaces.join(", ")));
+    }
+    if let Some(sel) = &s.namespace_selector {
+        parts.push(format!("namespaces labelled {}", selector_text(sel)));
+    }
+    if let Some(sel) = &s.selector {
+        parts.push(format!("AgentTokens labelled {}", selector_text(sel)));
+    }
+    if parts.is_empty() {
+        "all its AgentTokens".into()
+    } else {
+        parts.join(" and ")
+    }
+}
+
+/// A label selector as `kubectl get -l` would take it.
+fn selector_text(sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> String {
+    let mut terms: Vec<String> = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in sel.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        terms.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            other => format!("{} {other} ({values})", e.key),
+        });
+    }
+    terms.join(",")
 }

@@ -279,6 +279,25 @@ pub fn retire(status: &mut AgentTokenStatus, revision: i64, why: &str, now: Time
     }
 }
 
+/// Queues the token of `revision` for revocation now, as an emergency
+/// (see `HistoryEntry::urgent`).
+pub fn retire_now(status: &mut AgentTokenStatus, revision: i64, why: &str, now: Timestamp) {
+    retire(status, revision, why, now);
+    if let Some(e) = entry_mut(status, revision)
+        && life(e) == TokenLife::Revoking
+    {
+        e.urgent = true;
+    }
+}
+
+/// Puts off the next attempt at `revision`'s revocation until `until`
+/// without counting one (the issuer's rate budget is spent).
+pub fn defer(status: &mut AgentTokenStatus, revision: i64, until: Timestamp) {
+    if let Some(e) = entry_mut(status, revision) {
+        e.next_attempt_at = Some(Time(until));
+    }
+}
+
 /// How one revocation attempt ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {

@@ -323,6 +323,21 @@ impl Context {
         }
     }
 
+    /// Spends one revocation from the issuer's rate budget; an urgent one
+    /// (`HistoryEntry::urgent`) may go on to `rateLimit.emergency` once the
+    /// shared budget is spent. Says how long until there is one.
+    pub fn try_revocation_budget(
+        &self,
+        key: &str,
+        limit: Option<&crate::crd::RateLimit>,
+        urgent: bool,
+    ) -> Result<(), Duration> {
+        match limit {
+            Some(limit) => self.limiters.try_revocation(key, limit, urgent),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the indexes a reconcile trusts have their first full list:
     /// before that, a binding Secret the ledger did not record (a mint the
     /// operator stopped in) would not be found, and its revision could be
@@ -399,7 +414,7 @@ impl Context {
 pub(crate) async fn reconcile_issuer(
     at: &AgentToken,
     ctx: &Context,
-) -> Result<Option<(IssuerRecord, Box<dyn Issuer>)>, Error> {
+) -> Result<Option<CurrentBackend>, Error> {
     let ns = at.namespace().unwrap_or_default();
     let name = &at.spec.issuer_ref.name;
     let (found, issuer_ns) = match at.spec.issuer_ref.kind {
@@ -421,17 +436,45 @@ pub(crate) async fn reconcile_issuer(
     let Some((spec, uid)) = found else {
         return Ok(None);
     };
-    Ok(ctx.issuer_backend(&spec, issuer_ns, name).ok().map(|b| {
-        (
-            IssuerRecord {
+    let key = match issuer_ns {
+        Some(ns) => format!("TokenIssuer/{ns}/{name}"),
+        None => format!("ClusterTokenIssuer/{name}"),
+    };
+    let rate = spec.policy.as_ref().and_then(|p| p.rate_limit.clone());
+    Ok(ctx
+        .issuer_backend(&spec, issuer_ns, name)
+        .ok()
+        .map(|backend| CurrentBackend {
+            record: IssuerRecord {
                 kind: at.spec.issuer_ref.kind,
                 name: name.clone(),
                 uid: uid.unwrap_or_default(),
-                type_: b.kind().to_string(),
+                type_: backend.kind().to_string(),
             },
-            b,
-        )
-    }))
+            backend,
+            key,
+            rate,
+        }))
+}
+
+/// The issuer an AgentToken names, resolved outside a reconcile (deletion,
+/// fail closed).
+pub(crate) struct CurrentBackend {
+    pub record: IssuerRecord,
+    pub backend: Box<dyn Issuer>,
+    pub key: String,
+    pub rate: Option<crate::crd::RateLimit>,
+}
+
+impl CurrentBackend {
+    pub fn as_current(&self) -> revoke::CurrentIssuer<'_> {
+        revoke::CurrentIssuer {
+            record: &self.record,
+            backend: self.backend.as_ref(),
+            key: &self.key,
+            rate: self.rate.as_ref(),
+        }
+    }
 }
 
 fn error_policy(at: Arc<AgentToken>, error: &Error, ctx: Arc<Context>) -> Action {

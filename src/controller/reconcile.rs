@@ -114,22 +114,18 @@ where
 /// The kill switch of the issuer `at` names, from the issuer cache.
 fn kill_switch(at: &AgentToken, ctx: &Context) -> Option<Timestamp> {
     let r = &at.spec.issuer_ref;
-    let before = match r.kind {
-        IssuerKind::ClusterTokenIssuer => ctx
-            .issuers
-            .cluster_issuer(&r.name)?
-            .spec
-            .0
-            .revoke_issued_before
-            .clone(),
-        IssuerKind::TokenIssuer => ctx
-            .issuers
-            .token_issuer(&at.namespace().unwrap_or_default(), &r.name)?
-            .spec
-            .revoke_issued_before
-            .clone(),
+    let ns = at.namespace().unwrap_or_default();
+    let covered = |spec: &TokenIssuerSpec, cluster_scoped: bool| {
+        let before = spec.revoke_issued_before.as_ref()?.0;
+        spec.revoke_scope
+            .as_ref()
+            .is_none_or(|s| in_scope(s, cluster_scoped, &ns, None, at.labels()))
+            .then_some(before)
     };
-    before.map(|t| t.0)
+    match r.kind {
+        IssuerKind::ClusterTokenIssuer => covered(&ctx.issuers.cluster_issuer(&r.name)?.spec, true),
+        IssuerKind::TokenIssuer => covered(&ctx.issuers.token_issuer(&ns, &r.name)?.spec, false),
+    }
 }
 
 /// How urgent a reconcile is, from the cached object (see `queue`). A
@@ -317,6 +313,13 @@ impl Observed {
         Some(revoke::CurrentIssuer {
             record: &self.record,
             backend: self.backend.as_ref(),
+            key: &self.issuer.key,
+            rate: self
+                .issuer
+                .spec
+                .policy
+                .as_ref()
+                .and_then(|p| p.rate_limit.as_ref()),
         })
     }
 
@@ -553,6 +556,39 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
         type_: backend.kind().to_string(),
     };
     let unused = unused_verdict(at, at.status.as_ref(), ctx, &ns, &secret_name, now);
+    let mut kill_current = killed(
+        current
+            .as_ref()
+            .or_else(|| status.history.iter().max_by_key(|e| e.revision)),
+        &record,
+        &issuer.spec,
+        now,
+    );
+    let mut kill_previous = killed(previous.as_ref(), &record, &issuer.spec, now);
+    if (kill_current || kill_previous)
+        && let Some(scope) = &issuer.spec.revoke_scope
+    {
+        let labels = match &scope.namespace_selector {
+            Some(_) if issuer.cluster_scoped && ns_labels.is_empty() => {
+                Api::<Namespace>::all(ctx.client.clone())
+                    .get(&ns)
+                    .await?
+                    .metadata
+                    .labels
+                    .unwrap_or_default()
+            }
+            _ => ns_labels.clone(),
+        };
+        let covered = in_scope(
+            scope,
+            issuer.cluster_scoped,
+            &ns,
+            Some(&labels),
+            at.labels(),
+        );
+        kill_current &= covered;
+        kill_previous &= covered;
+    }
     Ok(Observation::Seen(Box::new(Observed {
         spec_hash: spec_hash(at, &effective),
         window: renew_window(at),
@@ -563,15 +599,8 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
         drill_scheduled,
         compromised: compromised(at),
         suspended: issuer.spec.suspend,
-        kill_current: killed(
-            current
-                .as_ref()
-                .or_else(|| status.history.iter().max_by_key(|e| e.revision)),
-            &record,
-            &issuer.spec,
-            now,
-        ),
-        kill_previous: killed(previous.as_ref(), &record, &issuer.spec, now),
+        kill_current,
+        kill_previous,
         unused: unused.clone(),
         dormant: dormant(at, unused.as_ref().map(|(v, _)| v)),
         ns,
@@ -697,6 +726,36 @@ fn killed(
         && e.issued_at.as_ref().is_some_and(|t| t.0 < before.0)
 }
 
+/// Whether a kill switch's `revokeScope` covers an AgentToken in `ns`
+/// with `labels`. Namespace parts bind only a ClusterTokenIssuer (a
+/// TokenIssuer serves its own namespace; admission refuses them there).
+/// `ns_labels: None` means unknown: the namespace selector is taken to
+/// match (the queue's guess at urgency; the reconcile always knows).
+fn in_scope(
+    scope: &crate::crd::RevokeScope,
+    cluster_scoped: bool,
+    ns: &str,
+    ns_labels: Option<&BTreeMap<String, String>>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let namespaces = !cluster_scoped
+        || scope.namespaces.is_empty()
+        || scope
+            .namespaces
+            .iter()
+            .any(|g| crate::policy::glob_match(g, ns));
+    let namespace_labels = !cluster_scoped
+        || match (&scope.namespace_selector, ns_labels) {
+            (Some(sel), Some(l)) => super::selector::matches(sel, l),
+            _ => true,
+        };
+    let own = scope
+        .selector
+        .as_ref()
+        .is_none_or(|sel| super::selector::matches(sel, labels));
+    namespaces && namespace_labels && own
+}
+
 /// The newest revision seen used from an unexpected address, when
 /// `spec.usage.onUnexpectedSource` is `Revoke`.
 fn compromised(at: &AgentToken) -> Option<i64> {
@@ -762,6 +821,25 @@ async fn act(
     let mut hold_wait = plan.backlog.then_some(Duration::from_secs(30));
     if plan.backlog {
         warn!(namespace = %o.ns, agenttoken = %o.name, "too many tokens await revocation; not minting");
+    }
+    let rate_limited = o
+        .issuer
+        .spec
+        .policy
+        .as_ref()
+        .is_some_and(|p| p.rate_limit.is_some());
+    if let Some(m) = decision.mint
+        && rate_limited
+        && m.revoke_current_now
+        && o.current.is_some()
+        && !(m.reason == RotationReason::Drill && o.drill_scheduled)
+    {
+        // On a rate-limited issuer the revocation spends the budget first
+        // (and may spend the emergency one); the replacement follows on
+        // the next reconcile, within the shared budget.
+        decision.withdraw_current = true;
+        decision.mint = None;
+        hold_wait = Some(Duration::from_millis(50));
     }
     if let Some(m) = decision.mint
         && let Err(wait) = ctx.try_budget(&o.issuer.key, &o.issuer.spec)
@@ -867,7 +945,7 @@ async fn act(
             } else {
                 "used from an unexpected address (spec.usage.onUnexpectedSource: Revoke)"
             };
-            ledger::retire(&mut o.status, prev.revision, why, o.now);
+            ledger::retire_now(&mut o.status, prev.revision, why, o.now);
         }
         if acted.decision.withdraw_current
             && let Some(cur) = ledger::current(&o.status).cloned()
@@ -904,7 +982,7 @@ async fn act(
                     "until its replacement is minted (mint floor, backoff or the issuer's rate)",
                 )
             };
-            ledger::retire(&mut o.status, cur.revision, &why, o.now);
+            ledger::retire_now(&mut o.status, cur.revision, &why, o.now);
             // No token in the Secret: the summary no longer names one (and
             // the queue serves the replacement after pending revocations).
             o.status.issued_at = None;
@@ -1986,12 +2064,7 @@ async fn fail_closed(at: &AgentToken, ctx: &Context, r: Refusal) -> Result<Actio
         ctx,
         &who,
         &mut status,
-        current
-            .as_ref()
-            .map(|(record, backend)| revoke::CurrentIssuer {
-                record,
-                backend: backend.as_ref(),
-            }),
+        current.as_ref().map(|c| c.as_current()),
         &values,
         &mut keeper,
         now,
@@ -2983,6 +3056,141 @@ async fn consumers_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kill_switch_scope_covers_only_what_every_set_part_matches() {
+        let scope = |v: serde_json::Value| -> crate::crd::RevokeScope {
+            serde_json::from_value(v).unwrap()
+        };
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let team_a = labels(&[("team", "a")]);
+        let none = labels(&[]);
+        let bot = labels(&[("app", "bot")]);
+        #[rustfmt::skip]
+        type Labels = BTreeMap<String, String>;
+        type Case<'a> = (
+            &'a str,
+            serde_json::Value,
+            bool,
+            &'a str,
+            Option<&'a Labels>,
+            &'a Labels,
+            bool,
+        );
+        let cases: &[Case] = &[
+            (
+                "empty scope covers all",
+                serde_json::json!({}),
+                true,
+                "x",
+                Some(&none),
+                &none,
+                true,
+            ),
+            (
+                "namespace glob matches",
+                serde_json::json!({"namespaces": ["team-*"]}),
+                true,
+                "team-a",
+                Some(&none),
+                &none,
+                true,
+            ),
+            (
+                "namespace glob misses",
+                serde_json::json!({"namespaces": ["team-*"]}),
+                true,
+                "other",
+                Some(&none),
+                &none,
+                false,
+            ),
+            (
+                "namespace labels match",
+                serde_json::json!({"namespaceSelector": {"matchLabels": {"team": "a"}}}),
+                true,
+                "x",
+                Some(&team_a),
+                &none,
+                true,
+            ),
+            (
+                "namespace labels miss",
+                serde_json::json!({"namespaceSelector": {"matchLabels": {"team": "a"}}}),
+                true,
+                "x",
+                Some(&none),
+                &none,
+                false,
+            ),
+            (
+                "namespace labels unknown: the queue's guess is yes",
+                serde_json::json!({"namespaceSelector": {"matchLabels": {"team": "a"}}}),
+                true,
+                "x",
+                None,
+                &none,
+                true,
+            ),
+            (
+                "AgentToken labels match",
+                serde_json::json!({"selector": {"matchLabels": {"app": "bot"}}}),
+                true,
+                "x",
+                Some(&none),
+                &bot,
+                true,
+            ),
+            (
+                "AgentToken labels miss",
+                serde_json::json!({"selector": {"matchLabels": {"app": "bot"}}}),
+                true,
+                "x",
+                Some(&none),
+                &none,
+                false,
+            ),
+            (
+                "every part must match",
+                serde_json::json!({"namespaces": ["team-*"], "selector": {"matchLabels": {"app": "bot"}}}),
+                true,
+                "other",
+                Some(&none),
+                &bot,
+                false,
+            ),
+            (
+                "a TokenIssuer's own namespace is always in",
+                serde_json::json!({"namespaces": ["team-*"], "selector": {"matchLabels": {"app": "bot"}}}),
+                false,
+                "other",
+                Some(&none),
+                &bot,
+                true,
+            ),
+            (
+                "a TokenIssuer still narrows by AgentToken labels",
+                serde_json::json!({"selector": {"matchLabels": {"app": "bot"}}}),
+                false,
+                "x",
+                Some(&none),
+                &none,
+                false,
+            ),
+        ];
+        for (what, s, cluster, ns, ns_labels, at_labels, want) in cases {
+            assert_eq!(
+                in_scope(&scope(s.clone()), *cluster, ns, *ns_labels, at_labels),
+                *want,
+                "{what}"
+            );
+        }
+    }
 
     #[test]
     fn a_scheduled_drill_is_due_once_per_schedule_time() {

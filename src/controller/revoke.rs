@@ -19,7 +19,8 @@ use super::ledger::{self, Handle, Outcome};
 use super::reason::Reason;
 use super::{Context, Error};
 use crate::crd::{
-    AgentTokenStatus, ClusterTokenIssuer, IssuerKind, IssuerRecord, TokenIssuer, TokenLife,
+    AgentTokenStatus, ClusterTokenIssuer, IssuerKind, IssuerRecord, RateLimit, TokenIssuer,
+    TokenLife,
 };
 use crate::issuer::service_account::ServiceAccountIssuer;
 use crate::issuer::{Issuer, IssuerError, Revocation, RevocationHandle};
@@ -32,7 +33,14 @@ pub const REVOKE_DEADLINE: Duration = Duration::from_secs(90);
 pub struct CurrentIssuer<'a> {
     pub record: &'a IssuerRecord,
     pub backend: &'a dyn Issuer,
+    /// Its rate-limit key and `policy.rateLimit`.
+    pub key: &'a str,
+    pub rate: Option<&'a RateLimit>,
 }
+
+/// An issuer the ledger names that is not the current one, resolved once
+/// per pass: its backend, or why there is none.
+type Resolved = Result<(Box<dyn Issuer>, String, Option<RateLimit>), String>;
 
 /// Token values at hand, by revision: just minted, or read from the
 /// tenant's Secret and verified against the ledger's fingerprint.
@@ -80,7 +88,7 @@ pub async fn pass(
     limit: usize,
 ) -> Result<Vec<(EventType, Reason, String)>, Error> {
     let mut events = Vec::new();
-    let mut backends: BTreeMap<String, Result<Box<dyn Issuer>, String>> = BTreeMap::new();
+    let mut backends: BTreeMap<String, Resolved> = BTreeMap::new();
     for revision in ledger::due(status, now).into_iter().take(limit) {
         let Some(entry) = status
             .history
@@ -101,7 +109,7 @@ pub async fn pass(
             Some(Handle::Jwt) => (Outcome::NotSupported, "jwt".to_string()),
             Some(handle) => {
                 let kind = handle.issuer_type().to_string();
-                let outcome = attempt(
+                match attempt(
                     ctx,
                     who,
                     &entry,
@@ -111,8 +119,23 @@ pub async fn pass(
                     keeper,
                     &mut backends,
                 )
-                .await?;
-                (outcome, kind)
+                .await?
+                {
+                    Ok(outcome) => (outcome, kind),
+                    Err(wait) => {
+                        // Over the issuer's rate: no attempt made, none counted.
+                        let until = now
+                            .checked_add(jiff::SignedDuration::try_from(wait).unwrap_or_default())
+                            .unwrap_or(now);
+                        ledger::defer(status, revision, until);
+                        info!(
+                            revision,
+                            wait_ms = wait.as_millis() as u64,
+                            "revocation waits for the issuer's rate budget"
+                        );
+                        continue;
+                    }
+                }
             }
         };
         let fp = entry.fingerprint.clone();
@@ -157,8 +180,8 @@ async fn attempt(
     current: &Option<CurrentIssuer<'_>>,
     values: &Values,
     keeper: &mut Option<Keeper>,
-    backends: &mut BTreeMap<String, Result<Box<dyn Issuer>, String>>,
-) -> Result<Outcome, Error> {
+    backends: &mut BTreeMap<String, Resolved>,
+) -> Result<Result<Outcome, Duration>, Error> {
     // The token itself, only if its fingerprint is the ledger's.
     let mut token = None;
     if handle.needs_token() {
@@ -171,9 +194,9 @@ async fn attempt(
                 .filter(|v| fingerprint(v.expose_secret().as_bytes()) == entry.fingerprint);
         }
         if token.is_none() {
-            return Ok(Outcome::Impossible(
+            return Ok(Ok(Outcome::Impossible(
                 "revoking it needs the token itself, which is no longer held".into(),
-            ));
+            )));
         }
     }
     if let Handle::VaultSearch(stored) = handle
@@ -184,12 +207,25 @@ async fn attempt(
         )
         .is_none_or(|(uid, _)| uid != who.uid)
     {
-        return Ok(Outcome::Impossible(
+        return Ok(Ok(Outcome::Impossible(
             "its search handle names another AgentToken".into(),
-        ));
+        )));
     }
+    let same_issuer = |c: &CurrentIssuer<'_>| {
+        entry
+            .issuer
+            .as_ref()
+            .is_none_or(|rec| rec.uid == c.record.uid)
+    };
     let backend: &dyn Issuer = match handle {
         Handle::Binding(binding) => {
+            // The API server is this issuer: its rate applies when the
+            // AgentToken still names it.
+            if let Some(c) = current.as_ref().filter(|c| same_issuer(c))
+                && let Err(wait) = ctx.try_revocation_budget(c.key, c.rate, entry.urgent)
+            {
+                return Ok(Err(wait));
+            }
             let started = std::time::Instant::now();
             let result = ServiceAccountIssuer::new(ctx.client.clone())
                 .revoke_binding(who.namespace, binding, who.uid)
@@ -200,15 +236,15 @@ async fn attempt(
                 result.is_ok(),
                 started.elapsed(),
             );
-            return Ok(match result {
+            return Ok(Ok(match result {
                 Ok(_) => Outcome::Revoked,
                 Err(e @ IssuerError::Invalid(_)) => Outcome::Impossible(e.to_string()),
                 Err(e) => Outcome::Retry(e.to_string()),
-            });
+            }));
         }
         _ => {
             let resolved = match (&entry.issuer, current) {
-                (Some(rec), Some(c)) if rec.uid == c.record.uid => Ok(c.backend),
+                (Some(rec), Some(c)) if rec.uid == c.record.uid => Ok((c.backend, c.key, c.rate)),
                 (Some(rec), _) => {
                     let key = format!("{:?}/{}/{}", rec.kind, rec.name, rec.uid);
                     if !backends.contains_key(&key) {
@@ -216,28 +252,35 @@ async fn attempt(
                         backends.insert(key.clone(), b);
                     }
                     match backends.get(&key) {
-                        Some(Ok(b)) => Ok(b.as_ref()),
+                        Some(Ok((b, key, rate))) => Ok((b.as_ref(), key.as_str(), rate.as_ref())),
                         Some(Err(m)) => Err(m.clone()),
                         None => Err("the issuer could not be resolved".into()),
                     }
                 }
                 // An entry from before issuers were recorded: the current
                 // issuer, only if it is of the handle's type.
-                (None, Some(c)) => Ok(c.backend),
+                (None, Some(c)) => Ok((c.backend, c.key, c.rate)),
                 (None, None) => Err("the issuer that minted it is not known".into()),
             };
             match resolved {
-                Ok(b) => b,
-                Err(m) => return Ok(Outcome::Impossible(m)),
+                Ok((b, key, rate)) => {
+                    if b.kind() == handle.issuer_type()
+                        && let Err(wait) = ctx.try_revocation_budget(key, rate, entry.urgent)
+                    {
+                        return Ok(Err(wait));
+                    }
+                    b
+                }
+                Err(m) => return Ok(Ok(Outcome::Impossible(m))),
             }
         }
     };
     if backend.kind() != handle.issuer_type() {
-        return Ok(Outcome::Impossible(format!(
+        return Ok(Ok(Outcome::Impossible(format!(
             "its handle is for a {} issuer, not the {} issuer it would be sent to",
             handle.issuer_type(),
             backend.kind()
-        )));
+        ))));
     }
     let stored = entry.handle.clone().unwrap_or_else(|| match handle {
         Handle::Binding(b) => b.clone(),
@@ -258,7 +301,7 @@ async fn attempt(
     };
     ctx.metrics
         .observe_issuer_request(backend.kind(), "revoke", result.is_ok(), started.elapsed());
-    Ok(match result {
+    Ok(Ok(match result {
         Ok(Revocation::Revoked) => Outcome::Revoked,
         Ok(Revocation::RevokedAs(h)) => Outcome::RevokedAs(h.0),
         Ok(Revocation::NotSupported) => Outcome::NotSupported,
@@ -278,30 +321,30 @@ async fn attempt(
         Ok(Revocation::NotFound(m)) => Outcome::Retry(m),
         Ok(Revocation::Unsearchable(m)) => Outcome::Unfindable(m),
         Err(e) => Outcome::Retry(e.to_string()),
-    })
+    }))
 }
 
 /// The backend of the issuer recorded in a ledger entry, if that very
 /// object (same UID) still exists.
-async fn minting_issuer(
-    ctx: &Context,
-    ns: &str,
-    rec: &IssuerRecord,
-) -> Result<Result<Box<dyn Issuer>, String>, Error> {
+async fn minting_issuer(ctx: &Context, ns: &str, rec: &IssuerRecord) -> Result<Resolved, Error> {
     let found = match rec.kind {
         IssuerKind::TokenIssuer => Api::<TokenIssuer>::namespaced(ctx.client.clone(), ns)
             .get_opt(&rec.name)
             .await?
             .filter(|i| i.metadata.uid.as_deref() == Some(rec.uid.as_str()))
-            .map(|i| (i.spec, Some(ns))),
+            .map(|i| (i.spec, Some(ns), format!("TokenIssuer/{ns}/{}", rec.name))),
         IssuerKind::ClusterTokenIssuer => Api::<ClusterTokenIssuer>::all(ctx.client.clone())
             .get_opt(&rec.name)
             .await?
             .filter(|i| i.metadata.uid.as_deref() == Some(rec.uid.as_str()))
-            .map(|i| (i.spec.0, None)),
+            .map(|i| (i.spec.0, None, format!("ClusterTokenIssuer/{}", rec.name))),
     };
     Ok(match found {
-        Some((spec, issuer_ns)) => ctx.issuer_backend(&spec, issuer_ns, &rec.name),
+        Some((spec, issuer_ns, key)) => {
+            let rate = spec.policy.as_ref().and_then(|p| p.rate_limit.clone());
+            ctx.issuer_backend(&spec, issuer_ns, &rec.name)
+                .map(|b| (b, key, rate))
+        }
         None => Err(format!(
             "the {:?} {:?} that minted it no longer exists; it dies at its expiry",
             rec.kind, rec.name

@@ -278,3 +278,221 @@ async fn kill_switch_revokes_and_replaces_every_token_an_issuer_minted_and_suspe
         "no token in the operator's logs"
     );
 }
+
+/// Deletes a ClusterTokenIssuer when the test ends, passed or not.
+struct ClusterIssuer<'a> {
+    ns: &'a TestNamespace,
+    name: String,
+}
+
+impl Drop for ClusterIssuer<'_> {
+    fn drop(&mut self) {
+        let _ = self.ns.kubectl(&[
+            "delete",
+            "clustertokenissuer",
+            &self.name,
+            "--wait=false",
+            "--ignore-not-found",
+        ]);
+    }
+}
+
+/// When each AgentToken's token of revision `revisions[name]` was revoked,
+/// once all of them are.
+async fn revoked_at(
+    ats: &Api<AgentToken>,
+    revisions: &BTreeMap<String, i64>,
+) -> BTreeMap<String, jiff::Timestamp> {
+    let mut out = BTreeMap::new();
+    for (name, revision) in revisions {
+        let at = eventually(Duration::from_secs(60), "the old token revoked", || async {
+            let st = ats.get(name).await.ok()?.status?;
+            let e = st.history.iter().find(|e| e.revision == *revision)?;
+            (e.state == Some(TokenLife::Revoked))
+                .then(|| e.revoked_at.as_ref().map(|t| t.0))
+                .flatten()
+        })
+        .await;
+        out.insert(name.clone(), at);
+    }
+    out
+}
+
+fn spread(times: &BTreeMap<String, jiff::Timestamp>) -> i64 {
+    let first = times.values().min().unwrap();
+    let last = times.values().max().unwrap();
+    last.duration_since(*first).as_secs()
+}
+
+/// The declarative kill switch for a team (`spec.revokeScope` next to
+/// `spec.revokeIssuedBefore` on a ClusterTokenIssuer, real serviceAccount
+/// issuer): only the AgentTokens every part of the scope matches are
+/// revoked and replaced. On an issuer limited to 1 request a second, the
+/// platform's `rateLimit.emergency` lets the kill switch revoke past that
+/// budget at once; without it, revocations keep to the shared budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_switch_scoped_to_a_team_and_its_emergency_rate_serviceaccount() {
+    let ns = TestNamespace::new("kill-scope").await;
+    let op = Operator::start(&ns.name);
+    let cti = ClusterIssuer {
+        ns: &ns,
+        name: format!("kill-scope-{}", crate::support::random_suffix()),
+    };
+    let issuer_yaml = |emergency: &str| {
+        format!(
+            "apiVersion: agenttoken.dev/v1alpha1\nkind: ClusterTokenIssuer\nmetadata: {{name: {}}}\n\
+             spec:\n  serviceAccount: {{}}\n  policy:\n    allowedNamespaces: [{}]\n\
+             \x20   allowedServiceAccounts: [builder]\n    rateLimit: {{perSecond: 1, burst: 1{emergency}}}\n",
+            cti.name, ns.name
+        )
+    };
+    applied(&ns, &issuer_yaml(", emergency: {perSecond: 50, burst: 50}"));
+    applied(
+        &ns,
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: builder}\n",
+    );
+    let _tenant = crate::hostile::tenant(&ns).await;
+    let teams = [("red", 3), ("blue", 3)];
+    let mut names = Vec::new();
+    for (team, n) in teams {
+        for i in 0..n {
+            let name = format!("{team}-{i}");
+            let yaml = bot(&name, &cti.name)
+                .replace(
+                    &format!("metadata: {{name: {name}}}"),
+                    &format!("metadata: {{name: {name}, labels: {{team: {team}}}}}"),
+                )
+                .replace(
+                    &format!("issuerRef: {{name: {}}}", cti.name),
+                    &format!(
+                        "issuerRef: {{kind: ClusterTokenIssuer, name: {}}}",
+                        cti.name
+                    ),
+                );
+            let out = crate::hostile::apply_as_tenant(&ns.name, &yaml);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            names.push(name);
+        }
+    }
+    let ats: Api<AgentToken> = ns.api();
+    let mut before = BTreeMap::new();
+    for name in &names {
+        eventually(Duration::from_secs(60), "a first token", || async {
+            (ats.get(name).await.ok()?.status?.revision == 1).then_some(())
+        })
+        .await;
+        before.insert(name.clone(), token_of(&ns, name).await.expect("a token"));
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // The platform commits a kill switch for team red in this namespace.
+    let now = || {
+        jiff::Timestamp::now()
+            .round(jiff::Unit::Second)
+            .unwrap()
+            .to_string()
+    };
+    let scope = |team: &str| {
+        serde_json::json!({
+            "namespaces": [ns.name],
+            "namespaceSelector": {"matchLabels": {crate::support::TEST_LABEL: "true"}},
+            "selector": {"matchLabels": {"team": team}},
+        })
+    };
+    let patch = |v: serde_json::Value| {
+        let out = ns.kubectl(&[
+            "patch",
+            "clustertokenissuer",
+            &cti.name,
+            "--type=merge",
+            "-p",
+            &v.to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    patch(serde_json::json!({"spec": {"revokeIssuedBefore": now(), "revokeScope": scope("red")}}));
+    let red: BTreeMap<String, i64> = names
+        .iter()
+        .filter(|n| n.starts_with("red"))
+        .map(|n| (n.clone(), 1))
+        .collect();
+    let red_revoked = revoked_at(&ats, &red).await;
+    for name in red.keys() {
+        eventually(
+            Duration::from_secs(60),
+            "replaced for KillSwitch",
+            || async {
+                let st = ats.get(name).await.ok()?.status?;
+                (st.last_rotation_reason == Some(RotationReason::KillSwitch)).then_some(())
+            },
+        )
+        .await;
+        eventually(Duration::from_secs(20), "the old token refused", || async {
+            crate::agenttoken::review(&ns, &before[name])
+                .await
+                .is_none()
+                .then_some(())
+        })
+        .await;
+    }
+    // Three urgent revocations on a 1/s issuer: the emergency budget took
+    // them together (the shared budget alone would space them 1 s apart).
+    assert!(
+        spread(&red_revoked) <= 1,
+        "the emergency budget revoked at once: {red_revoked:?}"
+    );
+    // Team blue is outside the scope: untouched.
+    for name in names.iter().filter(|n| n.starts_with("blue")) {
+        let st = ats.get(name).await.unwrap().status.unwrap();
+        assert_eq!(st.revision, 1, "{name} is not in the kill switch's scope");
+        assert_eq!(token_of(&ns, name).await.as_ref(), Some(&before[name]));
+    }
+    let events = String::from_utf8_lossy(
+        &ns.kubectl(&["get", "events.events.k8s.io", "-A", "-o", "json"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        events.contains("AgentTokens labelled team=red"),
+        "the KillSwitch Event names its scope"
+    );
+
+    // Without the emergency budget, the same switch for team blue keeps to
+    // 1 request a second, shared with the replacements' mints.
+    applied(&ns, &issuer_yaml(""));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    patch(serde_json::json!({"spec": {"revokeIssuedBefore": now(), "revokeScope": scope("blue")}}));
+    let blue: BTreeMap<String, i64> = names
+        .iter()
+        .filter(|n| n.starts_with("blue"))
+        .map(|n| (n.clone(), 1))
+        .collect();
+    let blue_revoked = revoked_at(&ats, &blue).await;
+    assert!(
+        spread(&blue_revoked) >= 2,
+        "three revocations at 1/s with a burst of 1 take 2 s or more: {blue_revoked:?}"
+    );
+    // Red's replacements were minted after the first switch: untouched by
+    // the second.
+    for name in red.keys() {
+        let st = ats.get(name).await.unwrap().status.unwrap();
+        assert_eq!(st.revision, 2, "{name}");
+    }
+    eprintln!(
+        "scoped kill switch: red revoked within {} s with the emergency budget, blue over {} s without",
+        spread(&red_revoked),
+        spread(&blue_revoked)
+    );
+    assert!(
+        !op.logs().contains(&before["red-0"]),
+        "no token in the logs"
+    );
+}
