@@ -199,17 +199,7 @@ impl OAuth2Issuer {
         )
         .await
         .map_err(|e| e.to_string())?;
-        // The status alone: the answer's text is foreign, and it was
-        // shown the token.
-        if !(200..300).contains(&reply.status) {
-            return Err(format!("introspection refused: HTTP {}", reply.status));
-        }
-        let answer: serde_json::Value = serde_json::from_slice(&reply.body)
-            .map_err(|_| "introspection answered something that is not JSON".to_string())?;
-        match answer.get("active").and_then(|a| a.as_bool()) {
-            Some(active) => Ok(!active),
-            None => Err("introspection answered without \"active\"".into()),
-        }
+        web::introspection_answer(&reply)
     }
 
     async fn check_inner(&self) -> Result<(), IssuerError> {

@@ -543,6 +543,21 @@ async fn attempt(request: reqwest::RequestBuilder, egress: &Egress) -> Attempt {
 /// all within [`call_budget`] of the issuer's `timeout`. `what` names the
 /// operation in errors ("token request"). A destination `egress` refuses is
 /// an [`IssuerError::Invalid`], never sent and never retried.
+/// An RFC 7662 introspection answer: `Ok(true)` when the token is not
+/// active. Only the status and `active` are read: the rest is foreign and
+/// was shown the token.
+pub fn introspection_answer(reply: &Reply) -> Result<bool, String> {
+    if !(200..300).contains(&reply.status) {
+        return Err(format!("introspection refused: HTTP {}", reply.status));
+    }
+    let answer: serde_json::Value = serde_json::from_slice(&reply.body)
+        .map_err(|_| "introspection answered something that is not JSON".to_string())?;
+    match answer.get("active").and_then(|a| a.as_bool()) {
+        Some(active) => Ok(!active),
+        None => Err("introspection answered without \"active\"".into()),
+    }
+}
+
 pub async fn send<F>(
     what: &str,
     timeout: Option<&SpecDuration>,
@@ -861,6 +876,36 @@ pub async fn read_secret(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn introspection_answers_are_read_for_active_alone() {
+        let reply = |status: u16, body: &str| Reply {
+            status,
+            body: body.as_bytes().to_vec(),
+        };
+        assert_eq!(
+            introspection_answer(&reply(200, r#"{"active": false}"#)),
+            Ok(true)
+        );
+        assert_eq!(
+            introspection_answer(&reply(200, r#"{"active": true, "sub": "x"}"#)),
+            Ok(false)
+        );
+        // Not an answer: an error that names nothing the service said.
+        let secretive = r#"{"error": "the token abc is bad"}"#;
+        for r in [
+            reply(500, secretive),
+            reply(200, secretive),
+            reply(200, "<html>"),
+        ] {
+            let e = introspection_answer(&r).unwrap_err();
+            assert!(!e.contains("abc"), "{e}");
+        }
+        assert_eq!(
+            introspection_answer(&reply(200, r#"{"active": "no"}"#)),
+            Err("introspection answered without \"active\"".into())
+        );
+    }
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

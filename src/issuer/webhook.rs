@@ -230,6 +230,39 @@ impl WebhookIssuer {
         }
     }
 
+    /// RFC 7662 at `introspectionURL`: whether the service says `token`
+    /// is no longer active.
+    async fn refuses_inner(&self, token: &SecretString) -> Result<bool, String> {
+        let Some(url) = self.spec.introspection_url.as_deref() else {
+            return Err("the webhook issuer sets no introspectionURL".into());
+        };
+        let http = web::client(
+            self.spec.ca_bundle.as_deref(),
+            self.spec.timeout.as_ref(),
+            &self.egress,
+        )
+        .map_err(|e| e.to_string())?;
+        let auth = self.authorization().await.map_err(|e| e.to_string())?;
+        let reply = web::send(
+            "introspection request",
+            self.spec.timeout.as_ref(),
+            &self.egress,
+            || {
+                let rb = http.post(url).form(&[
+                    ("token", token.expose_secret()),
+                    ("token_type_hint", "access_token"),
+                ]);
+                match &auth {
+                    Some(a) => rb.header("Authorization", a.expose_secret()),
+                    None => rb,
+                }
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        web::introspection_answer(&reply)
+    }
+
     async fn check_inner(&self) -> Result<(), IssuerError> {
         self.validate()?;
         render_body(self.spec.body.as_deref(), &MintRequest::default())?;
@@ -259,6 +292,14 @@ impl Issuer for WebhookIssuer {
         token: Option<&'a SecretString>,
     ) -> BoxFuture<'a, Result<Revocation, IssuerError>> {
         self.revoke_inner(handle, token).boxed()
+    }
+
+    fn refuses<'a>(&'a self, token: &'a SecretString) -> BoxFuture<'a, Result<bool, String>> {
+        self.refuses_inner(token).boxed()
+    }
+
+    fn refusal_check(&self) -> &'static str {
+        "RFC 7662 introspection"
     }
 
     fn check(&self) -> BoxFuture<'_, Result<(), IssuerError>> {

@@ -116,6 +116,8 @@ struct Service {
     revoke_delay: Duration,
     /// Revoke requests received, answered or not.
     revokes_arrived: usize,
+    /// Authorized introspection requests answered.
+    introspections: usize,
 }
 
 type Shared = Arc<Mutex<Service>>;
@@ -247,6 +249,23 @@ async fn revoke(
     status
 }
 
+/// RFC 7662 for the stand-in's own tokens (`introspectionURL`): form
+/// `token=...`, the same Authorization as mint and revoke; a token it never
+/// minted, or revoked, is `active: false`.
+async fn introspect(State(s): State<Shared>, headers: HeaderMap, body: String) -> Response {
+    let form: HashMap<String, String> = serde_urlencoded::from_str(&body).unwrap_or_default();
+    let mut s = s.lock().unwrap();
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(s.auth.as_str()) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    s.introspections += 1;
+    let active = form
+        .get("token")
+        .and_then(|v| s.tokens.values().find(|(t, _)| t == v))
+        .is_some_and(|t| t.1);
+    Json(serde_json::json!({"active": active})).into_response()
+}
+
 async fn start() -> (Shared, u16) {
     start_on(std::net::Ipv4Addr::LOCALHOST).await
 }
@@ -266,6 +285,7 @@ async fn start_on(ip: std::net::Ipv4Addr) -> (Shared, u16) {
         revokes: Vec::new(),
         revoke_delay: Duration::ZERO,
         revokes_arrived: 0,
+        introspections: 0,
     }));
     let app = Router::new()
         .route(
@@ -273,6 +293,7 @@ async fn start_on(ip: std::net::Ipv4Addr) -> (Shared, u16) {
             post(mint).head(|| async { StatusCode::METHOD_NOT_ALLOWED }),
         )
         .route("/revoke", post(revoke))
+        .route("/introspect", post(introspect))
         .with_state(shared.clone());
     let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -557,4 +578,75 @@ async fn webhook_stand_in_misbehaving_service_never_writes_a_secret() {
         !op.logs().contains("leaked"),
         "a response body reached the log"
     );
+}
+
+/// A drill on a webhook token (stand-in of the webhook contract, with its
+/// optional RFC 7662 `introspectionURL`): the operator revokes by id and
+/// asks the service until it answers `active: false`. Without an
+/// introspectionURL the same drill is `Unverified`, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_on_a_webhook_stand_in_token_is_checked_by_its_introspection_url() {
+    use agent_token_operator::crd::DrillResult;
+    let (svc, port) = start().await;
+    let ns = TestNamespace::new("drill-webhook").await;
+    let op = Operator::start(&ns.name);
+    setup(&ns, &svc, port).await;
+    let ats: Api<AgentToken> = ns.api();
+    eventually(Duration::from_secs(45), "revision 1", || async {
+        (ats.get("bot").await.ok()?.status?.revision == 1).then_some(())
+    })
+    .await;
+    // No introspectionURL: the drill revokes, but cannot say whether the
+    // service refuses the old token.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let (out, report) = crate::drill::drill(&ns, "bot");
+    let report = report.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(report.result, DrillResult::Unverified, "{report:?}");
+    assert!(
+        report
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("introspectionURL")),
+        "{report:?}"
+    );
+    // With one, the same drill passes on the service's own answer.
+    let issuers: Api<agent_token_operator::crd::TokenIssuer> = ns.api();
+    issuers
+        .patch(
+            "minter",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"spec": {"webhook": {
+                "introspectionURL": format!("http://127.0.0.1:{port}/introspect")
+            }}})),
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(60), "revision 2 delivered", || async {
+        (ats.get("bot").await.ok()?.status?.revision == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let old = token_in_secret(&ns).await.expect("a token");
+    let old_id = svc
+        .lock()
+        .unwrap()
+        .tokens
+        .iter()
+        .find(|(_, (t, _))| *t == old)
+        .map(|(id, _)| id.clone())
+        .expect("minted by the stand-in");
+    let (out, report) = crate::drill::drill(&ns, "bot");
+    let report = report.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    eprintln!("drill report: {}", serde_json::to_string(&report).unwrap());
+    assert_eq!(report.result, DrillResult::Passed, "{report:?}");
+    assert_eq!(report.refused_by.as_deref(), Some("RFC 7662 introspection"));
+    assert!(
+        report.refused_ms.is_some_and(|ms| ms <= 20_000),
+        "{report:?}"
+    );
+    let s = svc.lock().unwrap();
+    assert!(!s.tokens[&old_id].1, "revoked at the service");
+    assert!(s.introspections >= 1, "the service was asked");
+    drop(s);
+    assert!(!op.logs().contains(&old), "no token in the operator's logs");
 }
