@@ -453,7 +453,20 @@ pub struct IssuerRef {
 }
 
 /// The kind of issuer an AgentToken refers to.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    JsonSchema,
+)]
 pub enum IssuerKind {
     /// A namespaced issuer in the AgentToken's namespace.
     #[default]

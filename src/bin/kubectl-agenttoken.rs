@@ -635,9 +635,78 @@ async fn revoke_many(
     println!(
         "revocation requested for {done} AgentToken(s) (agenttoken.dev/revoke={value}): new tokens now, old ones revoked at once"
     );
+    // Each issuer whose AgentTokens this touched gets a KillSwitch Event,
+    // as its own kill switch does.
+    let mut touched: BTreeMap<(IssuerKind, String, String), usize> = BTreeMap::new();
+    for at in &found.items {
+        let r = &at.spec.issuer_ref;
+        let issuer_ns = match r.kind {
+            IssuerKind::TokenIssuer => at.namespace().unwrap_or_default(),
+            IssuerKind::ClusterTokenIssuer => String::new(),
+        };
+        *touched
+            .entry((r.kind, issuer_ns, r.name.clone()))
+            .or_default() += 1;
+    }
+    let who = whoami(client).await.unwrap_or_else(|_| "someone".into());
+    let asked = match (selector, all_namespaces) {
+        (Some(s), true) => format!("-l {s} -A"),
+        (Some(s), false) => format!("-l {s} -n {ns}"),
+        (None, _) => "-A".into(),
+    };
+    for ((kind, issuer_ns, name), n) in touched {
+        let note = format!(
+            "{who} revoked the tokens of {n} AgentToken(s) on this issuer (kubectl agenttoken revoke {asked}); each AgentToken's ledger records its own"
+        );
+        if let Err(e) = issuer_event(client, kind, &issuer_ns, &name, &note).await {
+            eprintln!("could not record a KillSwitch Event on {kind:?} {name}: {e:#}");
+        }
+    }
     if failed > 0 {
         bail!("{failed} AgentToken(s) could not be annotated");
     }
+    Ok(())
+}
+
+/// A Warning Event `KillSwitch` on an issuer, from this plugin.
+async fn issuer_event(
+    client: &Client,
+    kind: IssuerKind,
+    ns: &str,
+    name: &str,
+    note: &str,
+) -> anyhow::Result<()> {
+    use kube::Resource;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let reference = match kind {
+        IssuerKind::TokenIssuer => Api::<TokenIssuer>::namespaced(client.clone(), ns)
+            .get(name)
+            .await?
+            .object_ref(&()),
+        IssuerKind::ClusterTokenIssuer => Api::<ClusterTokenIssuer>::all(client.clone())
+            .get(name)
+            .await?
+            .object_ref(&()),
+    };
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "kubectl-agenttoken".into(),
+            instance: None,
+        },
+    );
+    recorder
+        .publish(
+            &Event {
+                type_: EventType::Warning,
+                reason: "KillSwitch".into(),
+                note: Some(note.chars().take(1000).collect()),
+                action: "KillSwitch".into(),
+                secondary: None,
+            },
+            &reference,
+        )
+        .await?;
     Ok(())
 }
 

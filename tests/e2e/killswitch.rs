@@ -486,6 +486,27 @@ async fn kill_switch_scoped_to_a_team_and_its_emergency_rate_serviceaccount() {
         let st = ats.get(name).await.unwrap().status.unwrap();
         assert_eq!(st.revision, 2, "{name}");
     }
+    // The imperative form: `revoke -l` annotates each match, and says so
+    // on their issuer.
+    ok(
+        crate::plugin::plugin(&ns, &["revoke", "-l", "team=red"], None),
+        "kubectl agenttoken revoke -l team=red",
+    );
+    let red2: BTreeMap<String, i64> = red.keys().map(|n| (n.clone(), 2)).collect();
+    revoked_at(&ats, &red2).await;
+    for name in names.iter().filter(|n| n.starts_with("blue")) {
+        let st = ats.get(name).await.unwrap().status.unwrap();
+        assert_eq!(st.revision, 2, "{name} does not match -l team=red");
+    }
+    let events = String::from_utf8_lossy(
+        &ns.kubectl(&["get", "events.events.k8s.io", "-A", "-o", "json"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        events.contains("kubectl agenttoken revoke -l team=red"),
+        "a KillSwitch Event on the issuer for revoke -l"
+    );
     eprintln!(
         "scoped kill switch: red revoked within {} s with the emergency budget, blue over {} s without",
         spread(&red_revoked),
