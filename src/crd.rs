@@ -1695,6 +1695,11 @@ pub struct RevokeScope {
     /// change: against a team you do not trust, scope by namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
+    /// AgentTokens that mint for these ServiceAccounts
+    /// (`spec.serviceAccountName`, globs): a compromised ServiceAccount.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 253)))]
+    pub service_accounts: Vec<String>,
 }
 
 /// A token bucket.

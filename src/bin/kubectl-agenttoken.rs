@@ -71,6 +71,11 @@ enum Cmd {
         /// Every namespace.
         #[arg(short = 'A', long)]
         all_namespaces: bool,
+        /// Every AgentToken minting for this ServiceAccount (a glob; in
+        /// the namespace, or in every namespace with -A): a compromised
+        /// ServiceAccount.
+        #[arg(long)]
+        service_account: Option<String>,
         /// The issuer whose every token to revoke and replace (with --all).
         #[arg(long, requires = "all")]
         issuer: Option<String>,
@@ -211,23 +216,30 @@ async fn main() -> anyhow::Result<()> {
             name,
             selector,
             all_namespaces,
+            service_account,
             issuer,
             cluster,
             all: _,
-        } => match (name, issuer) {
-            (Some(name), None) if selector.is_none() && !all_namespaces => {
-                trigger(&client, &ns, &name, "agenttoken.dev/revoke").await
+        } => {
+            let many = selector.is_some() || all_namespaces || service_account.is_some();
+            match (name, issuer) {
+                (Some(name), None) if !many => {
+                    trigger(&client, &ns, &name, "agenttoken.dev/revoke").await
+                }
+                (None, Some(issuer)) if !many => kill_switch(&client, &ns, &issuer, cluster).await,
+                (None, None) if many => {
+                    let filter = Many {
+                        selector: selector.as_deref(),
+                        service_account: service_account.as_deref(),
+                        all_namespaces,
+                    };
+                    revoke_many(&client, &ns, &filter).await
+                }
+                _ => bail!(
+                    "say what to revoke: NAME, --selector/--service-account/-A, or --issuer NAME --all (one of them)"
+                ),
             }
-            (None, Some(issuer)) if selector.is_none() && !all_namespaces => {
-                kill_switch(&client, &ns, &issuer, cluster).await
-            }
-            (None, None) if selector.is_some() || all_namespaces => {
-                revoke_many(&client, &ns, selector.as_deref(), all_namespaces).await
-            }
-            _ => bail!(
-                "say what to revoke: NAME, --selector/-A, or --issuer NAME --all (one of them)"
-            ),
-        },
+        }
         Cmd::Drill {
             name,
             no_wait,
@@ -597,23 +609,52 @@ async fn suspend(
     Ok(())
 }
 
-/// The revoke annotation on every AgentToken that matches.
-async fn revoke_many(
-    client: &Client,
-    ns: &str,
-    selector: Option<&str>,
+/// Which AgentTokens `revoke` without a name touches.
+struct Many<'a> {
+    selector: Option<&'a str>,
+    service_account: Option<&'a str>,
     all_namespaces: bool,
-) -> anyhow::Result<()> {
-    let api: Api<AgentToken> = if all_namespaces {
+}
+
+impl Many<'_> {
+    /// The command as the user gave it, for the issuers' Events.
+    fn describe(&self, ns: &str) -> String {
+        let mut parts = Vec::new();
+        if let Some(s) = self.selector {
+            parts.push(format!("-l {s}"));
+        }
+        if let Some(sa) = self.service_account {
+            parts.push(format!("--service-account {sa}"));
+        }
+        parts.push(if self.all_namespaces {
+            "-A".to_string()
+        } else {
+            format!("-n {ns}")
+        });
+        parts.join(" ")
+    }
+}
+
+/// The revoke annotation on every AgentToken that matches.
+async fn revoke_many(client: &Client, ns: &str, filter: &Many<'_>) -> anyhow::Result<()> {
+    let api: Api<AgentToken> = if filter.all_namespaces {
         Api::all(client.clone())
     } else {
         Api::namespaced(client.clone(), ns)
     };
     let mut params = ListParams::default();
-    if let Some(s) = selector {
+    if let Some(s) = filter.selector {
         params = params.labels(s);
     }
-    let found = api.list(&params).await.context("listing AgentTokens")?;
+    let mut found = api.list(&params).await.context("listing AgentTokens")?;
+    if let Some(glob) = filter.service_account {
+        found.items.retain(|at| {
+            at.spec
+                .service_account_name
+                .as_deref()
+                .is_some_and(|sa| agent_token_operator::policy::glob_match(glob, sa))
+        });
+    }
     let value = Timestamp::now().as_second().to_string();
     let patch = serde_json::json!({"metadata": {"annotations": {"agenttoken.dev/revoke": value}}});
     let (mut done, mut failed) = (0, 0);
@@ -649,11 +690,7 @@ async fn revoke_many(
             .or_default() += 1;
     }
     let who = whoami(client).await.unwrap_or_else(|_| "someone".into());
-    let asked = match (selector, all_namespaces) {
-        (Some(s), true) => format!("-l {s} -A"),
-        (Some(s), false) => format!("-l {s} -n {ns}"),
-        (None, _) => "-A".into(),
-    };
+    let asked = filter.describe(ns);
     for ((kind, issuer_ns, name), n) in touched {
         let note = format!(
             "{who} revoked the tokens of {n} AgentToken(s) on this issuer (kubectl agenttoken revoke {asked}); each AgentToken's ledger records its own"

@@ -119,7 +119,7 @@ fn kill_switch(at: &AgentToken, ctx: &Context) -> Option<Timestamp> {
         let before = spec.revoke_issued_before.as_ref()?.0;
         spec.revoke_scope
             .as_ref()
-            .is_none_or(|s| in_scope(s, cluster_scoped, &ns, None, at.labels()))
+            .is_none_or(|s| in_scope(s, cluster_scoped, &ns, None, at))
             .then_some(before)
     };
     match r.kind {
@@ -579,13 +579,7 @@ async fn observe(at: &AgentToken, ctx: &Context, ns: String) -> Result<Observati
             }
             _ => ns_labels.clone(),
         };
-        let covered = in_scope(
-            scope,
-            issuer.cluster_scoped,
-            &ns,
-            Some(&labels),
-            at.labels(),
-        );
+        let covered = in_scope(scope, issuer.cluster_scoped, &ns, Some(&labels), at);
         kill_current &= covered;
         kill_previous &= covered;
     }
@@ -736,8 +730,16 @@ fn in_scope(
     cluster_scoped: bool,
     ns: &str,
     ns_labels: Option<&BTreeMap<String, String>>,
-    labels: &BTreeMap<String, String>,
+    at: &AgentToken,
 ) -> bool {
+    let labels = at.labels();
+    let service_account = scope.service_accounts.is_empty()
+        || at.spec.service_account_name.as_deref().is_some_and(|sa| {
+            scope
+                .service_accounts
+                .iter()
+                .any(|g| crate::policy::glob_match(g, sa))
+        });
     let namespaces = !cluster_scoped
         || scope.namespaces.is_empty()
         || scope
@@ -753,7 +755,7 @@ fn in_scope(
         .selector
         .as_ref()
         .is_none_or(|sel| super::selector::matches(sel, labels));
-    namespaces && namespace_labels && own
+    namespaces && namespace_labels && own && service_account
 }
 
 /// The newest revision seen used from an unexpected address, when
@@ -3059,134 +3061,38 @@ mod tests {
 
     #[test]
     fn a_kill_switch_scope_covers_only_what_every_set_part_matches() {
-        let scope = |v: serde_json::Value| -> crate::crd::RevokeScope {
-            serde_json::from_value(v).unwrap()
-        };
-        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        };
-        let team_a = labels(&[("team", "a")]);
-        let none = labels(&[]);
-        let bot = labels(&[("app", "bot")]);
+        use serde_json::json;
+        let team_a: BTreeMap<String, String> = [("team".to_string(), "a".to_string())].into();
+        let none = BTreeMap::new();
+        // (what, scope, ClusterTokenIssuer, namespace, its labels,
+        //  AgentToken labels, its ServiceAccount, covered)
         #[rustfmt::skip]
-        type Labels = BTreeMap<String, String>;
-        type Case<'a> = (
-            &'a str,
-            serde_json::Value,
-            bool,
-            &'a str,
-            Option<&'a Labels>,
-            &'a Labels,
-            bool,
-        );
-        let cases: &[Case] = &[
-            (
-                "empty scope covers all",
-                serde_json::json!({}),
-                true,
-                "x",
-                Some(&none),
-                &none,
-                true,
-            ),
-            (
-                "namespace glob matches",
-                serde_json::json!({"namespaces": ["team-*"]}),
-                true,
-                "team-a",
-                Some(&none),
-                &none,
-                true,
-            ),
-            (
-                "namespace glob misses",
-                serde_json::json!({"namespaces": ["team-*"]}),
-                true,
-                "other",
-                Some(&none),
-                &none,
-                false,
-            ),
-            (
-                "namespace labels match",
-                serde_json::json!({"namespaceSelector": {"matchLabels": {"team": "a"}}}),
-                true,
-                "x",
-                Some(&team_a),
-                &none,
-                true,
-            ),
-            (
-                "namespace labels miss",
-                serde_json::json!({"namespaceSelector": {"matchLabels": {"team": "a"}}}),
-                true,
-                "x",
-                Some(&none),
-                &none,
-                false,
-            ),
-            (
-                "namespace labels unknown: the queue's guess is yes",
-                serde_json::json!({"namespaceSelector": {"matchLabels": {"team": "a"}}}),
-                true,
-                "x",
-                None,
-                &none,
-                true,
-            ),
-            (
-                "AgentToken labels match",
-                serde_json::json!({"selector": {"matchLabels": {"app": "bot"}}}),
-                true,
-                "x",
-                Some(&none),
-                &bot,
-                true,
-            ),
-            (
-                "AgentToken labels miss",
-                serde_json::json!({"selector": {"matchLabels": {"app": "bot"}}}),
-                true,
-                "x",
-                Some(&none),
-                &none,
-                false,
-            ),
-            (
-                "every part must match",
-                serde_json::json!({"namespaces": ["team-*"], "selector": {"matchLabels": {"app": "bot"}}}),
-                true,
-                "other",
-                Some(&none),
-                &bot,
-                false,
-            ),
-            (
-                "a TokenIssuer's own namespace is always in",
-                serde_json::json!({"namespaces": ["team-*"], "selector": {"matchLabels": {"app": "bot"}}}),
-                false,
-                "other",
-                Some(&none),
-                &bot,
-                true,
-            ),
-            (
-                "a TokenIssuer still narrows by AgentToken labels",
-                serde_json::json!({"selector": {"matchLabels": {"app": "bot"}}}),
-                false,
-                "x",
-                Some(&none),
-                &none,
-                false,
-            ),
+        let cases = [
+            ("empty scope covers all", json!({}), true, "x", Some(&none), json!({}), "builder", true),
+            ("namespace glob matches", json!({"namespaces": ["team-*"]}), true, "team-a", Some(&none), json!({}), "builder", true),
+            ("namespace glob misses", json!({"namespaces": ["team-*"]}), true, "other", Some(&none), json!({}), "builder", false),
+            ("namespace labels match", json!({"namespaceSelector": {"matchLabels": {"team": "a"}}}), true, "x", Some(&team_a), json!({}), "builder", true),
+            ("namespace labels miss", json!({"namespaceSelector": {"matchLabels": {"team": "a"}}}), true, "x", Some(&none), json!({}), "builder", false),
+            ("namespace labels unknown: the queue's guess is yes", json!({"namespaceSelector": {"matchLabels": {"team": "a"}}}), true, "x", None, json!({}), "builder", true),
+            ("AgentToken labels match", json!({"selector": {"matchLabels": {"app": "bot"}}}), true, "x", Some(&none), json!({"app": "bot"}), "builder", true),
+            ("AgentToken labels miss", json!({"selector": {"matchLabels": {"app": "bot"}}}), true, "x", Some(&none), json!({}), "builder", false),
+            ("ServiceAccount glob matches", json!({"serviceAccounts": ["build*"]}), true, "x", Some(&none), json!({}), "builder", true),
+            ("ServiceAccount glob misses", json!({"serviceAccounts": ["deploy"]}), true, "x", Some(&none), json!({}), "builder", false),
+            ("every part must match", json!({"namespaces": ["team-*"], "selector": {"matchLabels": {"app": "bot"}}}), true, "other", Some(&none), json!({"app": "bot"}), "builder", false),
+            ("a TokenIssuer's own namespace is always in", json!({"namespaces": ["team-*"], "selector": {"matchLabels": {"app": "bot"}}}), false, "other", Some(&none), json!({"app": "bot"}), "builder", true),
+            ("a TokenIssuer still narrows by AgentToken labels", json!({"selector": {"matchLabels": {"app": "bot"}}}), false, "x", Some(&none), json!({}), "builder", false),
         ];
-        for (what, s, cluster, ns, ns_labels, at_labels, want) in cases {
+        for (what, scope, cluster, ns, ns_labels, labels, sa, want) in cases {
+            let scope: crate::crd::RevokeScope = serde_json::from_value(scope).unwrap();
+            let at: AgentToken = serde_json::from_value(json!({
+                "apiVersion": "agenttoken.dev/v1alpha1", "kind": "AgentToken",
+                "metadata": {"name": "bot", "namespace": ns, "labels": labels},
+                "spec": {"issuerRef": {"name": "sa"}, "serviceAccountName": sa},
+            }))
+            .unwrap();
             assert_eq!(
-                in_scope(&scope(s.clone()), *cluster, ns, *ns_labels, at_labels),
-                *want,
+                in_scope(&scope, cluster, ns, ns_labels, &at),
+                want,
                 "{what}"
             );
         }

@@ -469,7 +469,9 @@ async fn kill_switch_scoped_to_a_team_and_its_emergency_rate_serviceaccount() {
     // 1 request a second, shared with the replacements' mints.
     applied(&ns, &issuer_yaml(""));
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    patch(serde_json::json!({"spec": {"revokeIssuedBefore": now(), "revokeScope": scope("blue")}}));
+    let mut blue_scope = scope("blue");
+    blue_scope["serviceAccounts"] = serde_json::json!(["build*"]);
+    patch(serde_json::json!({"spec": {"revokeIssuedBefore": now(), "revokeScope": blue_scope}}));
     let blue: BTreeMap<String, i64> = names
         .iter()
         .filter(|n| n.starts_with("blue"))
@@ -492,6 +494,11 @@ async fn kill_switch_scoped_to_a_team_and_its_emergency_rate_serviceaccount() {
         crate::plugin::plugin(&ns, &["revoke", "-l", "team=red"], None),
         "kubectl agenttoken revoke -l team=red",
     );
+    let none = ok(
+        crate::plugin::plugin(&ns, &["revoke", "--service-account", "deploy-*"], None),
+        "kubectl agenttoken revoke --service-account deploy-*",
+    );
+    assert!(none.contains("for 0 AgentToken(s)"), "{none}");
     let red2: BTreeMap<String, i64> = red.keys().map(|n| (n.clone(), 2)).collect();
     revoked_at(&ats, &red2).await;
     for name in names.iter().filter(|n| n.starts_with("blue")) {
