@@ -108,14 +108,18 @@ impl Bench {
             let checks = futures::stream::iter(due.into_iter().map(|name| {
                 let client = self.client.clone();
                 let token = old[&name].1.clone();
-                async move { (name, review(&client, &token).await) }
+                // The time of this answer, not of the batch's last one.
+                async move {
+                    let accepted = review(&client, &token).await;
+                    (name, accepted, t0.elapsed())
+                }
             }))
             .buffer_unordered(16)
             .collect::<Vec<_>>()
             .await;
-            for (name, accepted) in checks {
+            for (name, accepted, at) in checks {
                 if !accepted {
-                    refused.insert(name, t0.elapsed());
+                    refused.insert(name, at);
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
