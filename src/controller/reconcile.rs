@@ -115,11 +115,21 @@ where
 fn kill_switch(at: &AgentToken, ctx: &Context) -> Option<Timestamp> {
     let r = &at.spec.issuer_ref;
     let ns = at.namespace().unwrap_or_default();
+    // The cached AgentToken keeps neither labels nor spec (see
+    // `slim_cached_agent_token`): of a scope, only the namespace globs can
+    // be judged here; the rest is taken to match (an over-guess orders the
+    // queue only; the reconcile decides).
     let covered = |spec: &TokenIssuerSpec, cluster_scoped: bool| {
         let before = spec.revoke_issued_before.as_ref()?.0;
         spec.revoke_scope
             .as_ref()
-            .is_none_or(|s| in_scope(s, cluster_scoped, &ns, None, at))
+            .is_none_or(|s| {
+                !cluster_scoped
+                    || s.namespaces.is_empty()
+                    || s.namespaces
+                        .iter()
+                        .any(|g| crate::policy::glob_match(g, &ns))
+            })
             .then_some(before)
     };
     match r.kind {
@@ -720,11 +730,10 @@ fn killed(
         && e.issued_at.as_ref().is_some_and(|t| t.0 < before.0)
 }
 
-/// Whether a kill switch's `revokeScope` covers an AgentToken in `ns`
-/// with `labels`. Namespace parts bind only a ClusterTokenIssuer (a
-/// TokenIssuer serves its own namespace; admission refuses them there).
-/// `ns_labels: None` means unknown: the namespace selector is taken to
-/// match (the queue's guess at urgency; the reconcile always knows).
+/// Whether a kill switch's `revokeScope` covers the AgentToken `at` in
+/// `ns`. Namespace parts bind only a ClusterTokenIssuer (a TokenIssuer
+/// serves its own namespace; admission refuses them there). `ns_labels:
+/// None` means unknown: the namespace selector is taken to match.
 fn in_scope(
     scope: &crate::crd::RevokeScope,
     cluster_scoped: bool,
