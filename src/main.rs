@@ -302,7 +302,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Leadership::unelected()
     };
 
-    let usage = Arc::new(agent_token_operator::usage::Tracker::default());
+    let usage = Arc::new(if serves_usage {
+        agent_token_operator::usage::Tracker::default()
+    } else {
+        agent_token_operator::usage::Tracker::off()
+    });
     let mut usage_tasks = Vec::new();
     if let Some(addr) = args.usage_address {
         let (Some(cert), Some(key)) = (&args.usage_tls_cert_file, &args.usage_tls_key_file) else {
