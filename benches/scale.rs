@@ -9,8 +9,9 @@
 //!
 //! `--only` takes scenario names, comma-separated: `floor`, `first-token`,
 //! `memory`, `revocation`, `idle`, `webhook`, `rotation`, `overload`,
-//! `spread`, `usage`, `killswitch`. (`first-token` and `webhook` also run `floor`: their tables
-//! compare the mint rate with the API server's write floor.)
+//! `spread`, `usage`, `killswitch`, `rss` (the first-token runs at 10,000
+//! alone, for peak RSS). (`first-token` and `webhook` also run `floor`:
+//! their tables compare the mint rate with the API server's write floor.)
 //!
 //! It starts its OWN cluster (state in `.cache/bench-cluster`, API server on
 //! port 16540; override with `AGENTTOKEN_BENCH_CLUSTER_DIR` and
@@ -1335,12 +1336,19 @@ async fn main() {
 
     let mut sa_1000 = None;
     let mut idle = None;
-    if b.opts.wants("first-token") || b.opts.wants("revocation") || b.opts.wants("memory") {
+    if b.opts.wants("first-token")
+        || b.opts.wants("revocation")
+        || b.opts.wants("memory")
+        || b.opts.wants("rss")
+    {
         b.report.line("### Time to first token");
         b.report.line("");
         b.first_token_header();
         let sizes: Vec<usize> = if b.opts.wants("first-token") {
             vec![1, 1000, big]
+        } else if b.opts.wants("rss") {
+            // Peak RSS at the big size alone (issue 18's memory target).
+            vec![big]
         } else {
             vec![1000]
         };

@@ -3,6 +3,7 @@
 //! [`reconcile`]; pure decisions in [`decide`], [`secret`] and [`status`].
 
 pub mod bindings;
+pub mod cached;
 pub mod consumers;
 pub mod decide;
 pub mod drills;
@@ -40,8 +41,7 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use crate::crd::{
-    AgentToken, AgentTokenSpec, ClusterTokenIssuer, IssuerKind, IssuerRecord, TokenIssuer,
-    TokenIssuerSpec,
+    AgentToken, ClusterTokenIssuer, IssuerKind, IssuerRecord, TokenIssuer, TokenIssuerSpec,
 };
 use crate::http::Readiness;
 use crate::issuer::github_app::GithubAppIssuer;
@@ -477,7 +477,7 @@ impl CurrentBackend {
     }
 }
 
-fn error_policy(at: Arc<AgentToken>, error: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy(at: Arc<cached::CachedAgentToken>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = format!("{}/{}", at.namespace().unwrap_or_default(), at.name_any());
     let attempts = {
         let mut failures = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
@@ -507,7 +507,7 @@ pub async fn run(
         config.namespaces.iter().cloned().map(Some).collect()
     };
     let api = |ns: &Option<String>| -> (
-        Api<AgentToken>,
+        Api<cached::CachedAgentToken>,
         Api<PartialObjectMeta<Secret>>,
         Api<TokenIssuer>,
     ) {
@@ -650,12 +650,12 @@ pub async fn run(
         .zip(cluster_subscriptions)
     {
         let (ats, _, issuers_api) = api(scope);
-        let (at_store, at_writer) = reflector::store::<AgentToken>();
+        let (at_store, at_writer) = reflector::store::<cached::CachedAgentToken>();
         // A reconcile for what matters (spec, trigger annotations,
         // deletion), not for the operator's own status writes.
         let at_events = watcher(ats, watcher::Config::default())
             .default_backoff()
-            .modify(slim_cached_agent_token)
+            .modify(cached::slim)
             .reflect(at_writer)
             .touched_objects()
             .predicate_filter(reconcile_trigger, Default::default());
@@ -672,7 +672,7 @@ pub async fn run(
             .watches_stream(secret_events, |secret: PartialObjectMeta<Secret>| {
                 let ns = secret.metadata.namespace.clone()?;
                 let name = secret.labels().get(labels::NAME)?.clone();
-                Some(ObjectRef::<AgentToken>::new(&name).within(&ns))
+                Some(ObjectRef::<cached::CachedAgentToken>::new(&name).within(&ns))
             })
             .watches_stream(issuer_events, move |i: TokenIssuer| {
                 match ns_changed.changed(&i.metadata) {
@@ -734,7 +734,7 @@ pub async fn run(
 /// reconcile (an admin's status edit, `kubectl agenttoken abandon`, is
 /// read at the next one). Finalizers are not either: a removed finalizer is
 /// put back at the next reconcile.
-fn reconcile_trigger(at: &AgentToken) -> Option<u64> {
+fn reconcile_trigger(at: &cached::CachedAgentToken) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     at.metadata.generation.hash(&mut h);
@@ -778,9 +778,10 @@ impl SpecChanges {
 
 /// Maps an issuer to the AgentTokens (in `store`) that use it.
 fn by_issuer(
-    store: Store<AgentToken>,
+    store: Store<cached::CachedAgentToken>,
     kind: IssuerKind,
-) -> impl Fn(Option<String>, String) -> Vec<ObjectRef<AgentToken>> + Send + Sync + 'static {
+) -> impl Fn(Option<String>, String) -> Vec<ObjectRef<cached::CachedAgentToken>> + Send + Sync + 'static
+{
     move |obj_ns: Option<String>, name: String| {
         store
             .state()
@@ -813,81 +814,24 @@ where
 pub const DEFAULT_CONCURRENCY: u16 = 16;
 
 /// kubectl's client-side apply copy of an object.
-/// What the AgentToken cache keeps: identity and `spec.issuerRef` (to map an
-/// issuer's change to its AgentTokens). Reconcile reads the live object, so
-/// nothing else is read from the cache, and at 10,000 AgentTokens every
-/// field kept costs its bytes 10,000 times.
-fn slim_cached_agent_token(at: &mut AgentToken) {
-    // What the fair queue's urgency needs: the token's expiry and whether a
-    // revoke trigger is still to be handled.
-    at.status = at.status.take().map(|st| crate::crd::AgentTokenStatus {
-        expires_at: st.expires_at,
-        // For urgency: a token its issuer's kill switch covers.
-        issued_at: st.issued_at,
-        handled_triggers: st.handled_triggers.map(|h| crate::crd::HandledTriggers {
-            rotate: None,
-            revoke: h.revoke,
-            drill: None,
-        }),
-        // Only the unexpected sources and whether a revoked token was
-        // used, for `reconcile_trigger` (rarely any).
-        usage: st.usage.and_then(|u| {
-            let tokens: Vec<_> = u
-                .tokens
-                .into_iter()
-                .filter(|t| !t.unexpected_sources.is_empty() || t.requests_after_revocation > 0)
-                .map(|t| crate::crd::TokenUsage {
-                    revision: t.revision,
-                    unexpected_sources: t.unexpected_sources,
-                    requests_after_revocation: t.requests_after_revocation.min(1),
-                    ..Default::default()
-                })
-                .collect();
-            (!tokens.is_empty()).then_some(crate::crd::UsageStatus {
-                tokens,
-                last_used: None,
-            })
-        }),
-        ..Default::default()
-    });
-    let meta = &mut at.metadata;
-    meta.managed_fields = None;
-    // The trigger annotations: the revoke one for urgency, both for
-    // `reconcile_trigger`.
-    meta.annotations = meta.annotations.take().map(|mut a| {
-        [labels::REVOKE, labels::ROTATE, labels::DRILL]
-            .into_iter()
-            .filter_map(|k| Some((k.to_string(), a.remove(k)?)))
-            .collect()
-    });
-    meta.labels = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    meta.generate_name = None;
-    meta.creation_timestamp = None;
-    at.spec = AgentTokenSpec::for_issuer(at.spec.issuer_ref.clone());
-}
-
 /// How long the operator waits on the API when shutting down.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
+    use super::cached::CachedAgentToken;
     use super::{SpecChanges, protected_namespaces, reconcile_trigger};
-    use crate::crd::{AgentToken, AgentTokenSpec, IssuerKind, IssuerRef};
     use crate::labels;
 
     #[test]
     fn status_writes_do_not_trigger_a_reconcile_but_spec_triggers_and_deletion_do() {
-        let mut at = AgentToken::new(
-            "bot",
-            AgentTokenSpec::for_issuer(IssuerRef {
-                kind: IssuerKind::TokenIssuer,
-                name: "i".into(),
-            }),
-        );
+        let mut at: CachedAgentToken = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "bot", "namespace": "t"},
+            "spec": {"issuerRef": {"name": "i"}},
+        }))
+        .unwrap();
         at.metadata.generation = Some(1);
-        let h = |at: &AgentToken| reconcile_trigger(at).unwrap();
+        let h = |at: &CachedAgentToken| reconcile_trigger(at).unwrap();
         let base = h(&at);
         // Status, finalizers, labels, other annotations, resourceVersion:
         // the operator's own writes and nothing it acts on.

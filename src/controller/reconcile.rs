@@ -16,6 +16,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use super::cached::CachedAgentToken;
 use super::consumers::{self, Need};
 use super::decide::{self, Decision, Inputs};
 use super::keeper::Keeper;
@@ -73,7 +74,7 @@ pub struct Refusal {
 
 /// Reconciles one AgentToken. A panic (a bug meeting data it did not
 /// expect) fails this object, which backs off, instead of the process.
-pub async fn reconcile(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(at: Arc<CachedAgentToken>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _slot = ctx
         .queue
         .admit(
@@ -112,11 +113,11 @@ where
 }
 
 /// The kill switch of the issuer `at` names, from the issuer cache.
-fn kill_switch(at: &AgentToken, ctx: &Context) -> Option<Timestamp> {
+fn kill_switch(at: &CachedAgentToken, ctx: &Context) -> Option<Timestamp> {
     let r = &at.spec.issuer_ref;
     let ns = at.namespace().unwrap_or_default();
     // The cached AgentToken keeps neither labels nor spec (see
-    // `slim_cached_agent_token`): of a scope, only the namespace globs can
+    // `cached`): of a scope, only the namespace globs can
     // be judged here; the rest is taken to match (an over-guess orders the
     // queue only; the reconcile decides).
     let covered = |spec: &TokenIssuerSpec, cluster_scoped: bool| {
@@ -141,7 +142,7 @@ fn kill_switch(at: &AgentToken, ctx: &Context) -> Option<Timestamp> {
 /// How urgent a reconcile is, from the cached object (see `queue`). A
 /// token the issuer's kill switch (`kill`) covers is a revocation: those
 /// go ahead of every replacement.
-pub fn urgency(at: &AgentToken, now: Timestamp, kill: Option<Timestamp>) -> Urgency {
+pub fn urgency(at: &CachedAgentToken, now: Timestamp, kill: Option<Timestamp>) -> Urgency {
     let status = at.status.as_ref();
     let handled = status
         .and_then(|s| s.handled_triggers.as_ref())
@@ -168,7 +169,10 @@ pub fn urgency(at: &AgentToken, now: Timestamp, kill: Option<Timestamp>) -> Urge
     )
 }
 
-async fn reconcile_unguarded(at: Arc<AgentToken>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile_unguarded(
+    at: Arc<CachedAgentToken>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     if !ctx.bindings_synced() {
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
