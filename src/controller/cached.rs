@@ -29,6 +29,13 @@ pub struct CachedAgentToken {
     pub spec: CachedSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<CachedStatus>,
+    /// A hash of `metadata.uid`, which [`slim`] drops: an object deleted
+    /// and made again under its name is another object to the reconcile
+    /// trigger, without a 36-character UID copied into every reference
+    /// the controller keeps (its store, scheduler and runner each clone
+    /// one per object).
+    #[serde(skip)]
+    pub uid_hash: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -105,7 +112,15 @@ impl Resource for CachedAgentToken {
 /// identity and the trigger annotations, and usage entries with nothing to
 /// trigger on (nearly all of them).
 pub fn slim(at: &mut CachedAgentToken) {
+    use std::hash::{Hash, Hasher};
     let meta = &mut at.metadata;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.uid.hash(&mut h);
+    at.uid_hash = h.finish();
+    // Nothing reads them from the cache (a reconcile reads the live
+    // object), and each would be copied into every ObjectRef of it.
+    meta.uid = None;
+    meta.resource_version = None;
     meta.managed_fields = None;
     meta.annotations = meta.annotations.take().and_then(|mut a| {
         let kept: BTreeMap<String, String> = [labels::REVOKE, labels::ROTATE, labels::DRILL]
@@ -161,7 +176,15 @@ mod tests {
         let mut at: CachedAgentToken = serde_json::from_value(full.clone()).unwrap();
         slim(&mut at);
         assert_eq!(at.metadata.name.as_deref(), Some("bot"));
-        assert_eq!(at.metadata.uid.as_deref(), Some("u-1"));
+        assert!(at.metadata.uid.is_none() && at.metadata.resource_version.is_none());
+        let mut again: CachedAgentToken = serde_json::from_value(full.clone()).unwrap();
+        slim(&mut again);
+        assert_eq!(again.uid_hash, at.uid_hash);
+        let mut other = full.clone();
+        other["metadata"]["uid"] = "u-2".into();
+        let mut other: CachedAgentToken = serde_json::from_value(other).unwrap();
+        slim(&mut other);
+        assert_ne!(other.uid_hash, at.uid_hash, "made again under its name");
         assert_eq!(at.metadata.generation, Some(3));
         assert_eq!(
             at.metadata.annotations,

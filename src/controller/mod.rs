@@ -737,6 +737,8 @@ pub async fn run(
 fn reconcile_trigger(at: &cached::CachedAgentToken) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
+    // The UID (kube's predicate keys by it, but the cache drops it).
+    at.uid_hash.hash(&mut h);
     at.metadata.generation.hash(&mut h);
     at.metadata
         .deletion_timestamp
@@ -854,6 +856,10 @@ mod tests {
             k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
         );
         assert_ne!(h(&deleted), base);
+        // Made again under its name: another object.
+        let mut again = at.clone();
+        again.uid_hash = 1;
+        assert_ne!(h(&again), base);
     }
 
     #[test]
