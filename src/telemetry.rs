@@ -123,7 +123,7 @@ pub struct Metrics {
     registry: Registry,
     token_expiry: Family<TokenLabels, Gauge<f64, AtomicU64>>,
     /// Label set of each token's expiry gauge, so it can be dropped on deletion.
-    token_labels: Mutex<std::collections::HashMap<(String, String), TokenLabels>>,
+    token_labels: Mutex<std::collections::HashMap<(String, String), String>>,
     rotations: Family<RotationLabels, Counter>,
     revocations: Family<RevocationLabels, Counter>,
     issuer_requests: Family<IssuerRequestLabels, Histogram, fn() -> Histogram>,
@@ -435,10 +435,15 @@ impl Metrics {
             issuer: issuer.into(),
         };
         let mut known = self.token_labels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = known.insert((namespace.into(), name.into()), labels.clone())
-            && old != labels
+        // Only the issuer is kept per token (one series each, at 10,000
+        // AgentTokens every copy counts): the old series, if it moved.
+        if let Some(old) = known.insert((namespace.into(), name.into()), issuer.into())
+            && old != issuer
         {
-            self.token_expiry.remove(&old);
+            self.token_expiry.remove(&TokenLabels {
+                issuer: old,
+                ..labels.clone()
+            });
         }
         self.token_expiry
             .get_or_create(&labels)
@@ -448,8 +453,12 @@ impl Metrics {
     /// Drops a deleted AgentToken's expiry series.
     pub fn forget_token(&self, namespace: &str, name: &str) {
         let mut known = self.token_labels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(labels) = known.remove(&(namespace.to_string(), name.to_string())) {
-            self.token_expiry.remove(&labels);
+        if let Some(issuer) = known.remove(&(namespace.to_string(), name.to_string())) {
+            self.token_expiry.remove(&TokenLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                issuer,
+            });
         }
     }
 
@@ -569,6 +578,19 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+        // Moved to another issuer: one series, the new one.
+        m.token_expiry(
+            "ns",
+            "bot",
+            "ClusterTokenIssuer/other",
+            "2026-01-01T00:00:00Z".parse().unwrap(),
+        );
+        let text = m.encode();
+        assert!(
+            text.contains("issuer=\"ClusterTokenIssuer/other\""),
+            "{text}"
+        );
+        assert!(!text.contains("issuer=\"TokenIssuer/ns/k8s\""), "{text}");
         m.forget_token("ns", "bot");
         assert!(!m.encode().contains("name=\"bot\""));
     }
