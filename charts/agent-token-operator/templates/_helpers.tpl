@@ -42,9 +42,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, list, watch, create, patch, delete]
-- apiGroups: [""]
-  resources: [serviceaccounts]
-  verbs: [get]
+# TokenRequest only: whether the ServiceAccount exists is its answer (no
+# read of ServiceAccounts before a mint).
 - apiGroups: [""]
   resources: [serviceaccounts/token]
   verbs: [create]
