@@ -436,10 +436,7 @@ pub(crate) async fn reconcile_issuer(
     let Some((spec, uid)) = found else {
         return Ok(None);
     };
-    let key = match issuer_ns {
-        Some(ns) => format!("TokenIssuer/{ns}/{name}"),
-        None => format!("ClusterTokenIssuer/{name}"),
-    };
+    let key = issuer_key(issuer_ns, name);
     let rate = spec.policy.as_ref().and_then(|p| p.rate_limit.clone());
     Ok(ctx
         .issuer_backend(&spec, issuer_ns, name)
@@ -455,6 +452,16 @@ pub(crate) async fn reconcile_issuer(
             key,
             rate,
         }))
+}
+
+/// An issuer's key for rate limits and metrics: `TokenIssuer/ns/name`
+/// (`ns` given) or `ClusterTokenIssuer/name`. Mints and revocations spend
+/// the same bucket only because they build it here.
+pub(crate) fn issuer_key(ns: Option<&str>, name: &str) -> String {
+    match ns {
+        Some(ns) => format!("TokenIssuer/{ns}/{name}"),
+        None => format!("ClusterTokenIssuer/{name}"),
+    }
 }
 
 /// The issuer an AgentToken names, resolved outside a reconcile (deletion,

@@ -124,13 +124,7 @@ fn kill_switch(at: &CachedAgentToken, ctx: &Context) -> Option<Timestamp> {
         let before = spec.revoke_issued_before.as_ref()?.0;
         spec.revoke_scope
             .as_ref()
-            .is_none_or(|s| {
-                !cluster_scoped
-                    || s.namespaces.is_empty()
-                    || s.namespaces
-                        .iter()
-                        .any(|g| crate::policy::glob_match(g, &ns))
-            })
+            .is_none_or(|s| namespace_in_scope(s, cluster_scoped, &ns))
             .then_some(before)
     };
     match r.kind {
@@ -734,6 +728,17 @@ fn killed(
         && e.issued_at.as_ref().is_some_and(|t| t.0 < before.0)
 }
 
+/// Whether a kill switch's `revokeScope.namespaces` globs cover `ns` (a
+/// TokenIssuer's own namespace always is).
+fn namespace_in_scope(scope: &crate::crd::RevokeScope, cluster_scoped: bool, ns: &str) -> bool {
+    !cluster_scoped
+        || scope.namespaces.is_empty()
+        || scope
+            .namespaces
+            .iter()
+            .any(|g| crate::policy::glob_match(g, ns))
+}
+
 /// Whether a kill switch's `revokeScope` covers the AgentToken `at` in
 /// `ns`. Namespace parts bind only a ClusterTokenIssuer (a TokenIssuer
 /// serves its own namespace; admission refuses them there). `ns_labels:
@@ -753,12 +758,7 @@ fn in_scope(
                 .iter()
                 .any(|g| crate::policy::glob_match(g, sa))
         });
-    let namespaces = !cluster_scoped
-        || scope.namespaces.is_empty()
-        || scope
-            .namespaces
-            .iter()
-            .any(|g| crate::policy::glob_match(g, ns));
+    let namespaces = namespace_in_scope(scope, cluster_scoped, ns);
     let namespace_labels = !cluster_scoped
         || match (&scope.namespace_selector, ns_labels) {
             (Some(sel), Some(l)) => super::selector::matches(sel, l),
@@ -1810,7 +1810,7 @@ async fn fetch_issuer(
         } {
             Some(i) => Ok((
                 ResolvedIssuer {
-                    key: format!("TokenIssuer/{ns}/{name}"),
+                    key: super::issuer_key(Some(ns), name),
                     spec: i.spec,
                     cluster_scoped: false,
                 },
@@ -1833,7 +1833,7 @@ async fn fetch_issuer(
         } {
             Some(i) => Ok((
                 ResolvedIssuer {
-                    key: format!("ClusterTokenIssuer/{name}"),
+                    key: super::issuer_key(None, name),
                     spec: i.spec.0,
                     cluster_scoped: true,
                 },

@@ -332,12 +332,12 @@ async fn minting_issuer(ctx: &Context, ns: &str, rec: &IssuerRecord) -> Result<R
             .get_opt(&rec.name)
             .await?
             .filter(|i| i.metadata.uid.as_deref() == Some(rec.uid.as_str()))
-            .map(|i| (i.spec, Some(ns), format!("TokenIssuer/{ns}/{}", rec.name))),
+            .map(|i| (i.spec, Some(ns), super::issuer_key(Some(ns), &rec.name))),
         IssuerKind::ClusterTokenIssuer => Api::<ClusterTokenIssuer>::all(ctx.client.clone())
             .get_opt(&rec.name)
             .await?
             .filter(|i| i.metadata.uid.as_deref() == Some(rec.uid.as_str()))
-            .map(|i| (i.spec.0, None, format!("ClusterTokenIssuer/{}", rec.name))),
+            .map(|i| (i.spec.0, None, super::issuer_key(None, &rec.name))),
     };
     Ok(match found {
         Some((spec, issuer_ns, key)) => {

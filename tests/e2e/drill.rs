@@ -21,6 +21,15 @@ pub(crate) fn drill(ns: &TestNamespace, name: &str) -> (std::process::Output, Op
     (out, report)
 }
 
+/// The report of `kubectl agenttoken drill NAME -o json` (printed), or a
+/// panic with the plugin's stderr when it gave none.
+pub(crate) fn drill_report(ns: &TestNamespace, name: &str) -> DrillStatus {
+    let (out, report) = drill(ns, name);
+    let report = report.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    eprintln!("drill report: {}", serde_json::to_string(&report).unwrap());
+    report
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_on_a_service_account_token_with_a_running_consumer_reports_each_phase() {
     crate::node::node();
@@ -173,9 +182,7 @@ async fn drill_on_a_vault_child_token_against_real_openbao_reports_the_issuer_si
             .0,
         200
     );
-    let (out, report) = drill(&ns, "bot");
-    let report = report.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
-    eprintln!("drill report: {}", serde_json::to_string(&report).unwrap());
+    let report = drill_report(&ns, "bot");
     assert_eq!(report.result, DrillResult::Passed, "{report:?}");
     assert_eq!(report.refused_by.as_deref(), Some("Vault lookup-self"));
     assert!(
@@ -216,9 +223,7 @@ async fn drill_on_an_oauth2_token_against_real_oidc_provider_reports_the_issuer_
     tokio::time::sleep(Duration::from_secs(11)).await;
     let old = crate::oauth2::token_in_secret(&ns).await;
     assert_eq!(crate::oauth2::introspect(&p, &old).await["active"], true);
-    let (out, report) = drill(&ns, "bot");
-    let report = report.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
-    eprintln!("drill report: {}", serde_json::to_string(&report).unwrap());
+    let report = drill_report(&ns, "bot");
     assert_eq!(report.result, DrillResult::Passed, "{report:?}");
     assert_eq!(report.refused_by.as_deref(), Some("RFC 7662 introspection"));
     assert!(

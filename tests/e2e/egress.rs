@@ -264,34 +264,13 @@ async fn egress_local_stand_in_by_host_name_is_refused_when_it_resolves_to_loopb
     assert_eq!(stand_in.requests(), 0, "no request to the stand-in");
 }
 
-/// Deletes a ClusterTokenIssuer when the test ends, passed or not.
-struct ClusterIssuer<'a> {
-    ns: &'a TestNamespace,
-    name: String,
-}
-
-impl Drop for ClusterIssuer<'_> {
-    fn drop(&mut self) {
-        let _ = self.ns.kubectl(&[
-            "delete",
-            "clustertokenissuer",
-            &self.name,
-            "--wait=false",
-            "--ignore-not-found",
-        ]);
-    }
-}
-
 #[tokio::test]
 async fn egress_local_stand_in_behind_a_cluster_issuer_mints() {
     let stand_in = StandIn::start().await;
     let ns = TestNamespace::new("egress-cti").await;
     let _op = Operator::start_with(&ns.name, "no-allowances", NO_ALLOWANCES);
-    let issuer = ClusterIssuer {
-        ns: &ns,
-        name: format!("egress-{}", random_suffix()),
-    };
-    let (name, port, namespace) = (&issuer.name, stand_in.port, &ns.name);
+    let issuer = crate::support::DeleteClusterIssuer(format!("egress-{}", random_suffix()));
+    let (name, port, namespace) = (&issuer.0, stand_in.port, &ns.name);
     applied(
         &ns,
         &format!(

@@ -405,8 +405,7 @@ spec:
     // to it (GET /installation/repositories, 401 once revoked). (The
     // plugin runs blocking: the stand-in serves from the other worker.)
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let (out, report) = crate::drill::drill(&ns, "bot");
-    let report = report.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let report = crate::drill::drill_report(&ns, "bot");
     assert_eq!(
         report.result,
         agent_token_operator::crd::DrillResult::Passed,

@@ -1109,25 +1109,6 @@ fn issuer(kind: &str, name: &str, spec: &str) -> String {
 
 const WEBHOOK_SPEC: &str = "{webhook: {url: 'https://mint.example/tokens', result: {tokenPath: $.token, expiresInPath: $.ttl}}}";
 
-/// Deletes a ClusterTokenIssuer when dropped.
-struct DeleteClusterIssuer(String);
-
-impl Drop for DeleteClusterIssuer {
-    fn drop(&mut self) {
-        let _ = kubectl_as(
-            &cluster().admin_kubeconfig,
-            None,
-            &[
-                "delete",
-                "clustertokenissuer",
-                &self.0,
-                "--ignore-not-found",
-                "--wait=false",
-            ],
-        );
-    }
-}
-
 #[tokio::test]
 async fn restrict_namespaced_issuers_admits_only_service_account_issuers_even_for_cluster_admins() {
     crate::support::install_crds();
@@ -1139,7 +1120,7 @@ async fn restrict_namespaced_issuers_admits_only_service_account_issuers_even_fo
     // The policy and its binding are cluster-wide: uninstall (and remove
     // the ClusterTokenIssuer) even when the test fails.
     let _uninstall = Uninstall(release.clone(), ops.name.clone());
-    let _cti = DeleteClusterIssuer(cti.clone());
+    let _cti = crate::support::DeleteClusterIssuer(cti.clone());
     let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
     // An issuer from before the option: left alone until its spec changes.
     let before = issuer("TokenIssuer", "before", WEBHOOK_SPEC);

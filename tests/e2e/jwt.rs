@@ -491,7 +491,7 @@ async fn a_cluster_issuer_owns_and_records_its_jwks() {
     let _op = Operator::start(&ns.name);
     put_key(&ns, &ec_pem()).await;
     let name = format!("jwt-{}", random_suffix());
-    let _cleanup = DeleteOnDrop(name.clone());
+    let _cleanup = support::DeleteClusterIssuer(name.clone());
     applied(
         &ns,
         &format!(
@@ -530,26 +530,6 @@ spec:
     assert_eq!(rec.uid, cm.uid().unwrap());
     let set: JwkSet = serde_json::from_str(&cm.data.unwrap()["jwks.json"]).unwrap();
     assert!(verifies(&set, &token(&ns).await));
-}
-
-/// Deletes the ClusterTokenIssuer of that name when dropped (a failed
-/// test too): every test operator reconciles every ClusterTokenIssuer.
-struct DeleteOnDrop(String);
-
-impl Drop for DeleteOnDrop {
-    fn drop(&mut self) {
-        let _ = support::kubectl_as(
-            &cluster().admin_kubeconfig,
-            None,
-            &[
-                "delete",
-                "clustertokenissuer",
-                &self.0,
-                "--wait=false",
-                "--ignore-not-found",
-            ],
-        );
-    }
 }
 
 fn ok_kubectl(ns: &TestNamespace, args: &[&str]) {

@@ -279,24 +279,6 @@ async fn kill_switch_revokes_and_replaces_every_token_an_issuer_minted_and_suspe
     );
 }
 
-/// Deletes a ClusterTokenIssuer when the test ends, passed or not.
-struct ClusterIssuer<'a> {
-    ns: &'a TestNamespace,
-    name: String,
-}
-
-impl Drop for ClusterIssuer<'_> {
-    fn drop(&mut self) {
-        let _ = self.ns.kubectl(&[
-            "delete",
-            "clustertokenissuer",
-            &self.name,
-            "--wait=false",
-            "--ignore-not-found",
-        ]);
-    }
-}
-
 /// When each AgentToken's token of revision `revisions[name]` was revoked,
 /// once all of them are.
 async fn revoked_at(
@@ -334,16 +316,16 @@ fn spread(times: &BTreeMap<String, jiff::Timestamp>) -> i64 {
 async fn kill_switch_scoped_to_a_team_and_its_emergency_rate_serviceaccount() {
     let ns = TestNamespace::new("kill-scope").await;
     let op = Operator::start(&ns.name);
-    let cti = ClusterIssuer {
-        ns: &ns,
-        name: format!("kill-scope-{}", crate::support::random_suffix()),
-    };
+    let cti = crate::support::DeleteClusterIssuer(format!(
+        "kill-scope-{}",
+        crate::support::random_suffix()
+    ));
     let issuer_yaml = |emergency: &str| {
         format!(
             "apiVersion: agenttoken.dev/v1alpha1\nkind: ClusterTokenIssuer\nmetadata: {{name: {}}}\n\
              spec:\n  serviceAccount: {{}}\n  policy:\n    allowedNamespaces: [{}]\n\
              \x20   allowedServiceAccounts: [builder]\n    rateLimit: {{perSecond: 1, burst: 1{emergency}}}\n",
-            cti.name, ns.name
+            cti.0, ns.name
         )
     };
     applied(&ns, &issuer_yaml(", emergency: {perSecond: 50, burst: 50}"));
@@ -357,17 +339,14 @@ async fn kill_switch_scoped_to_a_team_and_its_emergency_rate_serviceaccount() {
     for (team, n) in teams {
         for i in 0..n {
             let name = format!("{team}-{i}");
-            let yaml = bot(&name, &cti.name)
+            let yaml = bot(&name, &cti.0)
                 .replace(
                     &format!("metadata: {{name: {name}}}"),
                     &format!("metadata: {{name: {name}, labels: {{team: {team}}}}}"),
                 )
                 .replace(
-                    &format!("issuerRef: {{name: {}}}", cti.name),
-                    &format!(
-                        "issuerRef: {{kind: ClusterTokenIssuer, name: {}}}",
-                        cti.name
-                    ),
+                    &format!("issuerRef: {{name: {}}}", cti.0),
+                    &format!("issuerRef: {{kind: ClusterTokenIssuer, name: {}}}", cti.0),
                 );
             let out = crate::hostile::apply_as_tenant(&ns.name, &yaml);
             assert!(
@@ -407,7 +386,7 @@ async fn kill_switch_scoped_to_a_team_and_its_emergency_rate_serviceaccount() {
         let out = ns.kubectl(&[
             "patch",
             "clustertokenissuer",
-            &cti.name,
+            &cti.0,
             "--type=merge",
             "-p",
             &v.to_string(),

@@ -180,6 +180,26 @@ impl Drop for TestNamespace {
 }
 
 /// Runs the control plane's kubectl with a kubeconfig and optional namespace.
+/// Deletes the ClusterTokenIssuer of that name when dropped, the test
+/// passed or not: every test operator reconciles every ClusterTokenIssuer.
+pub struct DeleteClusterIssuer(pub String);
+
+impl Drop for DeleteClusterIssuer {
+    fn drop(&mut self) {
+        let _ = kubectl_as(
+            &cluster().admin_kubeconfig,
+            None,
+            &[
+                "delete",
+                "clustertokenissuer",
+                &self.0,
+                "--ignore-not-found",
+                "--wait=false",
+            ],
+        );
+    }
+}
+
 pub fn kubectl_as(
     kubeconfig: &Path,
     namespace: Option<&str>,

@@ -1005,8 +1005,7 @@ async fn usage_a_jwt_checked_through_introspection_is_seen_and_once_revoked_answ
 
     // A drill on the jwt: the operator's own introspection is the issuer's
     // answer, inactive as soon as the drill revoked it.
-    let (out, report) = crate::drill::drill(&ns, "bot");
-    let report = report.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let report = crate::drill::drill_report(&ns, "bot");
     assert_eq!(
         report.result,
         agent_token_operator::crd::DrillResult::Passed,
