@@ -2304,9 +2304,9 @@ fn unexpected_source(status: &AgentTokenStatus) -> Option<Want> {
     })
 }
 
-/// Writes status through `/status` with server-side apply, only when it
-/// changed, on the version of the AgentToken it was computed from (the one
-/// read, or this reconcile's last write). When someone else wrote status
+/// Writes status through `/status` as a JSON merge patch of what changed,
+/// only when something did, on the version of the AgentToken it was
+/// computed from (the one read, or this reconcile's last write). When someone else wrote status
 /// in between (an admin abandoning a revocation), our changes are replayed
 /// onto theirs ([`ledger::rebase`]) instead of overwriting them, and every
 /// later write of this reconcile keeps what they changed. `Err(Gone)` when
@@ -2359,18 +2359,22 @@ pub(super) async fn status_write(
             return Err(Error::NotLeader);
         }
         tries += 1;
+        // The difference from what the server holds at `version`, as a
+        // merge patch on that version (a conflict if it moved on).
         let patch = serde_json::json!({
-            "apiVersion": AgentToken::api_version(&()),
-            "kind": AgentToken::kind(&()),
             "metadata": {"resourceVersion": version},
-            "status": status,
+            "status": status::merge_patch(
+                &serde_json::to_value(without_foreign_fields(&base))
+                    .map_err(kube::Error::SerdeError)?,
+                &serde_json::to_value(&status).map_err(kube::Error::SerdeError)?,
+            ),
         });
+        let params = PatchParams {
+            field_manager: Some(STATUS_MANAGER.into()),
+            ..Default::default()
+        };
         let e = match api
-            .patch_status(
-                &at.name_any(),
-                &PatchParams::apply(STATUS_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
+            .patch_status(&at.name_any(), &params, &Patch::Merge(&patch))
             .await
         {
             Ok(written) => {
