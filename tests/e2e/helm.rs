@@ -554,6 +554,94 @@ fn restrict_namespaced_issuers_renders_a_bound_admission_policy() {
     assert!(other.contains("name: other-agent-token-operator-restrict-namespaced-issuers"));
 }
 
+#[test]
+fn finalizer_policy_renders_where_the_cluster_serves_it_bound_to_served_namespaces() {
+    const SERVED: &str = "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy";
+    let name = "t-agent-token-operator-finalizer";
+    let find =
+        |docs: &[serde_json::Value], kind: &str| docs.iter().find(|d| d["kind"] == kind).cloned();
+    let selector = |args: &[&str]| {
+        let docs = render(args);
+        find(&docs, "MutatingAdmissionPolicyBinding").expect("a binding")["spec"]["matchResources"]
+            ["namespaceSelector"]
+            .clone()
+    };
+    // auto (the default): only where the cluster serves the API.
+    let docs = render(&[]);
+    assert!(find(&docs, "MutatingAdmissionPolicy").is_none());
+    let docs = render(&["--api-versions", SERVED]);
+    let map = find(&docs, "MutatingAdmissionPolicy").expect("the policy");
+    assert_eq!(map["apiVersion"], "admissionregistration.k8s.io/v1");
+    assert_eq!(map["metadata"]["name"], name);
+    let spec = &map["spec"];
+    // Never refuses an AgentToken: the operator adds the finalizer itself
+    // where the policy fails.
+    assert_eq!(spec["failurePolicy"], "Ignore");
+    let rules = &spec["matchConstraints"]["resourceRules"];
+    assert_eq!(
+        rules,
+        &serde_json::json!([{
+            "apiGroups": ["agenttoken.dev"],
+            "apiVersions": ["*"],
+            "operations": ["CREATE"],
+            "resources": ["agenttokens"],
+        }])
+    );
+    let expr = spec["mutations"][0]["jsonPatch"]["expression"]
+        .as_str()
+        .unwrap();
+    assert!(expr.contains("\"agenttoken.dev/revoke\""), "{expr}");
+    let binding = find(&docs, "MutatingAdmissionPolicyBinding").expect("its binding");
+    assert_eq!(binding["metadata"]["name"], name);
+    assert_eq!(binding["spec"]["policyName"], name);
+    // Cluster-wide: every namespace but those the operator never serves
+    // (a finalizer nobody removes would hold a deletion forever).
+    let name_selector = |op: &str, values: &[&str]| {
+        serde_json::json!({"matchExpressions": [{
+            "key": "kubernetes.io/metadata.name",
+            "operator": op,
+            "values": values,
+        }]})
+    };
+    assert_eq!(
+        binding["spec"]["matchResources"]["namespaceSelector"],
+        name_selector(
+            "NotIn",
+            &["kube-system", "kube-public", "kube-node-lease", "ops"]
+        )
+    );
+    assert_eq!(
+        selector(&[
+            "--api-versions",
+            SERVED,
+            "--set",
+            "serveProtectedNamespaces={kube-system,ops}",
+        ]),
+        name_selector("NotIn", &["kube-public", "kube-node-lease"])
+    );
+    // Namespace-scoped: exactly the watched namespaces.
+    assert_eq!(
+        selector(&[
+            "--api-versions",
+            SERVED,
+            "--set",
+            "watchNamespaces={team-a,team-b}"
+        ]),
+        name_selector("In", &["team-a", "team-b"])
+    );
+    // Forced on (a cluster whose discovery helm cannot see), or off.
+    let docs = render(&["--set", "admission.finalizerPolicy=true"]);
+    assert!(find(&docs, "MutatingAdmissionPolicy").is_some());
+    let docs = render(&[
+        "--api-versions",
+        SERVED,
+        "--set",
+        "admission.finalizerPolicy=false",
+    ]);
+    assert!(find(&docs, "MutatingAdmissionPolicy").is_none());
+    assert!(find(&docs, "MutatingAdmissionPolicyBinding").is_none());
+}
+
 /// A kubeconfig that authenticates with `token` (written under target/).
 fn token_kubeconfig(token: &str, name: &str) -> PathBuf {
     let server = api_server();

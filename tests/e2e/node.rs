@@ -284,7 +284,11 @@ async fn node_signal_sends_sighup_and_the_same_process_reads_the_new_token() {
 /// network (each serves metrics on a port of its own) and the API server's
 /// loopback address. Returns the release and the chart's full name
 /// (Deployment, Lease, ServiceAccount).
-fn install_operator(ops: &TestNamespace, team: &TestNamespace, replicas: u32) -> (String, String) {
+fn install_operator(
+    ops: &TestNamespace,
+    team: &TestNamespace,
+    replicas: u32,
+) -> (String, String, String) {
     crate::support::install_crds();
     let image = crate::release::pushed_image("0.0.0-e2e");
     let server = api_server();
@@ -327,7 +331,7 @@ fn install_operator(ops: &TestNamespace, team: &TestNamespace, replicas: u32) ->
         "helm install",
     );
     let fullname = format!("{release}-agent-token-operator");
-    (release, fullname)
+    (release, fullname, metrics_port)
 }
 
 #[tokio::test]
@@ -335,7 +339,7 @@ async fn node_helm_install_runs_the_operator_as_a_pod_that_mints() {
     node();
     let ops = TestNamespace::new("node-helm-ops").await;
     let team = TestNamespace::new("node-helm-team").await;
-    let (release, fullname) = install_operator(&ops, &team, 1);
+    let (release, fullname, metrics_port) = install_operator(&ops, &team, 1);
 
     // The chart's Deployment becomes available: its Pod passed /readyz.
     let deployments: Api<Deployment> = ops.api();
@@ -397,6 +401,61 @@ async fn node_helm_install_runs_the_operator_as_a_pod_that_mints() {
     );
     let log = pod_log(&ops, &pod.name_any()).await;
     assert!(!log.is_empty(), "the operator Pod logs");
+
+    // The chart's admission policy puts the finalizer on as an AgentToken
+    // is admitted: the tenant's AgentToken comes back from its create with
+    // it (a finalizer of the tenant's own is kept beside it), and the
+    // operator never patches an AgentToken to add it.
+    crate::hostile::tenant(&team).await;
+    let yaml = agent_token("bot2", "RolloutRestart").replacen(
+        "metadata: {name: bot2}",
+        "metadata: {name: bot2, finalizers: [example.com/tenant]}",
+        1,
+    );
+    assert!(yaml.contains("example.com/tenant"), "{yaml}");
+    let out = crate::support::kubectl_stdin(
+        &crate::support::cluster().restricted_kubeconfig,
+        Some(&team.name),
+        &["create", "-o", "json"],
+        &yaml,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        created["metadata"]["finalizers"],
+        serde_json::json!(["example.com/tenant", "agenttoken.dev/revoke"]),
+        "finalizers as admitted"
+    );
+    eventually(Duration::from_secs(60), "bot2's token minted", || {
+        token_fingerprint(&team, "bot2")
+    })
+    .await;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .expect("the operator Pod's metrics")
+        .text()
+        .await
+        .unwrap();
+    let requests: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("agenttoken_kube_api_requests_total"))
+        .collect();
+    assert!(
+        requests.iter().any(|l| l.contains("resource=\"secrets\"")),
+        "the operator's request counter: {requests:?}"
+    );
+    let patches: Vec<&&str> = requests
+        .iter()
+        .filter(|l| l.contains("resource=\"agenttokens\"") && l.contains("verb=\"patch\""))
+        .collect();
+    assert!(
+        patches.iter().all(|l| l.ends_with(" 0")),
+        "the operator patched AgentTokens: {patches:?}"
+    );
 
     ok(
         helm(&[
@@ -602,7 +661,7 @@ async fn node_leader_pod_deleted_during_rotations_hands_over_without_minting_a_r
     node();
     let ops = TestNamespace::new("node-ha-ops").await;
     let team = TestNamespace::new("node-ha-team").await;
-    let (release, fullname) = install_operator(&ops, &team, 1);
+    let (release, fullname, _) = install_operator(&ops, &team, 1);
     let _uninstall = crate::helm::Uninstall(release, ops.name.clone());
     let [pod_a, pod_b] = two_operator_pods(&ops, &fullname).await;
     let (leader, standby) = eventually(
