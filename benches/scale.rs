@@ -392,6 +392,8 @@ struct Bench {
     /// API requests per token by "verb resource", by run, for the next
     /// `requests_per_token` table.
     per_token: Vec<(String, BTreeMap<String, f64>)>,
+    /// CPU during each first-token run (a table row), for the same table.
+    cpu_rows: Vec<String>,
     /// Parallel writes per second the API server took with nothing else
     /// running (the floor scenario), once measured.
     floor_writes: Option<f64>,
@@ -732,6 +734,8 @@ struct FirstToken {
     row: String,
     /// API requests per token by "verb resource" (watches excluded).
     per_token: BTreeMap<String, f64>,
+    /// The row of the CPU table: each process's CPU during the burst.
+    cpu_row: String,
 }
 
 /// Requests by "verb resource" made between two `Operator::api_requests`,
@@ -791,6 +795,7 @@ impl Bench {
             format!("{} x{}", ft.kind.label(), ft.n),
             ft.per_token.clone(),
         ));
+        self.cpu_rows.push(ft.cpu_row.clone());
     }
 
     /// The requests-per-token table of the runs recorded since the last one.
@@ -801,6 +806,15 @@ impl Bench {
         self.report.line("");
         let cols = std::mem::take(&mut self.per_token);
         self.report.requests_table(&cols);
+        self.report.line("");
+        self.report.line("CPU from the first create until every token was Ready, in % of one CPU (the machine has the CPUs above; utime + stime from /proc/<pid>/stat). The bench process creates the AgentTokens and watches them (and runs the minting stand-in of a webhook issuer):");
+        self.report.line("");
+        self.report
+            .line("| run | operator | kube-apiserver | etcd | bench process |");
+        self.report.line("|---|---|---|---|---|");
+        for row in std::mem::take(&mut self.cpu_rows) {
+            self.report.line(row);
+        }
         self.report.line("");
     }
 
@@ -818,6 +832,12 @@ impl Bench {
         let before = operator.api_requests().await;
         let seen = watch_ready(&self.client, &ns);
         let names: Vec<String> = (0..n).map(|i| format!("agent-{i:05}")).collect();
+        let cpu = steady::CpuWindow::start(&[
+            Some(operator.pid()),
+            steady::cluster_pid("kube-apiserver"),
+            steady::cluster_pid("etcd"),
+            Some(std::process::id()),
+        ]);
         let t_start = Instant::now();
         let sent = create_all(
             &self.client,
@@ -829,6 +849,7 @@ impl Bench {
         .await;
         let created_in = t_start.elapsed();
         wait_for(&seen, n, Duration::from_secs(3600)).await;
+        let cpu_row = format!("| {} x{n} | {} |", kind.label(), cpu.percent().join(" | "));
         let seen = seen.lock().unwrap().clone();
         let wall = seen.values().max().unwrap().duration_since(t_start);
         let lat = sorted(
@@ -904,6 +925,7 @@ impl Bench {
             _stand_in: stand_in,
             row,
             per_token,
+            cpu_row,
         }
     }
 
@@ -1324,6 +1346,7 @@ impl Bench {
             report: Report::default(),
             opts,
             per_token: Vec::new(),
+            cpu_rows: Vec::new(),
             floor_writes: None,
         }
     }

@@ -45,7 +45,7 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 /// The pid of one of the bench cluster's daemons (`kube-apiserver`,
 /// `etcd`), from the pid file `e2e/cluster` keeps, checked against the
 /// process's command line (it names the cluster's directory).
-fn cluster_pid(name: &str) -> Option<u32> {
+pub fn cluster_pid(name: &str) -> Option<u32> {
     let dir = cluster_dir();
     let pids = std::fs::read_to_string(dir.join("pids")).ok()?;
     let pid: u32 = pids.lines().find_map(|l| {
@@ -58,14 +58,14 @@ fn cluster_pid(name: &str) -> Option<u32> {
 }
 
 /// CPU used by a set of processes over a window, as a percentage of one CPU.
-struct CpuWindow {
+pub struct CpuWindow {
     start: Instant,
     at_start: Vec<Option<f64>>,
     pids: Vec<Option<u32>>,
 }
 
 impl CpuWindow {
-    fn start(pids: &[Option<u32>]) -> Self {
+    pub fn start(pids: &[Option<u32>]) -> Self {
         CpuWindow {
             start: Instant::now(),
             at_start: pids.iter().map(|p| p.and_then(cpu_seconds)).collect(),
@@ -74,7 +74,7 @@ impl CpuWindow {
     }
 
     /// Each process's CPU % since `start`, "-" for one not found.
-    fn percent(&self) -> Vec<String> {
+    pub fn percent(&self) -> Vec<String> {
         let wall = self.start.elapsed().as_secs_f64();
         self.pids
             .iter()
