@@ -176,8 +176,41 @@ fn secret_with(annotation: String, data: BTreeMap<String, Vec<u8>>) -> Secret {
     }
 }
 
+/// JSON without nulls (a stored status has none): objects nest, keys
+/// come from a small set so that two values share some.
+fn status_like() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        "[a-c]{0,2}".prop_map(Value::String),
+        (0i64..3).prop_map(Value::from),
+        any::<bool>().prop_map(Value::Bool),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+            prop::collection::btree_map("[a-d]", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// The status write's merge patch, applied to what the server holds,
+    /// is exactly what the operator wants: nothing left over, nothing lost.
+    #[test]
+    fn a_merge_patch_turns_the_base_into_the_desired(
+        base in status_like(),
+        desired in status_like(),
+    ) {
+        let patch = crate::controller::status::merge_patch(&base, &desired);
+        let mut applied = base.clone();
+        json_patch::merge(&mut applied, &patch);
+        prop_assert_eq!(&applied, &desired);
+        if base == desired {
+            prop_assert!(patch == json!({}) || !base.is_object(), "{}", patch);
+        }
+    }
 
     #[test]
     fn any_duration_text_parses_or_is_refused(s in text()) {

@@ -18,7 +18,9 @@ use super::{Context, Error, ledger, revoke};
 use crate::crd::{AgentToken, TokenLife};
 use crate::labels::FINALIZER;
 
-/// Adds the finalizer if it is missing.
+/// Adds the finalizer if it is missing: where the chart's admission policy
+/// (`admission.finalizerPolicy`) reaches, it is on from the AgentToken's
+/// creation and this writes nothing.
 pub async fn ensure_finalizer(at: &AgentToken, ctx: &Context) -> Result<(), Error> {
     if at.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(());
