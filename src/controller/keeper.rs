@@ -134,12 +134,16 @@ impl Keeper {
     }
 
     /// Keeps `token` for `revision`; returns the keeper's UID to record.
+    /// Values of revisions neither `revision` nor in `keep` (their tokens
+    /// revoked or expired since) leave in the same write: dropping them
+    /// when they are revoked would cost a write per rotation.
     pub async fn put(
         &mut self,
         agent_token: (&str, &str),
         agent_token_uid: &str,
         revision: i64,
         token: &SecretString,
+        keep: &[i64],
     ) -> Result<String, Error> {
         let value = ByteString(token.expose_secret().as_bytes().to_vec());
         match &self.live {
@@ -187,11 +191,15 @@ impl Keeper {
             }
             Some(live) => {
                 let uid = live.metadata.uid.clone().unwrap_or_default();
-                self.merge(serde_json::json!({
-                    "metadata": {"uid": uid},
-                    "data": {key(revision): value},
-                }))
-                .await?;
+                let mut data: serde_json::Map<String, serde_json::Value> = self
+                    .revisions()
+                    .into_iter()
+                    .filter(|r| *r != revision && !keep.contains(r))
+                    .map(|r| (key(r), serde_json::Value::Null))
+                    .collect();
+                data.insert(key(revision), serde_json::json!(value));
+                self.merge(serde_json::json!({"metadata": {"uid": uid}, "data": data}))
+                    .await?;
                 Ok(uid)
             }
         }

@@ -1303,7 +1303,20 @@ async fn mint_and_deliver(
         let kept = match loaded {
             Ok(mut k) => {
                 let put = k
-                    .put((&o.ns, &o.name), &o.uid, revision, &minted.token)
+                    .put(
+                        (&o.ns, &o.name),
+                        &o.uid,
+                        revision,
+                        &minted.token,
+                        &revoke::kept_needed(
+                            &o.status,
+                            &revoke::Subject {
+                                namespace: &o.ns,
+                                name: &o.name,
+                                uid: &o.uid,
+                            },
+                        ),
+                    )
                     .await;
                 *keeper = Some(k);
                 put
@@ -2717,11 +2730,14 @@ fn adopt_bindings(
     }
 }
 
-/// Drops kept tokens that the ledger just `written` no longer needs, and
-/// the keeper with the last of them (its UID stays in status; a later put
-/// creates a new one). Runs after the status write, so a value leaves the
-/// keeper only once the ledger records why. A failure, or a stop between
-/// the two, only delays that to a later change of what is needed.
+/// Deletes the keeper once the ledger just `written` needs none of its
+/// tokens (its UID stays in status; a later put creates a new one). While
+/// some are needed, values no longer needed (revoked or expired tokens)
+/// leave with the next put, in the write that adds a token: not in a write
+/// of their own at each revocation. Runs after the status write, so a
+/// value leaves the keeper only once the ledger records why. A failure, or
+/// a stop between the two, only delays that to a later change of what is
+/// needed.
 async fn tidy_keeper(
     ctx: &Context,
     who: &revoke::Subject<'_>,
@@ -2733,9 +2749,12 @@ async fn tidy_keeper(
         return;
     }
     let needed = revoke::kept_needed(written, who);
+    if !needed.is_empty() {
+        return;
+    }
     // Unchanged since the last pass and not read this time: nothing to drop
     // (no read of the keeper on every reconcile).
-    if keeper.is_none() && needed == revoke::kept_needed(before, who) {
+    if keeper.is_none() && revoke::kept_needed(before, who).is_empty() {
         return;
     }
     if keeper.is_none() {
@@ -2748,10 +2767,7 @@ async fn tidy_keeper(
         }
     }
     let Some(k) = keeper.as_mut() else { return };
-    if k.revisions().iter().all(|r| needed.contains(r)) && !k.revisions().is_empty() {
-        return;
-    }
-    if let Err(e) = k.retain(&needed).await {
+    if let Err(e) = k.retain(&[]).await {
         warn!(error = %e, "could not tidy the keeper");
     }
 }

@@ -569,6 +569,56 @@ async fn webhook_stand_in_renamed_secret_does_not_lose_the_old_token() {
     assert_eq!(mint.active(&current_id), Some(true), "{}", ledger(&at));
 }
 
+/// A webhook issuer that returns no id is revoked by the token's value,
+/// kept in the operator's namespace until then. After three rotations
+/// (no grace period) every old token is revoked at the stand-in, and the
+/// keeper holds the current token and at most the one revoked last: a
+/// revoked value leaves in the write that keeps the next token, not in a
+/// write of its own (one write per rotation less).
+#[tokio::test]
+async fn webhook_stand_in_keeper_drops_revoked_values_with_the_next_token() {
+    let mint = StandIn::start().await;
+    let ns = TestNamespace::new("ledger-keep").await;
+    let (home, _unblock, _op) = operator(&ns, "keep").await;
+    webhook_issuer(&ns, "minter", &mint, false).await;
+    applied(&ns, &agent_token("minter", "0s"));
+    let api: Api<AgentToken> = ns.api();
+    wait_at(&api, "revision 1", 45, |at| revision(at) >= 1).await;
+    let tenant_ats: Api<AgentToken> = Api::namespaced(tenant(&ns).await, &ns.name);
+    for r in 2..=4 {
+        rotate(&tenant_ats, &format!("keep-{r}")).await;
+        wait_at(
+            &api,
+            "the next revision, the one before revoked",
+            60,
+            |at| {
+                revision(at) >= r
+                    && entry(at, r - 1).is_some_and(|e| e.state == Some(TokenLife::Revoked))
+            },
+        )
+        .await;
+    }
+    let issued = mint.issued();
+    assert_eq!(issued.len(), 4, "one token per revision");
+    for i in &issued[..3] {
+        assert!(
+            i.revoked,
+            "revision {:?} still active at the stand-in",
+            i.revision
+        );
+    }
+    assert!(!issued[3].revoked, "the current token was revoked");
+    let uid = api.get("bot").await.unwrap().uid().unwrap();
+    let keeper = home
+        .api::<Secret>()
+        .get(&format!("agenttoken-keep-{uid}"))
+        .await
+        .expect("the keeper");
+    let mut held: Vec<String> = keeper.data.unwrap_or_default().into_keys().collect();
+    held.sort();
+    assert_eq!(held, ["r3", "r4"], "what the keeper holds");
+}
+
 /// Case 7: issuerRef moves from stand-in A to stand-in B. The old token is
 /// revoked at A, the issuer the ledger records for it; B never gets a
 /// revoke request (not even by an id that happens to be one of its own).
