@@ -1302,21 +1302,9 @@ async fn mint_and_deliver(
         };
         let kept = match loaded {
             Ok(mut k) => {
+                let keep = revoke::kept_needed(&o.status, &o.who());
                 let put = k
-                    .put(
-                        (&o.ns, &o.name),
-                        &o.uid,
-                        revision,
-                        &minted.token,
-                        &revoke::kept_needed(
-                            &o.status,
-                            &revoke::Subject {
-                                namespace: &o.ns,
-                                name: &o.name,
-                                uid: &o.uid,
-                            },
-                        ),
-                    )
+                    .put((&o.ns, &o.name), &o.uid, revision, &minted.token, &keep)
                     .await;
                 *keeper = Some(k);
                 put
@@ -2319,11 +2307,12 @@ fn unexpected_source(status: &AgentTokenStatus) -> Option<Want> {
 
 /// Writes status through `/status` as a JSON merge patch of what changed,
 /// only when something did, on the version of the AgentToken it was
-/// computed from (the one read, or this reconcile's last write). When someone else wrote status
-/// in between (an admin abandoning a revocation), our changes are replayed
-/// onto theirs ([`ledger::rebase`]) instead of overwriting them, and every
-/// later write of this reconcile keeps what they changed. `Err(Gone)` when
-/// the AgentToken was deleted or replaced meanwhile.
+/// computed from (the one read, or this reconcile's last write). When
+/// someone else wrote status in between (an admin abandoning a
+/// revocation), our changes are replayed onto theirs ([`ledger::rebase`])
+/// instead of overwriting them, and every later write of this reconcile
+/// keeps what they changed. `Err(Gone)` when the AgentToken was deleted
+/// or replaced meanwhile.
 pub(super) async fn status_write(
     at: &AgentToken,
     ctx: &Context,
@@ -2748,8 +2737,7 @@ async fn tidy_keeper(
     if !Keeper::recorded(written) {
         return;
     }
-    let needed = revoke::kept_needed(written, who);
-    if !needed.is_empty() {
+    if !revoke::kept_needed(written, who).is_empty() {
         return;
     }
     // Unchanged since the last pass and not read this time: nothing to drop
