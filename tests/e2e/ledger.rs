@@ -46,6 +46,40 @@ async fn operator(ns: &TestNamespace, name: &str) -> (TestNamespace, Unblock, Op
     (home, Unblock(ns.name.clone()), op)
 }
 
+/// A namespace with its own operator, serving `bot` from the webhook
+/// issuer `minter` on `mint` (`with_id`: the issuer reads the token id),
+/// once revision 1 is delivered. Fields drop in order: the operator, then
+/// the finalizers stripped, then the namespaces.
+struct Served {
+    _op: Operator,
+    _unblock: Unblock,
+    home: TestNamespace,
+    ns: TestNamespace,
+    api: Api<AgentToken>,
+}
+
+async fn served(
+    prefix: &str,
+    operator_name: &str,
+    mint: &StandIn,
+    with_id: bool,
+    grace: &str,
+) -> Served {
+    let ns = TestNamespace::new(prefix).await;
+    let (home, unblock, op) = operator(&ns, operator_name).await;
+    webhook_issuer(&ns, "minter", mint, with_id).await;
+    applied(&ns, &agent_token("minter", grace));
+    let api: Api<AgentToken> = ns.api();
+    wait_at(&api, "revision 1", 45, |at| revision(at) >= 1).await;
+    Served {
+        _op: op,
+        _unblock: unblock,
+        home,
+        ns,
+        api,
+    }
+}
+
 /// On drop, strips the finalizers of the AgentTokens and TokenIssuers left
 /// in a namespace (the operator that would remove them is gone by then).
 struct Unblock(String);
@@ -309,19 +343,15 @@ async fn oidc_provider_edited_token_value_is_not_what_gets_revoked() {
 #[tokio::test]
 async fn webhook_stand_in_revoke_answered_404_is_not_recorded_revoked() {
     let mint = StandIn::start().await;
-    let ns = TestNamespace::new("ledger-404").await;
-    let (_home, _unblock, _op) = operator(&ns, "404").await;
-    webhook_issuer(&ns, "minter", &mint, true).await;
-    applied(&ns, &agent_token("minter", "0s"));
-    let api: Api<AgentToken> = ns.api();
-    wait_at(&api, "revision 1", 45, |at| revision(at) >= 1).await;
-    let first = secret_value(&ns, "bot", "token").await.unwrap();
+    let served = served("ledger-404", "404", &mint, true, "0s").await;
+    let (ns, api) = (&served.ns, &served.api);
+    let first = secret_value(ns, "bot", "token").await.unwrap();
     let id = mint.id_of(&first).expect("minted by the stand-in");
 
     mint.set_revoke_mode(RevokeMode::NotFound);
-    rotate(&api, "1").await;
+    rotate(api, "1").await;
     let at = wait_at(
-        &api,
+        api,
         "revision 2, a revoke request for revision 1 and its outcome",
         45,
         |at| {
@@ -356,13 +386,9 @@ async fn webhook_stand_in_revoke_answered_404_is_not_recorded_revoked() {
 #[tokio::test]
 async fn webhook_stand_in_issuer_deleted_first_outlives_its_tokens() {
     let mint = StandIn::start().await;
-    let ns = TestNamespace::new("ledger-gone").await;
-    let (_home, _unblock, _op) = operator(&ns, "gone").await;
-    webhook_issuer(&ns, "minter", &mint, true).await;
-    applied(&ns, &agent_token("minter", "0s"));
-    let api: Api<AgentToken> = ns.api();
-    wait_at(&api, "revision 1", 45, |at| revision(at) >= 1).await;
-    let first = secret_value(&ns, "bot", "token").await.unwrap();
+    let served = served("ledger-gone", "gone", &mint, true, "0s").await;
+    let (ns, api) = (&served.ns, &served.api);
+    let first = secret_value(ns, "bot", "token").await.unwrap();
     let id = mint.id_of(&first).expect("minted by the stand-in");
 
     for what in [
@@ -402,19 +428,15 @@ async fn webhook_stand_in_issuer_deleted_first_outlives_its_tokens() {
 #[tokio::test]
 async fn webhook_stand_in_503_at_grace_end_then_recovers_revokes_within_backoff() {
     let mint = StandIn::start().await;
-    let ns = TestNamespace::new("ledger-503").await;
-    let (_home, _unblock, _op) = operator(&ns, "503").await;
-    webhook_issuer(&ns, "minter", &mint, true).await;
-    applied(&ns, &agent_token("minter", "5s"));
-    let api: Api<AgentToken> = ns.api();
-    wait_at(&api, "revision 1", 45, |at| revision(at) >= 1).await;
-    let first = secret_value(&ns, "bot", "token").await.unwrap();
+    let served = served("ledger-503", "503", &mint, true, "5s").await;
+    let (ns, api) = (&served.ns, &served.api);
+    let first = secret_value(ns, "bot", "token").await.unwrap();
     let id = mint.id_of(&first).expect("minted by the stand-in");
 
     mint.set_revoke_mode(RevokeMode::Unavailable);
-    rotate(&api, "1").await;
+    rotate(api, "1").await;
     let at = wait_at(
-        &api,
+        api,
         "revision 1's revocation answered 503 and recorded Failed with attempts and nextAttemptAt",
         45,
         |at| {
@@ -449,7 +471,7 @@ async fn webhook_stand_in_503_at_grace_end_then_recovers_revokes_within_backoff(
     mint.set_revoke_mode(RevokeMode::Normal);
     let recovered = Instant::now();
     let at = wait_at(
-        &api,
+        api,
         "revision 1 revoked once the stand-in recovered",
         60,
         |at| {
@@ -464,7 +486,7 @@ async fn webhook_stand_in_503_at_grace_end_then_recovers_revokes_within_backoff(
         "revoked {:.1}s after the stand-in recovered",
         recovered.elapsed().as_secs_f64()
     );
-    let current = secret_value(&ns, "bot", "token").await.unwrap();
+    let current = secret_value(ns, "bot", "token").await.unwrap();
     let current_id = mint.id_of(&current).expect("minted by the stand-in");
     assert_ne!(current_id, id);
     assert_eq!(mint.active(&current_id), Some(true), "{}", ledger(&at));
@@ -524,16 +546,12 @@ async fn oidc_provider_deleted_secret_does_not_lose_the_old_token() {
 #[tokio::test]
 async fn webhook_stand_in_renamed_secret_does_not_lose_the_old_token() {
     let mint = StandIn::start().await;
-    let ns = TestNamespace::new("ledger-rename").await;
-    let (_home, _unblock, _op) = operator(&ns, "rename").await;
-    webhook_issuer(&ns, "minter", &mint, false).await;
-    applied(&ns, &agent_token("minter", "0s"));
-    let api: Api<AgentToken> = ns.api();
-    wait_at(&api, "revision 1", 45, |at| revision(at) >= 1).await;
-    let first = secret_value(&ns, "bot", "token").await.unwrap();
+    let served = served("ledger-rename", "rename", &mint, false, "0s").await;
+    let (ns, api) = (&served.ns, &served.api);
+    let first = secret_value(ns, "bot", "token").await.unwrap();
     let id = mint.id_of(&first).expect("minted by the stand-in");
 
-    let tenant = tenant(&ns).await;
+    let tenant = tenant(ns).await;
     let tenant_ats: Api<AgentToken> = Api::namespaced(tenant, &ns.name);
     let patch = json!({"spec": {"secret": {"name": "bot-renamed"}}});
     tenant_ats
@@ -542,7 +560,7 @@ async fn webhook_stand_in_renamed_secret_does_not_lose_the_old_token() {
         .expect("the tenant renames the Secret");
     rotate(&tenant_ats, "after-rename").await;
     let at = wait_at(
-        &api,
+        api,
         "a token in the renamed Secret, and revision 1 out of Pending",
         60,
         |at| {
@@ -561,7 +579,7 @@ async fn webhook_stand_in_renamed_secret_does_not_lose_the_old_token() {
     let h = entry(&at, 1).unwrap();
     assert_eq!(h.revocation, RevocationState::Revoked, "{}", ledger(&at));
     assert_eq!(h.state, Some(TokenLife::Revoked), "{}", ledger(&at));
-    let current = secret_value(&ns, "bot-renamed", "token")
+    let current = secret_value(ns, "bot-renamed", "token")
         .await
         .expect("the renamed Secret holds a token");
     let current_id = mint.id_of(&current).expect("minted by the stand-in");
@@ -578,24 +596,16 @@ async fn webhook_stand_in_renamed_secret_does_not_lose_the_old_token() {
 #[tokio::test]
 async fn webhook_stand_in_keeper_drops_revoked_values_with_the_next_token() {
     let mint = StandIn::start().await;
-    let ns = TestNamespace::new("ledger-keep").await;
-    let (home, _unblock, _op) = operator(&ns, "keep").await;
-    webhook_issuer(&ns, "minter", &mint, false).await;
-    applied(&ns, &agent_token("minter", "0s"));
-    let api: Api<AgentToken> = ns.api();
-    wait_at(&api, "revision 1", 45, |at| revision(at) >= 1).await;
-    let tenant_ats: Api<AgentToken> = Api::namespaced(tenant(&ns).await, &ns.name);
+    let served = served("ledger-keep", "keep", &mint, false, "0s").await;
+    let (ns, api) = (&served.ns, &served.api);
+    let home = &served.home;
+    let tenant_ats: Api<AgentToken> = Api::namespaced(tenant(ns).await, &ns.name);
     for r in 2..=4 {
         rotate(&tenant_ats, &format!("keep-{r}")).await;
-        wait_at(
-            &api,
-            "the next revision, the one before revoked",
-            60,
-            |at| {
-                revision(at) >= r
-                    && entry(at, r - 1).is_some_and(|e| e.state == Some(TokenLife::Revoked))
-            },
-        )
+        wait_at(api, "the next revision, the one before revoked", 60, |at| {
+            revision(at) >= r
+                && entry(at, r - 1).is_some_and(|e| e.state == Some(TokenLife::Revoked))
+        })
         .await;
     }
     let issued = mint.issued();
@@ -689,13 +699,9 @@ async fn webhook_stand_in_issuer_ref_change_revokes_at_the_old_issuer() {
 #[tokio::test]
 async fn webhook_stand_in_policy_tightened_revokes_the_delivered_token() {
     let mint = StandIn::start().await;
-    let ns = TestNamespace::new("ledger-policy").await;
-    let (_home, _unblock, _op) = operator(&ns, "policy").await;
-    webhook_issuer(&ns, "minter", &mint, true).await;
-    applied(&ns, &agent_token("minter", "0s"));
-    let api: Api<AgentToken> = ns.api();
-    wait_at(&api, "revision 1", 45, |at| revision(at) >= 1).await;
-    let first = secret_value(&ns, "bot", "token").await.unwrap();
+    let served = served("ledger-policy", "policy", &mint, true, "0s").await;
+    let (ns, api) = (&served.ns, &served.api);
+    let first = secret_value(ns, "bot", "token").await.unwrap();
     let id = mint.id_of(&first).expect("minted by the stand-in");
 
     let issuers: Api<TokenIssuer> = ns.api();
@@ -704,12 +710,12 @@ async fn webhook_stand_in_policy_tightened_revokes_the_delivered_token() {
         .patch("minter", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
-    wait_at(&api, "Ready=False PolicyViolation", 30, |at| {
+    wait_at(api, "Ready=False PolicyViolation", 30, |at| {
         condition(at, "Ready") == Some(("False".into(), "PolicyViolation".into()))
     })
     .await;
     let at = wait_at(
-        &api,
+        api,
         "the delivered token revoked at the stand-in and in the ledger",
         45,
         |at| {
@@ -811,16 +817,12 @@ async fn webhook_stand_in_finalizer_does_not_wait_on_an_expired_token() {
 #[tokio::test]
 async fn webhook_stand_in_finalizer_completes_after_the_tenant_deleted_the_secret() {
     let mint = StandIn::start().await;
-    let ns = TestNamespace::new("ledger-noid").await;
-    let (_home, _unblock, _op) = operator(&ns, "noid").await;
-    webhook_issuer(&ns, "minter", &mint, false).await;
-    applied(&ns, &agent_token("minter", "0s"));
-    let api: Api<AgentToken> = ns.api();
-    wait_at(&api, "revision 1", 45, |at| revision(at) >= 1).await;
-    let first = secret_value(&ns, "bot", "token").await.unwrap();
+    let served = served("ledger-noid", "noid", &mint, false, "0s").await;
+    let (ns, api) = (&served.ns, &served.api);
+    let first = secret_value(ns, "bot", "token").await.unwrap();
     let id = mint.id_of(&first).expect("minted by the stand-in");
 
-    let tenant = tenant(&ns).await;
+    let tenant = tenant(ns).await;
     let secrets: Api<Secret> = Api::namespaced(tenant, &ns.name);
     let uid = secrets.get("bot").await.unwrap().meta().uid.clone();
     secrets
